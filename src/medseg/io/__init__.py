@@ -1,0 +1,17 @@
+"""Medical image I/O: `load` / `save` for NIfTI, NRRD, MHA/MHD, DICOM series, PNG-like, NPY/NPZ, MRC."""
+
+from medseg.io.api import load, save
+from medseg.io.formats import SUPPORTED_EXTENSIONS, format_of, label_path_for, split_extension
+from medseg.io.image import Geometry, Image, as_label_array
+
+__all__ = [
+    "SUPPORTED_EXTENSIONS",
+    "Geometry",
+    "Image",
+    "as_label_array",
+    "format_of",
+    "label_path_for",
+    "load",
+    "save",
+    "split_extension",
+]

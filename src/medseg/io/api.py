@@ -1,0 +1,104 @@
+"""`load` and `save`: one entry point for every format, atomic writes, inputs never overwritten."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from medseg.errors import MedsegError
+from medseg.io import numpy_io, raster, sitk_io
+from medseg.io.formats import LOSSLESS_LABEL_FORMATS, RASTER_FORMATS, format_of, split_extension
+from medseg.io.image import Image
+
+
+def load(path: str | Path, *, key: str | None = None) -> Image:
+    """Read an image or label map with its geometry.
+
+    Args:
+        path: a file (.nii/.nii.gz, .nrrd/.nhdr, .mha/.mhd, .dcm, .png/.jpg/.bmp/.tif/.gif,
+            .npy/.npz, .mrc) or a folder holding one DICOM series.
+        key: for .npz files, the array to read (default: ``imgs``, then ``segs``, ``gts``, ...).
+
+    Returns:
+        An `Image`; ``meta["format"]`` and ``meta["path"]`` record the source.
+
+    Raises:
+        MedsegError: missing/unreadable/truncated file, unknown extension, 4D or empty image.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise MedsegError("no such file or folder", p)
+    fmt = format_of(p)
+    if p.is_file() and p.stat().st_size == 0:
+        raise MedsegError("file is empty (0 bytes)", p)
+    if fmt == "dicom" and p.is_dir():
+        return sitk_io.read_dicom_series(p)
+    if fmt in ("nifti", "nrrd", "metaimage", "dicom"):
+        return sitk_io.read_file(p, fmt)
+    if fmt in RASTER_FORMATS:
+        return raster.read(p, fmt)
+    if fmt == "npy":
+        return numpy_io.read_npy(p)
+    if fmt == "npz":
+        return numpy_io.read_npz(p, key)
+    return numpy_io.read_mrc(p)
+
+
+def save(image: Image, path: str | Path, *, key: str = "segs", protect: tuple[str | Path, ...] = ()) -> Path:
+    """Write ``image`` to ``path`` atomically (temporary file in the same folder, then rename).
+
+    The format follows the extension. A label map on an input's grid (`Image.with_array`) keeps that
+    input's spacing, origin and direction exactly as read.
+
+    Args:
+        image: what to write.
+        path: target file; its folder is created if needed.
+        key: npz array name (MedSAM convention: ``segs`` for predictions, ``imgs`` for images).
+        protect: paths that must not be overwritten (the inputs); ``image.meta["path"]`` always is.
+
+    Raises:
+        MedsegError: the target is an input, the format cannot hold the data (a 3D PNG, a label map as
+            JPEG, DICOM output), or writing fails.
+    """
+    target = Path(path)
+    fmt = format_of(target) if target.suffix else None
+    if fmt is None or (target.is_dir() and fmt == "dicom"):
+        raise MedsegError("output needs a file extension such as .nii.gz or .png", target)
+    protected = {Path(p).resolve() for p in protect}
+    if image.meta.get("path"):
+        protected.add(Path(image.meta["path"]).resolve())
+    if target.resolve() in protected:
+        raise MedsegError("refusing to overwrite an input file", target)
+    if fmt == "dicom":
+        raise MedsegError("writing DICOM is not supported; write .nii.gz (geometry is kept)", target)
+    if fmt == "mrc":
+        raise MedsegError("writing MRC is not supported; write .nii.gz", target)
+    if image.is_label_map() and fmt not in LOSSLESS_LABEL_FORMATS:
+        raise MedsegError(f"{fmt.upper()} is lossy and would corrupt a label map; use .png or .nii.gz", target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    stem, ext = split_extension(target)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{stem}.", suffix=f".tmp{ext}", dir=target.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        _write(image, tmp, fmt, key)
+        os.replace(tmp, target)
+    except MedsegError as err:
+        raise MedsegError(err.problem, target) from None
+    except (OSError, RuntimeError) as err:
+        raise MedsegError(f"cannot write ({str(err).strip().splitlines()[-1][:160]})", target) from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
+
+
+def _write(image: Image, tmp: Path, fmt: str, key: str) -> None:
+    if fmt in ("nifti", "nrrd", "metaimage"):
+        sitk_io.write(image, tmp)
+    elif fmt in RASTER_FORMATS:
+        raster.write(image, tmp, fmt)
+    elif fmt == "npy":
+        numpy_io.write_npy(image, tmp)
+    else:
+        numpy_io.write_npz(image, tmp, key)

@@ -1,0 +1,108 @@
+"""NPY, NPZ (including the MedSAM/LiteMedSAM convention) and MRC arrays.
+
+MedSAM npz files (Ma et al. 2024, the CVPR 2024 "MedSAM on laptop" challenge) hold ``imgs``
+(``(y, x, 3)`` for 2D, ``(z, y, x)`` for 3D), ``gts`` (label map, same grid), optionally ``segs``
+(a prediction) and ``spacing`` in SimpleITK order ``(sx, sy[, sz])``. medseg also writes ``origin``
+and ``direction`` (ITK order) so that its own npz round trips keep the whole geometry; files without
+them read with zero origin and identity direction.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medseg.errors import MedsegError
+from medseg.io.image import Geometry, Image
+
+# Keys tried, in order, when the caller names none: an image first, then label maps.
+NPZ_DEFAULT_KEYS = ("imgs", "img", "image", "arr_0", "segs", "gts")
+
+
+def read_npy(path: Path) -> Image:
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as err:
+        raise MedsegError(f"cannot read NPY ({str(err)[:160]})", path) from None
+    return _wrap(array, {}, {"format": "npy", "path": str(path)}, path)
+
+
+def read_npz(path: Path, key: str | None = None) -> Image:
+    """Read one array of an npz file: ``key``, or the first of `NPZ_DEFAULT_KEYS` present."""
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            keys = list(npz.keys())
+            chosen = key or next((k for k in NPZ_DEFAULT_KEYS if k in keys), keys[0] if len(keys) == 1 else None)
+            if chosen is None or chosen not in keys:
+                wanted = f"key '{key}'" if key else f"one of {', '.join(NPZ_DEFAULT_KEYS)}"
+                raise MedsegError(f"npz holds {keys}, not {wanted}", path)
+            array = npz[chosen]
+            geometry_arrays = {k: npz[k] for k in ("spacing", "origin", "direction") if k in keys}
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as err:
+        raise MedsegError(f"cannot read NPZ ({str(err)[:160]})", path) from None
+    meta = {"format": "npz", "path": str(path), "npz_key": chosen, "npz_keys": keys}
+    return _wrap(array, geometry_arrays, meta, path)
+
+
+def npz_keys(path: Path) -> list[str]:
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return list(npz.keys())
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as err:
+        raise MedsegError(f"cannot read NPZ ({str(err)[:160]})", path) from None
+
+
+def write_npy(image: Image, path: Path) -> None:
+    with open(path, "wb") as f:
+        np.save(f, image.array)
+
+
+def write_npz(image: Image, path: Path, key: str) -> None:
+    """Write ``key`` (e.g. ``segs`` for a label map, ``imgs`` for an image) and ``spacing`` (ITK order)."""
+    with open(path, "wb") as f:
+        g = image.geometry
+        arrays = {"spacing": np.asarray(g.spacing), "origin": np.asarray(g.origin), "direction": np.asarray(g.direction)}
+        np.savez_compressed(f, **{key: image.array}, **arrays)
+
+
+def read_mrc(path: Path) -> Image:
+    """Read an MRC/CCP4 volume (``(z, y, x)``); a voxel size of 0 (unset) reads as 1 mm."""
+    import mrcfile
+
+    try:
+        with mrcfile.open(path, permissive=True) as mrc:
+            if mrc.data is None:
+                raise MedsegError("MRC file has no data block", path)
+            array = np.array(mrc.data)
+            voxel = mrc.voxel_size
+            size = [float(voxel.x), float(voxel.y), float(voxel.z)]
+    except (ValueError, OSError, EOFError) as err:
+        raise MedsegError(f"cannot read MRC ({str(err)[:160]})", path) from None
+    ndim = 2 if array.ndim == 2 else 3
+    spacing = [s if s > 0 else 1.0 for s in size[:ndim]]
+    meta = {"format": "mrc", "path": str(path), "spacing_from_file": any(s > 0 for s in size)}
+    return _wrap(array, {"spacing": np.asarray(spacing)}, meta, path)
+
+
+def _wrap(array: np.ndarray, geometry_arrays: dict[str, Any], meta: dict[str, Any], path: Path) -> Image:
+    if array.dtype.kind not in "biuf":
+        raise MedsegError(f"unsupported array dtype {array.dtype}", path)
+    channels = 3 if array.ndim == 3 and array.shape[-1] == 3 and array.shape[0] > 3 else 1
+    spatial = array.ndim - (1 if channels > 1 else 0)
+    if spatial not in (2, 3):
+        raise MedsegError(f"{spatial}D array of shape {array.shape} is not a 2D or 3D image", path)
+    identity = Geometry.identity(spatial)
+    values = {}
+    for name, default in (("spacing", identity.spacing), ("origin", identity.origin), ("direction", identity.direction)):
+        given = geometry_arrays.get(name)
+        value = default if given is None else tuple(float(v) for v in np.ravel(given))
+        if len(value) != len(default) or not all(np.isfinite(value)):
+            raise MedsegError(f"{name} {value} does not fit a {spatial}D array of shape {array.shape}", path)
+        values[name] = value
+    if min(values["spacing"]) <= 0:
+        raise MedsegError(f"spacing {values['spacing']} must be positive", path)
+    geometry = Geometry(values["spacing"], values["origin"], values["direction"])
+    return Image(array, geometry, channels=channels, meta=meta)
