@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -77,19 +78,21 @@ def save(image: Image, path: str | Path, *, key: str = "segs", protect: tuple[st
     if image.is_label_map() and fmt not in LOSSLESS_LABEL_FORMATS:
         raise MedsegError(f"{fmt.upper()} is lossy and would corrupt a label map; use .png or .nii.gz", target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    stem, ext = split_extension(target)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{stem}.", suffix=f".tmp{ext}", dir=target.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    # Write under the final name in a hidden folder next to the target, then move into place: .mhd and
+    # .nhdr headers name their data file, which must be moved too (first, so the header never dangles).
+    stem = split_extension(target)[0]
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{stem}.", suffix=".tmp", dir=target.parent))
+    tmp = tmp_dir / target.name
     try:
         _write(image, tmp, fmt, key)
-        os.replace(tmp, target)
+        for written in sorted(tmp_dir.iterdir(), key=lambda f: f == tmp):
+            os.replace(written, target.parent / written.name)
     except MedsegError as err:
         raise MedsegError(err.problem, target) from None
     except (OSError, RuntimeError) as err:
         raise MedsegError(f"cannot write ({str(err).strip().splitlines()[-1][:160]})", target) from None
     finally:
-        tmp.unlink(missing_ok=True)
+        shutil.rmtree(tmp_dir, ignore_errors=True)
     return target
 
 

@@ -74,7 +74,7 @@ def label_path_for(input_path: str | Path, out_dir: str | Path, case: str | None
     stem, ext = split_extension(input_path)
     fmt = format_of(input_path)
     if fmt == "dicom":
-        ext, stem = ".nii.gz", Path(input_path).stem if Path(input_path).is_file() else Path(input_path).name
+        ext, stem = ".nii.gz", Path(input_path).name if Path(input_path).is_dir() else stem
     elif fmt in ("jpeg", "gif"):
         ext = ".png"
     elif fmt == "mrc":

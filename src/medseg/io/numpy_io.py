@@ -64,8 +64,13 @@ def write_npz(image: Image, path: Path, key: str) -> None:
     """Write ``key`` (e.g. ``segs`` for a label map, ``imgs`` for an image) and ``spacing`` (ITK order)."""
     with open(path, "wb") as f:
         g = image.geometry
-        arrays = {"spacing": np.asarray(g.spacing), "origin": np.asarray(g.origin), "direction": np.asarray(g.direction)}
-        np.savez_compressed(f, **{key: image.array}, **arrays)
+        arrays = {
+            "spacing": np.asarray(g.spacing),
+            "origin": np.asarray(g.origin),
+            "direction": np.asarray(g.direction),
+        }
+        arrays[key] = image.array
+        np.savez_compressed(f, **arrays)  # type: ignore[arg-type]
 
 
 def read_mrc(path: Path) -> Image:
@@ -96,7 +101,11 @@ def _wrap(array: np.ndarray, geometry_arrays: dict[str, Any], meta: dict[str, An
         raise MedsegError(f"{spatial}D array of shape {array.shape} is not a 2D or 3D image", path)
     identity = Geometry.identity(spatial)
     values = {}
-    for name, default in (("spacing", identity.spacing), ("origin", identity.origin), ("direction", identity.direction)):
+    for name, default in (
+        ("spacing", identity.spacing),
+        ("origin", identity.origin),
+        ("direction", identity.direction),
+    ):
         given = geometry_arrays.get(name)
         value = default if given is None else tuple(float(v) for v in np.ravel(given))
         if len(value) != len(default) or not all(np.isfinite(value)):

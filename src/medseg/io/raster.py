@@ -55,6 +55,8 @@ def write(image: Image, path: Path, fmt: str) -> None:
         array = array.astype(np.uint8)
     if array.dtype.kind == "f" or (array.dtype.kind in "iu" and (array.min() < 0 or array.max() > 65535)):
         raise MedsegError(f"values of dtype {array.dtype} in [{array.min()}, {array.max()}] do not fit {fmt}", path)
+    if image.channels > 1 and array.max() > 255:
+        raise MedsegError(f"{fmt.upper()} holds 8-bit colour only; max here is {array.max()}", path)
     if image.channels == 1 and array.max() > 255:
         if fmt != "png":
             raise MedsegError(f"{fmt.upper()} holds 8-bit values only; max here is {array.max()}", path)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import struct
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +37,8 @@ def to_sitk(image: Image) -> sitk.Image:
     array = image.array
     if array.dtype == np.bool_:
         array = array.astype(np.uint8)
+    elif array.dtype == np.float16:  # SimpleITK has no half floats; float32 holds them exactly
+        array = array.astype(np.float32)
     img = sitk.GetImageFromArray(array, isVector=image.channels > 1)
     img.SetSpacing(image.geometry.spacing)
     img.SetOrigin(image.geometry.origin)
@@ -50,12 +54,29 @@ def read_file(path: Path, fmt: str) -> Image:
         raise MedsegError(f"cannot read {fmt} file ({_first_line(err)})", path) from None
     if img.GetDimension() == 4:
         raise MedsegError(f"4D image of size {img.GetSize()} is not supported", path)
-    if img.GetDimension() == 3 and img.GetSize()[2] == 1 and fmt == "dicom":
-        img = img[:, :, 0]  # a single DICOM file is one 2D slice
+    if fmt == "nifti" and (missing := _nifti_truncation(path)):
+        raise MedsegError(missing, path)
     meta: dict[str, Any] = {"format": fmt, "path": str(path)}
     if fmt == "dicom":
-        meta.update(_dicom_meta(img))
-    return from_sitk(img, meta)
+        meta.update(_dicom_meta(img))  # before slicing, which drops the metadata dictionary
+    if img.GetDimension() == 3 and img.GetSize()[2] == 1 and fmt == "dicom":
+        img = img[:, :, 0]  # a single DICOM file is one 2D slice
+    image = from_sitk(img, meta)
+    if fmt == "nifti" and image.array.dtype.kind == "f" and image.channels == 1:
+        _restore_nifti_nonfinite(image, path)
+    return image
+
+
+def _restore_nifti_nonfinite(image: Image, path: Path) -> None:
+    """Put back the NaN/inf values that ITK's NIfTI reader turns into 0, so checks can see them."""
+    import nibabel as nib
+
+    data = np.asarray(nib.load(str(path)).dataobj, dtype=image.array.dtype)  # type: ignore[attr-defined]
+    data = data.reshape(data.shape[: image.ndim]).T  # nibabel (x, y, z) -> numpy (z, y, x)
+    if data.shape == image.array.shape:
+        bad = ~np.isfinite(data)
+        if bad.any():
+            image.array = np.where(bad, data, image.array)
 
 
 def read_dicom_series(folder: Path) -> Image:
@@ -74,6 +95,22 @@ def read_dicom_series(folder: Path) -> Image:
         raise MedsegError(f"folder holds {len(series)} DICOM series ({', '.join(series)}); pass one per folder", folder)
     # GDCM orders the files by their position along the slice normal.
     files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series[0])
+    # GDCM silently leaves out files it cannot parse: a missing slice would shift the volume.
+    in_series = {Path(f).name for f in files}
+    left_out = [
+        p
+        for p in sorted(folder.iterdir())
+        if p.is_file()
+        and not p.name.startswith(".")
+        and p.suffix.lower() in ("", ".dcm", ".ima")
+        and p.name not in in_series
+        and p.name.upper() != "DICOMDIR"
+    ]
+    if left_out:
+        raise MedsegError(
+            f"{len(left_out)} file(s) in the series folder are not readable DICOM slices (first: {left_out[0].name})",
+            folder,
+        )
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
     reader.MetaDataDictionaryArrayUpdateOn()
@@ -93,6 +130,49 @@ def read_dicom_series(folder: Path) -> Image:
 def write(image: Image, path: Path) -> None:
     """Write NIfTI/NRRD/MetaImage (compressed where the format allows)."""
     sitk.WriteImage(to_sitk(image), str(path), useCompression=True)
+
+
+def _nifti_truncation(path: Path) -> str | None:
+    """Why a NIfTI file holds fewer bytes than its header describes, or None.
+
+    ITK reads a truncated file without complaint and fills the missing voxels with zeros.
+    """
+    head, size = b"", 0
+    with open(path, "rb") as f:
+        if not path.name.lower().endswith(".gz"):
+            head, size = f.read(540), path.stat().st_size
+        else:  # count the uncompressed bytes; a truncated stream simply ends early
+            inflate = zlib.decompressobj(wbits=31)
+            try:
+                while chunk := f.read(1 << 20):
+                    while chunk:
+                        out = inflate.decompress(chunk)
+                        head, size, chunk = head + out[: 540 - len(head)], size + len(out), b""
+                        if inflate.eof:  # another gzip member may follow
+                            chunk, inflate = inflate.unused_data, zlib.decompressobj(wbits=31)
+            except zlib.error:
+                pass  # trailing garbage after the data: what came before counts
+    expected = _nifti_expected_bytes(head)
+    if expected is None or size >= expected:
+        return None
+    return f"file is truncated ({size} of the {expected} bytes its header describes)"
+
+
+def _nifti_expected_bytes(head: bytes) -> int | None:
+    """``vox_offset`` + voxel data size from a NIfTI-1 or NIfTI-2 header (None when unparseable)."""
+    for e in "<>":
+        if len(head) >= 348 and struct.unpack(e + "i", head[:4])[0] == 348:
+            dim, bitpix = struct.unpack(e + "8h", head[40:56]), struct.unpack(e + "h", head[72:74])[0]
+            offset = int(struct.unpack(e + "f", head[108:112])[0])
+        elif len(head) >= 540 and struct.unpack(e + "i", head[:4])[0] == 540:
+            dim, bitpix = struct.unpack(e + "8q", head[16:80]), struct.unpack(e + "h", head[14:16])[0]
+            offset = struct.unpack(e + "q", head[168:176])[0]
+        else:
+            continue
+        if not 1 <= dim[0] <= 7 or bitpix <= 0:
+            return None
+        return offset + (int(np.prod(dim[1 : dim[0] + 1], dtype=np.int64)) * bitpix + 7) // 8
+    return None
 
 
 def _dicom_meta(img: sitk.Image) -> dict[str, Any]:

@@ -1,0 +1,49 @@
+"""What every command shares: user errors as one line with exit status 2, consoles, progress bars."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+import typer
+from rich.console import Console
+
+from medseg.errors import MedsegError
+
+F = TypeVar("F", bound=Callable[..., Any])
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+
+def user_errors(func: F) -> F:
+    """Turn a `MedsegError` into ``medseg: error: <path>: <problem>`` on stderr and exit status 2."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except MedsegError as error:
+            fail(str(error))
+
+    return wrapper  # type: ignore[return-value]
+
+
+def fail(message: str) -> None:
+    """Print one error line and exit with status 2."""
+    err.print(f"medseg: error: {message}", markup=False, soft_wrap=True)
+    raise typer.Exit(2)
+
+
+@contextmanager
+def progress_bar(description: str, total: int) -> Iterator[Callable[..., None]]:
+    """A rich progress bar on stderr (shown on a terminal for runs of more than one item)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    disable = total <= 1 or not sys.stderr.isatty()
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=err, transient=True, disable=disable) as progress:
+        task = progress.add_task(description, total=total)
+        yield lambda *_: progress.advance(task)

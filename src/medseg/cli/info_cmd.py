@@ -1,0 +1,110 @@
+"""``medseg info FILE``: shape, geometry, intensities, and labels with voxel counts and volumes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import typer
+
+from medseg.cli.common import fail, out, user_errors
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from medseg.io import Image
+
+# An integer single-channel image with at most this many distinct values reads as a label map.
+MAX_LABELS = 64
+
+
+@user_errors
+def info(
+    path: Path = typer.Argument(..., help="Image or label map (any format medseg reads; a DICOM folder)."),
+    as_label: bool | None = typer.Option(
+        None, "--label/--image", help="Treat as label map / image (default: guessed from the values)."
+    ),
+) -> None:
+    """Print shape, spacing, orientation, intensity range and, for label maps, labels with volumes."""
+    import numpy as np
+    from rich.table import Table
+
+    from medseg.io import load
+
+    image = load(path)
+    g = image.geometry
+    table = Table(show_header=False, box=None, pad_edge=False)
+    table.add_column(style="bold", no_wrap=True)
+    table.add_column(overflow="fold")
+    unit = "mm" if image.meta.get("format") not in ("png", "jpeg", "bmp", "gif", "tiff", "npy") else "mm (assumed)"
+    rows = [
+        ("file", str(path)),
+        ("format", str(image.meta.get("format"))),
+        ("dimensions", f"{image.ndim}D, {image.channels} channel{'s' if image.channels > 1 else ''}"),
+        ("shape", f"{_fmt(image.shape, '{}')} (numpy order {'z, y, x' if image.ndim == 3 else 'y, x'})"),
+        ("size", f"{_fmt(tuple(reversed(image.shape)), '{}')} (x, y{', z' if image.ndim == 3 else ''})"),
+        ("spacing", f"{_fmt(g.spacing)} {unit} (x, y{', z' if image.ndim == 3 else ''})"),
+        ("origin", f"{_fmt(g.origin)} mm (LPS)"),
+        ("orientation", f"{g.orientation()} (direction {_fmt(g.direction, '{:.4g}')})"),
+        ("dtype", str(image.array.dtype)),
+    ]
+    for key in ("modality", "series_description", "dicom_files", "npz_key"):
+        if key in image.meta:
+            rows.append((key.replace("_", " "), str(image.meta[key])))
+    array = image.array
+    finite = np.isfinite(array) if array.dtype.kind == "f" else None
+    n_bad = 0 if finite is None else int((~finite).sum())
+    values = array if finite is None else array[finite]
+    if values.size:
+        p_lo, p_hi = np.percentile(values, (0.5, 99.5))
+        rows.append(
+            (
+                "intensity",
+                f"min {values.min():.6g}, max {values.max():.6g}, mean {values.mean():.6g}, "
+                f"std {values.std():.6g}, p0.5 {p_lo:.6g}, p99.5 {p_hi:.6g}",
+            )
+        )
+    if n_bad:
+        rows.append(("NaN/inf", f"{n_bad} voxels"))
+    for key, value in rows:
+        table.add_row(key, value)
+    out.print(table)
+    uniques = np.unique(values) if array.dtype.kind in "biuf" and image.channels == 1 else np.array([])
+    integral = uniques.size > 0 and bool(np.all(uniques == np.round(uniques))) and uniques.min() >= 0
+    is_label = (
+        as_label if as_label is not None else (array.dtype.kind in "biu" and integral and uniques.size <= MAX_LABELS)
+    )
+    if is_label:
+        if not integral:
+            fail(f"{path}: values are not non-negative integers, so this is not a label map")
+        _print_labels(image, uniques, path)
+    if n_bad:
+        fail(f"{path}: image holds {n_bad} NaN/inf values")
+
+
+def _print_labels(image: Image, uniques: np.ndarray, path: Path) -> None:
+    import numpy as np
+    from rich.table import Table
+
+    from medseg.data import find_dataset_json, read_dataset_json
+
+    names: dict[int, str] = {}
+    dataset_json = find_dataset_json(path.parent)
+    if dataset_json is not None:
+        names = {
+            int(v): str(k) for k, v in read_dataset_json(dataset_json).get("labels", {}).items() if isinstance(v, int)
+        }
+    volume_unit = "ml" if image.ndim == 3 else "mm^2"
+    table = Table(title="labels")
+    for column in ("label", "name", "voxels", volume_unit):
+        table.add_column(column, justify="right" if column != "name" else "left")
+    counts = {int(v): int(np.count_nonzero(image.array == v)) for v in uniques}
+    for value, count in counts.items():
+        size = count * image.voxel_volume_mm3
+        amount = f"{size / 1000:.3f}" if image.ndim == 3 else f"{size:.1f}"
+        table.add_row(str(value), names.get(value, ""), str(count), amount)
+    out.print(table)
+
+
+def _fmt(values: tuple[float, ...], pattern: str = "{:.6g}") -> str:
+    return "(" + ", ".join(pattern.format(v) for v in values) + ")"

@@ -1,0 +1,138 @@
+"""The ``medseg`` command line as a user runs it: outputs, exit status 2 and one-line errors."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from dataset_builders import make_nnunet_3d, make_nnunet_rgb_2d
+from medseg.cli.main import app
+from medseg.io import Image, load, save
+
+runner = CliRunner()
+
+
+def _run(*args: str | Path):  # type: ignore[no-untyped-def]
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def _one_error_line(result, *fragments: str) -> None:  # type: ignore[no-untyped-def]
+    assert result.exit_code == 2, result.output
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("medseg: error: ")
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def _digest(folder: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.rglob("*") if p.is_file()
+    }
+
+
+def test_help_is_fast_and_lists_commands() -> None:
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "medseg.cli.main", "--help"], capture_output=True, text=True)
+    assert done.returncode == 0
+    assert time.perf_counter() - start < 3.0  # generous for a loaded CI machine; typically ~0.3 s
+    for command in ("info", "evaluate", "dataset"):
+        assert command in done.stdout
+
+
+def test_info_prints_geometry_and_label_volumes(tmp_path: Path) -> None:
+    root = make_nnunet_3d(tmp_path / "ds", cases=1)
+    result = _run("info", root / "labelsTr" / "case_000.nii.gz")
+    assert result.exit_code == 0, result.output
+    assert "(0.8, 0.8, 2.5) mm" in result.output
+    assert "LAS" in result.output  # x to the left, y flipped (anterior), z superior
+    # label 1: 3*4*3 = 36 voxels of 0.8*0.8*2.5 = 1.6 mm^3 -> 0.0576 ml
+    assert "0.058" in result.output and "36" in result.output and " a " in result.output
+
+
+def test_info_on_rgb_png(tmp_path: Path) -> None:
+    root = make_nnunet_rgb_2d(tmp_path / "rgb", cases=1)
+    result = _run("info", root / "imagesTr" / "img0_0000.png")
+    assert result.exit_code == 0 and "3 channels" in result.output
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "fragment"),
+    [
+        ("missing.nii.gz", None, "no such file"),
+        ("empty.nii.gz", b"", "empty"),
+        ("noise.png", b"not a png at all", "cannot read"),
+        ("weird.xyz", b"123", "unknown file extension"),
+    ],
+)
+def test_info_bad_files(tmp_path: Path, name: str, content: bytes | None, fragment: str) -> None:
+    path = tmp_path / name
+    if content is not None:
+        path.write_bytes(content)
+    _one_error_line(_run("info", path), str(path), fragment)
+
+
+def test_info_nan_and_4d(tmp_path: Path) -> None:
+    import SimpleITK as sitk
+
+    nan = np.zeros((3, 4, 5), np.float32)
+    nan[0, 0, 0] = np.nan
+    save(Image(nan), tmp_path / "nan.nii.gz")
+    result = _run("info", tmp_path / "nan.nii.gz")
+    _one_error_line(result, "nan.nii.gz", "NaN")
+    sitk.WriteImage(
+        sitk.GetImageFromArray(np.zeros((2, 3, 4, 5), np.float32), isVector=False), str(tmp_path / "t.nii.gz")
+    )
+    _one_error_line(_run("info", tmp_path / "t.nii.gz"), "t.nii.gz", "4D")
+
+
+def test_dataset_check_clean_and_broken(tmp_path: Path) -> None:
+    root = make_nnunet_3d(tmp_path / "ds", cases=2)
+    ok = _run("dataset", "check", root)
+    assert ok.exit_code == 0 and "no problems found" in ok.output
+    label = load(root / "labelsTr" / "case_001.nii.gz")
+    save(label.with_array(label.array * 3), root / "labelsTr" / "case_001.nii.gz")
+    bad = _run("dataset", "check", root)
+    _one_error_line(bad, str(root), "1 problems")
+    assert "labelsTr/case_001.nii.gz" in bad.stdout and "declared" in bad.stdout
+    _one_error_line(_run("dataset", "check", tmp_path / "nothing"), "no such dataset folder")
+
+
+def test_evaluate_writes_outputs_and_leaves_inputs_alone(tmp_path: Path) -> None:
+    root = make_nnunet_3d(tmp_path / "ds", cases=2)
+    pred = tmp_path / "pred"
+    for case in ("case_000", "case_001"):
+        label = load(root / "labelsTr" / f"{case}.nii.gz")
+        save(label.with_array(np.roll(label.array, 1, axis=2)), pred / f"{case}.nii.gz")
+    before = _digest(tmp_path)
+    result = _run("evaluate", pred, root / "labelsTr", "-o", tmp_path / "eval", "--tolerance-mm", "1")
+    assert result.exit_code == 0, result.output
+    assert {p.name for p in (tmp_path / "eval").iterdir()} == {"metrics.csv", "summary.json", "evaluation.png"}
+    assert " a " in result.output and " b " in result.output  # names from dataset.json
+    after = _digest(tmp_path)
+    assert {k: v for k, v in after.items() if not k.startswith("eval")} == before
+
+
+def test_evaluate_bad_inputs_write_nothing(tmp_path: Path) -> None:
+    root = make_nnunet_3d(tmp_path / "ds", cases=2)
+    labels = root / "labelsTr"
+    out = tmp_path / "eval"
+    _one_error_line(_run("evaluate", labels, labels, "-o", labels), "output folder is an input")
+    _one_error_line(_run("evaluate", labels, labels, "-o", out, "--labels", "9"), "label 9 is not in")
+    pred = tmp_path / "pred"
+    save(Image(np.zeros((6, 12, 10), np.uint8)), pred / "case_000.nii.gz")
+    _one_error_line(_run("evaluate", pred, labels, "-o", out), "no prediction for case 'case_001'")
+    label = load(labels / "case_001.nii.gz")
+    save(label.with_array(label.array * 4), pred / "case_001.nii.gz")
+    _one_error_line(_run("evaluate", pred, labels, "-o", out), "case_000.nii.gz", "geometry differs")
+    save(load(labels / "case_000.nii.gz").with_array(label.array), pred / "case_000.nii.gz")
+    _one_error_line(_run("evaluate", pred, labels, "-o", out), "case_001.nii.gz", "[4, 8] are not in")
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
