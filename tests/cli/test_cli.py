@@ -136,3 +136,18 @@ def test_evaluate_bad_inputs_write_nothing(tmp_path: Path) -> None:
     _one_error_line(_run("evaluate", pred, labels, "-o", out), "case_001.nii.gz", "[4, 8] are not in")
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_evaluate_predicted_only_and_output_inside_input(tmp_path: Path) -> None:
+    root = make_nnunet_3d(tmp_path / "ds", cases=3)
+    labels = root / "labelsTr"
+    pred = tmp_path / "pred"
+    label = load(labels / "case_001.nii.gz")
+    save(label, pred / "case_001.nii.gz")
+    _one_error_line(_run("evaluate", pred, labels, "-o", tmp_path / "e"), "no prediction for case 'case_000'")
+    result = _run("evaluate", pred, labels, "-o", tmp_path / "e", "--predicted-only")
+    assert result.exit_code == 0, result.output
+    assert "1 cases" in result.output
+    _one_error_line(_run("evaluate", pred, labels, "-o", labels / "sub"), "inside the input folder")
+    not_a_folder = pred / "case_001.nii.gz"
+    _one_error_line(_run("evaluate", pred, labels, "-o", tmp_path / "e2", "--images", not_a_folder), "--images")

@@ -126,3 +126,13 @@ def test_series_with_a_corrupt_slice_is_an_error_not_a_shorter_volume(tmp_path):
     with pytest.raises(MedsegError, match="not readable DICOM slices") as info:
         load(folder)
     assert str(info.value).startswith(str(folder)) and "\n" not in str(info.value)
+
+
+def test_series_with_a_missing_slice_is_an_error(tmp_path):
+    folder = tmp_path / "ct"
+    series = fx.write_dicom_series(folder, n_slices=6, suffix=".dcm")
+    ordered = sorted(series.files, key=lambda f: float(pydicom.dcmread(f).ImagePositionPatient[2]))
+    ordered[3].unlink()
+    with pytest.raises(MedsegError, match="not evenly spaced") as info:
+        load(folder)
+    assert str(info.value).startswith(str(folder))

@@ -285,3 +285,22 @@ def test_rgb_image_as_lossy_jpeg(tmp_path):
     assert back.channels == 3
     assert back.shape == (16, 24)
     assert np.abs(back.array.astype(int) - rgb).max() <= 3
+
+
+def test_grey_photograph_saves_as_jpeg_but_label_map_does_not(tmp_path):
+    from medseg.errors import MedsegError
+
+    grey = (np.arange(100 * 120) % 256).astype(np.uint8).reshape(100, 120)
+    save(Image(grey), tmp_path / "g.jpg")
+    assert load(tmp_path / "g.jpg").shape == (100, 120)
+    with pytest.raises(MedsegError, match="lossy"):
+        save(Image((grey > 128).astype(np.uint8)), tmp_path / "m.jpg")
+    rgb = np.stack([grey] * 3, axis=-1)
+    with pytest.raises(MedsegError, match="GIF"):
+        save(Image(rgb, channels=3), tmp_path / "c.gif")
+
+
+def test_npz_key_defaults_to_medsam_names(tmp_path):
+    save(Image(np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8)), tmp_path / "i.npz")
+    save(Image(np.eye(8, dtype=np.uint8)), tmp_path / "s.npz")
+    assert "imgs" in np.load(tmp_path / "i.npz") and "segs" in np.load(tmp_path / "s.npz")

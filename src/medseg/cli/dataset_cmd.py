@@ -53,4 +53,5 @@ def check(
     out.print(table)
     if len(report.problems) > max_rows:
         out.print(f"... and {len(report.problems) - max_rows} more")
-    fail(f"{path}: {len(report.problems)} problems in {len({p.case for p in report.problems})} cases")
+    cases = len({p.case for p in report.problems if p.case != "-"})
+    fail(f"{path}: {len(report.problems)} problems" + (f" in {cases} cases" if cases else ""))

@@ -17,8 +17,10 @@ if TYPE_CHECKING:
 
 @user_errors
 def evaluate(
-    pred: Path = typer.Argument(..., help="Predicted label map, or a folder of them named by case."),
-    gt: Path = typer.Argument(..., help="Ground-truth label map, or a folder (e.g. a dataset's labelsTr)."),
+    pred: Path = typer.Argument(..., metavar="PRED", help="Predicted label map, or a folder of them named by case."),
+    gt: Path = typer.Argument(
+        ..., metavar="GT", help="Ground-truth label map, or a folder (e.g. a dataset's labelsTr)."
+    ),
     output: Path = typer.Option(..., "-o", "--output", help="Folder for metrics.csv, summary.json, evaluation.png."),
     labels: str | None = typer.Option(
         None, "--labels", help="Label values to score, e.g. '1,2' (default: dataset.json's, else all found)."
@@ -30,13 +32,18 @@ def evaluate(
     images: Path | None = typer.Option(
         None, "--images", help="Images to draw overlays on (default: imagesTr beside a labelsTr GT)."
     ),
+    predicted_only: bool = typer.Option(
+        False, "--predicted-only", help="Score only the GT cases that have a prediction (default: all must)."
+    ),
 ) -> None:
     """Score predictions against ground truth (files paired by case name, geometry must agree)."""
     from medseg.data import find_dataset_json, read_dataset_json
     from medseg.evaluation import evaluate_pairs, pair_cases, write_report
 
     _check_output(output, (pred, gt))
-    pairs = pair_cases(pred, gt)
+    if images is not None and not images.is_dir():
+        raise MedsegError("--images must be a folder of images named by case", images)
+    pairs = pair_cases(pred, gt, predicted_only)
     json_path = dataset_json or find_dataset_json(gt if gt.is_dir() else gt.parent)
     names: dict[int, str] = {}
     if json_path is not None:
@@ -73,6 +80,8 @@ def _check_output(output: Path, inputs: tuple[Path, Path]) -> None:
     for p in inputs:
         if p.exists() and target == p.resolve():
             raise MedsegError("output folder is an input; choose another -o", output)
+        if p.is_dir() and target.is_relative_to(p.resolve()):
+            raise MedsegError(f"output folder is inside the input folder {p}; choose another -o", output)
     if output.exists() and not output.is_dir():
         raise MedsegError("output exists and is not a folder", output)
 
@@ -81,8 +90,9 @@ def _image_finder(images: Path | None, gt: Path) -> Callable[[str], Path | None]
     from medseg.io.formats import is_image_file, split_extension
 
     folder = images
-    if folder is None and gt.is_dir() and gt.name.startswith("labels"):
-        sibling = gt.parent / gt.name.replace("labels", "images", 1)
+    labels_dir = gt if gt.is_dir() else gt.parent
+    if folder is None and labels_dir.name.startswith("labels"):
+        sibling = labels_dir.parent / labels_dir.name.replace("labels", "images", 1)
         folder = sibling if sibling.is_dir() else None
     if folder is None or not folder.is_dir():
         return None

@@ -14,9 +14,6 @@ if TYPE_CHECKING:
 
     from medseg.io import Image
 
-# An integer single-channel image with at most this many distinct values reads as a label map.
-MAX_LABELS = 64
-
 
 @user_errors
 def info(
@@ -71,9 +68,7 @@ def info(
     out.print(table)
     uniques = np.unique(values) if array.dtype.kind in "biuf" and image.channels == 1 else np.array([])
     integral = uniques.size > 0 and bool(np.all(uniques == np.round(uniques))) and uniques.min() >= 0
-    is_label = (
-        as_label if as_label is not None else (array.dtype.kind in "biu" and integral and uniques.size <= MAX_LABELS)
-    )
+    is_label = as_label if as_label is not None else image.is_label_map()
     if is_label:
         if not integral:
             fail(f"{path}: values are not non-negative integers, so this is not a label map")

@@ -27,13 +27,15 @@ def draw_figure(evaluation: Evaluation, path: Path, image_for_case: Callable[[st
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.8), gridspec_kw={"width_ratios": [1.3, 1, 1]})
-    _dice_boxes(axes[0], evaluation)
     means = evaluation.case_mean_dice()
-    if means:
-        ranked = sorted(means, key=lambda c: (means[c], c))
-        for ax, case, title in ((axes[1], ranked[0], "worst"), (axes[2], ranked[-1], "best")):
-            _overlay(ax, evaluation, case, f"{title}: {case} (mean Dice {means[case]:.3f})", image_for_case)
+    ranked = sorted(means, key=lambda c: (means[c], c))
+    shown = [(ranked[0], "worst"), (ranked[-1], "best")] if len(ranked) > 1 else [(c, "case") for c in ranked]
+    ratios = [1.3] + [1.0] * len(shown)
+    fig, axes = plt.subplots(1, 1 + len(shown), figsize=(5 + 5 * len(shown), 4.8), gridspec_kw={"width_ratios": ratios})
+    _dice_boxes(axes[0], evaluation)
+    for ax, (case, title) in zip(axes[1:], shown, strict=True):
+        name = case if len(case) <= 32 else case[:14] + "..." + case[-14:]
+        _overlay(ax, evaluation, case, f"{title}: {name} (mean Dice {means[case]:.3f})", image_for_case)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -75,8 +77,9 @@ def _overlay(
         background = None if background is None else background[k]
         title += f", slice {k}"
     spacing = gt_image.spacing[-2:]
-    if background is None:
+    if background is None:  # no image found: the ground-truth foreground in dark grey
         ax.imshow(gt > 0, cmap="gray", vmin=0, vmax=3, aspect=spacing[0] / spacing[1])
+        title += " (no image)"
     else:
         shown = background.astype(float)
         lo, hi = np.percentile(shown, (0.5, 99.5))
@@ -92,6 +95,8 @@ def _overlay(
         for mask, style in ((gt == value, "solid"), (pred == value, "dashed")):
             if mask.any() and not mask.all():
                 ax.contour(mask.astype(float), levels=[0.5], colors=[colour], linestyles=style, linewidths=1.2)
+    handles.append(Line2D([], [], color="black", label="ground truth"))
+    handles.append(Line2D([], [], color="black", linestyle="dashed", label="prediction"))
     ax.legend(handles=handles, loc="lower right", fontsize=7, framealpha=0.7)
     ax.set_title(title + "\nsolid: ground truth, dashed: prediction", fontsize=9)
     ax.axis("off")

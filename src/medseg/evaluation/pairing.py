@@ -23,8 +23,12 @@ def case_name(path: Path) -> str:
     return path.name if path.is_dir() else split_extension(path)[0]
 
 
-def pair_cases(pred: Path, gt: Path) -> list[CasePair]:
+def pair_cases(pred: Path, gt: Path, predicted_only: bool = False) -> list[CasePair]:
     """Pair ``pred`` and ``gt``: two files, or two folders matched by case name.
+
+    With ``predicted_only``, ground-truth cases without a prediction are left out (as nnU-Net's
+    folder evaluation does); otherwise a missing prediction is an error, so that a forgotten case
+    cannot inflate the scores.
 
     Raises:
         MedsegError: a path is missing, one is a file and the other a folder, a folder holds no
@@ -44,9 +48,9 @@ def pair_cases(pred: Path, gt: Path) -> list[CasePair]:
         if case not in gts:
             raise MedsegError(f"no ground truth for case '{case}' in {gt}", path)
     for case, path in gts.items():
-        if case not in preds:
-            raise MedsegError(f"no prediction for case '{case}' in {pred}", path)
-    return [CasePair(case, preds[case], gts[case]) for case in sorted(gts)]
+        if case not in preds and not predicted_only:
+            raise MedsegError(f"no prediction for case '{case}' in {pred} (--predicted-only scores the others)", path)
+    return [CasePair(case, preds[case], gts[case]) for case in sorted(preds)]
 
 
 def _is_collection(path: Path) -> bool:

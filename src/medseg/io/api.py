@@ -46,7 +46,7 @@ def load(path: str | Path, *, key: str | None = None) -> Image:
     return numpy_io.read_mrc(p)
 
 
-def save(image: Image, path: str | Path, *, key: str = "segs", protect: tuple[str | Path, ...] = ()) -> Path:
+def save(image: Image, path: str | Path, *, key: str | None = None, protect: tuple[str | Path, ...] = ()) -> Path:
     """Write ``image`` to ``path`` atomically (temporary file in the same folder, then rename).
 
     The format follows the extension. A label map on an input's grid (`Image.with_array`) keeps that
@@ -55,7 +55,7 @@ def save(image: Image, path: str | Path, *, key: str = "segs", protect: tuple[st
     Args:
         image: what to write.
         path: target file; its folder is created if needed.
-        key: npz array name (MedSAM convention: ``segs`` for predictions, ``imgs`` for images).
+        key: npz array name; default ``segs`` for label maps and ``imgs`` for images (MedSAM convention).
         protect: paths that must not be overwritten (the inputs); ``image.meta["path"]`` always is.
 
     Raises:
@@ -96,7 +96,7 @@ def save(image: Image, path: str | Path, *, key: str = "segs", protect: tuple[st
     return target
 
 
-def _write(image: Image, tmp: Path, fmt: str, key: str) -> None:
+def _write(image: Image, tmp: Path, fmt: str, key: str | None) -> None:
     if fmt in ("nifti", "nrrd", "metaimage"):
         sitk_io.write(image, tmp)
     elif fmt in RASTER_FORMATS:
@@ -104,4 +104,4 @@ def _write(image: Image, tmp: Path, fmt: str, key: str) -> None:
     elif fmt == "npy":
         numpy_io.write_npy(image, tmp)
     else:
-        numpy_io.write_npz(image, tmp, key)
+        numpy_io.write_npz(image, tmp, key or ("segs" if image.is_label_map() else "imgs"))

@@ -22,6 +22,8 @@ from medseg.errors import MedsegError
 # Geometry read back from a file is compared with this tolerance (mm and direction cosines):
 # NIfTI stores geometry in float32, so exact equality fails across formats.
 GEOMETRY_ATOL = 1e-4
+# An integer single-channel image with at most this many distinct values is taken for a label map.
+MAX_LABELS = 64
 
 
 @dataclass(frozen=True)
@@ -86,8 +88,11 @@ class Geometry:
         for name in ("spacing", "origin", "direction"):
             mine, theirs = getattr(self, name), getattr(other, name)
             if not np.allclose(mine, theirs, atol=GEOMETRY_ATOL, rtol=1e-6):
-                fmt = lambda v: "(" + ", ".join(f"{x:.4g}" for x in v) + ")"  # noqa: E731
-                return f"{name} {fmt(mine)} vs {fmt(theirs)}"
+                for digits in (4, 7, 10, 17):  # enough digits to show the difference
+                    shown = [", ".join(f"{x:.{digits}g}" for x in v) for v in (mine, theirs)]
+                    if shown[0] != shown[1]:
+                        break
+                return f"{name} ({shown[0]}) vs ({shown[1]})"
         return ""
 
 
@@ -153,8 +158,12 @@ class Image:
         return replace(self, array=array, channels=channels, meta=new_meta)
 
     def is_label_map(self) -> bool:
-        """True for single-channel integer arrays (how label maps are stored)."""
-        return self.channels == 1 and (self.array.dtype.kind in "biu")
+        """True when the array looks like a label map: one channel of non-negative integers with at
+        most `MAX_LABELS` distinct values (a grey photograph or scan has more)."""
+        if self.channels != 1 or self.array.dtype.kind not in "biu":
+            return False
+        values = np.unique(self.array)
+        return len(values) <= MAX_LABELS and values[0] >= 0
 
 
 def as_label_array(image: Image) -> np.ndarray:

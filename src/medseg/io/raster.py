@@ -63,6 +63,8 @@ def write(image: Image, path: Path, fmt: str) -> None:
         pil = PILImage.fromarray(array.astype(np.uint16))
     else:
         pil = PILImage.fromarray(array.astype(np.uint8))
+    if fmt == "gif" and image.channels > 1:
+        raise MedsegError("GIF stores palette indices, not RGB colour; use .png", path)
     save_format = {"jpeg": "JPEG", "png": "PNG", "bmp": "BMP", "gif": "GIF"}[fmt]
     pil.save(path, format=save_format)
 

@@ -13,6 +13,9 @@ import SimpleITK as sitk
 from medseg.errors import MedsegError
 from medseg.io.image import Geometry, Image
 
+# ITK prints multi-line warnings to stderr (e.g. on uneven DICOM slices); medseg reports problems itself.
+sitk.ProcessObject.SetGlobalWarningDisplay(False)
+
 # DICOM tags copied into Image.meta (no patient identifiers).
 _DICOM_TAGS = {
     "0008|0060": "modality",
@@ -118,6 +121,7 @@ def read_dicom_series(folder: Path) -> Image:
         img = reader.Execute()
     except RuntimeError as err:
         raise MedsegError(f"cannot read DICOM series ({_first_line(err)})", folder) from None
+    _check_slice_spacing(reader, len(files), folder)
     meta: dict[str, Any] = {"format": "dicom", "path": str(folder), "dicom_files": len(files)}
     for key, name in _DICOM_TAGS.items():
         if reader.HasMetaDataKey(0, key):
@@ -125,6 +129,27 @@ def read_dicom_series(folder: Path) -> Image:
     if len(files) == 1 and img.GetDimension() == 3 and img.GetSize()[2] == 1:
         img = img[:, :, 0]
     return from_sitk(img, meta)
+
+
+def _check_slice_spacing(reader: sitk.ImageSeriesReader, count: int, folder: Path) -> None:
+    """Slices must be evenly spaced along their normal: a gap means missing files and a wrong z spacing."""
+    if count < 3 or not all(reader.HasMetaDataKey(i, "0020|0032") for i in range(count)):
+        return
+    try:
+        cosines = np.array([float(v) for v in reader.GetMetaData(0, "0020|0037").split("\\")])
+        positions = np.array([[float(v) for v in reader.GetMetaData(i, "0020|0032").split("\\")] for i in range(count)])
+    except (RuntimeError, ValueError):
+        return  # malformed tags: SimpleITK's own geometry stands
+    normal = np.cross(cosines[:3], cosines[3:6])
+    steps = np.diff(positions @ normal)
+    typical = float(np.median(np.abs(steps)))
+    worst = int(np.argmax(np.abs(np.abs(steps) - typical)))
+    if typical == 0 or abs(abs(steps[worst]) - typical) > max(0.01, 0.01 * typical):
+        raise MedsegError(
+            f"DICOM slices are not evenly spaced: {abs(steps[worst]):.4g} mm between slices {worst} and {worst + 1} "
+            f"where most are {typical:.4g} mm apart (missing or duplicate slices?)",
+            folder,
+        )
 
 
 def write(image: Image, path: Path) -> None:
