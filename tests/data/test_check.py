@@ -84,3 +84,14 @@ def test_shared_datasets_are_clean(name: str) -> None:
         pytest.skip(f"{root} is absent (real datasets live in ../shared/data)")
     report = check_dataset(open_dataset(root))
     assert report.ok, report.problems[:5]
+
+
+def test_channel_gaps_duplicates_and_wrong_endings(tmp_path: Path) -> None:
+    root = make_nnunet_3d(tmp_path / "ch", cases=2)
+    images = root / "imagesTr"
+    shutil.copy(images / "case_000_0000.nii.gz", images / "case_000_0002.nii.gz")
+    shutil.copy(images / "case_001_0000.nii.gz", images / "case_001_0000.nrrd")
+    problems = _problems(root)
+    text = " | ".join(p for _, _, p in problems)
+    assert "_0000, _0002; they must run from _0000 up" in text
+    assert "does not end with dataset.json's file_ending '.nii.gz'" in text

@@ -57,7 +57,7 @@ def test_invalid_dataset_json(tmp_path: Path) -> None:
     with pytest.raises(MedsegError, match=r"invalid dataset\.json"):
         open_dataset(root)
     (root / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "x": [1, 2]}}))
-    with pytest.raises(MedsegError, match="not an integer"):
+    with pytest.raises(MedsegError, match="not a non-negative integer"):
         open_dataset(root)
 
 

@@ -130,6 +130,26 @@ def test_report_failure_leaves_no_partial_output(tmp_path: Path, monkeypatch: py
         raise OSError("disk full")
 
     monkeypatch.setattr("medseg.evaluation.figure.draw_figure", broken)
-    with pytest.raises(OSError):
-        write_report(ev, tmp_path / "out")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["gt", "pred"]
+    with pytest.raises(MedsegError, match="disk full"):
+        write_report(ev, tmp_path / "new" / "deeper" / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gt", "pred"]  # nor the parents made for it
+
+
+def test_npz_pairs_score_segs_against_gts(tmp_path: Path) -> None:
+    gt = np.zeros((8, 8), np.uint8)
+    gt[2:5, 2:5] = 1
+    pred = np.roll(gt, 1, axis=1)
+    image = np.arange(64, dtype=np.uint8).reshape(8, 8)
+    with open(tmp_path / "CASE.NPZ", "wb") as f:  # np.savez would append .npz to the upper-case name
+        np.savez(f, imgs=image, gts=gt, segs=pred, spacing=np.array([1.0, 1.0]))
+    ev = evaluate_pairs(pair_cases(tmp_path / "CASE.NPZ", tmp_path / "CASE.NPZ"), {1: "x"})
+    assert ev.rows[0].dice == pytest.approx(2 * 6 / 18)
+    np.savez(tmp_path / "two.npz", imgs=image, other=gt)
+    with pytest.raises(MedsegError, match="no 'segs'"):
+        evaluate_pairs(pair_cases(tmp_path / "two.npz", tmp_path / "CASE.NPZ"))
+
+
+def test_tolerance_must_be_finite(tmp_path: Path) -> None:
+    pred_dir, gt_dir = _write_pair_folders(tmp_path)
+    with pytest.raises(MedsegError, match="finite"):
+        evaluate_pairs(pair_cases(pred_dir, gt_dir), tolerance_mm=float("inf"))

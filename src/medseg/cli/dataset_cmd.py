@@ -14,7 +14,9 @@ app = typer.Typer(help="Work with labelled datasets (nnU-Net raw layout or image
 @app.command("check")
 @user_errors
 def check(
-    path: Path = typer.Argument(..., help="Dataset folder: imagesTr/ + labelsTr/ + dataset.json, or images/ + masks/."),
+    path: Path = typer.Argument(
+        ..., metavar="DIR", help="Dataset folder: imagesTr/ + labelsTr/ + dataset.json, or images/ + masks/."
+    ),
     max_rows: int = typer.Option(50, help="Show at most this many problems (all are counted)."),
 ) -> None:
     """Check every case: readable, image and label on one grid, declared labels, no NaN/inf or empty images.

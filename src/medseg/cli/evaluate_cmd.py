@@ -37,18 +37,17 @@ def evaluate(
     ),
 ) -> None:
     """Score predictions against ground truth (files paired by case name, geometry must agree)."""
-    from medseg.data import find_dataset_json, read_dataset_json
+    from medseg.data import find_dataset_json, label_names_of, read_dataset_json
     from medseg.evaluation import evaluate_pairs, pair_cases, write_report
 
-    _check_output(output, (pred, gt))
+    _check_output(output, (pred, gt, *((images,) if images else ())))
     if images is not None and not images.is_dir():
         raise MedsegError("--images must be a folder of images named by case", images)
     pairs = pair_cases(pred, gt, predicted_only)
     json_path = dataset_json or find_dataset_json(gt if gt.is_dir() else gt.parent)
     names: dict[int, str] = {}
     if json_path is not None:
-        declared_labels = read_dataset_json(json_path).get("labels", {})
-        names = {int(v): str(k) for k, v in declared_labels.items() if isinstance(v, int)}
+        names = label_names_of(read_dataset_json(json_path))
     declared = set(names) if names else None
     chosen = _parse_labels(labels, names, json_path)
     if chosen is None and names:
@@ -75,9 +74,14 @@ def _parse_labels(text: str | None, names: dict[int, str], json_path: Path | Non
     return {v: names.get(v, f"label_{v}") for v in values}
 
 
-def _check_output(output: Path, inputs: tuple[Path, Path]) -> None:
+def _check_output(output: Path, inputs: tuple[Path, ...]) -> None:
+    from medseg.evaluation.report import OUTPUT_NAMES
+
     target = output.resolve()
+    written = {target / name for name in OUTPUT_NAMES}
     for p in inputs:
+        if p.is_file() and p.resolve() in written:
+            raise MedsegError(f"writing {p.name} into {output} would overwrite this input", p)
         if p.exists() and target == p.resolve():
             raise MedsegError("output folder is an input; choose another -o", output)
         if p.is_dir() and target.is_relative_to(p.resolve()):

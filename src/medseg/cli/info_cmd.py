@@ -17,7 +17,9 @@ if TYPE_CHECKING:
 
 @user_errors
 def info(
-    path: Path = typer.Argument(..., help="Image or label map (any format medseg reads; a DICOM folder)."),
+    path: Path = typer.Argument(
+        ..., metavar="FILE", help="Image or label map (any format medseg reads; a DICOM folder)."
+    ),
     as_label: bool | None = typer.Option(
         None, "--label/--image", help="Treat as label map / image (default: guessed from the values)."
     ),
@@ -48,7 +50,7 @@ def info(
     for key in ("modality", "series_description", "dicom_files", "npz_key"):
         if key in image.meta:
             rows.append((key.replace("_", " "), str(image.meta[key])))
-    array = image.array
+    array = image.array.astype(np.uint8) if image.array.dtype == np.bool_ else image.array
     finite = np.isfinite(array) if array.dtype.kind == "f" else None
     n_bad = 0 if finite is None else int((~finite).sum())
     values = array if finite is None else array[finite]
@@ -81,14 +83,12 @@ def _print_labels(image: Image, uniques: np.ndarray, path: Path) -> None:
     import numpy as np
     from rich.table import Table
 
-    from medseg.data import find_dataset_json, read_dataset_json
+    from medseg.data import find_dataset_json, label_names_of, read_dataset_json
 
     names: dict[int, str] = {}
     dataset_json = find_dataset_json(path.parent)
     if dataset_json is not None:
-        names = {
-            int(v): str(k) for k, v in read_dataset_json(dataset_json).get("labels", {}).items() if isinstance(v, int)
-        }
+        names = label_names_of(read_dataset_json(dataset_json))
     volume_unit = "ml" if image.ndim == 3 else "mm^2"
     table = Table(title="labels")
     for column in ("label", "name", "voxels", volume_unit):

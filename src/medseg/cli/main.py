@@ -26,11 +26,34 @@ def _version(value: bool) -> None:
 
 
 @app.callback()
-def main(
+def _root(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
 ) -> None:
     """Medical image segmentation toolkit."""
 
 
+def main() -> None:
+    """Console-script entry: usage errors too become one ``medseg: error:`` line with exit status 2."""
+    import sys
+
+    from typer.exceptions import TyperException
+
+    try:
+        code = app(standalone_mode=False)
+    except TyperException as err:  # bad options or arguments (typer's click exceptions)
+        ctx = getattr(err, "ctx", None)
+        if type(err).__name__ == "NoArgsIsHelpError" and ctx is not None:
+            sys.stdout.write(ctx.get_help() + "\n")
+            sys.exit(0)
+        where = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+        sys.stderr.write(f"medseg: error: {err.format_message()}{where}\n")
+        code = 2
+    except typer.Exit as done:
+        code = done.exit_code
+    except typer.Abort:
+        code = 130
+    sys.exit(code if isinstance(code, int) else 0)
+
+
 if __name__ == "__main__":
-    app()
+    main()

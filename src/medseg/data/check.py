@@ -55,6 +55,8 @@ def check_dataset(dataset: Dataset, on_case: Callable[[Case], None] | None = Non
                 f"numTraining is {dataset.declared_cases} but {len(dataset.cases)} cases were found",
             )
         )
+    for path, problem in dataset.layout_problems:
+        report.problems.append(Problem(path.name, path, problem))
     for orphan in dataset.orphan_labels:
         report.problems.append(Problem(orphan.name, orphan, "label file has no image"))
     if not dataset.cases:

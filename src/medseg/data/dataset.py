@@ -50,6 +50,7 @@ class Dataset:
     name: str = ""
     declared_cases: int | None = None
     orphan_labels: list[Path] = field(default_factory=list)  # label files without an image
+    layout_problems: list[tuple[Path, str]] = field(default_factory=list)  # misnamed or duplicate files
     info: dict[str, Any] = field(default_factory=dict)  # the whole dataset.json
 
     def label_names(self) -> dict[int, str]:
@@ -77,9 +78,9 @@ def open_dataset(root: str | Path) -> Dataset:
     else:
         raise MedsegError("not a dataset: expected imagesTr/ + labelsTr/ (nnU-Net) or images/ + masks/", path)
     dataset.info = info
-    dataset.name = str(info.get("name", path.name))
+    dataset.name = str(info.get("name", path.resolve().name))
     dataset.modality = str(info.get("modality", ""))
-    dataset.labels = {str(k): _label_value(v, path) for k, v in info.get("labels", {}).items()}
+    dataset.labels = {name: value for value, name in label_names_of(info).items()}
     dataset.channel_names = {str(k): str(v) for k, v in info.get("channel_names", {}).items()}
     dataset.declared_cases = info.get("numTraining")
     return dataset
@@ -95,7 +96,23 @@ def read_dataset_json(path: Path) -> dict[str, Any]:
         raise MedsegError("dataset.json must hold a JSON object", path)
     if not isinstance(info.get("labels", {}), dict):
         raise MedsegError("dataset.json 'labels' must map names to values", path)
+    for value in info.get("labels", {}).values():
+        # nnU-Net region-based labels are lists of values; medseg reads plain integer labels.
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise MedsegError(f"dataset.json label value {value!r} is not a non-negative integer", path)
+    if not isinstance(info.get("channel_names", {}), dict):
+        raise MedsegError("dataset.json 'channel_names' must map channel numbers to names", path)
+    count = info.get("numTraining")
+    if count is not None and (isinstance(count, bool) or not isinstance(count, int)):
+        raise MedsegError(f"dataset.json 'numTraining' must be an integer, not {count!r}", path)
+    if not isinstance(info.get("file_ending", ""), str):
+        raise MedsegError("dataset.json 'file_ending' must be a string such as '.nii.gz'", path)
     return info
+
+
+def label_names_of(info: dict[str, Any]) -> dict[int, str]:
+    """{value: name} of a validated dataset.json (`read_dataset_json`)."""
+    return {int(v): str(k) for k, v in info.get("labels", {}).items()}
 
 
 def find_dataset_json(folder: Path) -> Path | None:
@@ -106,34 +123,48 @@ def find_dataset_json(folder: Path) -> Path | None:
     return None
 
 
-def _label_value(value: Any, root: Path) -> int:
-    # nnU-Net region-based labels are lists of values; medseg reads plain integer labels.
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise MedsegError(f"dataset.json label value {value!r} is not an integer", root / "dataset.json")
-    return value
-
-
 def _files(folder: Path) -> list[Path]:
     if not folder.is_dir():
         return []
-    return sorted(p for p in folder.iterdir() if is_image_file(p) or (p.is_dir() and not p.name.startswith(".")))
+    try:
+        return sorted(p for p in folder.iterdir() if is_image_file(p) or (p.is_dir() and not p.name.startswith(".")))
+    except OSError as err:
+        raise MedsegError(f"cannot list folder ({err.strerror or err})", folder) from None
 
 
 def _open_nnunet(root: Path, info: dict[str, Any]) -> Dataset:
     ending = str(info.get("file_ending", ""))
     channels: dict[str, dict[int, Path]] = {}
+    problems: list[tuple[Path, str]] = []
     for f in _files(root / "imagesTr"):
-        stem = f.name[: -len(ending)] if ending and f.name.endswith(ending) else split_extension(f)[0]
+        if ending and not f.name.endswith(ending):
+            problems.append((f, f"file does not end with dataset.json's file_ending '{ending}'"))
+            continue
+        stem = f.name[: -len(ending)] if ending else split_extension(f)[0]
         match = _CHANNEL_SUFFIX.match(stem)
         if match is None:
             raise MedsegError("image name lacks the _0000 channel suffix of the nnU-Net layout", f)
-        channels.setdefault(match["case"], {})[int(match["channel"])] = f
-    labels = {split_extension(f)[0]: f for f in _files(root / "labelsTr")}
+        found = channels.setdefault(match["case"], {})
+        if int(match["channel"]) in found:
+            problems.append(
+                (f, f"second file for channel {match['channel']} (also {found[int(match['channel'])].name})")
+            )
+        found[int(match["channel"])] = f
+    for name, found in channels.items():
+        if sorted(found) != list(range(len(found))):
+            numbers = ", ".join(f"_{k:04d}" for k in sorted(found))
+            problems.append((found[min(found)], f"case {name} has channels {numbers}; they must run from _0000 up"))
+    labels = {}
+    for f in _files(root / "labelsTr"):
+        if ending and not f.name.endswith(ending):
+            problems.append((f, f"file does not end with dataset.json's file_ending '{ending}'"))
+        else:
+            labels[f.name[: -len(ending)] if ending else split_extension(f)[0]] = f
     cases = [
         Case(name, tuple(files[k] for k in sorted(files)), labels.get(name)) for name, files in sorted(channels.items())
     ]
     orphans = [f for name, f in sorted(labels.items()) if name not in channels]
-    return Dataset(root=root, layout="nnunet", cases=cases, orphan_labels=orphans)
+    return Dataset(root=root, layout="nnunet", cases=cases, orphan_labels=orphans, layout_problems=problems)
 
 
 def _open_folders(root: Path) -> Dataset:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -45,7 +46,7 @@ class Evaluation:
             per_label[str(value)] = {"name": name, **{m: _stats([getattr(r, m) for r in rows]) for m in METRICS}}
         mean_dice = [float(np.mean([r.dice for r in self.rows if r.label == v])) for v in self.labels]
         return {
-            "cases": len({r.case for r in self.rows}),
+            "cases": len(self.pairs) if self.pairs else len({r.case for r in self.rows}),
             "tolerance_mm": self.tolerance_mm,
             "labels": per_label,
             "mean_dice_over_labels": float(np.mean(mean_dice)) if mean_dice else math.nan,
@@ -66,8 +67,8 @@ def load_pair(pair: CasePair) -> tuple[Image, np.ndarray, np.ndarray]:
     Raises:
         MedsegError: unreadable files, non-label content, different shape or geometry.
     """
-    gt = load(pair.gt, key="gts" if pair.gt.suffix == ".npz" else None)
-    pred = load(pair.pred, key="segs" if pair.pred.suffix == ".npz" and pair.pred != pair.gt else None)
+    gt = load(pair.gt, key=_npz_key(pair.gt, "gts"))
+    pred = load(pair.pred, key=_npz_key(pair.pred, "segs"))
     pred_array, gt_array = as_label_array(pred), as_label_array(gt)
     if pred.shape != gt.shape:
         raise MedsegError(f"shape {pred.shape} differs from ground truth {pair.gt} shape {gt.shape}", pair.pred)
@@ -98,8 +99,10 @@ def evaluate_pairs(
         on_case: called after each pair (progress).
 
     Raises:
-        MedsegError: as `load_pair`, or a file holds labels not in ``declared``.
+        MedsegError: as `load_pair`, a file holds labels not in ``declared``, or the tolerance is not finite.
     """
+    if not np.isfinite(tolerance_mm) or tolerance_mm < 0:
+        raise MedsegError(f"the NSD tolerance must be a finite number of mm >= 0, got {tolerance_mm}")
     rows: list[CaseLabelResult] = []
     found: set[int] = set()
     for pair in pairs:
@@ -132,6 +135,25 @@ def evaluate_pairs(
         )
         rows.sort(key=lambda r: (r.case, r.label))
     return Evaluation(rows=rows, labels=labels, tolerance_mm=tolerance_mm, pairs=list(pairs))
+
+
+def _npz_key(path: Path, preferred: str) -> str | None:
+    """The label array of a MedSAM-style npz: ``preferred`` (``segs``/``gts``), or its only array.
+
+    Raises:
+        MedsegError: an npz with several arrays but not ``preferred`` (an image would be scored).
+    """
+    if path.suffix.lower() != ".npz":
+        return None
+    from medseg.io.numpy_io import npz_keys
+
+    keys = npz_keys(path)
+    if preferred in keys:
+        return preferred
+    arrays = [k for k in keys if k not in ("spacing", "origin", "direction")]
+    if len(arrays) == 1:
+        return arrays[0]
+    raise MedsegError(f"npz holds {keys} but no '{preferred}' label array", path)
 
 
 def _stats(values: list[float]) -> dict[str, float | int]:

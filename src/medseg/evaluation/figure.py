@@ -31,7 +31,9 @@ def draw_figure(evaluation: Evaluation, path: Path, image_for_case: Callable[[st
     ranked = sorted(means, key=lambda c: (means[c], c))
     shown = [(ranked[0], "worst"), (ranked[-1], "best")] if len(ranked) > 1 else [(c, "case") for c in ranked]
     ratios = [1.3] + [1.0] * len(shown)
-    fig, axes = plt.subplots(1, 1 + len(shown), figsize=(5 + 5 * len(shown), 4.8), gridspec_kw={"width_ratios": ratios})
+    size = (5 + 5 * len(shown), 4.8)
+    fig, grid = plt.subplots(1, 1 + len(shown), figsize=size, gridspec_kw={"width_ratios": ratios}, squeeze=False)
+    axes = grid[0]
     _dice_boxes(axes[0], evaluation)
     for ax, (case, title) in zip(axes[1:], shown, strict=True):
         name = case if len(case) <= 32 else case[:14] + "..." + case[-14:]

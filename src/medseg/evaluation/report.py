@@ -11,9 +11,11 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from medseg.errors import MedsegError
 from medseg.evaluation.evaluate import Evaluation
 
 CSV_NAME, SUMMARY_NAME, FIGURE_NAME = "metrics.csv", "summary.json", "evaluation.png"
+OUTPUT_NAMES = (CSV_NAME, SUMMARY_NAME, FIGURE_NAME)
 
 
 def write_report(
@@ -22,10 +24,22 @@ def write_report(
     """Write ``metrics.csv``, ``summary.json`` and ``evaluation.png`` into ``out_dir``.
 
     Files are first written into a temporary folder beside ``out_dir`` and moved in only when all
-    three exist, so a failure leaves no partial output. Returns the written paths.
+    three exist, so a failure leaves no partial output (nor folders created for it).
+
+    Raises:
+        MedsegError: the output folder cannot be created or written.
     """
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    for name in OUTPUT_NAMES:
+        if (out_dir / name).is_dir():
+            raise MedsegError(f"{name} exists there as a folder", out_dir)
+    created = _missing_parents(out_dir)
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    except OSError as err:
+        _remove_empty(created)
+        raise MedsegError(f"cannot create the output folder ({err.strerror or err})", out_dir) from None
+    done = False
     try:
         write_csv(evaluation, staging / CSV_NAME)
         (staging / SUMMARY_NAME).write_text(json.dumps(_json_safe(evaluation.summary()), indent=2) + "\n")
@@ -33,13 +47,43 @@ def write_report(
 
         draw_figure(evaluation, staging / FIGURE_NAME, image_for_case)
         if not out_dir.exists():
+            staging.chmod(0o777 & ~_umask())  # mkdtemp makes 0700 folders
             staging.rename(out_dir)
         else:
-            for name in (CSV_NAME, SUMMARY_NAME, FIGURE_NAME):
+            for name in OUTPUT_NAMES:
                 os.replace(staging / name, out_dir / name)
+        done = True
+    except OSError as err:
+        raise MedsegError(f"cannot write the evaluation ({err.strerror or err})", out_dir) from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return [out_dir / n for n in (CSV_NAME, SUMMARY_NAME, FIGURE_NAME)]
+        if not done:
+            _remove_empty(created)
+    return [out_dir / n for n in OUTPUT_NAMES]
+
+
+def _missing_parents(path: Path) -> list[Path]:
+    """The ancestors of ``path`` that do not exist yet, deepest first."""
+    missing = []
+    for parent in path.parents:
+        if parent.exists() or parent.is_symlink():
+            break
+        missing.append(parent)
+    return missing
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_csv(evaluation: Evaluation, path: Path) -> None:

@@ -30,6 +30,15 @@ def load(path: str | Path, *, key: str | None = None) -> Image:
     p = Path(path)
     if not p.exists():
         raise MedsegError("no such file or folder", p)
+    if not os.access(p, os.R_OK | (os.X_OK if p.is_dir() else 0)):
+        raise MedsegError("permission denied", p)
+    try:
+        return _load(p, key)
+    except OSError as err:  # e.g. an unreadable file inside a DICOM folder, or an I/O error
+        raise MedsegError(f"cannot read ({err.strerror or err})", p) from None
+
+
+def _load(p: Path, key: str | None) -> Image:
     fmt = format_of(p)
     if p.is_file() and p.stat().st_size == 0:
         raise MedsegError("file is empty (0 bytes)", p)

@@ -9,7 +9,7 @@ them read with zero origin and identity direction.
 
 from __future__ import annotations
 
-import zipfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,9 @@ NPZ_DEFAULT_KEYS = ("imgs", "img", "image", "arr_0", "segs", "gts")
 def read_npy(path: Path) -> Image:
     try:
         array = np.load(path, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as err:
+    except MedsegError:
+        raise
+    except Exception as err:  # numpy raises many types for damaged headers and streams
         raise MedsegError(f"cannot read NPY ({str(err)[:160]})", path) from None
     return _wrap(array, {}, {"format": "npy", "path": str(path)}, path)
 
@@ -41,7 +43,9 @@ def read_npz(path: Path, key: str | None = None) -> Image:
                 raise MedsegError(f"npz holds {keys}, not {wanted}", path)
             array = npz[chosen]
             geometry_arrays = {k: npz[k] for k in ("spacing", "origin", "direction") if k in keys}
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as err:
+    except MedsegError:
+        raise
+    except Exception as err:  # zipfile, zlib and numpy raise many types for damaged files
         raise MedsegError(f"cannot read NPZ ({str(err)[:160]})", path) from None
     meta = {"format": "npz", "path": str(path), "npz_key": chosen, "npz_keys": keys}
     return _wrap(array, geometry_arrays, meta, path)
@@ -51,7 +55,9 @@ def npz_keys(path: Path) -> list[str]:
     try:
         with np.load(path, allow_pickle=False) as npz:
             return list(npz.keys())
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as err:
+    except MedsegError:
+        raise
+    except Exception as err:  # zipfile, zlib and numpy raise many types for damaged files
         raise MedsegError(f"cannot read NPZ ({str(err)[:160]})", path) from None
 
 
@@ -78,13 +84,18 @@ def read_mrc(path: Path) -> Image:
     import mrcfile
 
     try:
-        with mrcfile.open(path, permissive=True) as mrc:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # mrcfile warns, then raises, on damaged files
+            mrc_file = mrcfile.open(path)
+        with mrc_file as mrc:
             if mrc.data is None:
                 raise MedsegError("MRC file has no data block", path)
             array = np.array(mrc.data)
             voxel = mrc.voxel_size
             size = [float(voxel.x), float(voxel.y), float(voxel.z)]
-    except (ValueError, OSError, EOFError) as err:
+    except MedsegError:
+        raise
+    except Exception as err:  # mrcfile raises ValueError, OSError, EOFError... for damaged files
         raise MedsegError(f"cannot read MRC ({str(err)[:160]})", path) from None
     ndim = 2 if array.ndim == 2 else 3
     spacing = [s if s > 0 else 1.0 for s in size[:ndim]]
@@ -107,7 +118,10 @@ def _wrap(array: np.ndarray, geometry_arrays: dict[str, Any], meta: dict[str, An
         ("direction", identity.direction),
     ):
         given = geometry_arrays.get(name)
-        value = default if given is None else tuple(float(v) for v in np.ravel(given))
+        try:
+            value = default if given is None else tuple(float(v) for v in np.ravel(given))
+        except (TypeError, ValueError):
+            raise MedsegError(f"{name} in the file is not numeric ({given!r:.60})", path) from None
         if len(value) != len(default) or not all(np.isfinite(value)):
             raise MedsegError(f"{name} {value} does not fit a {spatial}D array of shape {array.shape}", path)
         values[name] = value

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import struct
-import zlib
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +10,7 @@ import SimpleITK as sitk
 
 from medseg.errors import MedsegError
 from medseg.io.image import Geometry, Image
+from medseg.io.quiet import captured_stderr
 
 # ITK prints multi-line warnings to stderr (e.g. on uneven DICOM slices); medseg reports problems itself.
 sitk.ProcessObject.SetGlobalWarningDisplay(False)
@@ -51,35 +50,60 @@ def to_sitk(image: Image) -> sitk.Image:
 
 def read_file(path: Path, fmt: str) -> Image:
     """Read a NIfTI, NRRD, MetaImage or single DICOM file."""
-    try:
-        img = sitk.ReadImage(str(path))
-    except RuntimeError as err:
-        raise MedsegError(f"cannot read {fmt} file ({_first_line(err)})", path) from None
+    if fmt == "nifti":
+        return _read_nifti(path)
+    with captured_stderr() as printed:
+        try:
+            img = sitk.ReadImage(str(path))
+        except RuntimeError as err:
+            raise MedsegError(f"cannot read {fmt} file ({_reason(err, printed)})", path) from None
     if img.GetDimension() == 4:
         raise MedsegError(f"4D image of size {img.GetSize()} is not supported", path)
-    if fmt == "nifti" and (missing := _nifti_truncation(path)):
-        raise MedsegError(missing, path)
     meta: dict[str, Any] = {"format": fmt, "path": str(path)}
     if fmt == "dicom":
         meta.update(_dicom_meta(img))  # before slicing, which drops the metadata dictionary
     if img.GetDimension() == 3 and img.GetSize()[2] == 1 and fmt == "dicom":
         img = img[:, :, 0]  # a single DICOM file is one 2D slice
-    image = from_sitk(img, meta)
-    if fmt == "nifti" and image.array.dtype.kind == "f" and image.channels == 1:
-        _restore_nifti_nonfinite(image, path)
-    return image
+    return from_sitk(img, meta)
 
 
-def _restore_nifti_nonfinite(image: Image, path: Path) -> None:
-    """Put back the NaN/inf values that ITK's NIfTI reader turns into 0, so checks can see them."""
+def _read_nifti(path: Path) -> Image:
+    """Geometry as SimpleITK interprets the header; voxels from nibabel.
+
+    nibabel is used for the voxels because ITK's NIfTI reader silently turns NaN/inf into 0 and
+    fills a truncated file's missing voxels with zeros; nibabel keeps the former and refuses the latter.
+    """
     import nibabel as nib
 
-    data = np.asarray(nib.load(str(path)).dataobj, dtype=image.array.dtype)  # type: ignore[attr-defined]
-    data = data.reshape(data.shape[: image.ndim]).T  # nibabel (x, y, z) -> numpy (z, y, x)
-    if data.shape == image.array.shape:
-        bad = ~np.isfinite(data)
-        if bad.any():
-            image.array = np.where(bad, data, image.array)
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    with captured_stderr() as printed:
+        try:
+            reader.ReadImageInformation()
+        except RuntimeError as err:
+            raise MedsegError(f"cannot read NIfTI header ({_reason(err, printed)})", path) from None
+    ndim, size = reader.GetDimension(), tuple(reader.GetSize())
+    if ndim == 4:
+        raise MedsegError(f"4D image of size {size} is not supported", path)
+    if 0 in size:
+        raise MedsegError(f"empty image (size {size})", path)
+    meta: dict[str, Any] = {"format": "nifti", "path": str(path)}
+    if reader.GetNumberOfComponents() > 1:  # vector pixels: SimpleITK reads them as channels
+        with captured_stderr():
+            return from_sitk(sitk.ReadImage(str(path)), meta)
+    try:
+        nii = nib.load(str(path))
+        data = np.asarray(nii.dataobj)  # type: ignore[attr-defined]
+    except Exception as err:  # nibabel raises EOFError, ValueError, zlib.error... for damaged files
+        detail = str(err).splitlines()[0][:120] if str(err) else type(err).__name__
+        raise MedsegError(f"file is truncated or corrupt ({detail})", path) from None
+    if data.size != int(np.prod(size)):
+        raise MedsegError(f"header size {size} does not match the voxel data shape {data.shape}", path)
+    if data.dtype == np.float64 and nii.get_data_dtype() != np.float64:  # type: ignore[attr-defined]
+        data = data.astype(np.float32)  # scaled integers: float32 holds them, as SimpleITK gives
+    array = np.ascontiguousarray(data.reshape(size, order="F").T)  # (x, y, z) -> (z, y, x)
+    geometry = Geometry(tuple(reader.GetSpacing()), tuple(reader.GetOrigin()), tuple(reader.GetDirection()))
+    return Image(array, geometry, meta=meta)
 
 
 def read_dicom_series(folder: Path) -> Image:
@@ -88,16 +112,18 @@ def read_dicom_series(folder: Path) -> Image:
     Raises:
         MedsegError: no series, several series, or unreadable slices.
     """
-    try:
-        series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
-    except RuntimeError as err:
-        raise MedsegError(f"cannot scan folder for DICOM ({_first_line(err)})", folder) from None
+    with captured_stderr() as printed:
+        try:
+            series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+        except RuntimeError as err:
+            raise MedsegError(f"cannot scan folder for DICOM ({_reason(err, printed)})", folder) from None
     if not series:
         raise MedsegError("folder holds no DICOM series (and is not a file medseg reads)", folder)
     if len(series) > 1:
         raise MedsegError(f"folder holds {len(series)} DICOM series ({', '.join(series)}); pass one per folder", folder)
     # GDCM orders the files by their position along the slice normal.
-    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series[0])
+    with captured_stderr():
+        files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series[0])
     # GDCM silently leaves out files it cannot parse: a missing slice would shift the volume.
     in_series = {Path(f).name for f in files}
     left_out = [
@@ -117,10 +143,11 @@ def read_dicom_series(folder: Path) -> Image:
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
     reader.MetaDataDictionaryArrayUpdateOn()
-    try:
-        img = reader.Execute()
-    except RuntimeError as err:
-        raise MedsegError(f"cannot read DICOM series ({_first_line(err)})", folder) from None
+    with captured_stderr() as printed:
+        try:
+            img = reader.Execute()
+        except RuntimeError as err:
+            raise MedsegError(f"cannot read DICOM series ({_reason(err, printed)})", folder) from None
     _check_slice_spacing(reader, len(files), folder)
     meta: dict[str, Any] = {"format": "dicom", "path": str(folder), "dicom_files": len(files)}
     for key, name in _DICOM_TAGS.items():
@@ -154,58 +181,23 @@ def _check_slice_spacing(reader: sitk.ImageSeriesReader, count: int, folder: Pat
 
 def write(image: Image, path: Path) -> None:
     """Write NIfTI/NRRD/MetaImage (compressed where the format allows)."""
-    sitk.WriteImage(to_sitk(image), str(path), useCompression=True)
-
-
-def _nifti_truncation(path: Path) -> str | None:
-    """Why a NIfTI file holds fewer bytes than its header describes, or None.
-
-    ITK reads a truncated file without complaint and fills the missing voxels with zeros.
-    """
-    head, size = b"", 0
-    with open(path, "rb") as f:
-        if not path.name.lower().endswith(".gz"):
-            head, size = f.read(540), path.stat().st_size
-        else:  # count the uncompressed bytes; a truncated stream simply ends early
-            inflate = zlib.decompressobj(wbits=31)
-            try:
-                while chunk := f.read(1 << 20):
-                    while chunk:
-                        out = inflate.decompress(chunk)
-                        head, size, chunk = head + out[: 540 - len(head)], size + len(out), b""
-                        if inflate.eof:  # another gzip member may follow
-                            chunk, inflate = inflate.unused_data, zlib.decompressobj(wbits=31)
-            except zlib.error:
-                pass  # trailing garbage after the data: what came before counts
-    expected = _nifti_expected_bytes(head)
-    if expected is None or size >= expected:
-        return None
-    return f"file is truncated ({size} of the {expected} bytes its header describes)"
-
-
-def _nifti_expected_bytes(head: bytes) -> int | None:
-    """``vox_offset`` + voxel data size from a NIfTI-1 or NIfTI-2 header (None when unparseable)."""
-    for e in "<>":
-        if len(head) >= 348 and struct.unpack(e + "i", head[:4])[0] == 348:
-            dim, bitpix = struct.unpack(e + "8h", head[40:56]), struct.unpack(e + "h", head[72:74])[0]
-            offset = int(struct.unpack(e + "f", head[108:112])[0])
-        elif len(head) >= 540 and struct.unpack(e + "i", head[:4])[0] == 540:
-            dim, bitpix = struct.unpack(e + "8q", head[16:80]), struct.unpack(e + "h", head[14:16])[0]
-            offset = struct.unpack(e + "q", head[168:176])[0]
-        else:
-            continue
-        if not 1 <= dim[0] <= 7 or bitpix <= 0:
-            return None
-        return offset + (int(np.prod(dim[1 : dim[0] + 1], dtype=np.int64)) * bitpix + 7) // 8
-    return None
+    with captured_stderr() as printed:
+        try:
+            sitk.WriteImage(to_sitk(image), str(path), useCompression=True)
+        except RuntimeError as err:
+            raise OSError(_reason(err, printed)) from None
 
 
 def _dicom_meta(img: sitk.Image) -> dict[str, Any]:
     return {name: img.GetMetaData(key).strip() for key, name in _DICOM_TAGS.items() if img.HasMetaDataKey(key)}
 
 
-def _first_line(err: Exception) -> str:
+def _reason(err: Exception, printed: list[str]) -> str:
+    """The most useful sentence of an ITK exception, or of what the C library printed instead."""
     lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
     # ITK messages end with the useful sentence; earlier lines are file/line noise.
     useful = [ln for ln in lines if not ln.startswith(("/", "itk::", "Exception thrown"))]
-    return (useful[-1] if useful else (lines[-1] if lines else type(err).__name__))[:200]
+    reason = useful[-1] if useful else (lines[-1] if lines else type(err).__name__)
+    if printed and ("No such file" in reason or "Could not create IO object" in reason):
+        reason = printed[-1]  # MetaIO/nifticlib say what is wrong only on stderr
+    return reason[:200]
