@@ -1,0 +1,86 @@
+"""``medseg prompt INPUT --box ... | --box3d ... | --point ... -o OUT``: a mask from a box or clicks."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import typer
+
+from medseg.cli.common import out, progress_bar, user_errors
+from medseg.errors import MedsegError
+
+if TYPE_CHECKING:
+    import numpy as np
+
+
+@user_errors
+def prompt(
+    input_path: Path = typer.Argument(..., metavar="INPUT", help="2D image or volume (any format medseg reads)."),
+    output: Path = typer.Option(..., "-o", "--output", help="Label map file (e.g. out.nii.gz), or a folder."),
+    box: list[str] = typer.Option([], "--box", help="x0,y0,x1,y1 in pixels (x = column); repeat for more objects."),
+    box3d: list[str] = typer.Option([], "--box3d", help="x0,y0,z0,x1,y1,z1 voxel indices (z inclusive); repeatable."),
+    point: list[str] = typer.Option([], "--point", help="x,y[,label]: a click, label 1 (default) or 0 (negative)."),
+    slice_index: int | None = typer.Option(None, "--slice", help="Slice (array axis 0) of a volume for --box/--point."),
+    checkpoint: Path | None = typer.Option(None, "--checkpoint", help="SAM-family weights (default: LiteMedSAM)."),
+    model: str | None = typer.Option(
+        None, "--model", help="lite_medsam, medsam_vit_b or sam_vit_b (default: guessed)."
+    ),
+    preset: str | None = typer.Option(None, "--preset", help="Intensity preset, e.g. ct:soft_tissue, ct:lung, mr."),
+) -> None:
+    """Segment objects from prompts with a MedSAM-family model; the label map keeps the input's geometry.
+
+    Each box (or 3D box) is one object, labelled 1, 2, ... in order; clicks refine one object. On a
+    volume, objects are propagated slice by slice from the middle of a 3D box, or from --slice.
+    """
+    from medseg.inference.prompt_predictor import PromptPredictor
+    from medseg.inference.prompt_session import Prompts, segment, validate
+    from medseg.io import format_of, label_path_for, load, save
+
+    prompts = Prompts(
+        boxes=[_numbers(b, 4, "--box") for b in box],  # type: ignore[misc]
+        boxes3d=[_numbers(b, 6, "--box3d") for b in box3d],  # type: ignore[misc]
+        slice_index=slice_index,
+    )
+    for text in point:
+        values = _numbers(text, None, "--point")
+        if len(values) not in (2, 3) or (len(values) == 3 and values[2] not in (0, 1)):
+            raise MedsegError(f"--point '{text}' must be x,y or x,y,label with label 1 or 0")
+        prompts.points.append((values[0], values[1]))
+        prompts.point_labels.append(int(values[2]) if len(values) == 3 else 1)
+    target = output if output.suffix else label_path_for(input_path, output)
+    format_of(target)  # an unknown output extension fails before any work
+    image = load(input_path)
+    try:
+        validate(image, prompts)
+    except MedsegError as err:
+        raise MedsegError(err.problem, input_path) from None
+    started = time.perf_counter()
+    predictor = PromptPredictor.from_checkpoint(checkpoint, model)
+    depth = image.shape[0] if image.ndim == 3 else 1
+    with progress_bar("segmenting slices", depth) as advance:
+        labels = segment(predictor, image, prompts, preset, on_slice=advance)
+    written = save(labels, target, protect=(input_path,))
+    _report(labels.array, image.voxel_volume_mm3, image.ndim, written, time.perf_counter() - started)
+
+
+def _numbers(text: str, count: int | None, option: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.replace(" ", "").split(","))
+    except ValueError:
+        raise MedsegError(f"{option} '{text}' must be comma-separated numbers") from None
+    if count is not None and len(values) != count:
+        raise MedsegError(f"{option} '{text}' needs {count} numbers, got {len(values)}")
+    return values
+
+
+def _report(labels: np.ndarray, voxel_mm3: float, ndim: int, written: Path, seconds: float) -> None:
+    import numpy as np
+
+    values, counts = np.unique(labels[labels > 0], return_counts=True)
+    unit = "ml" if ndim == 3 else "mm^2"
+    scale = voxel_mm3 / 1000 if ndim == 3 else voxel_mm3
+    found = ", ".join(f"label {v}: {c} voxels ({c * scale:.3g} {unit})" for v, c in zip(values, counts, strict=True))
+    out.print(f"{found or 'nothing found (empty mask)'}; {seconds:.1f} s")
+    out.print(f"wrote {written}")

@@ -1,0 +1,1 @@
+"""Inference wrappers around medseg's models: prompt predictor, 3D propagation."""

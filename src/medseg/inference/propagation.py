@@ -1,0 +1,144 @@
+"""3D segmentation with a 2D promptable model: segment one slice, then propagate slice by slice.
+
+The start slice is segmented from the user's box; each next slice (up, then down) is prompted by the
+bounding box of its neighbour's mask. This is the MedSAM / LiteMedSAM 3D inference scheme (Ma et al.
+2024; CVPR 2024 "MedSAM on laptop" baseline). A box-prompted SAM returns a blob even where nothing
+is, so medseg adds a stop rule: propagation ends at the ends of a 3D box, at an empty mask, or where
+the mask no longer stands out from its surroundings (its contrast with a ring around it falls below
+`MIN_RELATIVE_CONTRAST` of the start slice's).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+
+from medseg.errors import MedsegError
+from medseg.inference.prompt_predictor import PromptPredictor
+
+# A slice's object must keep this fraction of the start slice's inside-vs-ring contrast.
+MIN_RELATIVE_CONTRAST = 0.3
+_RING_PIXELS = 3
+
+
+@dataclass(frozen=True)
+class VolumePrompt:
+    """One object in a volume ``(z, y, x)``: a 2D box ``(x0, y0, x1, y1)`` in voxel indices on slice
+    ``start_slice``, optionally limited to slices ``z_range = (z0, z1)`` (inclusive), and optional
+    clicks ``(x, y)`` with labels on the start slice."""
+
+    box: tuple[float, float, float, float] | None
+    start_slice: int
+    z_range: tuple[int, int] | None = None
+    points: tuple[tuple[float, float], ...] = ()
+    point_labels: tuple[int, ...] = ()
+
+    @classmethod
+    def from_box3d(cls, box3d: tuple[float, ...]) -> VolumePrompt:
+        """``(x0, y0, z0, x1, y1, z1)`` voxel indices (z inclusive): start in the middle slice."""
+        x0, y0, z0, x1, y1, z1 = box3d
+        if z0 > z1:
+            raise MedsegError(f"3D box {box3d} is inverted along z (z0 > z1)")
+        return cls((x0, y0, x1, y1), round((z0 + z1) / 2), (int(z0), int(z1)))
+
+
+def bounding_box(mask: np.ndarray) -> tuple[float, float, float, float]:
+    """``(x0, y0, x1, y1)`` of a non-empty 2D mask, in pixel edges (x1, y1 exclusive)."""
+    rows = np.flatnonzero(mask.any(axis=1))
+    cols = np.flatnonzero(mask.any(axis=0))
+    return float(cols[0]), float(rows[0]), float(cols[-1] + 1), float(rows[-1] + 1)
+
+
+def propagate(
+    predictor: PromptPredictor,
+    slices: np.ndarray,
+    prompt: VolumePrompt,
+    on_slice: Callable[[int], None] | None = None,
+) -> np.ndarray:
+    """Logits ``(Z, H, W)`` float32 of one object (``-inf`` on slices not reached).
+
+    Args:
+        predictor: a loaded predictor (give it ``cache_size`` to reuse slice embeddings across objects).
+        slices: ``(Z, H, W)`` or ``(Z, H, W, 3)``, intensities already windowed/normalised.
+        prompt: where the object is.
+        on_slice: called with each slice index segmented (progress).
+
+    Raises:
+        MedsegError: the start slice or z range lies outside the volume, or a prompt is invalid.
+    """
+    depth = slices.shape[0]
+    if not 0 <= prompt.start_slice < depth:
+        raise MedsegError(f"slice {prompt.start_slice} is outside the volume's {depth} slices")
+    low, high = prompt.z_range if prompt.z_range is not None else (0, depth - 1)
+    if low < 0 or high >= depth:
+        raise MedsegError(f"z range {low}..{high} is outside the volume's {depth} slices (0..{depth - 1})")
+    logits = np.full(slices.shape[:3], -np.inf, np.float32)
+    start = _segment_slice(predictor, slices, prompt.start_slice, prompt.box, prompt)
+    if on_slice is not None:
+        on_slice(prompt.start_slice)
+    logits[prompt.start_slice] = start
+    if not (start > 0).any():
+        return logits
+    reference = contrast(slices[prompt.start_slice], start > 0)
+    for step in (1, -1):
+        previous = start > 0
+        z = prompt.start_slice + step
+        while low <= z <= high:
+            current = _segment_slice(predictor, slices, z, bounding_box(previous), None)
+            if not (current > 0).any() and prompt.z_range is not None and prompt.box is not None:
+                # Inside a 3D box, a lost object is retried once with the user's box.
+                current = _segment_slice(predictor, slices, z, prompt.box, None)
+            if on_slice is not None:
+                on_slice(z)
+            mask = current > 0
+            if not mask.any() or contrast(slices[z], mask) * np.sign(reference) < MIN_RELATIVE_CONTRAST * abs(
+                reference
+            ):
+                break
+            logits[z] = current
+            previous = current > 0
+            z += step
+    return logits
+
+
+def contrast(image: np.ndarray, mask: np.ndarray) -> float:
+    """Mean intensity inside ``mask`` minus the mean in a ring of `_RING_PIXELS` around it (channels averaged)."""
+    grey = image.mean(axis=-1) if image.ndim == 3 else image
+    ring = ndimage.binary_dilation(mask, iterations=_RING_PIXELS) & ~mask
+    if not ring.any():
+        return 0.0
+    return float(grey[mask].mean() - grey[ring].mean())
+
+
+def merge_objects(object_logits: list[np.ndarray], labels: list[int] | None = None) -> np.ndarray:
+    """One label map from per-object logits: each voxel goes to the object with the highest positive logit.
+
+    ``labels[i]`` is the value of object ``i`` (default ``i + 1``); the result is uint8 (uint16 above 255).
+    """
+    values = labels or list(range(1, len(object_logits) + 1))
+    stacked = np.stack(object_logits)
+    best = stacked.argmax(axis=0)
+    out = np.asarray(values)[best].astype(np.uint16 if max(values) > 255 else np.uint8)
+    out[stacked.max(axis=0) <= 0] = 0
+    return out
+
+
+def _segment_slice(
+    predictor: PromptPredictor,
+    slices: np.ndarray,
+    z: int,
+    box: tuple[float, float, float, float] | None,
+    clicks: VolumePrompt | None,
+) -> np.ndarray:
+    predictor.set_image(slices[z], key=z)
+    if clicks is not None and clicks.points:
+        points = [list(p) for p in clicks.points]
+        result = predictor.predict_with_clicks(None if box is None else list(box), points, list(clicks.point_labels))
+    else:
+        if box is None:
+            raise MedsegError(f"slice {z}: no box and no clicks to segment from")
+        result = predictor.predict(boxes=[list(box)])
+    return result.logits[0]

@@ -1,0 +1,1 @@
+"""Neural network models (torch): architectures whose parameters match published checkpoints."""

@@ -1,0 +1,1 @@
+"""Promptable segmentation models of the Segment Anything family (SAM, MedSAM, LiteMedSAM)."""

@@ -1,0 +1,99 @@
+"""Layers shared by the SAM-family image encoders: channel LayerNorm, conv + BatchNorm, window partitioning."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class LayerNorm2d(nn.Module):
+    """LayerNorm over the channel axis of a ``(B, C, H, W)`` map (ConvNeXt, Liu et al. 2022; SAM's neck).
+
+    Parameters ``weight`` and ``bias`` have shape ``(C,)``; statistics use the biased variance.
+    """
+
+    def __init__(self, num_channels: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(num_channels))
+        self.bias = nn.Parameter(torch.zeros(num_channels))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, C, H, W) -> (B, C, H, W)``."""
+        mean = x.mean(dim=1, keepdim=True)
+        centred = x - mean
+        var = centred.pow(2).mean(dim=1, keepdim=True)
+        normed = centred / torch.sqrt(var + self.eps)
+        return normed * self.weight[:, None, None] + self.bias[:, None, None]
+
+
+def neck(in_channels: int, out_channels: int = 256) -> nn.Sequential:
+    """SAM's encoder neck: 1x1 conv -> LayerNorm2d -> 3x3 conv -> LayerNorm2d, convs without bias.
+
+    ``(B, in_channels, H, W) -> (B, out_channels, H, W)``; submodules are named ``0`` to ``3`` as in the
+    official checkpoints (``neck.0.weight`` ... ``neck.3.bias``).
+    """
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, kernel_size=1, bias=False),
+        LayerNorm2d(out_channels),
+        nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1, bias=False),
+        LayerNorm2d(out_channels),
+    )
+
+
+class ConvBN(nn.Sequential):
+    """Bias-free ``Conv2d`` (submodule ``c``) followed by ``BatchNorm2d`` (submodule ``bn``).
+
+    ``(B, C_in, H, W) -> (B, C_out, H', W')``. ``bn_weight_init`` sets the initial BatchNorm scale (0 makes
+    a residual branch start as the identity).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int = 1,
+        stride: int = 1,
+        padding: int = 0,
+        groups: int = 1,
+        bn_weight_init: float = 1.0,
+    ) -> None:
+        super().__init__()
+        self.c = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, groups=groups, bias=False)
+        self.bn = nn.BatchNorm2d(out_channels)
+        nn.init.constant_(self.bn.weight, bn_weight_init)
+        nn.init.zeros_(self.bn.bias)
+
+
+def window_partition(x: torch.Tensor, window: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Split channels-last tokens into non-overlapping square windows, zero-padding bottom/right.
+
+    Args:
+        x: ``(B, H, W, C)``.
+        window: window side in tokens.
+
+    Returns:
+        ``(windows, (Hp, Wp))``: ``windows`` is ``(B * nH * nW, window, window, C)`` ordered batch-major,
+        then window row, then window column; ``(Hp, Wp)`` is the padded size (multiples of ``window``).
+    """
+    b, h, w, c = x.shape
+    pad_h = -h % window
+    pad_w = -w % window
+    if pad_h or pad_w:
+        x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
+    hp, wp = h + pad_h, w + pad_w
+    x = x.view(b, hp // window, window, wp // window, window, c).transpose(2, 3)
+    return x.reshape(-1, window, window, c), (hp, wp)
+
+
+def window_merge(windows: torch.Tensor, window: int, padded: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
+    """Inverse of `window_partition`: ``(B * nH * nW, window, window, C) -> (B, H, W, C)``, padding cropped."""
+    hp, wp = padded
+    h, w = size
+    c = windows.shape[-1]
+    b = windows.shape[0] // ((hp // window) * (wp // window))
+    x = windows.view(b, hp // window, wp // window, window, window, c).transpose(2, 3).reshape(b, hp, wp, c)
+    if hp != h or wp != w:
+        x = x[:, :h, :w].contiguous()
+    return x

