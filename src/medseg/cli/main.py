@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from medseg import __version__
-from medseg.cli import dataset_cmd, evaluate_cmd, info_cmd, prompt_cmd
+from medseg.cli import dataset_cmd, evaluate_cmd, finetune_cmd, info_cmd, prompt_cmd
 
 app = typer.Typer(
     name="medseg",
@@ -17,6 +17,7 @@ app = typer.Typer(
 app.command("info")(info_cmd.info)
 app.command("evaluate")(evaluate_cmd.evaluate)
 app.command("prompt")(prompt_cmd.prompt)
+app.command("finetune-prompt")(finetune_cmd.finetune_prompt)
 app.add_typer(dataset_cmd.app, name="dataset")
 
 

@@ -71,6 +71,11 @@ class PromptPredictor:
         """(H, W) of the current image."""
         return self._input_size
 
+    @property
+    def resized_size(self) -> tuple[int, int]:
+        """(h, w) the current image occupies inside the model's S x S input (the rest is padding)."""
+        return self._resized
+
     def set_image(self, image: np.ndarray, key: object = None) -> None:
         """Compute and keep the embedding of a 2D image ``(H, W)`` or ``(H, W, 3)``.
 

@@ -2,10 +2,11 @@
 
 The start slice is segmented from the user's box; each next slice (up, then down) is prompted by the
 bounding box of its neighbour's mask. This is the MedSAM / LiteMedSAM 3D inference scheme (Ma et al.
-2024; CVPR 2024 "MedSAM on laptop" baseline). A box-prompted SAM returns a blob even where nothing
-is, so medseg adds a stop rule: propagation ends at the ends of a 3D box, at an empty mask, or where
-the mask no longer stands out from its surroundings (its contrast with a ring around it falls below
-`MIN_RELATIVE_CONTRAST` of the start slice's).
+2024; CVPR 2024 "MedSAM on laptop" baseline): with a 3D box, propagation covers the box's slices and
+stops early only at an empty mask. A box-prompted SAM returns a blob even where nothing is, so for a
+prompt without a z extent (a 2D box or clicks on one slice) medseg adds a heuristic stop rule: the
+object ends where its mask no longer stands out from its surroundings (its contrast with a ring
+around it falls below `MIN_RELATIVE_CONTRAST` of the start slice's), or where the mask is empty.
 """
 
 from __future__ import annotations
@@ -93,13 +94,10 @@ def propagate(
                 current = _segment_slice(predictor, slices, z, prompt.box, None)
             if on_slice is not None:
                 on_slice(z)
-            mask = current > 0
-            if not mask.any() or contrast(slices[z], mask) * np.sign(reference) < MIN_RELATIVE_CONTRAST * abs(
-                reference
-            ):
+            previous = current > 0
+            if not previous.any() or (prompt.z_range is None and _faded(slices[z], previous, reference)):
                 break
             logits[z] = current
-            previous = current > 0
             z += step
     return logits
 
@@ -111,6 +109,11 @@ def contrast(image: np.ndarray, mask: np.ndarray) -> float:
     if not ring.any():
         return 0.0
     return float(grey[mask].mean() - grey[ring].mean())
+
+
+def _faded(image: np.ndarray, mask: np.ndarray, reference: float) -> bool:
+    """True when the mask's contrast has fallen below `MIN_RELATIVE_CONTRAST` of the start slice's."""
+    return contrast(image, mask) * np.sign(reference) < MIN_RELATIVE_CONTRAST * abs(reference)
 
 
 def merge_objects(object_logits: list[np.ndarray], labels: list[int] | None = None) -> np.ndarray:
