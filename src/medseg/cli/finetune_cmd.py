@@ -11,8 +11,8 @@ from medseg.cli.common import out, user_errors
 
 @user_errors
 def finetune_prompt(
-    dataset: Path = typer.Argument(
-        ..., metavar="DATASET", help="Labelled dataset (nnU-Net layout or images/ + masks/)."
+    datasets: list[Path] = typer.Argument(
+        ..., metavar="DATASET...", help="Labelled dataset(s) (nnU-Net layout or images/ + masks/); several are pooled."
     ),
     output: Path = typer.Option(..., "-o", "--output", help="Folder for the fine-tuned weights and finetune.json."),
     epochs: int = typer.Option(20, min=1, help="Training epochs over the objects of the training split."),
@@ -24,6 +24,9 @@ def finetune_prompt(
     val_fraction: float = typer.Option(0.2, min=0.0, max=0.9, help="Fraction of cases held out for validation."),
     seed: int = typer.Option(0, help="Seed for the split, box jitter and order."),
     train_encoder: bool = typer.Option(False, "--train-encoder", help="Also train the image encoder (slow on CPU)."),
+    clicks: int = typer.Option(
+        0, min=0, max=20, help="Also train interactive clicks, up to this many per object (and the prompt encoder)."
+    ),
     checkpoint: Path | None = typer.Option(None, "--checkpoint", help="Start from these weights (default LiteMedSAM)."),
     model: str | None = typer.Option(
         None, "--model", help="lite_medsam, medsam_vit_b or sam_vit_b (default: guessed)."
@@ -38,13 +41,15 @@ def finetune_prompt(
 
     config = FinetuneConfig(
         epochs=epochs, minutes=minutes, lr=lr, batch_size=batch_size, box_jitter=box_jitter,
-        val_fraction=val_fraction, seed=seed, max_cases=max_cases, train_encoder=train_encoder,
+        val_fraction=val_fraction, seed=seed, max_cases=max_cases, train_encoder=train_encoder, clicks=clicks,
     )  # fmt: skip
 
     def report(entry: dict[str, float]) -> None:
         out.print(f"epoch {int(entry['epoch'])}: loss {entry['loss']:.4f}, validation Dice {entry['val_dice']:.4f}")
 
-    result = finetune(dataset, output, config, checkpoint, model, resume, on_epoch=report)
+    result = finetune(
+        datasets if len(datasets) > 1 else datasets[0], output, config, checkpoint, model, resume, on_epoch=report
+    )
     table = Table(title=f"validation Dice ({result.epochs_run} epochs, {result.seconds / 60:.1f} min)")
     for column in ("label", "before", "after"):
         table.add_column(column, justify="right")

@@ -36,7 +36,8 @@ def prompt(
     """
     from medseg.inference.prompt_predictor import PromptPredictor
     from medseg.inference.prompt_session import Prompts, segment, validate
-    from medseg.io import format_of, label_path_for, load, save
+    from medseg.io import format_of, label_path_for, load, save, split_extension
+    from medseg.models.promptable.registry import has_interactive_head
 
     prompts = Prompts(
         boxes=[_numbers(b, 4, "--box") for b in box],  # type: ignore[misc]
@@ -49,7 +50,9 @@ def prompt(
             raise MedsegError(f"--point '{text}' must be x,y or x,y,label with label 1 or 0")
         prompts.points.append((values[0], values[1]))
         prompts.point_labels.append(int(values[2]) if len(values) == 3 else 1)
-    target = output if output.suffix else label_path_for(input_path, output)
+    stem = split_extension(input_path)[0]
+    case = stem[:-5] if stem.endswith("_0000") else None  # nnU-Net channel suffix: name the output by case
+    target = output if output.suffix else label_path_for(input_path, output, case)
     format_of(target)  # an unknown output extension fails before any work
     image = load(input_path)
     try:
@@ -57,6 +60,9 @@ def prompt(
     except MedsegError as err:
         raise MedsegError(err.problem, input_path) from None
     started = time.perf_counter()
+    if prompts.points and checkpoint is None and model is None and has_interactive_head():
+        model = "lite_medsam_interactive"  # LiteMedSAM itself was trained with boxes only
+        out.print("clicks given: using LiteMedSAM with medseg's click-trained head (lite_medsam_interactive)")
     predictor = PromptPredictor.from_checkpoint(checkpoint, model)
     depth = image.shape[0] if image.ndim == 3 else 1
     with progress_bar("segmenting slices", depth) as advance:

