@@ -71,6 +71,10 @@ class PromptPredictor:
         """(H, W) of the current image."""
         return self._input_size
 
+    def clear_cache(self) -> None:
+        """Forget the embeddings kept by key (call before working on another image or volume)."""
+        self._cache.clear()
+
     @property
     def resized_size(self) -> tuple[int, int]:
         """(h, w) the current image occupies inside the model's S x S input (the rest is padding)."""

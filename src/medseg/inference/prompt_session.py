@@ -73,6 +73,7 @@ def segment(
         objects += [VolumePrompt(b, z, None, pts, lbl) for b in prompts.boxes]
         if prompts.points and not prompts.boxes:
             objects.append(VolumePrompt(None, z, None, pts, lbl))
+        predictor.clear_cache()  # slice keys of an earlier volume must not match this one's
         predictor.cache_size = shown.shape[0] if len(objects) > 1 else 0
         logits = [propagate(predictor, shown, obj, on_slice) for obj in objects]
     return image.with_array(merge_objects(logits), channels=1)
