@@ -183,3 +183,33 @@ def test_interactive_head_loads_over_the_litemedsam_encoder() -> None:
     base_state, tuned_state = base.state_dict(), tuned.state_dict()
     assert all(torch.equal(base_state[k], tuned_state[k]) for k in base_state if k.startswith("image_encoder."))
     assert any(not torch.equal(base_state[k], tuned_state[k]) for k in base_state if k.startswith("mask_decoder."))
+
+
+class _BrightnessModel(torch.nn.Module):
+    """A stand-in segmenter: the 'embedding' is the image itself, the mask is its bright part in the box."""
+
+    def embed_image(self, images: torch.Tensor) -> torch.Tensor:
+        return images[:, :1]
+
+    def decode(self, embeddings, boxes=None, points=None, mask_logits=None, multimask_output=False):  # type: ignore[no-untyped-def]
+        picture = torch.nn.functional.interpolate(embeddings, (256, 256), mode="nearest")[:, 0]
+        inside = torch.zeros_like(picture, dtype=torch.bool).repeat(len(boxes), 1, 1)
+        for i, (x0, y0, x1, y1) in enumerate(boxes.round().long().tolist()):
+            inside[i, y0:y1, x0:x1] = True
+        logits = torch.where(inside, picture - 0.5, torch.full_like(inside, -1.0, dtype=torch.float32))
+        return logits[:, None], torch.ones(len(boxes), 1)
+
+
+def test_segmenting_a_second_volume_never_reuses_the_first_volumes_embeddings() -> None:
+    from medseg.inference.prompt_predictor import PromptPredictor
+    from medseg.inference.prompt_session import segment
+    from medseg.models.promptable.registry import spec_for
+
+    first, _ = _ball_volume(centre=(10, 30, 34))
+    second, _ = _ball_volume(centre=(10, 20, 20))
+    prompts = Prompts(boxes3d=[(10, 10, 2, 50, 50, 18), (12, 12, 3, 48, 48, 17)])  # two objects: cache on
+    shared = PromptPredictor(_BrightnessModel(), spec_for("lite_medsam"))
+    segment(shared, Image(first), prompts)
+    again = segment(shared, Image(second), prompts).array
+    fresh = segment(PromptPredictor(_BrightnessModel(), spec_for("lite_medsam")), Image(second), prompts).array
+    np.testing.assert_array_equal(again, fresh)
