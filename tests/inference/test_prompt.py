@@ -44,6 +44,9 @@ def test_validate_rejects_prompts_that_do_not_fit() -> None:
     vol = Image(np.zeros((5, 10, 12), np.float32))
     cases = [
         (flat, Prompts(), "give a prompt"),
+        (flat, Prompts(boxes=[(8, 2, 4, 6)]), "inverted"),
+        (flat, Prompts(boxes=[(0, 0, 13, 6)]), "outside the image"),
+        (flat, Prompts(points=[(12, 3)], point_labels=[1]), "outside the image"),
         (flat, Prompts(boxes3d=[(0, 0, 0, 5, 5, 2)]), "3D box was given for a 2D image"),
         (flat, Prompts(boxes=[(0, 0, 5, 5)], slice_index=0), "--slice is for volumes"),
         (flat, Prompts(boxes=[(0, 0, 5, 5), (1, 1, 4, 4)], points=[(2, 2)], point_labels=[1]), "at most one box"),

@@ -60,9 +60,10 @@ def prompt(
     except MedsegError as err:
         raise MedsegError(err.problem, input_path) from None
     started = time.perf_counter()
-    if prompts.points and checkpoint is None and model is None and has_interactive_head():
+    clicks_only = prompts.points and not (prompts.boxes or prompts.boxes3d)
+    if clicks_only and checkpoint is None and model is None and has_interactive_head():
         model = "lite_medsam_interactive"  # LiteMedSAM itself was trained with boxes only
-        out.print("clicks given: using LiteMedSAM with medseg's click-trained head (lite_medsam_interactive)")
+        out.print("clicks without a box: using LiteMedSAM with medseg's click-trained head (lite_medsam_interactive)")
     predictor = PromptPredictor.from_checkpoint(checkpoint, model)
     depth = image.shape[0] if image.ndim == 3 else 1
     with progress_bar("segmenting slices", depth) as advance:
@@ -85,8 +86,8 @@ def _report(labels: np.ndarray, voxel_mm3: float, ndim: int, written: Path, seco
     import numpy as np
 
     values, counts = np.unique(labels[labels > 0], return_counts=True)
-    unit = "ml" if ndim == 3 else "mm^2"
+    unit, element = ("ml", "voxels") if ndim == 3 else ("mm^2", "pixels")
     scale = voxel_mm3 / 1000 if ndim == 3 else voxel_mm3
-    found = ", ".join(f"label {v}: {c} voxels ({c * scale:.3g} {unit})" for v, c in zip(values, counts, strict=True))
+    found = ", ".join(f"label {v}: {c} {element} ({c * scale:.6g} {unit})" for v, c in zip(values, counts, strict=True))
     out.print(f"{found or 'nothing found (empty mask)'}; {seconds:.1f} s")
     out.print(f"wrote {written}")

@@ -9,7 +9,7 @@ import numpy as np
 
 from medseg.errors import MedsegError
 from medseg.inference.prompt_predictor import PromptPredictor
-from medseg.inference.propagation import VolumePrompt, merge_objects, propagate
+from medseg.inference.propagation import VolumePrompt, clip_to_box, merge_objects, propagate
 from medseg.io import Image
 from medseg.preprocessing import IntensityPreset, normalize
 
@@ -94,6 +94,16 @@ def validate(image: Image, prompts: Prompts) -> None:
         raise MedsegError("clicks refine one object: give at most one box with --point")
     if prompts.points and prompts.boxes3d:
         raise MedsegError("clicks go with a 2D --box on a --slice, not with --box3d")
+    height, width = image.shape[-2:]
+    for box in prompts.boxes:
+        x0, y0, x1, y1 = box
+        if not (x0 < x1 and y0 < y1):
+            raise MedsegError(f"box {box} is inverted or empty (need x0 < x1 and y0 < y1)")
+        if x0 < 0 or y0 < 0 or x1 > width or y1 > height:
+            raise MedsegError(f"box {box} lies outside the image of width {width} and height {height}")
+    for x, y in prompts.points:
+        if not (0 <= x < width and 0 <= y < height):
+            raise MedsegError(f"point ({x:g}, {y:g}) lies outside the image of width {width} and height {height}")
     if image.ndim == 2:
         if prompts.boxes3d:
             raise MedsegError("a 3D box was given for a 2D image; use --box x0,y0,x1,y1")
@@ -105,14 +115,13 @@ def validate(image: Image, prompts: Prompts) -> None:
         raise MedsegError(f"a 2D box or clicks on a volume need --slice Z (0..{depth - 1}), or use --box3d")
     if prompts.slice_index is not None and not 0 <= prompts.slice_index < depth:
         raise MedsegError(f"--slice {prompts.slice_index} is outside the volume's {depth} slices (0..{depth - 1})")
-    height, width = image.shape[1:]
-    for box in prompts.boxes3d:
-        x0, y0, z0, x1, y1, z1 = box
+    for box3 in prompts.boxes3d:
+        x0, y0, z0, x1, y1, z1 = box3
         if not (0 <= z0 <= z1 < depth):
-            raise MedsegError(f"3D box {box}: z must satisfy 0 <= z0 <= z1 < {depth}")
+            raise MedsegError(f"3D box {box3}: z must satisfy 0 <= z0 <= z1 < {depth}")
         if not (0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height):
             raise MedsegError(
-                f"3D box {box} lies outside the slices of width {width} and height {height} or is inverted"
+                f"3D box {box3} lies outside the slices of width {width} and height {height} or is inverted"
             )
 
 
@@ -121,5 +130,6 @@ def _segment_2d(predictor: PromptPredictor, shown: np.ndarray, prompts: Prompts)
     if prompts.points:
         box = list(prompts.boxes[0]) if prompts.boxes else None
         points = [list(p) for p in prompts.points]
-        return [predictor.predict_with_clicks(box, points, list(prompts.point_labels)).logits[0]]
-    return list(predictor.predict(boxes=[list(b) for b in prompts.boxes]).logits)
+        return [clip_to_box(predictor.predict_with_clicks(box, points, list(prompts.point_labels)).logits[0], box)]
+    logits = predictor.predict(boxes=[list(b) for b in prompts.boxes]).logits
+    return [clip_to_box(one, box) for one, box in zip(logits, prompts.boxes, strict=True)]

@@ -77,7 +77,8 @@ def propagate(
     if low < 0 or high >= depth:
         raise MedsegError(f"z range {low}..{high} is outside the volume's {depth} slices (0..{depth - 1})")
     logits = np.full(slices.shape[:3], -np.inf, np.float32)
-    start = _segment_slice(predictor, slices, prompt.start_slice, prompt.box, prompt)
+    start = clip_to_box(_segment_slice(predictor, slices, prompt.start_slice, prompt.box, prompt), prompt.box)
+    inside = prompt.box if prompt.z_range is not None else None  # a 3D box bounds every slice
     if on_slice is not None:
         on_slice(prompt.start_slice)
     logits[prompt.start_slice] = start
@@ -88,10 +89,10 @@ def propagate(
         previous = start > 0
         z = prompt.start_slice + step
         while low <= z <= high:
-            current = _segment_slice(predictor, slices, z, bounding_box(previous), None)
+            current = clip_to_box(_segment_slice(predictor, slices, z, bounding_box(previous), None), inside)
             if not (current > 0).any() and prompt.z_range is not None and prompt.box is not None:
                 # Inside a 3D box, a lost object is retried once with the user's box.
-                current = _segment_slice(predictor, slices, z, prompt.box, None)
+                current = clip_to_box(_segment_slice(predictor, slices, z, prompt.box, None), inside)
             if on_slice is not None:
                 on_slice(z)
             previous = current > 0
@@ -100,6 +101,20 @@ def propagate(
             logits[z] = current
             z += step
     return logits
+
+
+def clip_to_box(logits: np.ndarray, box: tuple[float, float, float, float] | list[float] | None) -> np.ndarray:
+    """``logits`` ``(H, W)`` with everything outside the user's box set far below 0.
+
+    The user's box bounds the object; SAM-family decoders fed a mask prompt can leave streaks far
+    outside it. Boxes derived from a neighbouring slice's mask are not user boxes and are not clipped to.
+    """
+    if box is None:
+        return logits
+    x0, y0, x1, y1 = (int(np.floor(box[0])), int(np.floor(box[1])), int(np.ceil(box[2])), int(np.ceil(box[3])))
+    out = np.full_like(logits, -1e4)
+    out[max(y0, 0) : y1, max(x0, 0) : x1] = logits[max(y0, 0) : y1, max(x0, 0) : x1]
+    return out
 
 
 def contrast(image: np.ndarray, mask: np.ndarray) -> float:
