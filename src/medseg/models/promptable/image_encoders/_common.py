@@ -6,39 +6,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-class LayerNorm2d(nn.Module):
-    """LayerNorm over the channel axis of a ``(B, C, H, W)`` map (ConvNeXt, Liu et al. 2022; SAM's neck).
-
-    Parameters ``weight`` and ``bias`` have shape ``(C,)``; statistics use the biased variance.
-    """
-
-    def __init__(self, num_channels: int, eps: float = 1e-6) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(num_channels))
-        self.bias = nn.Parameter(torch.zeros(num_channels))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, C, H, W) -> (B, C, H, W)``."""
-        mean = x.mean(dim=1, keepdim=True)
-        centred = x - mean
-        var = centred.pow(2).mean(dim=1, keepdim=True)
-        normed = centred / torch.sqrt(var + self.eps)
-        return normed * self.weight[:, None, None] + self.bias[:, None, None]
+from medseg.models.promptable.common import ChannelLayerNorm
 
 
 def neck(in_channels: int, out_channels: int = 256) -> nn.Sequential:
-    """SAM's encoder neck: 1x1 conv -> LayerNorm2d -> 3x3 conv -> LayerNorm2d, convs without bias.
+    """SAM's encoder neck: 1x1 conv -> channel LayerNorm -> 3x3 conv -> channel LayerNorm, convs without bias.
 
     ``(B, in_channels, H, W) -> (B, out_channels, H, W)``; submodules are named ``0`` to ``3`` as in the
     official checkpoints (``neck.0.weight`` ... ``neck.3.bias``).
     """
     return nn.Sequential(
         nn.Conv2d(in_channels, out_channels, kernel_size=1, bias=False),
-        LayerNorm2d(out_channels),
+        ChannelLayerNorm(out_channels),
         nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1, bias=False),
-        LayerNorm2d(out_channels),
+        ChannelLayerNorm(out_channels),
     )
 
 
