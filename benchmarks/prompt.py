@@ -65,6 +65,7 @@ from medseg.data import Dataset, open_dataset
 from medseg.inference.click_simulation import interior_point, next_click
 from medseg.inference.prompt_predictor import PromptPredictor
 from medseg.inference.prompt_session import Prompts, intensity_preset, segment
+from medseg.inference.propagation import bounding_box
 from medseg.io import Image, load
 from medseg.metrics import dice, score_masks
 from medseg.models.promptable.registry import has_interactive_head
@@ -184,10 +185,8 @@ def shown_array(image: Image) -> np.ndarray:
 
 
 def tight_box(mask: np.ndarray) -> list[float]:
-    """``x0, y0, x1, y1`` in pixel edges (x1, y1 exclusive), as `propagation.bounding_box`."""
-    rows = np.flatnonzero(mask.any(axis=1))
-    cols = np.flatnonzero(mask.any(axis=0))
-    return [float(cols[0]), float(rows[0]), float(cols[-1] + 1), float(rows[-1] + 1)]
+    """``x0, y0, x1, y1`` in pixel edges (x1, y1 exclusive): `propagation.bounding_box` as a list."""
+    return list(bounding_box(mask))
 
 
 def jitter_box(box: list[float], shape: tuple[int, ...], rng: np.random.Generator) -> list[float]:

@@ -91,7 +91,7 @@ def _check_output(output: Path, inputs: tuple[Path, ...]) -> None:
 
 
 def _image_finder(images: Path | None, gt: Path) -> Callable[[str], Path | None] | None:
-    from medseg.io.formats import is_image_file, split_extension
+    from medseg.io.formats import case_of, is_image_file
 
     folder = images
     labels_dir = gt if gt.is_dir() else gt.parent
@@ -103,8 +103,7 @@ def _image_finder(images: Path | None, gt: Path) -> Callable[[str], Path | None]
     by_case: dict[str, Path] = {}
     for p in sorted(folder.iterdir()):
         if is_image_file(p):
-            stem = split_extension(p)[0]
-            by_case.setdefault(stem[:-5] if stem.endswith("_0000") else stem, p)
+            by_case.setdefault(case_of(p), p)
     return by_case.get
 
 

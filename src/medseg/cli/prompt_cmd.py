@@ -36,7 +36,7 @@ def prompt(
     """
     from medseg.inference.prompt_predictor import PromptPredictor
     from medseg.inference.prompt_session import Prompts, segment, validate
-    from medseg.io import format_of, label_path_for, load, save, split_extension
+    from medseg.io import case_of, format_of, label_path_for, load, save
     from medseg.models.promptable.registry import has_interactive_head
 
     prompts = Prompts(
@@ -50,9 +50,7 @@ def prompt(
             raise MedsegError(f"--point '{text}' must be x,y or x,y,label with label 1 or 0")
         prompts.points.append((values[0], values[1]))
         prompts.point_labels.append(int(values[2]) if len(values) == 3 else 1)
-    stem = split_extension(input_path)[0]
-    case = stem[:-5] if stem.endswith("_0000") else None  # nnU-Net channel suffix: name the output by case
-    target = output if output.suffix else label_path_for(input_path, output, case)
+    target = output if output.suffix else label_path_for(input_path, output, case_of(input_path))
     format_of(target)  # an unknown output extension fails before any work
     image = load(input_path)
     try:

@@ -12,6 +12,7 @@ Coordinates everywhere are pixels of the input image: ``x`` is the column, ``y``
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -208,13 +209,8 @@ class PromptPredictor:
         array = np.asarray(boxes, dtype=np.float64).reshape(-1, 4) if np.size(boxes) else np.zeros((0, 4))
         if len(array) == 0:
             raise MedsegError("empty list of boxes")
-        height, width = self._input_size
-        for x0, y0, x1, y1 in array:
-            box = f"({x0:g}, {y0:g}, {x1:g}, {y1:g})"
-            if not np.isfinite([x0, y0, x1, y1]).all() or x0 >= x1 or y0 >= y1:
-                raise MedsegError(f"box {box} is inverted or empty (need x0 < x1 and y0 < y1)")
-            if x0 < 0 or y0 < 0 or x1 > width or y1 > height:
-                raise MedsegError(f"box {box} lies outside the image of width {width} and height {height}")
+        for box in array:
+            check_box(box, self._input_size)
         scaled = torch.from_numpy(array).float().view(-1, 2, 2) * self._scale()
         return scaled.view(-1, 4)
 
@@ -235,9 +231,26 @@ class PromptPredictor:
         flags = np.ones(len(coords), np.int64) if labels is None else np.asarray(labels, dtype=np.int64).ravel()
         if len(flags) != len(coords) or not np.isin(flags, (0, 1)).all():
             raise MedsegError(f"need one label (1 positive, 0 negative) per point; got {flags.tolist()}")
-        height, width = self._input_size
-        for x, y in coords:
-            if not (0 <= x < width and 0 <= y < height):
-                raise MedsegError(f"point ({x:g}, {y:g}) lies outside the image of width {width} and height {height}")
+        for point in coords:
+            check_point(point, self._input_size)
         scaled = torch.from_numpy(coords).float() * self._scale()
         return scaled[None].expand(count, -1, -1), torch.from_numpy(flags)[None].expand(count, -1)
+
+
+def check_box(box: Sequence[float] | np.ndarray, size: tuple[int, int]) -> None:
+    """Raise `MedsegError` unless ``box`` ``(x0, y0, x1, y1)`` is finite, not inverted, and inside ``size`` (H, W)."""
+    x0, y0, x1, y1 = (float(v) for v in box)
+    height, width = size
+    shown = f"({x0:g}, {y0:g}, {x1:g}, {y1:g})"
+    if not np.isfinite([x0, y0, x1, y1]).all() or x0 >= x1 or y0 >= y1:
+        raise MedsegError(f"box {shown} is inverted or empty (need x0 < x1 and y0 < y1)")
+    if x0 < 0 or y0 < 0 or x1 > width or y1 > height:
+        raise MedsegError(f"box {shown} lies outside the image of width {width} and height {height}")
+
+
+def check_point(point: Sequence[float] | np.ndarray, size: tuple[int, int]) -> None:
+    """Raise `MedsegError` unless ``point`` ``(x, y)`` lies inside an image of ``size`` (H, W)."""
+    x, y = (float(v) for v in point)
+    height, width = size
+    if not (0 <= x < width and 0 <= y < height):
+        raise MedsegError(f"point ({x:g}, {y:g}) lies outside the image of width {width} and height {height}")

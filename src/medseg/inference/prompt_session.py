@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from medseg.errors import MedsegError
-from medseg.inference.prompt_predictor import PromptPredictor
+from medseg.inference.prompt_predictor import PromptPredictor, check_box, check_point
 from medseg.inference.propagation import VolumePrompt, clip_to_box, merge_objects, propagate
 from medseg.io import Image
 from medseg.preprocessing import IntensityPreset, normalize
@@ -96,14 +96,9 @@ def validate(image: Image, prompts: Prompts) -> None:
         raise MedsegError("clicks go with a 2D --box on a --slice, not with --box3d")
     height, width = image.shape[-2:]
     for box in prompts.boxes:
-        x0, y0, x1, y1 = box
-        if not (x0 < x1 and y0 < y1):
-            raise MedsegError(f"box {box} is inverted or empty (need x0 < x1 and y0 < y1)")
-        if x0 < 0 or y0 < 0 or x1 > width or y1 > height:
-            raise MedsegError(f"box {box} lies outside the image of width {width} and height {height}")
-    for x, y in prompts.points:
-        if not (0 <= x < width and 0 <= y < height):
-            raise MedsegError(f"point ({x:g}, {y:g}) lies outside the image of width {width} and height {height}")
+        check_box(box, (height, width))
+    for point in prompts.points:
+        check_point(point, (height, width))
     if image.ndim == 2:
         if prompts.boxes3d:
             raise MedsegError("a 3D box was given for a 2D image; use --box x0,y0,x1,y1")

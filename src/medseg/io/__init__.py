@@ -1,7 +1,7 @@
 """Medical image I/O: `load` / `save` for NIfTI, NRRD, MHA/MHD, DICOM series, PNG-like, NPY/NPZ, MRC."""
 
 from medseg.io.api import load, save
-from medseg.io.formats import SUPPORTED_EXTENSIONS, format_of, label_path_for, split_extension
+from medseg.io.formats import SUPPORTED_EXTENSIONS, case_of, format_of, label_path_for, split_extension
 from medseg.io.image import Geometry, Image, as_label_array
 
 __all__ = [
@@ -9,6 +9,7 @@ __all__ = [
     "Geometry",
     "Image",
     "as_label_array",
+    "case_of",
     "format_of",
     "label_path_for",
     "load",

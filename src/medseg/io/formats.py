@@ -80,3 +80,9 @@ def label_path_for(input_path: str | Path, out_dir: str | Path, case: str | None
     elif fmt == "mrc":
         ext = ".nii.gz"
     return Path(out_dir) / f"{case or stem}{ext}"
+
+
+def case_of(path: str | Path) -> str:
+    """The case a file names: its stem without the nnU-Net channel suffix (``case_0000.nii.gz`` -> ``case``)."""
+    stem = split_extension(path)[0]
+    return stem[:-5] if stem.endswith("_0000") else stem
