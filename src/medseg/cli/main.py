@@ -5,11 +5,11 @@ from __future__ import annotations
 import typer
 
 from medseg import __version__
-from medseg.cli import dataset_cmd, evaluate_cmd, finetune_cmd, info_cmd, prompt_cmd
+from medseg.cli import dataset_cmd, evaluate_cmd, finetune_cmd, info_cmd, plan_cmd, predict_cmd, prompt_cmd, train_cmd
 
 app = typer.Typer(
     name="medseg",
-    help="Medical image segmentation: read, inspect, check and score 2D/3D segmentations.",
+    help="Medical image segmentation: prompt, train, predict, inspect, check and score 2D/3D segmentations.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -18,6 +18,9 @@ app.command("info")(info_cmd.info)
 app.command("evaluate")(evaluate_cmd.evaluate)
 app.command("prompt")(prompt_cmd.prompt)
 app.command("finetune-prompt")(finetune_cmd.finetune_prompt)
+app.command("plan")(plan_cmd.plan)
+app.command("train")(train_cmd.train)
+app.command("predict")(predict_cmd.predict)
 app.add_typer(dataset_cmd.app, name="dataset")
 
 

@@ -64,10 +64,18 @@ def _is_collection(path: Path) -> bool:
     )
 
 
+def _may_be_series(path: Path) -> bool:
+    """A sub-folder that could be a DICOM series: no non-DICOM image files in it (``predict``'s
+    ``probabilities/`` folder of .npz files is skipped)."""
+    if not path.is_dir():
+        return False
+    return not any(is_image_file(p) and not p.name.lower().endswith(".dcm") for p in path.iterdir() if p.is_file())
+
+
 def _cases_in(folder: Path) -> dict[str, Path]:
     cases: dict[str, Path] = {}
     for p in sorted(folder.iterdir()):
-        if p.name.startswith(".") or not (is_image_file(p) or p.is_dir()):
+        if p.name.startswith(".") or not (is_image_file(p) or _may_be_series(p)):
             continue
         name = case_name(p)
         if name in cases:

@@ -1,0 +1,114 @@
+"""``medseg train DATASET --model unet|vnet|transunet -o MODEL_DIR``: a supervised specialist model."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from medseg.cli.common import err, out, user_errors
+from medseg.errors import MedsegError
+
+
+@user_errors
+def train(
+    dataset: Path = typer.Argument(..., help="Dataset folder (nnU-Net raw layout, or images/ + masks/)."),
+    output: Path = typer.Option(..., "-o", "--output", help="Model folder (plan, split, checkpoints, curve)."),
+    model: str | None = typer.Option(None, "--model", help="unet, vnet or transunet (default: the plan's, else unet)."),
+    plan_file: Path | None = typer.Option(None, "--plan", help="plan.json from 'medseg plan' (default: plan now)."),
+    fold: int = typer.Option(0, "--fold", help="Validation fold of the k-fold split."),
+    folds: int = typer.Option(5, "--folds", help="Number of folds."),
+    val_cases: Path | None = typer.Option(None, "--val-cases", help="Text file: validation case names, one a line."),
+    num_labelled: int | None = typer.Option(None, "--num-labelled", help="Train on N cases drawn with the seed."),
+    epochs: int | None = typer.Option(None, "--epochs", help="Epochs (default: the plan's)."),
+    minutes: float | None = typer.Option(None, "--minutes", help="Training-time budget in minutes."),
+    seed: int = typer.Option(0, "--seed", help="Seed for the split, patches and augmentation."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in MODEL_DIR from its last checkpoint."),
+    memory_gb: float | None = typer.Option(None, "--memory-gb", help="Memory budget (default: half the RAM)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+) -> None:
+    """Train a U-Net, V-Net or TransUNet, planned from the data; works under torchrun (one shard per process).
+
+    Every epoch writes checkpoint.pt and model.pt atomically; --resume continues after a crash.
+    """
+    from medseg.engine.supervised import TrainOptions
+    from medseg.engine.supervised import train as run_training
+    from medseg.planning import read_plan
+
+    if device not in ("auto", "cpu", "cuda"):
+        raise MedsegError(f"--device must be auto, cpu or cuda, got {device!r}")
+    names = None
+    if val_cases is not None:
+        if not val_cases.is_file():
+            raise MedsegError("no such file", val_cases)
+        names = [line.strip() for line in val_cases.read_text().splitlines() if line.strip()]
+    options = TrainOptions(
+        dataset=dataset,
+        output=output,
+        model=model,
+        plan=read_plan(plan_file) if plan_file is not None else None,
+        fold=fold,
+        folds=folds,
+        val_cases=names,
+        num_labelled=num_labelled,
+        epochs=epochs,
+        minutes=minutes,
+        seed=seed,
+        resume=resume,
+        memory_gb=memory_gb,
+        device=device,
+    )
+    with _Display() as display:
+        result = run_training(options, on_iteration=display.iteration, on_epoch=display.epoch)
+    if display.main:
+        out.print(
+            f"trained {result.epochs} epochs in {result.training_seconds / 60:.1f} min "
+            f"({result.images_per_second:.1f} patches/s); validation Dice {result.val_dice}"
+        )
+        out.print(f"model in {result.model_dir} (medseg predict {result.model_dir} INPUT -o OUT)")
+
+
+class _Display:
+    """A progress bar with loss and validation Dice on a terminal; one line per epoch otherwise."""
+
+    def __init__(self) -> None:
+        import os
+
+        self.main = os.environ.get("RANK", "0") == "0"
+        self.live = self.main and sys.stderr.isatty()
+        self.progress: Any = None
+        self.task: Any = None
+        self.last_dice = "-"
+
+    def __enter__(self) -> _Display:
+        if self.live:
+            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self.progress = Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=err)
+            self.progress.start()
+            self.task = self.progress.add_task("training", total=None)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
+    def iteration(self, epoch: int, iteration: int, loss: float) -> None:
+        if self.progress is not None:
+            self.progress.update(
+                self.task, description=f"epoch {epoch + 1} it {iteration + 1} loss {loss:.3f} val Dice {self.last_dice}"
+            )
+
+    def epoch(self, record: dict[str, Any]) -> None:
+        mean = record.get("val_mean_dice")
+        self.last_dice = "-" if mean is None else f"{mean:.3f}"
+        line = (
+            f"epoch {record['epoch']}: loss {record['loss']:.4f}, validation Dice {record.get('val_dice')} "
+            f"({record['seconds']:.0f} s)"
+        )
+        if self.progress is not None:
+            self.progress.console.print(line, markup=False)
+        elif self.main:
+            err.print(line, markup=False, soft_wrap=True)

@@ -1,0 +1,45 @@
+"""Reading one case of a dataset: its channel files stacked into one multi-channel image, and its label map."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from medseg.data.dataset import Case
+from medseg.errors import MedsegError
+from medseg.io import Image, as_label_array, load
+
+
+def load_channels(files: tuple | list) -> Image:
+    """Stack the channel files of one case (``_0000``, ``_0001``, ...) into one image, channels last.
+
+    An RGB file contributes three channels. Geometry and meta come from the first file.
+
+    Raises:
+        MedsegError: a file is unreadable or the files are on different grids.
+    """
+    images = [load(path) for path in files]
+    first = images[0]
+    if len(images) == 1:
+        return first
+    arrays = []
+    for image, path in zip(images, files, strict=True):
+        if image.shape != first.shape:
+            raise MedsegError(f"channel file has shape {image.shape}, the first channel {first.shape}", path)
+        arrays.append(image.array if image.channels > 1 else image.array[..., None])
+    stacked = np.concatenate([a.astype(np.float32) for a in arrays], axis=-1)
+    return first.with_array(stacked, channels=stacked.shape[-1], path=str(files[0]))
+
+
+def load_case(case: Case) -> tuple[Image, np.ndarray | None]:
+    """``(image, label)`` of a case: all channels in one `Image` and the integer label map (None if unlabelled).
+
+    Raises:
+        MedsegError: unreadable files, or a label map on another grid than the image.
+    """
+    image = load_channels(case.images)
+    if case.label is None:
+        return image, None
+    label = as_label_array(load(case.label))
+    if label.shape != image.shape:
+        raise MedsegError(f"label map has shape {label.shape}, the image {image.shape}", case.label)
+    return image, label

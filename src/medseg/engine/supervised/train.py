@@ -1,0 +1,370 @@
+"""`train`: a supervised network from a dataset and a plan, on one process or many (torchrun + DDP).
+
+One epoch is ``training.iterations_per_epoch`` batches of random augmented patches (nnU-Net's notion of an
+epoch), then validation Dice on up to ``training.val_cases_per_epoch`` validation cases (whole images,
+sliding window), then an atomic checkpoint. A crash or ``kill -9`` loses at most the running epoch:
+``resume=True`` continues from the last checkpoint, with the same split, plan and learning-rate schedule.
+
+Distributed: under ``torchrun --nproc_per_node=N`` (``WORLD_SIZE`` > 1) every rank trains on its own
+shard of the training cases (``train[rank::N]``) inside DistributedDataParallel (gloo on CPU, nccl on
+GPU), so gradients are averaged each step; rank 0 validates, writes the files and decides when to stop.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from medseg.data import open_dataset
+from medseg.data.check import check_dataset
+from medseg.engine.supervised.data import PatchSampler, PreparedCase, prepare_case
+from medseg.engine.supervised.split import make_split
+from medseg.errors import MedsegError
+from medseg.inference.sliding_window import predict_probabilities
+from medseg.metrics.surface import dice
+from medseg.models.supervised import build_network
+from medseg.planning import Plan, check_plan_fits, fingerprint_dataset, make_plan, read_plan, write_plan
+
+CHECKPOINT = "checkpoint.pt"
+WEIGHTS = "model.pt"
+
+
+@dataclass
+class TrainOptions:
+    """What `train` needs besides the plan's own settings (which ``epochs`` may override)."""
+
+    dataset: Path
+    output: Path
+    model: str | None = None  # default: the plan's, else "unet"
+    plan: Plan | None = None  # None: plan from the data
+    fold: int = 0
+    folds: int = 5
+    val_cases: list[str] | None = None
+    num_labelled: int | None = None
+    epochs: int | None = None
+    minutes: float | None = None  # training-time budget, summed over resumed runs
+    seed: int = 0
+    resume: bool = False
+    memory_gb: float | None = None
+    device: str = "auto"  # "auto", "cpu" or "cuda"
+
+
+@dataclass
+class TrainResult:
+    model_dir: Path
+    epochs: int
+    training_seconds: float
+    images_per_second: float
+    val_dice: dict[str, float]
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class _Context:
+    rank: int = 0
+    world: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def train(
+    options: TrainOptions,
+    on_iteration: Callable[[int, int, float], None] | None = None,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
+) -> TrainResult:
+    """Train as ``options`` and the plan say; write ``plan.json``, ``split.json``, ``checkpoint.pt``,
+    ``model.pt`` (weights only), ``train.json`` and ``curve.png`` into ``options.output``.
+
+    Args:
+        on_iteration: called on rank 0 after each batch with ``(epoch, iteration, loss)``.
+        on_epoch: called on rank 0 after each epoch with its record (loss, validation Dice, seconds).
+
+    Raises:
+        MedsegError: a dataset that fails ``medseg dataset check``, an invalid or too large plan, an output
+            folder holding another run (without ``resume``), too few cases for the split or the ranks.
+    """
+    context = _start_distributed(options.device)
+    try:
+        return _train(options, context, on_iteration, on_epoch)
+    finally:
+        if context.world > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _train(
+    options: TrainOptions,
+    ctx: _Context,
+    on_iteration: Callable[[int, int, float], None] | None,
+    on_epoch: Callable[[dict[str, Any]], None] | None,
+) -> TrainResult:
+    out = options.output
+    checkpoint_path = out / CHECKPOINT
+    resuming = options.resume and checkpoint_path.is_file()
+    if checkpoint_path.exists() and not options.resume:
+        raise MedsegError("already holds a training run; pass --resume to continue it or choose another folder", out)
+    dataset = open_dataset(options.dataset)
+    report = check_dataset(dataset)
+    if not report.ok:
+        first = report.problems[0]
+        raise MedsegError(
+            f"dataset fails 'medseg dataset check' ({len(report.problems)} problems; first: {first.path.name}: "
+            f"{first.problem})",
+            options.dataset,
+        )
+    if resuming:
+        plan = read_plan(out / "plan.json")
+        split = json.loads((out / "split.json").read_text())
+    else:
+        plan = options.plan or make_plan(fingerprint_dataset(dataset), options.model or "unet", options.memory_gb)
+        if options.model and plan.network.name != options.model:
+            raise MedsegError(
+                f"the plan is for model {plan.network.name!r}; omit --model or plan again with --model {options.model}"
+            )
+        check_plan_fits(plan, options.memory_gb)
+        names = [c.name for c in dataset.cases if c.label is not None]
+        split = make_split(names, options.fold, options.folds, options.val_cases, options.num_labelled, options.seed)
+    if options.epochs is not None:
+        plan.training.epochs = options.epochs
+    if len(split["train"]) < ctx.world:
+        raise MedsegError(f"{len(split['train'])} training cases cannot be shared by {ctx.world} processes")
+    if ctx.main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_plan(plan, out / "plan.json")
+        _write_json(out / "split.json", split)
+    by_name = {c.name: c for c in dataset.cases}
+    shard = [prepare_case(by_name[n], plan, options.seed) for n in split["train"][ctx.rank :: ctx.world]]
+    val = (
+        [prepare_case(by_name[n], plan) for n in split["val"][: plan.training.val_cases_per_epoch]] if ctx.main else []
+    )
+    sampler = PatchSampler(shard, plan)
+
+    torch.manual_seed(options.seed)
+    network = build_network(plan.network).to(ctx.device)
+    optimizer = _optimizer(network, plan)
+    state: dict[str, Any] = {"epoch": 0, "history": [], "training_seconds": 0.0, "images": 0, "train_seconds": 0.0}
+    if resuming:
+        saved = _load_checkpoint(checkpoint_path)
+        network.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        state = saved["state"]
+    model: nn.Module = network
+    if ctx.world > 1:
+        model = nn.parallel.DistributedDataParallel(
+            network, device_ids=[ctx.device] if ctx.device.type == "cuda" else None
+        )
+    loss_fn = _loss(plan)
+    training = plan.training
+    budget_s = options.minutes * 60 if options.minutes is not None else math.inf
+    while True:
+        epoch = state["epoch"]
+        progress = min(1.0, max(epoch / training.epochs, state["training_seconds"] / budget_s))
+        for group in optimizer.param_groups:
+            group["lr"] = training.learning_rate * (1 - progress) ** 0.9  # nnU-Net's poly schedule
+        started = time.perf_counter()
+        rng = np.random.default_rng([options.seed, ctx.rank, epoch])
+        model.train()
+        losses = []
+        for iteration in range(training.iterations_per_epoch):
+            images, labels = sampler.batch(training.batch_size, rng)
+            images, labels = images.to(ctx.device), labels.to(ctx.device)
+            optimizer.zero_grad(set_to_none=True)
+            loss = _total_loss(loss_fn, model(images), labels)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 12.0)
+            optimizer.step()
+            losses.append(float(loss.detach()))
+            if ctx.main and on_iteration is not None:
+                on_iteration(epoch, iteration, losses[-1])
+        train_seconds = time.perf_counter() - started
+        record: dict[str, Any] = {
+            "epoch": epoch + 1,
+            "loss": float(np.mean(losses)),
+            "learning_rate": optimizer.param_groups[0]["lr"],
+        }
+        if ctx.main:
+            record["val_dice"] = _validate(network, val, plan, ctx.device)
+            record["val_mean_dice"] = float(np.mean(list(record["val_dice"].values()))) if record["val_dice"] else None
+        epoch_seconds = time.perf_counter() - started
+        record["seconds"] = round(epoch_seconds, 2)
+        state["epoch"] = epoch + 1
+        state["history"].append(record)
+        state["training_seconds"] += epoch_seconds
+        state["train_seconds"] += train_seconds
+        state["images"] += training.iterations_per_epoch * training.batch_size * ctx.world
+        stop = state["epoch"] >= training.epochs or state["training_seconds"] + epoch_seconds > budget_s
+        if ctx.main:
+            _save_checkpoint(checkpoint_path, network, optimizer, state)
+            _atomic(out / WEIGHTS, lambda f: torch.save(network.state_dict(), f))
+            _plot_curve(state["history"], out / "curve.png")
+            if on_epoch is not None:
+                on_epoch(record)
+        if ctx.world > 1:
+            flag = torch.tensor([int(stop)], device=ctx.device)
+            torch.distributed.broadcast(flag, 0)
+            stop = bool(flag.item())
+        if stop:
+            break
+    hashes = _parameter_hashes(network, ctx)
+    last = state["history"][-1]
+    result = TrainResult(
+        out,
+        state["epoch"],
+        state["training_seconds"],
+        state["images"] / max(state["train_seconds"], 1e-9),
+        last.get("val_dice") or {},
+        state["history"],
+    )
+    if ctx.main:
+        _write_json(
+            out / "train.json",
+            {
+                "dataset": str(options.dataset),
+                "model": plan.network.name,
+                "epochs": result.epochs,
+                "training_seconds": round(result.training_seconds, 1),
+                "images_per_second": round(result.images_per_second, 2),
+                "processes": ctx.world,
+                "rank_parameter_hashes": hashes,
+                "val_dice": result.val_dice,
+                "history": state["history"],
+                "seed": options.seed,
+            },
+        )
+    return result
+
+
+def _start_distributed(device: str) -> _Context:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if device == "cuda" and not torch.cuda.is_available():
+        raise MedsegError("--device cuda asked for, but this torch build sees no CUDA device")
+    if world <= 1:
+        return _Context(device=torch.device("cuda" if use_cuda else "cpu"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if use_cuda:
+        torch.cuda.set_device(local)
+    torch.distributed.init_process_group("nccl" if use_cuda else "gloo")
+    return _Context(torch.distributed.get_rank(), world, torch.device(f"cuda:{local}" if use_cuda else "cpu"))
+
+
+def _optimizer(network: nn.Module, plan: Plan) -> torch.optim.Optimizer:
+    t = plan.training
+    if t.optimizer == "sgd":
+        return torch.optim.SGD(
+            network.parameters(), t.learning_rate, momentum=0.99, nesterov=True, weight_decay=t.weight_decay
+        )
+    return torch.optim.AdamW(network.parameters(), t.learning_rate, weight_decay=t.weight_decay)
+
+
+def _loss(plan: Plan) -> nn.Module:
+    from monai.losses import DiceCELoss, DiceLoss
+
+    if plan.training.loss == "dice":  # V-Net's Dice: squared terms in the denominator
+        return DiceLoss(to_onehot_y=True, softmax=True, squared_pred=True, include_background=False, batch=True)
+    return DiceCELoss(to_onehot_y=True, softmax=True, include_background=False, batch=True)
+
+
+def _total_loss(loss_fn: nn.Module, output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    if output.ndim == labels.ndim:  # one output
+        return loss_fn(output, labels)
+    # Deep supervision (MONAI DynUNet): (B, S, K, *spatial), every output at full size; weights halve with
+    # depth and are normalised (nnU-Net).
+    weights = torch.tensor([0.5**i for i in range(output.shape[1])])
+    weights = weights / weights.sum()
+    total = torch.zeros(())
+    for i, weight in enumerate(weights.tolist()):
+        total = total + weight * loss_fn(output[:, i], labels)
+    return total
+
+
+@torch.no_grad()
+def _validate(network: nn.Module, cases: list[PreparedCase], plan: Plan, device: torch.device) -> dict[str, float]:
+    network.eval()
+    names = {v: k for k, v in plan.labels.items()}
+    scores: dict[str, list[float]] = {names[v]: [] for v in plan.label_values() if v}
+    for case in cases:
+        image = torch.from_numpy(case.image).to(device)
+        prediction = predict_probabilities(network, image, plan.patch_size, (), batch_size=plan.training.batch_size)
+        labels = prediction.argmax(0).cpu().numpy()
+        for value in plan.label_values():
+            if value:
+                scores[names[value]].append(dice(labels == value, case.label == value))
+    return {name: round(float(np.mean(s)), 4) for name, s in scores.items() if s}
+
+
+def _parameter_hashes(network: nn.Module, ctx: _Context) -> list[str]:
+    digest = hashlib.sha256()
+    for tensor in network.state_dict().values():
+        digest.update(tensor.detach().cpu().numpy().tobytes())
+    mine = digest.hexdigest()[:16]
+    if ctx.world == 1:
+        return [mine]
+    gathered: list[Any] = [None] * ctx.world
+    torch.distributed.all_gather_object(gathered, mine)
+    return [str(h) for h in gathered]
+
+
+def _save_checkpoint(path: Path, network: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    payload = {"model": network.state_dict(), "optimizer": optimizer.state_dict(), "state": state}
+    _atomic(path, lambda f: torch.save(payload, f))
+
+
+def _load_checkpoint(path: Path) -> dict[str, Any]:
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # torch raises many types for corrupt files
+        raise MedsegError(f"cannot read checkpoint ({type(error).__name__}: {error})", path) from None
+    if not isinstance(saved, dict) or not {"model", "optimizer", "state"} <= set(saved):
+        raise MedsegError("not a medseg training checkpoint", path)
+    return saved
+
+
+def _atomic(path: Path, write: Callable[[Any], None]) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _write_json(path: Path, data: Any) -> None:
+    _atomic(path, lambda f: f.write((json.dumps(data, indent=2) + "\n").encode()))
+
+
+def _plot_curve(history: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [r["epoch"] for r in history]
+    fig, left = plt.subplots(figsize=(6, 3.5), dpi=100)
+    left.plot(epochs, [r["loss"] for r in history], color="tab:red", label="training loss")
+    left.set_xlabel("epoch")
+    left.set_ylabel("training loss", color="tab:red")
+    right = left.twinx()
+    dice_values = [r.get("val_mean_dice") for r in history]
+    right.plot(epochs, [np.nan if d is None else d for d in dice_values], color="tab:blue", marker=".")
+    right.set_ylabel("validation mean Dice", color="tab:blue")
+    right.set_ylim(0, 1)
+    fig.tight_layout()
+    _atomic(path, lambda f: fig.savefig(f, format="png"))
+    plt.close(fig)
