@@ -76,3 +76,22 @@ def write_dataset_json(
         "modality": modality,
     }
     (root / "dataset.json").write_text(json.dumps(info, indent=2))
+
+
+def make_nnunet_2d_shapes(root: Path, cases: int = 6, shape: tuple[int, int] = (32, 40), seed: int = 0) -> Path:
+    """A grey 2D PNG dataset: a bright disc (label 1) and a dark bar (label 2) at random places."""
+    rng = np.random.default_rng(seed)
+    for folder in ("imagesTr", "labelsTr"):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    for i in range(cases):
+        label = np.zeros(shape, np.uint8)
+        cy, cx, r = rng.integers(8, shape[0] - 8), rng.integers(8, shape[1] - 8), rng.integers(4, 7)
+        label[(yy - cy) ** 2 + (xx - cx) ** 2 <= r * r] = 1
+        top = int(rng.integers(1, shape[0] - 5))
+        label[top : top + 3, 2:10] = 2
+        image = 100 + 80 * (label == 1) - 60 * (label == 2) + rng.normal(0, 8, shape)
+        save(Image(np.clip(image, 0, 255).astype(np.uint8)), root / "imagesTr" / f"case_{i:03d}_0000.png")
+        save(Image(label), root / "labelsTr" / f"case_{i:03d}.png")
+    write_dataset_json(root, cases, ".png", {"0": "grey"}, {"background": 0, "disc": 1, "bar": 2}, "microscopy")
+    return root

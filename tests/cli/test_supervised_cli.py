@@ -1,0 +1,109 @@
+"""``medseg plan`` / ``train`` / ``predict`` as a user runs them, and their bad inputs (one line, exit 2,
+nothing written)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from dataset_builders import make_nnunet_2d_shapes, make_nnunet_3d
+from medseg.cli.main import app
+from medseg.io import Image, load, save
+
+runner = CliRunner()
+
+
+def _run(*args: str | Path):  # type: ignore[no-untyped-def]
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def _one_error_line(result, *fragments: str) -> None:  # type: ignore[no-untyped-def]
+    assert result.exit_code == 2, result.output
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("medseg: error: ")
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(dataset, model folder): planned, the plan edited for a fast run, trained for two epochs."""
+    root = tmp_path_factory.mktemp("cli")
+    dataset = make_nnunet_2d_shapes(root / "Shapes", cases=6)
+    assert _run("plan", dataset, "-o", root / "plan").exit_code == 0
+    plan_path = root / "plan" / "plan.json"
+    plan = json.loads(plan_path.read_text())
+    plan["training"].update(iterations_per_epoch=10, batch_size=4, val_cases_per_epoch=2, learning_rate=3e-3)
+    plan_path.write_text(json.dumps(plan))
+    result = _run("train", dataset, "--plan", plan_path, "-o", root / "model", "--epochs", "3")
+    assert result.exit_code == 0, result.output
+    assert "trained 3 epochs" in result.stdout
+    return dataset, root / "model"
+
+
+def test_plan_train_predict_evaluate(trained: tuple[Path, Path], tmp_path: Path) -> None:
+    dataset, model = trained
+    result = _run("predict", model, dataset / "imagesTr", "-o", tmp_path / "pred", "--mirror", "--save-probabilities")
+    assert result.exit_code == 0, result.output
+    outputs = sorted(p.name for p in (tmp_path / "pred").glob("*.png"))
+    assert outputs == sorted(p.name.replace("_0000", "") for p in (dataset / "imagesTr").iterdir())
+    probabilities = np.load(tmp_path / "pred" / "probabilities" / "case_000.npz")["probabilities"]
+    assert probabilities.shape == (3, 32, 40)
+    assert np.allclose(probabilities.astype(np.float32).sum(0), 1, atol=1e-2)
+    scored = _run("evaluate", tmp_path / "pred", dataset / "labelsTr", "-o", tmp_path / "eval")
+    assert scored.exit_code == 0, scored.output
+    assert (tmp_path / "eval" / "metrics.csv").is_file()
+
+
+def test_predict_keeps_geometry_and_format_of_a_resampled_input(trained: tuple[Path, Path], tmp_path: Path) -> None:
+    _, model = trained
+    image = load(next((trained[0] / "imagesTr").iterdir()))
+    from medseg.io import Geometry
+
+    placed = Image(image.array.astype(np.float32), Geometry((0.5, 0.7), (3.0, -2.0), (1.0, 0.0, 0.0, 1.0)))
+    save(placed, tmp_path / "x.nii.gz")
+    assert _run("predict", model, tmp_path / "x.nii.gz", "-o", tmp_path / "out").exit_code == 0
+    label = load(tmp_path / "out" / "x.nii.gz")
+    assert label.shape == placed.shape and label.geometry.matches(placed.geometry)
+
+
+def test_bad_inputs_one_line_exit_2_nothing_written(trained: tuple[Path, Path], tmp_path: Path) -> None:
+    dataset, model = trained
+    out = tmp_path / "out"
+    volume = make_nnunet_3d(tmp_path / "vol", cases=1) / "imagesTr" / "case_000_0000.nii.gz"
+    _one_error_line(_run("predict", model, volume, "-o", out), "3D image", "2D images", str(volume))
+    rgb = tmp_path / "rgb.png"
+    save(Image(np.zeros((20, 20, 3), np.uint8), channels=3), rgb)
+    _one_error_line(_run("predict", model, rgb, "-o", out), "3 channel(s)")
+    assert not out.exists()
+
+    broken = tmp_path / "broken_model"
+    shutil.copytree(model, broken)
+    (broken / "model.pt").write_bytes(b"not a checkpoint")
+    _one_error_line(_run("predict", broken, rgb, "-o", out), "cannot read checkpoint", "model.pt")
+    torch.save({"weight": torch.zeros(3)}, broken / "model.pt")
+    _one_error_line(_run("predict", broken, rgb, "-o", out), "does not fit", "unet")
+    assert not out.exists()
+
+    bad_dataset = tmp_path / "bad"
+    shutil.copytree(dataset, bad_dataset)
+    (bad_dataset / "labelsTr" / "case_000.png").unlink()
+    save(Image(np.full((32, 40), 7, np.uint8)), bad_dataset / "labelsTr" / "case_001.png")
+    _one_error_line(_run("train", bad_dataset, "-o", tmp_path / "m"), "medseg dataset check", str(bad_dataset))
+    _one_error_line(_run("plan", bad_dataset, "-o", tmp_path / "p"), "medseg dataset check")
+    _one_error_line(_run("train", dataset, "-o", tmp_path / "m", "--memory-gb", "0.001"), "memory")
+    _one_error_line(_run("train", dataset, "-o", model), "--resume")
+    assert not (tmp_path / "m").exists() and not (tmp_path / "p").exists()
+
+
+def test_train_refuses_a_model_other_than_the_plans(trained: tuple[Path, Path], tmp_path: Path) -> None:
+    dataset, model = trained
+    result = _run("train", dataset, "--plan", model / "plan.json", "--model", "vnet", "-o", tmp_path / "m")
+    _one_error_line(result, "plan is for model 'unet'")
