@@ -174,7 +174,9 @@ def make_plan(
         base = min(base, 16)  # the paper's width; 5x5(x5) kernels cost more
     training = TrainingConfig(loss="dice" if model == "vnet" else "dice_ce")
     while True:
-        strides, kernels, patch = _topology(patch, spacing, settings["depth"][dims - 2])
+        # TransUNet's tokens sit at 1/16 (Chen et al. 2021): four halvings.
+        max_depth = 4 if model == "transunet" else settings["depth"][dims - 2]
+        strides, kernels, patch = _topology(patch, spacing, max_depth)
         network = NetworkConfig(
             name=model,
             spatial_dims=dims,

@@ -92,14 +92,13 @@ def build_network(config: NetworkConfig) -> nn.Module:
     if config.name == "vnet":
         from medseg.models.supervised.vnet import VNet
 
-        return VNet(config.spatial_dims, config.in_channels, config.out_channels, config.strides, config.base_features)
+        return VNet(config.spatial_dims, config.in_channels, config.out_channels, config.strides, config.features())
     from medseg.models.supervised.transunet import TransUNet
 
     return TransUNet(
         config.in_channels,
         config.out_channels,
-        depth=len(config.strides),
-        base_features=config.base_features,
+        widths=config.features(),
         vit_layers=config.vit_layers,
         vit_heads=config.vit_heads,
         patch_size=config.patch_size,
@@ -119,5 +118,7 @@ def _check(config: NetworkConfig) -> None:
         raise MedsegError("kernel_sizes needs one entry per stage (len(strides) + 1)")
     if config.in_channels < 1 or config.out_channels < 2:
         raise MedsegError("a network needs at least one input channel and two output classes")
+    if config.name == "transunet" and any(s != [2, 2] for s in config.strides):
+        raise MedsegError("TransUNet halves both axes at every step: strides must all be [2, 2]")
     if config.name == "transunet" and config.vit_heads and config.features()[-1] % config.vit_heads:
         raise MedsegError("TransUNet: the bottleneck width must be divisible by vit_heads")

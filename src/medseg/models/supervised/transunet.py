@@ -63,27 +63,26 @@ class TransUNet(nn.Module):
     """TransUNet for ``(B, in_channels, H, W)``; returns logits ``(B, out_channels, H, W)``.
 
     Args:
-        depth: number of halvings before the Transformer (the paper: 4, tokens at 1/16).
-        base_features: root width (the paper: 64); stage ``i`` has ``base_features * 2**i`` channels.
+        widths: channels of the root and of each stage, then of the tokens; ``len(widths) - 1`` halvings
+            happen before the Transformer (the paper: 64, 256, 512, 1024 and 768-wide tokens at 1/16).
         vit_layers, vit_heads: Transformer depth and heads (the paper: 12 and 12).
         patch_size: the training patch ``(H, W)``; sizes the position embeddings (interpolated for other
             sizes).
 
-    H and W must be divisible by ``2**depth``.
+    H and W must be divisible by ``2**(len(widths) - 1)``.
     """
 
     def __init__(
         self,
         in_channels: int,
         out_channels: int,
-        depth: int = 4,
-        base_features: int = 32,
+        widths: Sequence[int] = (32, 64, 128, 256, 256),
         vit_layers: int = 4,
         vit_heads: int = 4,
         patch_size: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
-        widths = [base_features * 2**i for i in range(depth + 1)]
+        depth = len(widths) - 1
         self.root = nn.Sequential(
             nn.Conv2d(in_channels, widths[0], 7, 2, 3, bias=False),
             nn.GroupNorm(_groups(widths[0]), widths[0]),
@@ -94,7 +93,7 @@ class TransUNet(nn.Module):
             nn.Sequential(_ResidualBlock(widths[i - 1], widths[i], 2), _ResidualBlock(widths[i], widths[i], 1))
             for i in range(1, depth)
         )
-        hidden = widths[depth - 1] * 2
+        hidden = widths[depth]
         self.patch_embed = nn.Conv2d(widths[depth - 1], hidden, 1)
         grid = [max(1, s // 2**depth) for s in (patch_size or (256, 256))]
         self.position = nn.Parameter(torch.zeros(1, hidden, *grid))

@@ -51,18 +51,18 @@ class VNet(nn.Module):
         dims: 2 or 3.
         strides: one stride per down-sampling step and axis (array order); its length is the depth
             (the paper: four steps of 2).
-        base_features: channels of the first stage (the paper: 16), doubled at each step.
+        widths: channels per stage, ``len(strides) + 1`` of them (the paper: 16, 32, 64, 128, 256).
 
     Spatial sizes must be divisible by the product of the strides along each axis.
     """
 
     def __init__(
-        self, dims: int, in_channels: int, out_channels: int, strides: Sequence[Sequence[int]], base_features: int = 16
+        self, dims: int, in_channels: int, out_channels: int, strides: Sequence[Sequence[int]], widths: Sequence[int]
     ) -> None:
         super().__init__()
         conv = _conv(dims)
         up = nn.ConvTranspose3d if dims == 3 else nn.ConvTranspose2d
-        widths = [base_features * 2**i for i in range(len(strides) + 1)]
+        widths = list(widths)
         self.stem = _ResidualStage(dims, in_channels, widths[0], 1)
         self.downs = nn.ModuleList()
         self.down_stages = nn.ModuleList()
