@@ -83,7 +83,7 @@ def test_kill_9_loses_at_most_the_running_epoch(dataset: Path, tmp_path: Path) -
     kept = torch.load(out / "checkpoint.pt", weights_only=False)["state"]["epoch"]
     assert kept >= saved
     done = subprocess.run(
-        [sys.executable, "-m", "medseg.cli", "train", str(dataset), "-o", str(out), "--resume", "--epochs", str(kept + 1)],
+        [*command[:-2], "--resume", "--epochs", str(kept + 1)],
         capture_output=True,
         text=True,
         timeout=300,
