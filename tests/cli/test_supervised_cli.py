@@ -45,6 +45,8 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     result = _run("train", dataset, "--plan", plan_path, "-o", root / "model", "--epochs", "3")
     assert result.exit_code == 0, result.output
     assert "trained 3 epochs" in result.stdout
+    validation = json.loads((root / "model" / "split.json").read_text())["val"]
+    assert sorted(p.name for p in (root / "model" / "validation").iterdir()) == sorted(f"{n}.png" for n in validation)
     return dataset, root / "model"
 
 

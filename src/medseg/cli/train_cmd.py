@@ -28,10 +28,16 @@ def train(
     resume: bool = typer.Option(False, "--resume", help="Continue the run in MODEL_DIR from its last checkpoint."),
     memory_gb: float | None = typer.Option(None, "--memory-gb", help="Memory budget (default: half the RAM)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    predict_validation: bool = typer.Option(
+        True,
+        "--predict-validation/--no-predict-validation",
+        help="Segment the validation cases into MODEL_DIR/validation.",
+    ),
 ) -> None:
     """Train a U-Net, V-Net or TransUNet, planned from the data; works under torchrun (one shard per process).
 
-    Every epoch writes checkpoint.pt and model.pt atomically; --resume continues after a crash.
+    Every epoch writes checkpoint.pt and model.pt atomically; --resume continues after a crash. At the end
+    the validation cases are segmented into MODEL_DIR/validation (score them with 'medseg evaluate').
     """
     from medseg.engine.supervised import TrainOptions
     from medseg.engine.supervised import train as run_training
@@ -67,7 +73,33 @@ def train(
             f"trained {result.epochs} epochs in {result.training_seconds / 60:.1f} min "
             f"({result.images_per_second:.1f} patches/s); validation Dice {result.val_dice}"
         )
+        if predict_validation:
+            folder = _predict_validation(result.model_dir, dataset, device)
+            out.print(f"validation cases segmented into {folder} (medseg evaluate {folder} GT_FOLDER -o DIR)")
         out.print(f"model in {result.model_dir} (medseg predict {result.model_dir} INPUT -o OUT)")
+
+
+def _predict_validation(model_dir: Path, dataset: Path, device: str) -> Path:
+    """nnU-Net's habit: the fold's validation cases segmented by the final model, from their own files."""
+    import json
+
+    from medseg.cli.common import progress_bar
+    from medseg.data import open_dataset
+    from medseg.data.cases import load_channels
+    from medseg.inference.supervised_predictor import SupervisedPredictor
+    from medseg.io import label_path_for, save
+
+    predictor = SupervisedPredictor(model_dir, "cuda" if device == "cuda" else "cpu")
+    names = set(json.loads((model_dir / "split.json").read_text())["val"])
+    cases = [c for c in open_dataset(dataset).cases if c.name in names]
+    folder = model_dir / "validation"
+    with progress_bar("validation", len(cases)) as advance:
+        for case in cases:
+            image = load_channels(case.images)
+            prediction = predictor.predict(image)
+            save(image.with_array(prediction.labels), label_path_for(case.images[0], folder, case.name))
+            advance()
+    return folder
 
 
 class _Display:

@@ -146,7 +146,10 @@ def _train(
         out.mkdir(parents=True, exist_ok=True)
         write_plan(plan, out / "plan.json")
         _write_json(out / "split.json", split)
-    by_name = {c.name: c for c in dataset.cases}
+    by_name = {c.name: c for c in dataset.cases if c.label is not None}
+    missing = sorted(set(split["train"] + split["val"]) - set(by_name))
+    if missing:
+        raise MedsegError(f"split.json names cases without a label in the dataset: {', '.join(missing[:5])}", out)
     shard = [prepare_case(by_name[n], plan, options.seed) for n in split["train"][ctx.rank :: ctx.world]]
     val = (
         [prepare_case(by_name[n], plan) for n in split["val"][: plan.training.val_cases_per_epoch]] if ctx.main else []
@@ -159,7 +162,12 @@ def _train(
     state: dict[str, Any] = {"epoch": 0, "history": [], "training_seconds": 0.0, "images": 0, "train_seconds": 0.0}
     if resuming:
         saved = _load_checkpoint(checkpoint_path)
-        network.load_state_dict(saved["model"])
+        try:
+            network.load_state_dict(saved["model"])
+        except RuntimeError:
+            raise MedsegError(
+                "checkpoint does not fit plan.json's network (was plan.json edited?)", checkpoint_path
+            ) from None
         optimizer.load_state_dict(saved["optimizer"])
         state = saved["state"]
     model: nn.Module = network
