@@ -64,6 +64,10 @@ def test_lateral_labels_are_not_mirrored_left_right() -> None:
     labels = {"background": 0, "right lung": 1, "left_lung": 2}
     plan = make_plan(_fingerprint([[1.0, 1.0]], [[64, 64]], spatial_dims=2, labels=labels), memory_gb=4, profile="cpu")
     assert plan.mirror_axes == [0]  # x (the last array axis) runs left-right
+    short = {"background": 0, "kidney_L": 1, "kidney (R)": 2}
+    assert make_plan(
+        _fingerprint([[1.0, 1.0]], [[64, 64]], spatial_dims=2, labels=short), profile="cpu"
+    ).mirror_axes == [0]
     plain = make_plan(_fingerprint([[1.0, 1.0]], [[64, 64]], spatial_dims=2), memory_gb=4, profile="cpu")
     assert plain.mirror_axes == [0, 1]
 

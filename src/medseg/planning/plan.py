@@ -15,7 +15,7 @@ Rules:
 - normalisation: CT clipped to the foreground's 0.5-99.5 percentiles (nnU-Net) as a window; MR z-score;
   RGB to [0, 1]; other modalities percentile 0.5-99.5 to [0, 1];
 - mirroring (augmentation and test-time): every axis except left-right when a label's name says left or
-  right (mirroring would swap them).
+  right (``left``, ``right``, ``L``, ``R`` as words; mirroring would swap them).
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ PROFILES: dict[str, dict[str, Any]] = {
     "cpu": {"patch_voxels": (256**2, 96**3), "batch": (8, 4), "features": (16, 256), "depth": (6, 5)},
     "gpu": {"patch_voxels": (1024**2, 160**3), "batch": (32, 2), "features": (32, 320), "depth": (7, 5)},
 }
-_LATERAL = re.compile(r"(^|[^a-z])(left|right)([^a-z]|$)", re.IGNORECASE)
+_LATERAL = re.compile(r"(^|[^a-z])(left|right|l|r)([^a-z]|$)", re.IGNORECASE)  # "left lung", "kidney_L", "(R)"
 # Bytes per feature-map voxel of one training step (activations kept for the backward pass, gradients,
 # workspace), from the peak RSS of AdamW steps on 224x224 patches, batch 8, float32, CPU (torch 2.13).
 _BYTES_PER_FEATURE_VOXEL = {"unet": 80.0, "vnet": 130.0, "transunet": 75.0}
