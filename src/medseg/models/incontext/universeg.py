@@ -30,7 +30,7 @@ class _ConvAct(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2)
         nn.init.kaiming_normal_(self.conv.weight, nonlinearity="leaky_relu" if activation else "linear")
-        nn.init.zeros_(self.conv.bias)
+        nn.init.zeros_(self.conv.bias)  # type: ignore[arg-type]
         self.activation = activation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -58,7 +58,7 @@ class _CrossConv(nn.Module):
         super().__init__()
         self.cross_conv = nn.Conv2d(query_channels + support_channels, out_channels, 3, padding=1)
         nn.init.kaiming_normal_(self.cross_conv.weight, nonlinearity="linear")
-        nn.init.zeros_(self.cross_conv.bias)
+        nn.init.zeros_(self.cross_conv.bias)  # type: ignore[arg-type]
 
     def forward(self, query: torch.Tensor, support: torch.Tensor) -> torch.Tensor:
         """``(B, 1, Cq, H, W)``, ``(B, S, Cs, H, W)`` -> interactions ``(B, S, C_out, H, W)``."""
