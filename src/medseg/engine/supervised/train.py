@@ -218,7 +218,7 @@ def _train(
         if ctx.main:
             _save_checkpoint(checkpoint_path, network, optimizer, state)
             _atomic(out / WEIGHTS, lambda f: torch.save(network.state_dict(), f))
-            _plot_curve(state["history"], out / "curve.png")
+            _plot_curve(state["history"], out / "curve.png", f"{plan.network.name} on {plan.dataset_name}")
             if on_epoch is not None:
                 on_epoch(record)
         if ctx.world > 1:
@@ -357,7 +357,7 @@ def _write_json(path: Path, data: Any) -> None:
     _atomic(path, lambda f: f.write((json.dumps(data, indent=2) + "\n").encode()))
 
 
-def _plot_curve(history: list[dict[str, Any]], path: Path) -> None:
+def _plot_curve(history: list[dict[str, Any]], path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -373,6 +373,7 @@ def _plot_curve(history: list[dict[str, Any]], path: Path) -> None:
     right.plot(epochs, [np.nan if d is None else d for d in dice_values], color="tab:blue", marker=".")
     right.set_ylabel("validation mean Dice", color="tab:blue")
     right.set_ylim(0, 1)
+    left.set_title(title)
     fig.tight_layout()
     _atomic(path, lambda f: fig.savefig(f, format="png"))
     plt.close(fig)
