@@ -1,0 +1,184 @@
+"""`InContextPredictor`: a support set of labelled examples defines the task; every query gets a label map
+on its own grid, in one forward pass per batch of queries (no training; UniverSeg, Butoi et al. 2023).
+
+Model frame: grey ``S x S`` images (``input_size``, 128 for UniverSeg v1) min-max normalised to [0, 1]
+after clipping to the 0.5-99.5 percentiles; RGB is averaged to grey; images are stretched to the square
+(the aspect ratio is restored on the way back). Multi-class: every foreground label of the support set is
+one binary task (its mask against everything else), all labels in one batch; a pixel takes the label of
+highest probability where that probability is at least 0.5, else background.
+
+3D: a query volume is segmented slice by slice along array axis 0. With support *volumes*, each query
+slice gets, from every support volume, the slice at the same relative position (``(z + 0.5) / Z``) and
+``neighbours`` slices either side; 2D support images serve every query slice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from medseg.errors import MedsegError
+
+
+@dataclass
+class InContextResult:
+    """``labels`` ``(*spatial)`` uint8 (the support set's label values) and ``probabilities``
+    ``(K, *spatial)`` float32, one per label in ``label_values`` order, on the query's grid."""
+
+    labels: np.ndarray
+    probabilities: np.ndarray
+    label_values: list[int]
+
+
+class InContextPredictor:
+    """Wraps an in-context network ``(query (B, 1, S, S), support images (B, N, 1, S, S), support masks
+    (B, N, 1, S, S)) -> logits (B, 1, S, S)``, e.g. `medseg.models.incontext.UniverSeg`."""
+
+    def __init__(self, model: nn.Module, input_size: int = 128, device: str = "cpu", batch_size: int = 8) -> None:
+        self.model = model.to(device).eval()
+        self.input_size = input_size
+        self.device = torch.device(device)
+        self.batch_size = batch_size
+
+    def predict(
+        self,
+        query: np.ndarray,
+        support_images: Sequence[np.ndarray],
+        support_labels: Sequence[np.ndarray],
+        query_is_volume: bool = False,
+        support_are_volumes: bool = False,
+        ensemble: int = 1,
+        subset_size: int | None = None,
+        neighbours: int = 1,
+        seed: int = 0,
+    ) -> InContextResult:
+        """Segment ``query`` with the task the support set defines.
+
+        Args:
+            query: ``(H, W)``, ``(H, W, 3)``, or with ``query_is_volume`` ``(Z, H, W)``.
+            support_images: each ``(H_i, W_i)`` / ``(H_i, W_i, 3)``, or volumes ``(Z_i, H_i, W_i)`` with
+                ``support_are_volumes``; sizes may differ.
+            support_labels: integer label maps on the grid of the matching support image.
+            ensemble: average over this many random support subsets of ``subset_size`` (seeded).
+            neighbours: for support volumes, slices taken either side of the matched one.
+
+        Raises:
+            MedsegError: an empty support set, images and labels that do not pair up, label maps on
+                another grid than their image, supports of mixed dimensionality, 3D supports for a 2D
+                query, or a support set with no foreground at all.
+        """
+        if not support_images:
+            raise MedsegError("the support set is empty")
+        if len(support_images) != len(support_labels):
+            raise MedsegError(f"{len(support_images)} support images but {len(support_labels)} label maps")
+        if support_are_volumes and not query_is_volume:
+            raise MedsegError("3D support volumes need a 3D query (a 2D query takes 2D support images)")
+        for i, (image, label) in enumerate(zip(support_images, support_labels, strict=True)):
+            spatial = image.shape[: 3 if support_are_volumes else 2]
+            if label.shape != spatial:
+                raise MedsegError(f"support {i}: label map {label.shape} is not on its image's grid {spatial}")
+        values = sorted({int(v) for label in support_labels for v in np.unique(label) if v != 0})
+        if not values:
+            raise MedsegError("no foreground in any support label map: nothing defines the task")
+        if not query_is_volume:
+            images = np.stack([self._frame(i) for i in support_images])
+            masks = np.stack([self._masks(label, values) for label in support_labels])
+            probabilities = self._run([self._frame(query)], images, masks, ensemble, subset_size, seed)[0]
+            return self._result(probabilities, query.shape[:2], values)
+        slices = []
+        for z in range(query.shape[0]):
+            if support_are_volumes:
+                images, masks = self._matched_slices(
+                    (z + 0.5) / query.shape[0], support_images, support_labels, values, neighbours
+                )
+            else:
+                images = np.stack([self._frame(i) for i in support_images])
+                masks = np.stack([self._masks(label, values) for label in support_labels])
+            slices.append(self._run([self._frame(query[z])], images, masks, ensemble, subset_size, seed)[0])
+        return self._result(np.stack(slices, axis=1), query.shape[1:3], values)
+
+    def _matched_slices(
+        self,
+        position: float,
+        volumes: Sequence[np.ndarray],
+        labels: Sequence[np.ndarray],
+        values: list[int],
+        neighbours: int,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        images, masks = [], []
+        for volume, label in zip(volumes, labels, strict=True):
+            depth = volume.shape[0]
+            centre = min(depth - 1, int(position * depth))  # the slice at the same relative position
+            for z in range(max(0, centre - neighbours), min(depth, centre + neighbours + 1)):
+                images.append(self._frame(volume[z]))
+                masks.append(self._masks(label[z], values))
+        return np.stack(images), np.stack(masks)
+
+    def _frame(self, image: np.ndarray) -> np.ndarray:
+        """Grey, percentile-clipped, [0, 1], ``(S, S)`` float32."""
+        grey = image.astype(np.float32)
+        if grey.ndim == 3:
+            grey = grey.mean(axis=-1)
+        finite = np.isfinite(grey)
+        low, high = np.percentile(grey[finite], (0.5, 99.5)) if finite.any() else (0.0, 1.0)
+        grey = np.clip(np.nan_to_num(grey, nan=low), low, high)
+        grey = ((grey - low) / (high - low) if high > low else np.zeros_like(grey)).astype(np.float32)
+        tensor = torch.from_numpy(grey)[None, None]
+        size = (self.input_size, self.input_size)
+        return F.interpolate(tensor, size, mode="bilinear", antialias=True, align_corners=False)[0, 0].numpy()
+
+    def _masks(self, label: np.ndarray, values: list[int]) -> np.ndarray:
+        """``(K, S, S)`` binary masks, one per label value."""
+        binary = torch.from_numpy(np.stack([label == v for v in values]).astype(np.float32))[None]
+        size = (self.input_size, self.input_size)
+        return (F.interpolate(binary, size, mode="bilinear", align_corners=False)[0] >= 0.5).float().numpy()
+
+    @torch.no_grad()
+    def _run(
+        self,
+        queries: list[np.ndarray],
+        images: np.ndarray,
+        masks: np.ndarray,
+        ensemble: int,
+        subset_size: int | None,
+        seed: int,
+    ) -> np.ndarray:
+        """Probabilities ``(Q, K, S, S)`` for queries ``(S, S)``, supports ``(N, S, S)`` and masks ``(N, K, S, S)``."""
+        n, k = masks.shape[:2]
+        rng = np.random.default_rng(seed)
+        subsets = [np.arange(n)] if ensemble <= 1 or subset_size is None or subset_size >= n else [
+            rng.choice(n, subset_size, replace=False) for _ in range(ensemble)
+        ]  # fmt: skip
+        query = torch.from_numpy(np.stack(queries))[:, None].to(self.device)  # (Q, 1, S, S)
+        total = torch.zeros(len(queries), k, self.input_size, self.input_size)
+        for subset in subsets:
+            support = torch.from_numpy(images[subset])[:, None].to(self.device)  # (N', 1, S, S)
+            label_masks = torch.from_numpy(masks[subset]).to(self.device)  # (N', K, S, S)
+            for q in range(len(queries)):
+                for start in range(0, k, self.batch_size):
+                    stop = min(k, start + self.batch_size)
+                    b = stop - start
+                    logits = self.model(
+                        query[q : q + 1].expand(b, -1, -1, -1),
+                        support[None].expand(b, -1, -1, -1, -1),
+                        label_masks[:, start:stop].permute(1, 0, 2, 3)[:, :, None],
+                    )
+                    total[q, start:stop] += torch.sigmoid(logits[:, 0]).cpu()
+        return (total / len(subsets)).numpy()
+
+    def _result(self, probabilities: np.ndarray, shape: tuple[int, ...], values: list[int]) -> InContextResult:
+        """Back to the query's ``(H, W)`` per slice; ``probabilities`` is ``(K, S, S)`` or ``(K, Z, S, S)``."""
+        tensor = torch.from_numpy(probabilities)
+        volume = tensor.ndim == 4
+        planes = tensor.permute(1, 0, 2, 3) if volume else tensor[None]  # (Z, K, S, S)
+        back = F.interpolate(planes, tuple(shape), mode="bilinear", align_corners=False).clamp(0, 1)
+        back = back.permute(1, 0, 2, 3) if volume else back[0]  # (K, [Z,] H, W)
+        probs = back.numpy().astype(np.float32)
+        best = probs.argmax(axis=0)
+        labels = np.where(probs.max(axis=0) >= 0.5, np.array(values)[best], 0).astype(np.uint8)
+        return InContextResult(labels, probs, values)

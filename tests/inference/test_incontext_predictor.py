@@ -1,0 +1,94 @@
+"""InContextPredictor glue, checked with a transparent stand-in network whose answer is the support masks'
+mean (so the right answer is known), and with a small UniverSeg for shapes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from medseg.errors import MedsegError
+from medseg.inference.incontext_predictor import InContextPredictor
+from medseg.metrics.surface import dice
+from medseg.models.incontext import UniverSeg
+
+
+class MeanOfSupportMasks(nn.Module):
+    """Logits that say "foreground where most support masks are foreground"."""
+
+    def forward(self, query: torch.Tensor, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        assert query.ndim == 4 and images.ndim == 5 and masks.shape == images.shape
+        return 20 * (masks.mean(dim=1) - 0.5)
+
+
+def _label_map(shape: tuple[int, int]) -> np.ndarray:
+    label = np.zeros(shape, np.uint8)
+    label[8:30, 10:40] = 1
+    label[36:56, 20:50] = 3
+    return label
+
+
+def test_multi_class_2d_returns_every_support_label_on_the_query_grid() -> None:
+    predictor = InContextPredictor(MeanOfSupportMasks())
+    label = _label_map((64, 64))
+    images = [np.random.default_rng(i).random((64, 64, 3)) for i in range(3)]
+    result = predictor.predict(np.zeros((64, 64)), images, [label] * 3)
+    assert result.label_values == [1, 3] and result.probabilities.shape == (2, 64, 64)
+    assert set(np.unique(result.labels)) <= {0, 1, 3}
+    for value in (1, 3):
+        assert dice(result.labels == value, label == value) > 0.97
+
+
+def test_support_ensembles_average_random_subsets() -> None:
+    predictor = InContextPredictor(MeanOfSupportMasks())
+    label = _label_map((64, 64))
+    empty = np.zeros_like(label)
+    # two of four supports show the task: subsets of two disagree, their average sits near 0.5
+    result = predictor.predict(
+        np.zeros((64, 64)), [np.ones((64, 64))] * 4, [label, label, empty, empty], ensemble=8, subset_size=2
+    )
+    inside = result.probabilities[0][label == 1]
+    assert 0.1 < inside.mean() < 0.9
+
+
+def test_3d_query_takes_support_slices_at_the_same_relative_position() -> None:
+    predictor = InContextPredictor(MeanOfSupportMasks())
+    support = np.zeros((8, 64, 64), np.uint8)
+    support[2:4, 10:50, 10:50] = 1  # slices 2-3 of 8: relative positions 0.25-0.5
+    result = predictor.predict(
+        np.zeros((16, 40, 40)), [np.ones((8, 64, 64))] * 2, [support] * 2, query_is_volume=True,
+        support_are_volumes=True, neighbours=0,
+    )  # fmt: skip
+    found = [z for z in range(16) if result.labels[z].any()]
+    assert found == list(range(4, 8))  # the same quarter of the query volume
+    assert result.labels.shape == (16, 40, 40)
+
+
+def test_a_small_universeg_runs_end_to_end() -> None:
+    torch.manual_seed(0)
+    predictor = InContextPredictor(UniverSeg([(4, 4)] * 3), input_size=32)
+    result = predictor.predict(
+        np.random.rand(20, 30), [np.random.rand(25, 25)] * 2, [_label_map((64, 64))[:25, :25]] * 2
+    )
+    assert result.labels.shape == (20, 30) and result.probabilities.shape == (1, 20, 30)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"support_images": [], "support_labels": []}, "empty"),
+        ({"support_labels": []}, "1 support images but 0"),
+        ({"support_labels": [np.ones((5, 5), np.uint8)]}, "not on its image's grid"),
+        ({"support_labels": [np.zeros((10, 10), np.uint8)]}, "no foreground"),
+        ({"support_are_volumes": True}, "3D query"),
+    ],
+)
+def test_bad_support_sets_are_refused(kwargs: dict, message: str) -> None:
+    arguments = {
+        "query": np.zeros((10, 10)),
+        "support_images": [np.zeros((10, 10))],
+        "support_labels": [np.ones((10, 10), np.uint8)],
+    }
+    with pytest.raises(MedsegError, match=message):
+        InContextPredictor(MeanOfSupportMasks()).predict(**(arguments | kwargs))
