@@ -120,23 +120,10 @@ class InContextPredictor:
         return np.stack(images), np.stack(masks)
 
     def _frame(self, image: np.ndarray) -> np.ndarray:
-        """Grey, percentile-clipped, [0, 1], ``(S, S)`` float32."""
-        grey = image.astype(np.float32)
-        if grey.ndim == 3:
-            grey = grey.mean(axis=-1)
-        finite = np.isfinite(grey)
-        low, high = np.percentile(grey[finite], (0.5, 99.5)) if finite.any() else (0.0, 1.0)
-        grey = np.clip(np.nan_to_num(grey, nan=low), low, high)
-        grey = ((grey - low) / (high - low) if high > low else np.zeros_like(grey)).astype(np.float32)
-        tensor = torch.from_numpy(grey)[None, None]
-        size = (self.input_size, self.input_size)
-        return F.interpolate(tensor, size, mode="bilinear", antialias=True, align_corners=False)[0, 0].numpy()
+        return model_frame(image, self.input_size)
 
     def _masks(self, label: np.ndarray, values: list[int]) -> np.ndarray:
-        """``(K, S, S)`` binary masks, one per label value."""
-        binary = torch.from_numpy(np.stack([label == v for v in values]).astype(np.float32))[None]
-        size = (self.input_size, self.input_size)
-        return (F.interpolate(binary, size, mode="bilinear", align_corners=False)[0] >= 0.5).float().numpy()
+        return label_masks(label, values, self.input_size)
 
     @torch.no_grad()
     def _run(
@@ -182,3 +169,23 @@ class InContextPredictor:
         best = probs.argmax(axis=0)
         labels = np.where(probs.max(axis=0) >= 0.5, np.array(values)[best], 0).astype(np.uint8)
         return InContextResult(labels, probs, values)
+
+
+def model_frame(image: np.ndarray, size: int = 128) -> np.ndarray:
+    """An image in the in-context model's frame: ``(H, W)`` or ``(H, W, C)`` (channels averaged) -> grey
+    ``(size, size)`` float32 in [0, 1], clipped to its 0.5-99.5 percentiles (NaN -> the low value)."""
+    grey = image.astype(np.float32)
+    if grey.ndim == 3:
+        grey = grey.mean(axis=-1)
+    finite = np.isfinite(grey)
+    low, high = np.percentile(grey[finite], (0.5, 99.5)) if finite.any() else (0.0, 1.0)
+    grey = np.clip(np.nan_to_num(grey, nan=low), low, high)
+    grey = ((grey - low) / (high - low) if high > low else np.zeros_like(grey)).astype(np.float32)
+    tensor = torch.from_numpy(grey)[None, None]
+    return F.interpolate(tensor, (size, size), mode="bilinear", antialias=True, align_corners=False)[0, 0].numpy()
+
+
+def label_masks(label: np.ndarray, values: Sequence[int], size: int = 128) -> np.ndarray:
+    """``(K, size, size)`` float32 binary masks of ``label == v`` for each of ``values`` (bilinear, >= 0.5)."""
+    binary = torch.from_numpy(np.stack([label == v for v in values]).astype(np.float32))[None]
+    return (F.interpolate(binary, (size, size), mode="bilinear", align_corners=False)[0] >= 0.5).float().numpy()
