@@ -16,7 +16,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ from torch import nn
 
 from medseg.data import open_dataset
 from medseg.data.check import check_dataset
+from medseg.engine.run_files import atomic_write, plot_curve, write_json
 from medseg.engine.supervised.data import PatchSampler, PreparedCase, prepare_case
 from medseg.engine.supervised.split import make_split
 from medseg.errors import MedsegError
@@ -145,7 +145,7 @@ def _train(
     if ctx.main:
         out.mkdir(parents=True, exist_ok=True)
         write_plan(plan, out / "plan.json")
-        _write_json(out / "split.json", split)
+        write_json(out / "split.json", split)
     by_name = {c.name: c for c in dataset.cases if c.label is not None}
     missing = sorted(set(split["train"] + split["val"]) - set(by_name))
     if missing:
@@ -217,8 +217,8 @@ def _train(
         stop = state["epoch"] >= training.epochs or state["training_seconds"] + epoch_seconds > budget_s
         if ctx.main:
             _save_checkpoint(checkpoint_path, network, optimizer, state)
-            _atomic(out / WEIGHTS, lambda f: torch.save(network.state_dict(), f))
-            _plot_curve(state["history"], out / "curve.png", f"{plan.network.name} on {plan.dataset_name}")
+            atomic_write(out / WEIGHTS, lambda f: torch.save(network.state_dict(), f))
+            plot_curve(state["history"], out / "curve.png", f"{plan.network.name} on {plan.dataset_name}")
             if on_epoch is not None:
                 on_epoch(record)
         if ctx.world > 1:
@@ -238,7 +238,7 @@ def _train(
         state["history"],
     )
     if ctx.main:
-        _write_json(
+        write_json(
             out / "train.json",
             {
                 "dataset": str(options.dataset),
@@ -329,7 +329,7 @@ def _parameter_hashes(network: nn.Module, ctx: _Context) -> list[str]:
 
 def _save_checkpoint(path: Path, network: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
     payload = {"model": network.state_dict(), "optimizer": optimizer.state_dict(), "state": state}
-    _atomic(path, lambda f: torch.save(payload, f))
+    atomic_write(path, lambda f: torch.save(payload, f))
 
 
 def _load_checkpoint(path: Path) -> dict[str, Any]:
@@ -340,40 +340,3 @@ def _load_checkpoint(path: Path) -> dict[str, Any]:
     if not isinstance(saved, dict) or not {"model", "optimizer", "state"} <= set(saved):
         raise MedsegError("not a medseg training checkpoint", path)
     return saved
-
-
-def _atomic(path: Path, write: Callable[[Any], None]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _write_json(path: Path, data: Any) -> None:
-    _atomic(path, lambda f: f.write((json.dumps(data, indent=2) + "\n").encode()))
-
-
-def _plot_curve(history: list[dict[str, Any]], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    epochs = [r["epoch"] for r in history]
-    fig, left = plt.subplots(figsize=(6, 3.5), dpi=100)
-    left.plot(epochs, [r["loss"] for r in history], color="tab:red", label="training loss")
-    left.set_xlabel("epoch")
-    left.set_ylabel("training loss", color="tab:red")
-    right = left.twinx()
-    dice_values = [r.get("val_mean_dice") for r in history]
-    right.plot(epochs, [np.nan if d is None else d for d in dice_values], color="tab:blue", marker=".")
-    right.set_ylabel("validation mean Dice", color="tab:blue")
-    right.set_ylim(0, 1)
-    left.set_title(title)
-    fig.tight_layout()
-    _atomic(path, lambda f: fig.savefig(f, format="png"))
-    plt.close(fig)
