@@ -113,6 +113,10 @@ def _train(
     on_epoch: Callable[[dict[str, Any]], None] | None,
 ) -> TrainResult:
     out = options.output
+    if options.epochs is not None and options.epochs < 1:
+        raise MedsegError(f"--epochs must be at least 1, got {options.epochs}")
+    if options.minutes is not None and not options.minutes > 0:
+        raise MedsegError(f"--minutes must be positive, got {options.minutes}")
     checkpoint_path = out / CHECKPOINT
     resuming = options.resume and checkpoint_path.is_file()
     if checkpoint_path.exists() and not options.resume:
