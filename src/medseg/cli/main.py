@@ -5,7 +5,17 @@ from __future__ import annotations
 import typer
 
 from medseg import __version__
-from medseg.cli import dataset_cmd, evaluate_cmd, finetune_cmd, info_cmd, plan_cmd, predict_cmd, prompt_cmd, train_cmd
+from medseg.cli import (
+    dataset_cmd,
+    evaluate_cmd,
+    finetune_cmd,
+    incontext_cmd,
+    info_cmd,
+    plan_cmd,
+    predict_cmd,
+    prompt_cmd,
+    train_cmd,
+)
 
 app = typer.Typer(
     name="medseg",
@@ -21,6 +31,7 @@ app.command("finetune-prompt")(finetune_cmd.finetune_prompt)
 app.command("plan")(plan_cmd.plan)
 app.command("train")(train_cmd.train)
 app.command("predict")(predict_cmd.predict)
+app.command("incontext")(incontext_cmd.incontext)
 app.add_typer(dataset_cmd.app, name="dataset")
 
 

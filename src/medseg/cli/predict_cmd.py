@@ -23,7 +23,9 @@ def predict(
     save_probabilities: bool = typer.Option(False, "--save-probabilities", help="Also write probabilities/<case>.npz."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
 ) -> None:
-    """Label maps in each input's geometry and format (NIfTI for DICOM/MRC input, PNG for JPEG); a folder's
+    """Segment a file or a folder with a model from 'medseg train'.
+
+    Label maps in each input's geometry and format (NIfTI for DICOM/MRC input, PNG for JPEG); a folder's
     files are grouped into cases by their _0000, _0001 channel suffixes."""
     import numpy as np
 

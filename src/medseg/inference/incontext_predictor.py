@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -44,6 +45,37 @@ class InContextPredictor:
         self.input_size = input_size
         self.device = torch.device(device)
         self.batch_size = batch_size
+
+    @classmethod
+    def from_weights(cls, path: str | Path, device: str = "cpu") -> InContextPredictor:
+        """Load ``weights.pt`` from ``medseg train-incontext`` ({"architecture", "state_dict"}) or the official
+        UniverSeg v1 state_dict (``universeg_v1_nf64_ss64_STA.pt``, 128 x 128 inputs).
+
+        Raises:
+            MedsegError: missing or unreadable file, or weights of another network.
+        """
+        from medseg.models.incontext import UniverSeg, universeg_v1
+
+        file = Path(path)
+        if not file.is_file():
+            raise MedsegError("no such weights file", file)
+        try:
+            saved = torch.load(file, map_location="cpu", weights_only=True)
+        except Exception as error:  # corrupt files raise many types
+            raise MedsegError(f"cannot read weights ({type(error).__name__})", file) from None
+        if not isinstance(saved, dict):
+            raise MedsegError("not a state_dict", file)
+        if "architecture" in saved and "state_dict" in saved:
+            blocks = [(int(a), int(b)) for a, b in saved["architecture"]["encoder_blocks"]]
+            model, size, state = UniverSeg(blocks), int(saved["architecture"]["size"]), saved["state_dict"]
+        else:
+            model, size, state = universeg_v1(), 128, saved
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as error:
+            first = str(error).splitlines()[0][:160]
+            raise MedsegError(f"not UniverSeg weights medseg knows: {first}", file) from None
+        return cls(model, size, device)
 
     def predict(
         self,

@@ -1,0 +1,73 @@
+"""``medseg incontext --support DIR --query FILE|DIR -o OUT``: segment new images from labelled examples."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import typer
+
+from medseg.cli.common import out, progress_bar, user_errors
+from medseg.errors import MedsegError
+
+
+@user_errors
+def incontext(
+    support: Path = typer.Option(..., "--support", help="Labelled examples (nnU-Net raw layout or images/ + masks/)."),
+    query: Path = typer.Option(..., "--query", help="An image or volume, or a folder of them."),
+    output: Path = typer.Option(..., "-o", "--output", help="Output folder (label maps named by case)."),
+    weights: Path = typer.Option(..., "--weights", help="weights.pt from train-incontext, or UniverSeg v1 weights."),
+    ensemble: int = typer.Option(1, "--ensemble", help="Average over this many random support subsets."),
+    subset_size: int | None = typer.Option(None, "--subset-size", help="Supports per subset (with --ensemble)."),
+    neighbours: int = typer.Option(1, "--neighbours", help="3D: support slices either side of the matched one."),
+) -> None:
+    """Segment new images from a few labelled examples (in-context, no training).
+
+    Every label of the support set, one label map per query, in the query's geometry and format; a 3D
+    query is segmented slice by slice (support volumes matched by relative slice position)."""
+    from medseg.data import open_dataset
+    from medseg.data.cases import load_case
+    from medseg.inference.incontext_predictor import InContextPredictor
+    from medseg.io import case_of, format_of, label_path_for, load, save
+    from medseg.io.formats import is_image_file
+
+    predictor = InContextPredictor.from_weights(weights)
+    dataset = open_dataset(support)
+    images, labels, dims = [], [], set()
+    for case in dataset.cases:
+        if case.label is None:
+            raise MedsegError("support image without a label map", case.images[0])
+        image, label = load_case(case)
+        assert label is not None
+        images.append(image.array)
+        labels.append(label)
+        dims.add(image.ndim)
+    if not images:
+        raise MedsegError("the support set is empty", support)
+    if len(dims) > 1:
+        raise MedsegError("support set mixes 2D images and 3D volumes", support)
+    volumes = dims == {3}
+    if not query.exists():
+        raise MedsegError("no such file or folder", query)
+    files = [query] if query.is_file() else sorted(p for p in query.iterdir() if p.is_file() and is_image_file(p))
+    if not files:
+        raise MedsegError("no images in this folder", query)
+    targets = {f: label_path_for(f, output, case_of(f)) for f in files}
+    loaded = {}
+    for f in files:  # every query is checked before anything is written
+        format_of(targets[f])
+        image = load(f)
+        if volumes and image.ndim != 3:
+            raise MedsegError(f"{image.ndim}D query, but the support set holds 3D volumes", f)
+        loaded[f] = image
+    started = time.perf_counter()
+    with progress_bar("segmenting", len(files)) as advance:
+        for f, image in loaded.items():
+            result = predictor.predict(
+                image.array, images, labels, query_is_volume=image.ndim == 3, support_are_volumes=volumes,
+                ensemble=ensemble, subset_size=subset_size, neighbours=neighbours,
+            )  # fmt: skip
+            save(image.with_array(result.labels), targets[f], protect=tuple(files))
+            advance()
+    per = (time.perf_counter() - started) / len(files)
+    out.print(f"{len(files)} label map(s) in {output} from {len(images)} supports ({per:.2f} s per query)")

@@ -1,0 +1,61 @@
+"""``medseg incontext`` with a small untrained network: outputs named by case on the query's grid, and its
+bad inputs (one line, exit 2, nothing written)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from typer.testing import CliRunner
+
+from dataset_builders import make_nnunet_2d_shapes, make_nnunet_3d
+from medseg.cli.main import app
+from medseg.io import load
+from medseg.models.incontext import UniverSeg
+
+runner = CliRunner()
+
+
+def _run(*args: str | Path):  # type: ignore[no-untyped-def]
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def _weights(path: Path) -> Path:
+    torch.manual_seed(0)
+    model = UniverSeg([(4, 4)] * 3)
+    torch.save({"architecture": {"encoder_blocks": [[4, 4]] * 3, "size": 32}, "state_dict": model.state_dict()}, path)
+    return path
+
+
+def test_folder_of_queries_from_a_support_set(tmp_path: Path) -> None:
+    support = make_nnunet_2d_shapes(tmp_path / "support", cases=3)
+    queries = tmp_path / "queries"
+    shutil.copytree(make_nnunet_2d_shapes(tmp_path / "other", cases=2, seed=5) / "imagesTr", queries)
+    weights = _weights(tmp_path / "w.pt")
+    result = _run("incontext", "--support", support, "--query", queries, "-o", tmp_path / "out", "--weights", weights)
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["case_000.png", "case_001.png"]
+    label = load(tmp_path / "out" / "case_000.png")
+    assert label.shape == (32, 40) and set(np.unique(label.array)) <= {0, 1, 2}
+
+
+def test_bad_inputs(tmp_path: Path) -> None:
+    volumes = make_nnunet_3d(tmp_path / "vol", cases=2)
+    flat = make_nnunet_2d_shapes(tmp_path / "flat", cases=2)
+    weights = _weights(tmp_path / "w.pt")
+    query = flat / "imagesTr" / "case_000_0000.png"
+    out = tmp_path / "out"
+    cases = [
+        (("--support", volumes, "--query", query, "--weights", weights), "2D query"),
+        (("--support", flat, "--query", query, "--weights", tmp_path / "missing.pt"), "no such weights"),
+        (("--support", tmp_path / "nowhere", "--query", query, "--weights", weights), "nowhere"),
+    ]
+    (tmp_path / "bad.pt").write_bytes(b"junk")
+    cases.append((("--support", flat, "--query", query, "--weights", tmp_path / "bad.pt"), "cannot read weights"))
+    for args, fragment in cases:
+        result = _run("incontext", *args, "-o", out)
+        assert result.exit_code == 2, result.output
+        assert fragment in result.stderr and result.stderr.startswith("medseg: error: ")
+        assert not out.exists()
