@@ -59,3 +59,23 @@ def test_bad_inputs(tmp_path: Path) -> None:
         assert result.exit_code == 2, result.output
         assert fragment in result.stderr and result.stderr.startswith("medseg: error: ")
         assert not out.exists()
+
+
+def test_train_incontext_then_segment_with_its_weights(tmp_path: Path) -> None:
+    import json
+
+    dataset = make_nnunet_2d_shapes(tmp_path / "d", cases=4)
+    config = {
+        "encoder_blocks": [[4, 4]] * 3, "batch_size": 2, "max_support": 2, "iterations_per_epoch": 2,
+        "val_episodes": 2, "episodes": {"size": 32},
+    }  # fmt: skip
+    (tmp_path / "c.json").write_text(json.dumps(config))
+    run = tmp_path / "run"
+    result = _run("train-incontext", dataset, "-o", run, "--config", tmp_path / "c.json", "--epochs", "1")
+    assert result.exit_code == 0, result.output
+    query = dataset / "imagesTr" / "case_000_0000.png"
+    done = _run(
+        "incontext", "--support", dataset, "--query", query, "-o", tmp_path / "o", "--weights", run / "weights.pt"
+    )
+    assert done.exit_code == 0, done.output
+    assert (tmp_path / "o" / "case_000.png").is_file()

@@ -15,6 +15,7 @@ from medseg.cli import (
     predict_cmd,
     prompt_cmd,
     train_cmd,
+    train_incontext_cmd,
 )
 
 app = typer.Typer(
@@ -32,6 +33,7 @@ app.command("plan")(plan_cmd.plan)
 app.command("train")(train_cmd.train)
 app.command("predict")(predict_cmd.predict)
 app.command("incontext")(incontext_cmd.incontext)
+app.command("train-incontext")(train_incontext_cmd.train_incontext)
 app.add_typer(dataset_cmd.app, name="dataset")
 
 
