@@ -70,4 +70,6 @@ def incontext(
             save(image.with_array(result.labels), targets[f], protect=tuple(files))
             advance()
     per = (time.perf_counter() - started) / len(files)
-    out.print(f"{len(files)} label map(s) in {output} from {len(images)} supports ({per:.2f} s per query)")
+    out.print(
+        f"{len(files)} label map(s) in {output} from {len(images)} supports ({per:.2f} s per query)", soft_wrap=True
+    )

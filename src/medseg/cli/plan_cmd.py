@@ -39,8 +39,8 @@ def plan(
     output.mkdir(parents=True, exist_ok=True)
     (output / "fingerprint.json").write_text(json.dumps(fingerprint.to_dict()) + "\n")
     path = write_plan(made, output / "plan.json")
-    out.print(summary(made))
-    out.print(f"wrote {path} (edit it, then: medseg train {dataset} --plan {path} -o MODEL_DIR)")
+    out.print(summary(made), soft_wrap=True)
+    out.print(f"wrote {path} (edit it, then: medseg train {dataset} --plan {path} -o MODEL_DIR)", soft_wrap=True)
 
 
 def summary(made: object) -> str:

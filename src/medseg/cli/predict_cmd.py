@@ -57,7 +57,7 @@ def predict(
                 )
             advance()
     seconds = time.perf_counter() - started
-    out.print(f"{len(cases)} label map(s) in {output} ({seconds / max(len(cases), 1):.2f} s per case)")
+    out.print(f"{len(cases)} label map(s) in {output} ({seconds / max(len(cases), 1):.2f} s per case)", soft_wrap=True)
 
 
 def _cases(input_path: Path) -> dict[str, list[Path]]:

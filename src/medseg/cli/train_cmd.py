@@ -23,7 +23,9 @@ def train(
     val_cases: Path | None = typer.Option(None, "--val-cases", help="Text file: validation case names, one a line."),
     num_labelled: int | None = typer.Option(None, "--num-labelled", help="Train on N cases drawn with the seed."),
     epochs: int | None = typer.Option(None, "--epochs", help="Epochs (default: the plan's)."),
-    minutes: float | None = typer.Option(None, "--minutes", help="Training-time budget in minutes."),
+    minutes: float | None = typer.Option(
+        None, "--minutes", help="Training-time budget in minutes, counting earlier runs of a resumed run."
+    ),
     seed: int = typer.Option(0, "--seed", help="Seed for the split, patches and augmentation."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in MODEL_DIR from its last checkpoint."),
     memory_gb: float | None = typer.Option(None, "--memory-gb", help="Memory budget (default: half the RAM)."),
@@ -71,12 +73,15 @@ def train(
     if display.main:
         out.print(
             f"trained {result.epochs} epochs in {result.training_seconds / 60:.1f} min "
-            f"({result.images_per_second:.1f} patches/s); validation Dice {result.val_dice}"
+            f"({result.images_per_second:.1f} patches/s); validation Dice {result.val_dice}",
+            soft_wrap=True,
         )
         if predict_validation:
             folder = _predict_validation(result.model_dir, dataset, device)
-            out.print(f"validation cases segmented into {folder} (medseg evaluate {folder} GT_FOLDER -o DIR)")
-        out.print(f"model in {result.model_dir} (medseg predict {result.model_dir} INPUT -o OUT)")
+            out.print(
+                f"validation cases segmented into {folder} (medseg evaluate {folder} GT_FOLDER -o DIR)", soft_wrap=True
+            )
+        out.print(f"model in {result.model_dir} (medseg predict {result.model_dir} INPUT -o OUT)", soft_wrap=True)
 
 
 def _predict_validation(model_dir: Path, dataset: Path, device: str) -> Path:

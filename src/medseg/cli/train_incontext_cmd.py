@@ -56,4 +56,4 @@ def train_incontext(
                   f"({record['seconds']:.0f} s)", markup=False)  # fmt: skip
 
     last = run(config, output, cache_dir=cache or output / "cache", resume=resume, on_epoch=report)
-    out.print(f"weights in {output / 'weights.pt'} (last epoch: {last})")
+    out.print(f"weights in {output / 'weights.pt'} (last epoch: {last})", soft_wrap=True)

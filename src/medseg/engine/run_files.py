@@ -42,7 +42,7 @@ def plot_curve(history: list[dict[str, Any]], path: Path, title: str) -> None:
 
     epochs = [r["epoch"] for r in history]
     fig, left = plt.subplots(figsize=(6, 3.5), dpi=100)
-    left.plot(epochs, [r["loss"] for r in history], color="tab:red", label="training loss")
+    left.plot(epochs, [r["loss"] for r in history], color="tab:red", marker=".", label="training loss")
     left.set_xlabel("epoch")
     left.set_ylabel("training loss", color="tab:red")
     right = left.twinx()

@@ -255,6 +255,9 @@ def write_plan(plan: Plan, path: Path) -> Path:
     """Write ``plan.json`` atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; a plan is meant to be read and edited
     with os.fdopen(fd, "w") as f:
         json.dump(plan.to_dict(), f, indent=2)
         f.write("\n")

@@ -182,8 +182,15 @@ def _train(
     loss_fn = _loss(plan)
     training = plan.training
     budget_s = options.minutes * 60 if options.minutes is not None else math.inf
+    if state["epoch"] >= training.epochs or state["training_seconds"] >= budget_s:
+        done = f"{state['epoch']} epochs and {state['training_seconds'] / 60:.1f} min"
+        raise MedsegError(f"the run has already trained {done}; give more --epochs or --minutes to continue", out)
     while True:
         epoch = state["epoch"]
+        if ctx.world > 1:  # every rank follows rank 0's clock, so that all use the same learning rate
+            clock = torch.tensor([state["training_seconds"]], dtype=torch.float64, device=ctx.device)
+            torch.distributed.broadcast(clock, 0)
+            state["training_seconds"] = float(clock.item())
         progress = min(1.0, max(epoch / training.epochs, state["training_seconds"] / budget_s))
         for group in optimizer.param_groups:
             group["lr"] = training.learning_rate * (1 - progress) ** 0.9  # nnU-Net's poly schedule
