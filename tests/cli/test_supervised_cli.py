@@ -109,3 +109,49 @@ def test_train_refuses_a_model_other_than_the_plans(trained: tuple[Path, Path], 
     dataset, model = trained
     result = _run("train", dataset, "--plan", model / "plan.json", "--model", "vnet", "-o", tmp_path / "m")
     _one_error_line(result, "plan is for model 'unet'")
+
+
+def test_more_bad_inputs_write_nothing(trained: tuple[Path, Path], tmp_path: Path) -> None:
+    dataset, model = trained
+    plan = json.loads((model / "plan.json").read_text())
+    edits = {
+        "lr.json": {**plan, "training": {**plan["training"], "learning_rate": "fast"}},
+        "ranges.json": {**plan, "training": {**plan["training"], "scale_range": [1.25, 0.85]}},
+        "labels.json": {**plan, "labels": {"background": 0, "disc": "1", "bar": 2}},
+        "name.json": {**plan, "network": {**plan["network"], "name": "resnet"}},
+        "width.json": {**plan, "network": {**plan["network"], "base_features": 0}},
+        "kernels.json": {**plan, "network": {**plan["network"], "kernel_sizes": plan["network"]["kernel_sizes"][:-1]}},
+        "renamed.json": {**plan, "labels": {"background": 0, "blob": 1, "bar": 2}},
+    }
+    for name, content in edits.items():
+        (tmp_path / name).write_text(json.dumps(content))
+        result = _run("train", dataset, "--plan", tmp_path / name, "-o", tmp_path / "m", "--epochs", "1")
+        _one_error_line(result)
+        assert not (tmp_path / "m").exists(), name
+    volumes = make_nnunet_3d(tmp_path / "vol", cases=5)
+    _one_error_line(_run("train", volumes, "--plan", model / "plan.json", "-o", tmp_path / "m"), "2D images", "3D")
+    (tmp_path / "file").write_text("x")
+    _one_error_line(_run("train", dataset, "-o", tmp_path / "file"), "is a file")
+    _one_error_line(_run("plan", dataset, "-o", tmp_path / "file"), "is a file")
+    _one_error_line(_run("train", dataset, "-o", dataset / "runs"), "inside the dataset")
+    assert not (dataset / "runs").exists() and not (tmp_path / "m").exists()
+
+
+def test_resume_with_a_broken_checkpoint_changes_nothing(trained: tuple[Path, Path], tmp_path: Path) -> None:
+    dataset, model = trained
+    run = tmp_path / "run"
+    shutil.copytree(model, run)
+    (run / "checkpoint.pt").write_bytes(b"truncated")
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    _one_error_line(_run("train", dataset, "-o", run, "--resume", "--epochs", "9"), "cannot read checkpoint")
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+
+
+def test_predict_into_the_input_folder_refuses_before_writing(trained: tuple[Path, Path], tmp_path: Path) -> None:
+    dataset, model = trained
+    folder = tmp_path / "inputs"
+    folder.mkdir()
+    shutil.copy(dataset / "imagesTr" / "case_000_0000.png", folder / "case_000_0000.png")
+    shutil.copy(dataset / "imagesTr" / "case_001_0000.png", folder / "case_001.png")  # its output name is itself
+    _one_error_line(_run("predict", model, folder, "-o", folder), "overwrite an input")
+    assert sorted(p.name for p in folder.iterdir()) == ["case_000_0000.png", "case_001.png"]

@@ -24,12 +24,16 @@ def plan(
     from medseg.data.check import check_dataset
     from medseg.planning import fingerprint_dataset, make_plan, write_plan
 
+    if output.exists() and not output.is_dir():
+        raise MedsegError("is a file; -o needs a folder", output)
+    if output.resolve() == dataset.resolve() or dataset.resolve() in output.resolve().parents:
+        raise MedsegError("the plan folder must not be inside the dataset", output)
     data = open_dataset(dataset)
     report = check_dataset(data)
     if not report.ok:
         first = report.problems[0]
         raise MedsegError(
-            f"dataset fails 'medseg dataset check' ({len(report.problems)} problems; first: {first.path.name}: "
+            f"dataset fails 'medseg dataset check' ({len(report.problems)} problem(s); first: {first.path.name}: "
             f"{first.problem})",
             dataset,
         )

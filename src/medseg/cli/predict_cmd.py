@@ -33,13 +33,29 @@ def predict(
     from medseg.inference.supervised_predictor import SupervisedPredictor
     from medseg.io import format_of, label_path_for, save
 
+    if device not in ("cpu", "cuda"):
+        raise MedsegError(f"--device must be cpu or cuda, got {device!r}")
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise MedsegError("--device cuda asked for, but this torch build sees no CUDA device")
+    if output.exists() and not output.is_dir():
+        raise MedsegError("is a file; -o needs a folder", output)
+    if save_probabilities and (output / "probabilities").exists() and not (output / "probabilities").is_dir():
+        raise MedsegError("is a file; --save-probabilities writes a folder there", output / "probabilities")
     predictor = SupervisedPredictor(model_dir, device)
     cases = _cases(input_path)
     targets = {case: label_path_for(files[0], output, case) for case, files in cases.items()}
-    for case, files in cases.items():  # every input is checked before anything is written
-        format_of(targets[case])
-        predictor.check(load_channels(files))
     inputs = tuple(p for files in cases.values() for p in files)
+    resolved_inputs = {p.resolve() for p in inputs}
+    for case, files in cases.items():  # every input and output is checked before anything is written
+        format_of(targets[case])
+        if targets[case].is_dir():
+            raise MedsegError("is a folder; the label map for this case would go there", targets[case])
+        if targets[case].resolve() in resolved_inputs:
+            raise MedsegError("refusing to overwrite an input file (choose another -o)", targets[case])
+        predictor.check(load_channels(files))
     started = time.perf_counter()
     with progress_bar("predicting", len(cases)) as advance:
         for case, files in cases.items():

@@ -49,9 +49,14 @@ def train(
         raise MedsegError(f"--device must be auto, cpu or cuda, got {device!r}")
     names = None
     if val_cases is not None:
+        if val_cases.is_dir():
+            raise MedsegError("is a folder; --val-cases takes a text file with one case name a line", val_cases)
         if not val_cases.is_file():
             raise MedsegError("no such file", val_cases)
-        names = [line.strip() for line in val_cases.read_text().splitlines() if line.strip()]
+        try:
+            names = [line.strip() for line in val_cases.read_text().splitlines() if line.strip()]
+        except UnicodeDecodeError:
+            raise MedsegError("not a text file (one case name a line)", val_cases) from None
     options = TrainOptions(
         dataset=dataset,
         output=output,

@@ -182,7 +182,7 @@ def _load_split(dataset_dir: Path, predictor: PromptPredictor, config: FinetuneC
     if not report.ok:
         first = report.problems[0]
         raise MedsegError(
-            f"dataset fails 'medseg dataset check' ({len(report.problems)} problems; first: {first.path.name}: "
+            f"dataset fails 'medseg dataset check' ({len(report.problems)} problem(s); first: {first.path.name}: "
             f"{first.problem})",
             dataset_dir,
         )

@@ -55,7 +55,8 @@ class SupervisedPredictor:
         try:
             self.network.load_state_dict(state, strict=True)
         except RuntimeError as error:
-            first = str(error).splitlines()[0][:200]
+            lines = [ln.strip() for ln in str(error).splitlines() if ln.strip() and not ln.strip().endswith(":")]
+            first = (lines[0] if lines else str(error))[:200]
             raise MedsegError(
                 f"checkpoint does not fit plan.json's network ({self.plan.network.name}, "
                 f"{self.plan.spatial_dims}D): {first}",

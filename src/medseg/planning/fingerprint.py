@@ -82,7 +82,8 @@ def fingerprint_dataset(dataset: Dataset, on_case: Callable[[Case], None] | None
         )
     return Fingerprint(
         dataset_name=dataset.name or dataset.root.name,
-        modality=dataset.modality,
+        # nnU-Net v2 declares the modality per channel ("CT", "MRI", ...) where medseg reads "modality"
+        modality=dataset.modality or next(iter(dataset.channel_names.values()), ""),
         spatial_dims=spatial_dims,
         channels=channels,
         labels=dict(dataset.labels),

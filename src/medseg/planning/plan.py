@@ -79,8 +79,21 @@ class TrainingConfig:
         if config.optimizer not in ("adamw", "sgd"):
             raise MedsegError(f"training.optimizer must be 'adamw' or 'sgd', got {config.optimizer!r}")
         for name in ("batch_size", "iterations_per_epoch", "epochs", "val_cases_per_epoch"):
-            if not isinstance(getattr(config, name), int) or getattr(config, name) < 1:
+            if not _is_int(getattr(config, name)) or getattr(config, name) < 1:
                 raise MedsegError(f"training.{name} must be a positive integer")
+        _number(config.learning_rate, "training.learning_rate", low=0.0, inclusive=False)
+        _number(config.weight_decay, "training.weight_decay", low=0.0)
+        _number(config.rotation_degrees, "training.rotation_degrees", low=0.0, high=180.0)
+        for name in ("foreground_oversampling", "elastic_probability", "noise_probability", "contrast_probability"):
+            _number(getattr(config, name), f"training.{name}", low=0.0, high=1.0)
+        for name in ("scale_range", "gamma_range"):
+            value = getattr(config, name)
+            if not isinstance(value, list) or len(value) != 2:
+                raise MedsegError(f"training.{name} must be [low, high], got {value!r}")
+            for v in value:
+                _number(v, f"training.{name}", low=0.0, inclusive=False)
+            if value[0] > value[1]:
+                raise MedsegError(f"training.{name} must be [low, high] with low <= high, got {value}")
         return config
 
 
@@ -165,6 +178,8 @@ def make_plan(
     if profile not in PROFILES:
         raise MedsegError(f"unknown profile {profile!r} (known: {', '.join(PROFILES)})")
     settings = PROFILES[profile]
+    if memory_gb is not None and not (math.isfinite(memory_gb) and memory_gb > 0):
+        raise MedsegError(f"--memory-gb must be a positive number, got {memory_gb}")
     budget = float(memory_gb) if memory_gb is not None else _default_memory_gb(profile)
     spacing = _target_spacing(np.array(fingerprint.spacings))
     shapes = np.array(fingerprint.shapes, dtype=float) * np.array(fingerprint.spacings) / spacing
@@ -368,11 +383,48 @@ def _only_known(cls: type, data: Any, section: str) -> None:
         raise MedsegError(f"{section} has unknown keys {unknown} (allowed: {sorted(allowed)})")
 
 
+def _is_positive(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _number(value: Any, name: str, low: float | None = None, high: float | None = None, inclusive: bool = True) -> None:
+    """Raise MedsegError unless ``value`` is a finite number in the range."""
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if ok and low is not None:
+        ok = value >= low if inclusive else value > low
+    if ok and high is not None:
+        ok = value <= high
+    if not ok:
+        where = f" in {'[' if inclusive else '('}{low}, {high}]" if low is not None else ""
+        raise MedsegError(f"{name} must be a finite number{where}, got {value!r}")
+
+
 def _check_consistent(plan: Plan) -> None:
+    from medseg.models.supervised.factory import check_config
+
     dims = plan.spatial_dims
+    if dims not in (2, 3) or not _is_int(plan.channels) or plan.channels < 1:
+        raise MedsegError("spatial_dims must be 2 or 3 and channels a positive integer")
+    if (
+        not all(isinstance(k, str) and _is_int(v) and v >= 0 for k, v in plan.labels.items())
+        or 0 not in plan.labels.values()
+    ):
+        raise MedsegError(f"labels must map names to non-negative integers, background 0 included, got {plan.labels}")
+    check_config(plan.network)
+    if not isinstance(plan.network.deep_supervision, bool):
+        raise MedsegError("network.deep_supervision must be true or false")
+    for name in ("base_features", "max_features", "vit_layers", "vit_heads"):
+        if not _is_int(getattr(plan.network, name)) or getattr(plan.network, name) < 1:
+            raise MedsegError(f"network.{name} must be a positive integer")
+    if not all(_is_int(v) for v in plan.patch_size if isinstance(plan.patch_size, list)):
+        raise MedsegError(f"patch_size must list integers, got {plan.patch_size}")
     for name in ("target_spacing", "patch_size", "median_shape"):
         value = getattr(plan, name)
-        if not isinstance(value, list) or len(value) != dims or not all(v > 0 for v in value):
+        if not isinstance(value, list) or len(value) != dims or not all(_is_positive(v) for v in value):
             raise MedsegError(f"{name} must list {dims} positive numbers, got {value}")
     if plan.network.spatial_dims != dims or plan.network.in_channels != plan.channels:
         raise MedsegError("network.spatial_dims / in_channels disagree with the plan's spatial_dims / channels")

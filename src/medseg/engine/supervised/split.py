@@ -35,8 +35,13 @@ def make_split(
             raise MedsegError(f"validation cases not in the dataset: {', '.join(unknown[:5])}")
         val = sorted(set(val_cases))
     else:
-        if not 2 <= folds <= len(ordered) or not 0 <= fold < folds:
-            raise MedsegError(f"fold must be in 0..{folds - 1} and folds in 2..{len(ordered)}, got {fold}/{folds}")
+        if not 2 <= folds <= len(ordered):
+            raise MedsegError(
+                f"--folds {folds} needs between 2 and {len(ordered)} folds for {len(ordered)} labelled cases "
+                f"(pass --folds {min(5, len(ordered))} or --val-cases)"
+            )
+        if not 0 <= fold < folds:
+            raise MedsegError(f"--fold must be in 0..{folds - 1}, got {fold}")
         shuffled = [ordered[i] for i in np.random.default_rng(seed).permutation(len(ordered))]
         val = sorted(np.array_split(np.array(shuffled, dtype=object), folds)[fold].tolist())
     train = [n for n in ordered if n not in set(val)]

@@ -34,7 +34,7 @@ from medseg.engine.supervised.split import make_split
 from medseg.errors import MedsegError
 from medseg.inference.sliding_window import predict_probabilities
 from medseg.metrics.surface import dice
-from medseg.models.supervised import build_network
+from medseg.models.supervised import MODEL_NAMES, build_network
 from medseg.planning import Plan, check_plan_fits, fingerprint_dataset, make_plan, read_plan, write_plan
 
 CHECKPOINT = "checkpoint.pt"
@@ -117,6 +117,9 @@ def _train(
         raise MedsegError(f"--epochs must be at least 1, got {options.epochs}")
     if options.minutes is not None and not options.minutes > 0:
         raise MedsegError(f"--minutes must be positive, got {options.minutes}")
+    if options.seed < 0:
+        raise MedsegError(f"--seed must be a non-negative integer, got {options.seed}")
+    _check_output(out, options.dataset)
     checkpoint_path = out / CHECKPOINT
     resuming = options.resume and checkpoint_path.is_file()
     if checkpoint_path.exists() and not options.resume:
@@ -125,15 +128,19 @@ def _train(
     report = check_dataset(dataset)
     if not report.ok:
         first = report.problems[0]
+        count = f"{len(report.problems)} problem{'s' if len(report.problems) > 1 else ''}"
         raise MedsegError(
-            f"dataset fails 'medseg dataset check' ({len(report.problems)} problems; first: {first.path.name}: "
-            f"{first.problem})",
+            f"dataset fails 'medseg dataset check' ({count}; first: {first.path.name}: {first.problem})",
             options.dataset,
         )
+    saved: dict[str, Any] | None = None
     if resuming:
         plan = read_plan(out / "plan.json")
-        split = json.loads((out / "split.json").read_text())
+        split = _read_split(out / "split.json")
+        saved = _load_checkpoint(checkpoint_path)
     else:
+        if options.model is not None and options.model not in MODEL_NAMES:
+            raise MedsegError(f"unknown model {options.model!r} (known: {', '.join(MODEL_NAMES)})")
         plan = options.plan or make_plan(fingerprint_dataset(dataset), options.model or "unet", options.memory_gb)
         if options.model and plan.network.name != options.model:
             raise MedsegError(
@@ -141,37 +148,50 @@ def _train(
             )
         check_plan_fits(plan, options.memory_gb)
         names = [c.name for c in dataset.cases if c.label is not None]
-        split = make_split(names, options.fold, options.folds, options.val_cases, options.num_labelled, options.seed)
+        try:
+            split = make_split(
+                names, options.fold, options.folds, options.val_cases, options.num_labelled, options.seed
+            )
+        except MedsegError as error:
+            raise MedsegError(error.problem, options.dataset) from None
     if options.epochs is not None:
         plan.training.epochs = options.epochs
     if len(split["train"]) < ctx.world:
-        raise MedsegError(f"{len(split['train'])} training cases cannot be shared by {ctx.world} processes")
-    if ctx.main:
-        out.mkdir(parents=True, exist_ok=True)
-        write_plan(plan, out / "plan.json")
-        write_json(out / "split.json", split)
+        raise MedsegError(
+            f"{len(split['train'])} training cases cannot be shared by {ctx.world} processes", options.dataset
+        )
     by_name = {c.name: c for c in dataset.cases if c.label is not None}
     missing = sorted(set(split["train"] + split["val"]) - set(by_name))
     if missing:
         raise MedsegError(f"split.json names cases without a label in the dataset: {', '.join(missing[:5])}", out)
+    _check_fits_data(plan, by_name[split["train"][0]], options.dataset)
+    torch.manual_seed(options.seed)
+    network = build_network(plan.network).to(ctx.device)  # an unbuildable network fails before anything is written
+    if saved is not None:
+        try:
+            network.load_state_dict(saved["model"])
+        except RuntimeError:
+            message = "checkpoint does not fit plan.json's network (was plan.json edited?)"
+            raise MedsegError(message, checkpoint_path) from None
+        before = saved["state"]
+        budget = options.minutes * 60 if options.minutes is not None else math.inf
+        if before["epoch"] >= plan.training.epochs or before["training_seconds"] >= budget:
+            done = f"{before['epoch']} epochs and {before['training_seconds'] / 60:.1f} min"
+            raise MedsegError(f"the run has already trained {done}; give more --epochs or --minutes to continue", out)
+    if ctx.main:
+        out.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temporaries(out)
+        write_plan(plan, out / "plan.json")
+        write_json(out / "split.json", split)
     shard = [prepare_case(by_name[n], plan, options.seed) for n in split["train"][ctx.rank :: ctx.world]]
     val = (
         [prepare_case(by_name[n], plan) for n in split["val"][: plan.training.val_cases_per_epoch]] if ctx.main else []
     )
     sampler = PatchSampler(shard, plan)
 
-    torch.manual_seed(options.seed)
-    network = build_network(plan.network).to(ctx.device)
     optimizer = _optimizer(network, plan)
     state: dict[str, Any] = {"epoch": 0, "history": [], "training_seconds": 0.0, "images": 0, "train_seconds": 0.0}
-    if resuming:
-        saved = _load_checkpoint(checkpoint_path)
-        try:
-            network.load_state_dict(saved["model"])
-        except RuntimeError:
-            raise MedsegError(
-                "checkpoint does not fit plan.json's network (was plan.json edited?)", checkpoint_path
-            ) from None
+    if saved is not None:
         optimizer.load_state_dict(saved["optimizer"])
         state = saved["state"]
     model: nn.Module = network
@@ -182,9 +202,6 @@ def _train(
     loss_fn = _loss(plan)
     training = plan.training
     budget_s = options.minutes * 60 if options.minutes is not None else math.inf
-    if state["epoch"] >= training.epochs or state["training_seconds"] >= budget_s:
-        done = f"{state['epoch']} epochs and {state['training_seconds'] / 60:.1f} min"
-        raise MedsegError(f"the run has already trained {done}; give more --epochs or --minutes to continue", out)
     while True:
         epoch = state["epoch"]
         if ctx.world > 1:  # every rank follows rank 0's clock, so that all use the same learning rate
@@ -265,6 +282,49 @@ def _train(
             },
         )
     return result
+
+
+def _check_output(out: Path, dataset: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise MedsegError("is a file; -o needs a folder", out)
+    resolved, data = out.resolve(), dataset.resolve()
+    if resolved == data or data in resolved.parents:
+        raise MedsegError("the model folder must not be inside the dataset (it would be read as data)", out)
+
+
+def _read_split(path: Path) -> dict[str, list[str]]:
+    try:
+        split = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise MedsegError("missing: the run cannot be resumed without its split", path) from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise MedsegError(f"not valid JSON ({error})", path) from None
+    if not isinstance(split, dict) or not all(isinstance(split.get(k), list) for k in ("train", "val")):
+        raise MedsegError('expected {"train": [...], "val": [...]}', path)
+    return split
+
+
+def _check_fits_data(plan: Plan, case: Any, dataset: Path) -> None:
+    """The plan's dimensionality, channels and labels against one case and the dataset's declaration."""
+    from medseg.data.cases import load_case
+
+    image, _ = load_case(case)
+    if image.ndim != plan.spatial_dims or image.channels != plan.channels:
+        raise MedsegError(
+            f"the plan is for {plan.spatial_dims}D images with {plan.channels} channel(s), the dataset has "
+            f"{image.ndim}D images with {image.channels}",
+            dataset,
+        )
+    declared = open_dataset(dataset).labels
+    if declared and {str(k): int(v) for k, v in declared.items()} != plan.labels:
+        raise MedsegError(f"the plan's labels {plan.labels} differ from dataset.json's {declared}", dataset)
+
+
+def _remove_stale_temporaries(out: Path) -> None:
+    """Temporary files of writes a crash interrupted (``.model.pt.x8k2``): never renamed, never needed."""
+    for name in (CHECKPOINT, WEIGHTS, "train.json", "curve.png", "plan.json", "split.json"):
+        for stale in out.glob(f".{name}.*"):
+            stale.unlink(missing_ok=True)
 
 
 def _start_distributed(device: str) -> _Context:

@@ -72,7 +72,7 @@ def build_network(config: NetworkConfig) -> nn.Module:
     Raises:
         MedsegError: unknown name, a 3D TransUNet, or an inconsistent config.
     """
-    _check(config)
+    check_config(config)
     if config.name == "unet":
         from monai.networks.nets import DynUNet
 
@@ -105,7 +105,8 @@ def build_network(config: NetworkConfig) -> nn.Module:
     )
 
 
-def _check(config: NetworkConfig) -> None:
+def check_config(config: NetworkConfig) -> None:
+    """Raise MedsegError when ``config`` cannot build a network (see `build_network`)."""
     if config.name not in MODEL_NAMES:
         raise MedsegError(f"unknown model {config.name!r} (known: {', '.join(MODEL_NAMES)})")
     if config.spatial_dims not in (2, 3):
@@ -116,6 +117,8 @@ def _check(config: NetworkConfig) -> None:
         raise MedsegError(f"strides must be a non-empty list of {config.spatial_dims}-element lists")
     if len(config.kernel_sizes) != len(config.strides) + 1:
         raise MedsegError("kernel_sizes needs one entry per stage (len(strides) + 1)")
+    if not all(isinstance(v, int) and v >= 1 for row in [*config.strides, *config.kernel_sizes] for v in row):
+        raise MedsegError("strides and kernel_sizes must hold positive integers")
     if config.in_channels < 1 or config.out_channels < 2:
         raise MedsegError("a network needs at least one input channel and two output classes")
     if config.name == "transunet" and any(s != [2, 2] for s in config.strides):
