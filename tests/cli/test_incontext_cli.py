@@ -8,18 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from typer.testing import CliRunner
 
+from cli_helpers import run_cli as _run
 from dataset_builders import make_nnunet_2d_shapes, make_nnunet_3d
-from medseg.cli.main import app
 from medseg.io import load
 from medseg.models.incontext import UniverSeg
-
-runner = CliRunner()
-
-
-def _run(*args: str | Path):  # type: ignore[no-untyped-def]
-    return runner.invoke(app, [str(a) for a in args])
 
 
 def _weights(path: Path) -> Path:

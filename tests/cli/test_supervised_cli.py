@@ -10,26 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
 
+from cli_helpers import assert_one_error_line as _one_error_line
+from cli_helpers import run_cli as _run
 from dataset_builders import make_nnunet_2d_shapes, make_nnunet_3d
-from medseg.cli.main import app
 from medseg.io import Image, load, save
-
-runner = CliRunner()
-
-
-def _run(*args: str | Path):  # type: ignore[no-untyped-def]
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def _one_error_line(result, *fragments: str) -> None:  # type: ignore[no-untyped-def]
-    assert result.exit_code == 2, result.output
-    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("medseg: error: ")
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 @pytest.fixture(scope="module")

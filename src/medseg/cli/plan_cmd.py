@@ -21,7 +21,7 @@ def plan(
 ) -> None:
     """Choose spacing, patch, batch size, normalisation and network depth from the data (nnU-Net's rules)."""
     from medseg.data import open_dataset
-    from medseg.data.check import check_dataset
+    from medseg.data.check import require_valid
     from medseg.planning import fingerprint_dataset, make_plan, write_plan
 
     if output.exists() and not output.is_dir():
@@ -29,14 +29,7 @@ def plan(
     if output.resolve() == dataset.resolve() or dataset.resolve() in output.resolve().parents:
         raise MedsegError("the plan folder must not be inside the dataset", output)
     data = open_dataset(dataset)
-    report = check_dataset(data)
-    if not report.ok:
-        first = report.problems[0]
-        raise MedsegError(
-            f"dataset fails 'medseg dataset check' ({len(report.problems)} problem(s); first: {first.path.name}: "
-            f"{first.problem})",
-            dataset,
-        )
+    require_valid(data)
     with progress_bar("fingerprint", len(data.cases)) as advance:
         fingerprint = fingerprint_dataset(data, on_case=advance)
     made = make_plan(fingerprint, model, memory_gb, profile)

@@ -137,3 +137,15 @@ def _label_problems(label: Image, declared: set[int], report: CheckReport) -> It
             yield f"label values {unknown} are not declared in dataset.json (declared: {sorted(declared)})"
     elif values.min() < 0:
         yield f"label map holds negative values (min {values.min()})"
+
+
+def require_valid(dataset: Dataset) -> None:
+    """Raise MedsegError naming the dataset and its first problem when `check_dataset` finds any (training and
+    planning start only from data that passes ``medseg dataset check``)."""
+    report = check_dataset(dataset)
+    if not report.ok:
+        first = report.problems[0]
+        count = f"{len(report.problems)} problem{'s' if len(report.problems) > 1 else ''}"
+        raise MedsegError(
+            f"dataset fails 'medseg dataset check' ({count}; first: {first.path.name}: {first.problem})", dataset.root
+        )

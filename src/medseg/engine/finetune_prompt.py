@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from medseg.data import open_dataset
-from medseg.data.check import check_dataset
+from medseg.data.check import require_valid
 from medseg.errors import MedsegError
 from medseg.inference.click_simulation import interior_point, next_click
 from medseg.inference.prompt_predictor import PromptPredictor
@@ -178,14 +178,7 @@ def finetune(
 
 def _load_split(dataset_dir: Path, predictor: PromptPredictor, config: FinetuneConfig) -> tuple[_Objects, _Objects]:
     dataset = open_dataset(dataset_dir)
-    report = check_dataset(dataset)
-    if not report.ok:
-        first = report.problems[0]
-        raise MedsegError(
-            f"dataset fails 'medseg dataset check' ({len(report.problems)} problem(s); first: {first.path.name}: "
-            f"{first.problem})",
-            dataset_dir,
-        )
+    require_valid(dataset)
     cases = [c for c in dataset.cases if c.label is not None]
     rng = np.random.default_rng(config.seed)
     order = rng.permutation(len(cases))

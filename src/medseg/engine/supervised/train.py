@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from medseg.data import open_dataset
-from medseg.data.check import check_dataset
+from medseg.data.check import require_valid
 from medseg.engine.run_files import atomic_write, plot_curve, write_json
 from medseg.engine.supervised.data import PatchSampler, PreparedCase, prepare_case
 from medseg.engine.supervised.split import make_split
@@ -125,14 +125,7 @@ def _train(
     if checkpoint_path.exists() and not options.resume:
         raise MedsegError("already holds a training run; pass --resume to continue it or choose another folder", out)
     dataset = open_dataset(options.dataset)
-    report = check_dataset(dataset)
-    if not report.ok:
-        first = report.problems[0]
-        count = f"{len(report.problems)} problem{'s' if len(report.problems) > 1 else ''}"
-        raise MedsegError(
-            f"dataset fails 'medseg dataset check' ({count}; first: {first.path.name}: {first.problem})",
-            options.dataset,
-        )
+    require_valid(dataset)
     saved: dict[str, Any] | None = None
     if resuming:
         plan = read_plan(out / "plan.json")
