@@ -28,6 +28,7 @@ from torch import nn
 
 from medseg.data import open_dataset
 from medseg.data.check import require_valid
+from medseg.data.dataset import Case, Dataset
 from medseg.engine.run_files import atomic_write, plot_curve, write_json
 from medseg.engine.supervised.data import PatchSampler, PreparedCase, prepare_case
 from medseg.engine.supervised.split import make_split
@@ -157,7 +158,7 @@ def _train(
     missing = sorted(set(split["train"] + split["val"]) - set(by_name))
     if missing:
         raise MedsegError(f"split.json names cases without a label in the dataset: {', '.join(missing[:5])}", out)
-    _check_fits_data(plan, by_name[split["train"][0]], options.dataset)
+    _check_fits_data(plan, by_name[split["train"][0]], dataset)
     torch.manual_seed(options.seed)
     network = build_network(plan.network).to(ctx.device)  # an unbuildable network fails before anything is written
     if saved is not None:
@@ -297,7 +298,7 @@ def _read_split(path: Path) -> dict[str, list[str]]:
     return split
 
 
-def _check_fits_data(plan: Plan, case: Any, dataset: Path) -> None:
+def _check_fits_data(plan: Plan, case: Case, dataset: Dataset) -> None:
     """The plan's dimensionality, channels and labels against one case and the dataset's declaration."""
     from medseg.data.cases import load_case
 
@@ -306,11 +307,11 @@ def _check_fits_data(plan: Plan, case: Any, dataset: Path) -> None:
         raise MedsegError(
             f"the plan is for {plan.spatial_dims}D images with {plan.channels} channel(s), the dataset has "
             f"{image.ndim}D images with {image.channels}",
-            dataset,
+            dataset.root,
         )
-    declared = open_dataset(dataset).labels
+    declared = dataset.labels
     if declared and {str(k): int(v) for k, v in declared.items()} != plan.labels:
-        raise MedsegError(f"the plan's labels {plan.labels} differ from dataset.json's {declared}", dataset)
+        raise MedsegError(f"the plan's labels {plan.labels} differ from dataset.json's {declared}", dataset.root)
 
 
 def _remove_stale_temporaries(out: Path) -> None:
