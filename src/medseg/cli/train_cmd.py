@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -87,6 +88,17 @@ def train(
                 f"validation cases segmented into {folder} (medseg evaluate {folder} GT_FOLDER -o DIR)", soft_wrap=True
             )
         out.print(f"model in {result.model_dir} (medseg predict {result.model_dir} INPUT -o OUT)", soft_wrap=True)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        _leave_distributed()
+
+
+def _leave_distributed() -> None:
+    """End a torchrun rank whose work is written and whose process group is destroyed, skipping the C++
+    teardown: gloo's threads can abort a process at interpreter exit ("terminate called without an active
+    exception", SIGABRT; pytorch/pytorch#179291), which torchrun reports as a failed run."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _predict_validation(model_dir: Path, dataset: Path, device: str) -> Path:
@@ -116,8 +128,6 @@ class _Display:
     """A progress bar with loss and validation Dice on a terminal; one line per epoch otherwise."""
 
     def __init__(self) -> None:
-        import os
-
         self.main = os.environ.get("RANK", "0") == "0"
         self.live = self.main and sys.stderr.isatty()
         self.progress: Any = None
