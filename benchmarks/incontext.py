@@ -1,0 +1,313 @@
+"""Benchmark of medseg's in-context engines on datasets they never saw, with two baselines.
+
+Engines and baselines (``--engines``):
+
+- ``match``: `FeatureMatchingPredictor` with the trained `MatchingHead` of ``--head`` (default: the one
+  medseg ships, trained by ``medseg train-matching-head`` without the held-out datasets);
+- ``knn``: the same frozen LiteMedSAM image features with the fixed nearest-neighbour rule (nothing trained
+  for in-context use, so every dataset is unseen by it);
+- ``universeg``: medseg's UniverSeg-style network with the weights of ``--universeg-weights`` (trained by
+  ``medseg train-incontext`` without the held-out datasets);
+- ``prototype``: the prototype baseline (masked average pooling of the same LiteMedSAM features, cosine);
+- ``unet``: the supervised baseline, a MONAI 2D U-Net trained on the support set only (``--unet-steps``
+  Adam steps of DiceCE on the 128 x 128 grey frames, flips and 90-degree rotations), for each support size.
+
+For each held-out dataset (``--datasets``, default WBC and ISBI-EM, the two the shipped UniverSeg-style
+config leaves out of training) the cases are shuffled with ``--seed``; the last ``--queries`` are the
+queries and the first ``n`` of the rest the support set of size ``n`` (nested sets; a size larger than the
+rest is reported as "-"; a dataset with fewer than ``3 x --queries`` cases gets a third of its cases as
+queries). Every label of the dataset is segmented in one call; Dice per label is computed
+on the query's own grid and averaged over queries (a query where both prediction and ground truth are empty
+for a label scores 1).
+
+``--latency``: seconds per query at 128 x 128 (a real image of the first dataset resized), 2 threads, for
+support sizes 1, 16 and 64, after one warm-up; the supports' embeddings are computed once per support set
+(as when a folder of queries is segmented) and not counted; the query's own encoding is.
+
+``--hippocampus N``: 3D Dice on N Hippocampus volumes held out from a support set of 3 labelled volumes
+(matched by relative slice position).
+
+Results are cached per (dataset, engine, size) under ``--work``; run from the repository root::
+
+    python benchmarks/incontext.py --queries 4 --support-sizes 1 4 --engines knn prototype   # smoke run
+    python benchmarks/incontext.py --universeg-weights /work/icrun/weights.pt --latency --hippocampus 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+ENGINES = ("match", "knn", "universeg", "prototype", "unet")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--datasets", nargs="+", default=["WBC", "ISBI-EM"])
+    parser.add_argument("--support-sizes", nargs="+", type=int, default=[1, 2, 4, 8, 16, 32, 64])
+    parser.add_argument("--queries", type=int, default=16)
+    parser.add_argument("--engines", nargs="+", default=list(ENGINES), choices=ENGINES)
+    parser.add_argument("--universeg-weights", type=Path, default=None)
+    parser.add_argument("--head", type=Path, default=None, help="matching_head.pt (default: the shipped one)")
+    parser.add_argument("--unet-steps", type=int, default=100)
+    parser.add_argument("--latency", action="store_true")
+    parser.add_argument("--hippocampus", type=int, default=0, help="held-out query volumes for the 3D test")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--work", type=Path, default=Path("/tmp/medseg_incontext_bench"))
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    engines = [e for e in args.engines if e != "universeg" or args.universeg_weights is not None]
+    args.work.mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = {"dice": {}, "latency": {}, "hippocampus": {}}
+    for name in args.datasets:
+        results["dice"][name] = {e: _dataset_scores(name, e, args) for e in engines}
+    if args.latency:
+        results["latency"] = {e: _latency(args.datasets[0], e, args) for e in engines}
+    if args.hippocampus:
+        results["hippocampus"] = {e: _volumes(e, args) for e in engines if e != "unet"}
+    _print_tables(results, args, engines)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+
+
+_FEATURE_PREDICTOR: list[Any] = []  # one, so that knn and prototype share its embedding cache
+
+
+def _predictor(engine: str, args: argparse.Namespace) -> Any:
+    if engine in ("match", "knn", "prototype"):
+        from medseg.inference.feature_incontext import SHIPPED_HEAD, FeatureMatchingPredictor, load_head
+
+        if not _FEATURE_PREDICTOR:
+            _FEATURE_PREDICTOR.append(FeatureMatchingPredictor.from_checkpoint(method="knn"))
+        predictor = _FEATURE_PREDICTOR[0]
+        predictor.method = engine
+        predictor.head = load_head(args.head or SHIPPED_HEAD) if engine == "match" else None
+        return predictor
+    from medseg.inference.incontext_predictor import InContextPredictor
+
+    return InContextPredictor.from_weights(args.universeg_weights)
+
+
+def _split(name: str, args: argparse.Namespace) -> tuple[list[tuple[np.ndarray, np.ndarray]], list[Any], list[int]]:
+    from medseg.data import open_dataset
+    from medseg.data.cases import load_case
+
+    dataset = open_dataset(DATA / name)
+    cases = [c for c in dataset.cases if c.label is not None]
+    order = np.random.default_rng(args.seed).permutation(len(cases))
+    loaded = []
+    for i in order:
+        image, label = load_case(cases[int(i)])
+        loaded.append((image.array, label))
+    count = _query_count(len(loaded), args)
+    queries, pool = loaded[-count:], loaded[:-count]
+    values = sorted(int(v) for v in dataset.labels.values() if int(v) != 0) or [1]
+    return pool, queries, values
+
+
+def _dataset_scores(name: str, engine: str, args: argparse.Namespace) -> dict[str, dict[str, float | None]]:
+    """{str(size): {str(label): mean Dice or None}}, cached per size."""
+    cache = args.work / f"{name}_{engine}_q{args.queries}_s{args.seed}.json"
+    if engine in ("match", "universeg"):  # trained engines: the cache belongs to one weights file
+        weights = args.head if engine == "match" else args.universeg_weights
+        cache = cache.with_name(f"{cache.stem}_{_digest(weights)}.json")
+    done: dict[str, Any] = json.loads(cache.read_text()) if cache.is_file() else {}
+    missing = [n for n in args.support_sizes if str(n) not in done]
+    if missing:
+        pool, queries, values = _split(name, args)
+        predictor = None if engine == "unet" else _predictor(engine, args)
+        for n in missing:
+            if n > len(pool):
+                done[str(n)] = {k: None for k, v in dataset_labels(name).items() if int(v) != 0}
+                continue
+            started = time.perf_counter()
+            support = pool[:n]
+            if engine == "unet":
+                labels = _unet_baseline(support, queries, values, args)
+            else:
+                labels = [
+                    predictor.predict(q, [s[0] for s in support], [s[1] for s in support]).labels for q, _ in queries
+                ]
+            names = {int(v): k for k, v in dataset_labels(name).items()}
+            scores = {names.get(v, str(v)): _mean_dice(labels, [gt for _, gt in queries], v) for v in values}
+            done[str(n)] = scores
+            cache.write_text(json.dumps(done))
+            print(f"{name} {engine} n={n}: {scores} ({time.perf_counter() - started:.0f} s)", flush=True)
+    return {str(n): done[str(n)] for n in args.support_sizes}
+
+
+def _query_count(cases: int, args: argparse.Namespace) -> int:
+    """``--queries``, but at most a third of the cases (ISBI-EM has 24: 8 queries, supports up to 16)."""
+    return max(1, min(args.queries, cases // 3))
+
+
+def _digest(path: Path | None) -> str:
+    import hashlib
+
+    from medseg.inference.feature_incontext import SHIPPED_HEAD
+
+    return hashlib.sha256((path or SHIPPED_HEAD).read_bytes()).hexdigest()[:8]
+
+
+def dataset_labels(name: str) -> dict[str, int]:
+    from medseg.data import open_dataset
+
+    return open_dataset(DATA / name).labels
+
+
+def _mean_dice(predictions: list[np.ndarray], truths: list[np.ndarray], value: int) -> float:
+    from medseg.metrics.surface import dice
+
+    return round(float(np.mean([dice(p == value, t == value) for p, t in zip(predictions, truths, strict=True)])), 4)
+
+
+def _unet_baseline(
+    support: list[tuple[np.ndarray, np.ndarray]], queries: list[Any], values: list[int], args: argparse.Namespace
+) -> list[np.ndarray]:
+    """A 2D U-Net trained from scratch on the support set alone, applied to the queries."""
+    import torch.nn.functional as F
+    from monai.losses import DiceCELoss
+    from monai.networks.nets import UNet
+
+    from medseg.inference.incontext_predictor import label_masks, model_frame
+
+    size = 128
+    torch.manual_seed(args.seed)
+    images = torch.from_numpy(np.stack([model_frame(i, size) for i, _ in support]))[:, None]
+    masks = torch.from_numpy(np.stack([label_masks(lab, values, size) for _, lab in support]))
+    target = torch.cat([1 - masks.sum(1, keepdim=True).clamp(0, 1), masks], 1).argmax(1, keepdim=True)
+    network = UNet(2, 1, len(values) + 1, (16, 32, 64, 128), (2, 2, 2), num_res_units=2, norm="instance")
+    optimizer = torch.optim.Adam(network.parameters(), 1e-3)
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    rng = np.random.default_rng(args.seed)
+    network.train()
+    for _ in range(args.unet_steps):
+        pick = rng.integers(0, len(images), min(8, len(images)))
+        x, y = images[pick], target[pick]
+        turns, flip = int(rng.integers(4)), bool(rng.integers(2))
+        x, y = torch.rot90(x, turns, (2, 3)), torch.rot90(y, turns, (2, 3))
+        if flip:
+            x, y = x.flip(3), y.flip(3)
+        optimizer.zero_grad()
+        loss_fn(network(x), y).backward()
+        optimizer.step()
+    network.eval()
+    out = []
+    with torch.no_grad():
+        for image, truth in queries:
+            logits = network(torch.from_numpy(model_frame(image, size))[None, None])
+            back = F.interpolate(logits, truth.shape[:2], mode="bilinear", align_corners=False)
+            out.append(np.array([0, *values], dtype=np.uint8)[back.argmax(1)[0].numpy()])
+    return out
+
+
+def _latency(name: str, engine: str, args: argparse.Namespace) -> dict[str, float]:
+    """Seconds per 128 x 128 query for support sizes 1, 16, 64."""
+    pool, queries, values = _split(name, args)
+    frame = torch.nn.functional.interpolate
+    query = _resize(queries[0][0], frame)
+    times: dict[str, float] = {}
+    predictor = None if engine == "unet" else _predictor(engine, args)
+    for n in (1, 16, 64):
+        support = [(_resize(i, frame), _resize(lab, frame, label=True)) for i, lab in (pool * 64)[:n]]
+        if engine == "unet":
+            started = time.perf_counter()
+            _unet_baseline(support, [(query, query[..., 0] if query.ndim == 3 else query)], values, args)
+            times[str(n)] = round(time.perf_counter() - started, 3)  # training included: that is its cost
+            continue
+        images, labels = [s[0] for s in support], [s[1] for s in support]
+        predictor.predict(query, images, labels)  # warm-up; fills the embedding cache
+        runs = []
+        for r in range(3):
+            fresh = query + (r + 1) * 1e-3  # a new query: its embedding is not cached
+            started = time.perf_counter()
+            predictor.predict(fresh, images, labels)
+            runs.append(time.perf_counter() - started)
+        times[str(n)] = round(float(np.median(runs)), 3)
+        print(f"latency {engine} n={n}: {times[str(n)]} s", flush=True)
+    return times
+
+
+def _resize(array: np.ndarray, interpolate: Any, label: bool = False) -> np.ndarray:
+    tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+    chw = tensor[None] if tensor.ndim == 2 else tensor.permute(2, 0, 1)
+    resized = interpolate(chw[None], (128, 128), mode="nearest" if label else "bilinear")[0]
+    out = resized[0] if tensor.ndim == 2 else resized.permute(1, 2, 0)
+    return out.numpy().astype(array.dtype)
+
+
+def _volumes(engine: str, args: argparse.Namespace) -> dict[str, float]:
+    """3D Dice per label on Hippocampus volumes held out from a support set of 3 volumes."""
+    from medseg.data import open_dataset
+    from medseg.data.cases import load_case
+    from medseg.metrics.surface import dice
+
+    cache = args.work / f"Hippocampus3D_{engine}_{args.hippocampus}_s{args.seed}.json"
+    if cache.is_file():
+        return json.loads(cache.read_text())
+    dataset = open_dataset(DATA / "Hippocampus")
+    cases = [c for c in dataset.cases if c.label is not None]
+    order = np.random.default_rng(args.seed).permutation(len(cases))
+    loaded = [load_case(cases[int(i)]) for i in order[: 3 + args.hippocampus]]
+    support, queries = loaded[:3], loaded[3:]
+    predictor = _predictor(engine, args)
+    scores: dict[str, list[float]] = {"1": [], "2": []}
+    started = time.perf_counter()
+    for image, truth in queries:
+        assert truth is not None
+        result = predictor.predict(
+            image.array, [s[0].array for s in support], [s[1] for s in support],
+            query_is_volume=True, support_are_volumes=True,
+        )  # fmt: skip
+        for v in scores:
+            scores[v].append(dice(result.labels == int(v), truth == int(v)))
+    means = {v: round(float(np.mean(s)), 4) for v, s in scores.items()}
+    means["seconds_per_volume"] = round((time.perf_counter() - started) / len(queries), 1)
+    cache.write_text(json.dumps(means))
+    print(f"Hippocampus 3D {engine}: {means}", flush=True)
+    return means
+
+
+def _print_tables(results: dict[str, Any], args: argparse.Namespace, engines: list[str]) -> None:
+    sizes = [str(n) for n in args.support_sizes]
+    print(f"\nDice on held-out datasets ({args.queries} queries each, seed {args.seed}); columns: support size")
+    print("| dataset | label | engine | " + " | ".join(sizes) + " |")
+    print("|---|---|---|" + "---|" * len(sizes))
+    means: dict[str, dict[str, list[float]]] = {e: {n: [] for n in sizes} for e in engines}
+    for name, by_engine in results["dice"].items():
+        for engine, by_size in by_engine.items():
+            for label in by_size[sizes[0]]:
+                cells = []
+                for n in sizes:
+                    value = by_size[n][label]
+                    cells.append("-" if value is None else f"{value:.3f}")
+                    if value is not None:
+                        means[engine][n].append(value)
+                print(f"| {name} | {label} | {engine} | " + " | ".join(cells) + " |")
+    for engine in engines:
+        cells = [f"{np.mean(v):.3f}" if v else "-" for v in means[engine].values()]
+        print(f"| mean | all | {engine} | " + " | ".join(cells) + " |")
+    if results["latency"]:
+        print("\nSeconds per 128 x 128 query, 2 threads (unet: training on the support set included)")
+        print("| engine | 1 | 16 | 64 |\n|---|---|---|---|")
+        for engine, times in results["latency"].items():
+            print(f"| {engine} | " + " | ".join(f"{times[n]:.3f}" for n in ("1", "16", "64")) + " |")
+    if results["hippocampus"]:
+        print(f"\nHippocampus 3D Dice, {args.hippocampus} held-out volumes, 3 support volumes")
+        print("| engine | anterior | posterior | s per volume |\n|---|---|---|---|")
+        for engine, m in results["hippocampus"].items():
+            print(f"| {engine} | {m['1']:.3f} | {m['2']:.3f} | {m['seconds_per_volume']} |")
+
+
+if __name__ == "__main__":
+    main()
