@@ -53,6 +53,11 @@ def test_bad_inputs(tmp_path: Path) -> None:
         (("--support", flat, "--query", query, "--engine", "nearest"), "unknown --engine"),
         (("--support", flat, "--query", query, "--checkpoint", tmp_path / "missing.pth"), "missing.pth"),
     ]
+    channels = tmp_path / "channels"
+    channels.mkdir()
+    for suffix in ("_0000", "_0001"):
+        shutil.copy(query, channels / f"case_000{suffix}.png")
+    cases.append((("--support", flat, "--query", channels, "--weights", weights), "second channel"))
     (tmp_path / "bad.pt").write_bytes(b"junk")
     cases.append((("--support", flat, "--query", query, "--weights", tmp_path / "bad.pt"), "cannot read weights"))
     for args, fragment in cases:
@@ -66,10 +71,13 @@ def test_bad_inputs(tmp_path: Path) -> None:
 def test_default_engine_matches_lite_medsam_features(tmp_path: Path) -> None:
     support = make_nnunet_2d_shapes(tmp_path / "support", cases=2)
     query = make_nnunet_2d_shapes(tmp_path / "other", cases=1, seed=5) / "imagesTr" / "case_000_0000.png"
-    result = _run("incontext", "--support", support, "--query", query, "-o", tmp_path / "out")
-    assert result.exit_code == 0, result.output
-    label = load(tmp_path / "out" / "case_000.png")
-    assert label.shape == (32, 40) and set(np.unique(label.array)) <= {0, 1, 2}
+    for engine in ("knn", "match"):  # the default, and the shipped head
+        out = tmp_path / engine
+        extra = ("--engine", engine) if engine != "knn" else ()
+        result = _run("incontext", "--support", support, "--query", query, "-o", out, *extra)
+        assert result.exit_code == 0, result.output
+        label = load(out / "case_000.png")
+        assert label.shape == (32, 40) and set(np.unique(label.array)) <= {0, 1, 2}
 
 
 def test_train_incontext_then_segment_with_its_weights(tmp_path: Path) -> None:

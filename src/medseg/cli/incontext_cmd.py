@@ -23,7 +23,7 @@ def incontext(
     engine: str | None = typer.Option(
         None,
         "--engine",
-        help="match (default), knn or prototype: frozen LiteMedSAM features; universeg (default with --weights).",
+        help="knn (default), match or prototype: frozen LiteMedSAM features; universeg (default with --weights).",
     ),
     weights: Path | None = typer.Option(
         None, "--weights", help="universeg: weights.pt from train-incontext, or the official UniverSeg v1 weights."
@@ -46,7 +46,7 @@ def incontext(
     from medseg.data import open_dataset
     from medseg.data.cases import load_case
     from medseg.io import case_of, format_of, label_path_for, load, save
-    from medseg.io.formats import is_image_file
+    from medseg.io.formats import is_image_file, split_extension
 
     predictor = _predictor(engine, weights, checkpoint, head)
     dataset = open_dataset(support)
@@ -70,6 +70,11 @@ def incontext(
     if not files:
         raise MedsegError("no images in this folder", query)
     targets = {f: label_path_for(f, output, case_of(f)) for f in files}
+    for f in files:  # nnU-Net's case_0001 beside case_0000 is a second channel, which these engines do not take
+        stem = split_extension(f)[0]
+        channel = len(stem) > 5 and stem[-5] == "_" and stem[-4:].isdigit() and stem[-4:] != "0000"
+        if channel and any(case_of(g) == stem[:-5] for g in files):
+            raise MedsegError("a second channel of a case; in-context engines take one image per case", f)
     loaded = {}
     for f in files:  # every query is checked before anything is written
         format_of(targets[f])
@@ -95,11 +100,11 @@ def incontext(
 def _predictor(
     engine: str | None, weights: Path | None, checkpoint: Path | None, head: Path | None
 ) -> InContextPredictor:
-    from medseg.inference.feature_incontext import METHODS, SHIPPED_HEAD, FeatureMatchingPredictor
+    from medseg.inference.feature_incontext import METHODS, FeatureMatchingPredictor
     from medseg.inference.incontext_predictor import InContextPredictor
 
     if engine is None:
-        engine = "universeg" if weights is not None else "match" if head or SHIPPED_HEAD.is_file() else "knn"
+        engine = "universeg" if weights is not None else "match" if head is not None else "knn"
     if engine == "universeg":
         if weights is None:
             raise MedsegError("--engine universeg needs --weights (weights.pt from medseg train-incontext)")

@@ -79,7 +79,7 @@ class FeatureMatchingPredictor(InContextPredictor):
     def from_checkpoint(
         cls,
         checkpoint: str | Path | None = None,
-        method: str = "match",
+        method: str = "knn",
         head: str | Path | None = None,
         device: str = "cpu",
     ) -> FeatureMatchingPredictor:

@@ -103,7 +103,7 @@ def train_matching_head(
         state["losses"].append(round(float(loss.detach()), 4))
         state["seconds"] += time.perf_counter() - started
         if on_step is not None:
-            on_step(state["step"], float(loss))
+            on_step(state["step"], state["losses"][-1])
         if state["step"] % config.checkpoint_every == 0 or state["step"] == config.steps:
             _save_checkpoint(
                 checkpoint, {"model": head.state_dict(), "optimizer": optimizer.state_dict(), "state": state}
