@@ -58,10 +58,28 @@ def test_bad_inputs(tmp_path: Path) -> None:
     for suffix in ("_0000", "_0001"):
         shutil.copy(query, channels / f"case_000{suffix}.png")
     cases.append((("--support", flat, "--query", channels, "--weights", weights), "second channel"))
+    (tmp_path / "a_file").write_text("x")
+    twins = tmp_path / "twins"
+    twins.mkdir()
+    shutil.copy(query, twins / "x.png")
+    shutil.copy(query, twins / "x_0000.png")
+    cases += [
+        (("--support", flat, "--query", query, "--weights", weights, "-o", tmp_path / "a_file"), "not a folder"),
+        (("--support", flat, "--query", query, "--weights", weights, "--subset-size", "1"), "--ensemble N"),
+        (
+            ("--support", flat, "--query", query, "--weights", weights, "--ensemble", "2", "--subset-size", "2"),
+            "not smaller",
+        ),
+        (("--support", flat, "--query", twins, "--weights", weights), "would both be written"),
+        (
+            ("--support", flat, "--query", query, "--weights", weights, "-o", flat / "labelsTr"),
+            "would overwrite the input",
+        ),
+    ]
     (tmp_path / "bad.pt").write_bytes(b"junk")
     cases.append((("--support", flat, "--query", query, "--weights", tmp_path / "bad.pt"), "cannot read weights"))
     for args, fragment in cases:
-        result = _run("incontext", *args, "-o", out)
+        result = _run("incontext", *args, *(() if "-o" in args else ("-o", out)))
         assert result.exit_code == 2, result.output
         assert fragment in result.stderr and result.stderr.startswith("medseg: error: ")
         assert not out.exists()

@@ -44,3 +44,4 @@ def test_a_dataset_without_foreground_is_refused(tmp_path: Path) -> None:
         save(image.with_array(image.array * 0), label)
     with pytest.raises(MedsegError, match="no foreground"):
         train_matching_head(HeadTrainConfig(datasets=[str(flat)], images_per_dataset=2, steps=1), tmp_path / "run")
+    assert not (tmp_path / "run").exists()

@@ -82,6 +82,9 @@ def test_a_small_universeg_runs_end_to_end() -> None:
         ({"support_labels": [np.ones((5, 5), np.uint8)]}, "not on its image's grid"),
         ({"support_labels": [np.zeros((10, 10), np.uint8)]}, "no foreground"),
         ({"support_are_volumes": True}, "3D query"),
+        ({"ensemble": 0}, "at least 1"),
+        ({"ensemble": 2, "subset_size": 0}, "at least 1"),
+        ({"neighbours": -1}, "at least 0"),
     ],
 )
 def test_bad_support_sets_are_refused(kwargs: dict, message: str) -> None:

@@ -23,7 +23,7 @@ def incontext(
     engine: str | None = typer.Option(
         None,
         "--engine",
-        help="knn (default), match or prototype: frozen LiteMedSAM features; universeg (default with --weights).",
+        help="knn (default), match or prototype (frozen LiteMedSAM features); universeg (implied by --weights).",
     ),
     weights: Path | None = typer.Option(
         None, "--weights", help="universeg: weights.pt from train-incontext, or the official UniverSeg v1 weights."
@@ -40,14 +40,20 @@ def incontext(
 ) -> None:
     """Segment new images from a few labelled examples (in-context, no training).
 
-    Every label of the support set, one label map per query, in the query's geometry and format; a 3D
-    query is segmented slice by slice (support volumes matched by relative slice position). The default
-    engine, knn, needs no in-context training: it matches frozen LiteMedSAM features of query and supports."""
+    Every label of the support set, one label map per query, in the query's geometry and format.
+    A 3D query is segmented slice by slice (support volumes matched by relative slice position).
+    The default engine, knn, matches frozen LiteMedSAM features of query and supports."""
     from medseg.data import open_dataset
     from medseg.data.cases import load_case
     from medseg.io import case_of, format_of, label_path_for, load, save
     from medseg.io.formats import is_image_file, split_extension
 
+    if output.exists() and not output.is_dir():
+        raise MedsegError("exists and is not a folder", output)
+    if ensemble < 1 or (subset_size is not None and subset_size < 1) or neighbours < 0:
+        raise MedsegError("--ensemble and --subset-size must be at least 1 and --neighbours at least 0")
+    if subset_size is not None and ensemble < 2:
+        raise MedsegError("--subset-size takes effect with --ensemble N (N >= 2); give both or neither")
     predictor = _predictor(engine, weights, checkpoint, head)
     dataset = open_dataset(support)
     images, labels, dims = [], [], set()
@@ -64,12 +70,26 @@ def incontext(
     if len(dims) > 1:
         raise MedsegError("support set mixes 2D images and 3D volumes", support)
     volumes = dims == {3}
+    if not any(label.any() for label in labels):
+        raise MedsegError("no foreground in any support label map: nothing defines the task", support)
+    if subset_size is not None and subset_size >= len(images):
+        raise MedsegError(f"--subset-size {subset_size} is not smaller than the support set ({len(images)})", support)
     if not query.exists():
         raise MedsegError("no such file or folder", query)
     files = [query] if query.is_file() else sorted(p for p in query.iterdir() if p.is_file() and is_image_file(p))
     if not files:
         raise MedsegError("no images in this folder", query)
     targets = {f: label_path_for(f, output, case_of(f)) for f in files}
+    inputs = {p.resolve() for p in files} | {
+        p.resolve() for case in dataset.cases for p in (*case.images, case.label) if p is not None
+    }
+    seen: dict[Path, Path] = {}
+    for f, target in targets.items():  # all checked before anything is written
+        if target.resolve() in inputs:
+            raise MedsegError(f"its label map would overwrite the input {target}; choose another -o", f)
+        if target in seen:
+            raise MedsegError(f"{seen[target].name} and {f.name} would both be written to {target.name}", f)
+        seen[target] = f
     for f in files:  # nnU-Net's case_0001 beside case_0000 is a second channel, which these engines do not take
         stem = split_extension(f)[0]
         channel = len(stem) > 5 and stem[-5] == "_" and stem[-4:].isdigit() and stem[-4:] != "0000"
@@ -89,7 +109,7 @@ def incontext(
                 image.array, images, labels, query_is_volume=image.ndim == 3, support_are_volumes=volumes,
                 ensemble=ensemble, subset_size=subset_size, neighbours=neighbours,
             )  # fmt: skip
-            save(image.with_array(result.labels), targets[f], protect=tuple(files))
+            save(image.with_array(result.labels), targets[f], protect=tuple(inputs))
             advance()
     per = (time.perf_counter() - started) / len(files)
     out.print(

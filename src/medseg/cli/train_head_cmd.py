@@ -26,6 +26,8 @@ def train_matching_head(
 
     if steps < 1 or images_per_dataset < 2:
         raise MedsegError("--steps must be at least 1 and --images-per-dataset at least 2")
+    if output.exists() and not output.is_dir():
+        raise MedsegError("exists and is not a folder", output)
     for folder in datasets:
         if not folder.is_dir():
             raise MedsegError("no such dataset folder", folder)

@@ -73,8 +73,8 @@ class InContextPredictor:
         try:
             model.load_state_dict(state, strict=True)
         except RuntimeError as error:
-            first = str(error).splitlines()[0][:160]
-            raise MedsegError(f"not UniverSeg weights medseg knows: {first}", file) from None
+            detail = next((line.strip() for line in str(error).splitlines()[1:] if line.strip()), "")[:160]
+            raise MedsegError(f"not UniverSeg weights medseg knows ({detail})", file) from None
         return cls(model, size, device)
 
     def predict(
@@ -100,10 +100,13 @@ class InContextPredictor:
             neighbours: for support volumes, slices taken either side of the matched one.
 
         Raises:
-            MedsegError: an empty support set, images and labels that do not pair up, label maps on
+            MedsegError: an ensemble or subset size below 1 or negative neighbours, an empty support set,
+                images and labels that do not pair up, label maps on
                 another grid than their image, supports of mixed dimensionality, 3D supports for a 2D
                 query, or a support set with no foreground at all.
         """
+        if ensemble < 1 or (subset_size is not None and subset_size < 1) or neighbours < 0:
+            raise MedsegError("--ensemble and --subset-size must be at least 1 and --neighbours at least 0")
         if not support_images:
             raise MedsegError("the support set is empty")
         if len(support_images) != len(support_labels):

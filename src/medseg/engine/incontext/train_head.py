@@ -68,13 +68,22 @@ def train_matching_head(
 
     if not config.datasets:
         raise MedsegError("train-matching-head needs at least one dataset")
+    for folder in config.datasets:  # every dataset opens and has labelled cases before anything is written
+        if not [c for c in open_dataset(folder).cases if c.label is not None]:
+            raise MedsegError("no labelled cases", folder)
     checkpoint = output / "checkpoint.pt"
     if checkpoint.exists() and not resume:
         raise MedsegError("already holds a run; pass --resume to continue it or choose another folder", output)
-    output.mkdir(parents=True, exist_ok=True)
-    write_json(output / "config.json", asdict(config))
     predictor = FeatureMatchingPredictor.from_checkpoint(method="knn")
-    banks = _banks(config, predictor, output / "bank.npz")
+    created = not output.exists()
+    output.mkdir(parents=True, exist_ok=True)
+    try:
+        banks = _banks(config, predictor, output / "bank.npz")
+    except MedsegError:
+        if created and not any(output.iterdir()):
+            output.rmdir()  # a failed start leaves nothing behind
+        raise
+    write_json(output / "config.json", asdict(config))
     torch.manual_seed(config.seed)
     head = MatchingHead(config.width)
     optimizer = torch.optim.Adam(head.parameters(), config.learning_rate)

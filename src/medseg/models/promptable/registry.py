@@ -14,6 +14,7 @@ ships with medseg (`INTERACTIVE_HEAD`; see `weights/README.md` for the command t
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.util import find_spec
@@ -135,9 +136,8 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for truncated or foreign files
-        raise MedsegError(
-            f"cannot read checkpoint ({type(err).__name__}: {str(err).splitlines()[0][:120]})", path
-        ) from None
+        detail = "not a PyTorch weights file" if isinstance(err, pickle.UnpicklingError) else type(err).__name__
+        raise MedsegError(f"cannot read checkpoint ({detail})", path) from None
     for key in ("model", "state_dict"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
