@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from medseg.errors import MedsegError
-from medseg.inference.incontext_predictor import InContextPredictor
+from medseg.inference.incontext_predictor import InContextPredictor, support_subsets
 
 METHODS = ("match", "knn", "prototype")
 SHIPPED_HEAD = Path(__file__).resolve().parents[1] / "models" / "incontext" / "weights" / "matching_head.pt"
@@ -141,9 +141,7 @@ class FeatureMatchingPredictor(InContextPredictor):
         ``(N, C + 12, h, w)`` (embedding, then colour packed 2 x 2) and support masks ``(N, K, 4, h, w)``."""
         n, k = masks.shape[:2]
         rng = np.random.default_rng(seed)
-        subsets = [np.arange(n)] if ensemble <= 1 or subset_size is None or subset_size >= n else [
-            rng.choice(n, subset_size, replace=False) for _ in range(ensemble)
-        ]  # fmt: skip
+        subsets = support_subsets(n, ensemble, subset_size, rng)
         frames, query = torch.from_numpy(images).float(), torch.from_numpy(np.stack(queries)).float()
         fine_masks = F.pixel_shuffle(torch.from_numpy(masks).float(), 2)[:, :, 0]  # (N, K, 2h, 2w)
         total = torch.zeros(len(queries), k, *fine_masks.shape[-2:])

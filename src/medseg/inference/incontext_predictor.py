@@ -172,10 +172,7 @@ class InContextPredictor:
     ) -> np.ndarray:
         """Probabilities ``(Q, K, S, S)`` for queries ``(S, S)``, supports ``(N, S, S)`` and masks ``(N, K, S, S)``."""
         n, k = masks.shape[:2]
-        rng = np.random.default_rng(seed)
-        subsets = [np.arange(n)] if ensemble <= 1 or subset_size is None or subset_size >= n else [
-            rng.choice(n, subset_size, replace=False) for _ in range(ensemble)
-        ]  # fmt: skip
+        subsets = support_subsets(n, ensemble, subset_size, np.random.default_rng(seed))
         query = torch.from_numpy(np.stack(queries))[:, None].to(self.device)  # (Q, 1, S, S)
         total = torch.zeros(len(queries), k, self.input_size, self.input_size)
         for subset in subsets:
@@ -204,6 +201,14 @@ class InContextPredictor:
         best = probs.argmax(axis=0)
         labels = np.where(probs.max(axis=0) >= 0.5, np.array(values)[best], 0).astype(np.uint8)
         return InContextResult(labels, probs, values)
+
+
+def support_subsets(n: int, ensemble: int, subset_size: int | None, rng: np.random.Generator) -> list[np.ndarray]:
+    """Indices of the support subsets whose answers are averaged: all ``n`` supports, or ``ensemble``
+    random subsets of ``subset_size`` (drawn from ``rng``) when both are given and the subset is smaller."""
+    if ensemble <= 1 or subset_size is None or subset_size >= n:
+        return [np.arange(n)]
+    return [rng.choice(n, subset_size, replace=False) for _ in range(ensemble)]
 
 
 def model_frame(image: np.ndarray, size: int = 128) -> np.ndarray:
