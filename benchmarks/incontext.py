@@ -215,12 +215,11 @@ def _unet_baseline(
 def _latency(name: str, engine: str, args: argparse.Namespace) -> dict[str, float]:
     """Seconds per 128 x 128 query for support sizes 1, 16, 64."""
     pool, queries, values = _split(name, args)
-    frame = torch.nn.functional.interpolate
-    query = _resize(queries[0][0], frame)
+    query = _resize(queries[0][0])
     times: dict[str, float] = {}
     predictor = None if engine == "unet" else _predictor(engine, args)
     for n in (1, 16, 64):
-        support = [(_resize(i, frame), _resize(lab, frame, label=True)) for i, lab in (pool * 64)[:n]]
+        support = [(_resize(i), _resize(lab, label=True)) for i, lab in (pool * 64)[:n]]
         if engine == "unet":
             started = time.perf_counter()
             _unet_baseline(support, [(query, query[..., 0] if query.ndim == 3 else query)], values, args)
@@ -240,10 +239,11 @@ def _latency(name: str, engine: str, args: argparse.Namespace) -> dict[str, floa
     return times
 
 
-def _resize(array: np.ndarray, interpolate: Any, label: bool = False) -> np.ndarray:
+def _resize(array: np.ndarray, label: bool = False) -> np.ndarray:
+    """``(H, W[, C])`` -> ``(128, 128[, C])`` in its own dtype (nearest for label maps)."""
     tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
     chw = tensor[None] if tensor.ndim == 2 else tensor.permute(2, 0, 1)
-    resized = interpolate(chw[None], (128, 128), mode="nearest" if label else "bilinear")[0]
+    resized = torch.nn.functional.interpolate(chw[None], (128, 128), mode="nearest" if label else "bilinear")[0]
     out = resized[0] if tensor.ndim == 2 else resized.permute(1, 2, 0)
     return out.numpy().astype(array.dtype)
 

@@ -45,13 +45,13 @@ def incontext(
     The default engine, knn, matches frozen LiteMedSAM features of query and supports."""
     from medseg.data import open_dataset
     from medseg.data.cases import load_case
+    from medseg.inference.incontext_predictor import check_ensemble_options
     from medseg.io import case_of, format_of, label_path_for, load, save
     from medseg.io.formats import is_image_file, split_extension
 
     if output.exists() and not output.is_dir():
         raise MedsegError("exists and is not a folder", output)
-    if ensemble < 1 or (subset_size is not None and subset_size < 1) or neighbours < 0:
-        raise MedsegError("--ensemble and --subset-size must be at least 1 and --neighbours at least 0")
+    check_ensemble_options(ensemble, subset_size, neighbours)
     if subset_size is not None and ensemble < 2:
         raise MedsegError("--subset-size takes effect with --ensemble N (N >= 2); give both or neither")
     predictor = _predictor(engine, weights, checkpoint, head)

