@@ -3,8 +3,10 @@ images whose answer is known (a bright disk, a bright ball)."""
 
 from __future__ import annotations
 
+from functools import partial
 from importlib.util import find_spec
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -201,6 +203,9 @@ class _BrightnessModel(torch.nn.Module):
             inside[i, y0:y1, x0:x1] = True
         logits = torch.where(inside, picture - 0.5, torch.full_like(inside, -1.0, dtype=torch.float32))
         return logits[:, None], torch.ones(len(boxes), 1)
+
+    def image_decoder(self, embedding: torch.Tensor) -> SimpleNamespace:
+        return SimpleNamespace(embedding=embedding, decode=partial(self.decode, embedding))
 
 
 def test_segmenting_a_second_volume_never_reuses_the_first_volumes_embeddings() -> None:

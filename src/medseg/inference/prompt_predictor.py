@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from medseg.errors import MedsegError
+from medseg.models.promptable.fast_decoder import CachedImageDecoder
 from medseg.models.promptable.registry import SamSpec, load
 from medseg.models.promptable.segmenter import PromptableSegmenter
 
@@ -58,6 +59,7 @@ class PromptPredictor:
         self.cache_size = cache_size  # embeddings kept by key (4 MB each), e.g. slices of a volume
         self._cache: dict[object, tuple[torch.Tensor, tuple[int, int], tuple[int, int]]] = {}
         self._embedding: torch.Tensor | None = None
+        self._decoder: CachedImageDecoder | None = None  # built on the first predict after set_image
         self._input_size: tuple[int, int] = (0, 0)  # (H, W) of the image given to set_image
         self._resized: tuple[int, int] = (0, 0)  # (h, w) inside the S x S model frame
 
@@ -91,6 +93,7 @@ class PromptPredictor:
         Raises:
             MedsegError: not 2D grey or 3-channel, empty, or not finite.
         """
+        self._decoder = None
         if key is not None and key in self._cache:
             self._embedding, self._input_size, self._resized = self._cache[key]
             return
@@ -101,6 +104,19 @@ class PromptPredictor:
             if len(self._cache) >= self.cache_size:
                 self._cache.pop(next(iter(self._cache)))
             self._cache[key] = (self._embedding, self._input_size, self._resized)
+
+    @property
+    def decoder(self) -> CachedImageDecoder:
+        """The prompt decoder of the current image (image-side work done once; see `CachedImageDecoder`).
+
+        Raises:
+            MedsegError: no image set.
+        """
+        if self._embedding is None:
+            raise MedsegError("call set_image before predict")
+        if self._decoder is None:
+            self._decoder = self.model.image_decoder(self._embedding)
+        return self._decoder
 
     def preprocess(self, image: np.ndarray) -> torch.Tensor:
         """``(H, W[, 3])`` array -> ``(3, S, S)`` tensor in the checkpoint's input convention."""
@@ -152,15 +168,13 @@ class PromptPredictor:
             MedsegError: no image set, no prompt, boxes outside the image or inverted, points
                 outside the image, labels not 0/1.
         """
-        if self._embedding is None:
-            raise MedsegError("call set_image before predict")
+        decoder = self.decoder
         box_tensor = self._check_boxes(boxes)
         point_pair = self._check_points(points, point_labels, 1 if box_tensor is None else len(box_tensor))
         if box_tensor is None and point_pair is None:
             raise MedsegError("give at least one box or point")
         with torch.inference_mode():
-            low_res, iou = self.model.decode(
-                self._embedding,
+            low_res, iou = decoder.decode(
                 boxes=box_tensor,
                 points=point_pair,
                 mask_logits=mask_logits,
