@@ -3,6 +3,7 @@ images whose answer is known (a bright disk, a bright ball)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
 from importlib.util import find_spec
 from pathlib import Path
@@ -203,6 +204,9 @@ class _BrightnessModel(torch.nn.Module):
             inside[i, y0:y1, x0:x1] = True
         logits = torch.where(inside, picture - 0.5, torch.full_like(inside, -1.0, dtype=torch.float32))
         return logits[:, None], torch.ones(len(boxes), 1)
+
+    def inference_encoder(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        return self.embed_image
 
     def image_decoder(self, embedding: torch.Tensor) -> SimpleNamespace:
         return SimpleNamespace(embedding=embedding, decode=partial(self.decode, embedding))

@@ -39,6 +39,7 @@ from torch import nn
 
 from medseg.errors import MedsegError
 from medseg.inference.incontext_predictor import InContextPredictor, support_subsets
+from medseg.models.promptable.image_encoders import for_inference
 
 METHODS = ("match", "knn", "prototype")
 SHIPPED_HEAD = Path(__file__).resolve().parents[1] / "models" / "incontext" / "weights" / "matching_head.pt"
@@ -101,7 +102,7 @@ class FeatureMatchingPredictor(InContextPredictor):
         if spec.image_size != _ENCODER_SIZE:
             raise MedsegError(f"feature matching needs a 256 x 256 encoder (LiteMedSAM), not {spec.name}")
         trained = load_head(Path(head) if head is not None else SHIPPED_HEAD) if method == "match" else None
-        return cls(model.image_encoder, method, device=device, head=trained)
+        return cls(for_inference(model.image_encoder), method, device=device, head=trained)
 
     def _frame(self, image: np.ndarray) -> np.ndarray:
         """Embedding ``(C, h, w)`` float32 of one 2D image, cached by content."""
@@ -112,7 +113,8 @@ class FeatureMatchingPredictor(InContextPredictor):
             return self._cache[key]
         frame = torch.from_numpy(encoder_frame(array))[None]
         with torch.inference_mode():
-            embedding = self.model(frame.to(self.device)).float().cpu()
+            # channels-last: the layout `for_inference` encoders run fastest in (any encoder accepts it)
+            embedding = self.model(frame.to(self.device).contiguous(memory_format=torch.channels_last)).float().cpu()
         grid = embedding.shape[-1]
         colour = F.interpolate(frame, (2 * grid, 2 * grid), mode="area")  # (1, 3, 2h, 2w), packed below
         result = torch.cat([embedding, F.pixel_unshuffle(colour, 2)], 1)[0].numpy()

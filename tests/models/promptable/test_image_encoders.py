@@ -15,6 +15,7 @@ from medseg.models.promptable.image_encoders import (
     TinyViT,
     build_tinyvit_lite_medsam,
     build_vit_b,
+    for_inference,
 )
 from medseg.models.promptable.image_encoders.tiny_vit import TinyViTAttention
 
@@ -269,3 +270,37 @@ def test_vit_b_forward_small_image(small_vit_b: ImageEncoderViT) -> None:
     assert before.shape == (1, 256, 16, 16)
     assert torch.isfinite(before).all()
     torch.testing.assert_close(in_train, before, rtol=0, atol=0)  # no dropout / BatchNorm
+
+
+# -------------------------------------------------------------------------------------------------
+# for_inference (BatchNorm folded, channels-last)
+
+
+def test_inference_copy_of_tinyvit_gives_the_same_embedding_and_stays_a_snapshot() -> None:
+    torch.manual_seed(0)
+    encoder = TinyViT(img_size=64, embed_dims=(16, 32, 40, 80), depths=(1, 1, 2, 1), num_heads=(1, 2, 2, 4))
+    _randomise(encoder, seed=5)  # BatchNorm statistics far from 0 / 1, so folding them matters
+    encoder.eval()
+    frozen = for_inference(encoder)
+    x = torch.rand(2, 3, 64, 64)
+    with torch.inference_mode():
+        expected = encoder(x)
+        folded = frozen(x)
+        channels_last = frozen(x.contiguous(memory_format=torch.channels_last))
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in frozen.modules())
+    assert not any(p.requires_grad for p in frozen.parameters())
+    torch.testing.assert_close(folded, expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(channels_last, expected, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        next(encoder.parameters()).add_(1.0)  # the original changes; the copy does not
+    with torch.inference_mode():
+        torch.testing.assert_close(frozen(x), folded, rtol=0, atol=0)
+
+
+def test_inference_copy_of_vit_b_gives_the_same_embedding(small_vit_b: ImageEncoderViT) -> None:
+    x = torch.rand(1, 3, 256, 256)
+    small_vit_b.eval()
+    with torch.inference_mode():
+        expected = small_vit_b(x)
+        actual = for_inference(small_vit_b)(x.contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)

@@ -11,10 +11,13 @@ This module is pure and trainable; resizing, intensity handling, caching and num
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
 from medseg.models.promptable.fast_decoder import CachedImageDecoder
+from medseg.models.promptable.image_encoders import for_inference
 from medseg.models.promptable.mask_decoder import MaskDecoder
 from medseg.models.promptable.prompt_encoder import PromptEncoder
 
@@ -66,6 +69,17 @@ class PromptableSegmenter(nn.Module):
             dense_prompt_embeddings=dense,
             multimask_output=multimask_output,
         )
+
+    def inference_encoder(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """`embed_image` for inference only: a frozen copy of the encoder with BatchNorm folded into the
+        convolutions and channels-last weights (`image_encoders.for_inference`; same embedding up to
+        float32 rounding, ~1.6x faster on CPU). It holds the weights as they are when called."""
+        encoder = for_inference(self.image_encoder)
+
+        def embed(images: torch.Tensor) -> torch.Tensor:
+            return encoder(images.contiguous(memory_format=torch.channels_last)).contiguous()
+
+        return embed
 
     def image_decoder(self, embedding: torch.Tensor) -> CachedImageDecoder:
         """Inference-only `decode` for many prompts on one ``(1, 256, 64, 64)`` embedding: the image-side

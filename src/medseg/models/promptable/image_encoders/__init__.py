@@ -4,8 +4,10 @@
   loads the ``image_encoder.*`` entries of ``lite_medsam.pth`` (prefix stripped) with ``strict=True``.
 - `ImageEncoderViT` / `build_vit_b`: SAM / MedSAM ViT-B, ``(B, 3, 1024, 1024) -> (B, 256, 64, 64)``;
   loads the ``image_encoder.*`` entries of ``sam_vit_b_01ec64.pth`` / ``medsam_vit_b.pth``.
+- `for_inference`: a frozen copy of either that runs faster on CPU (BatchNorm folded, channels-last).
 """
 
+from medseg.models.promptable.image_encoders._common import for_inference
 from medseg.models.promptable.image_encoders.tiny_vit import TinyViT
 from medseg.models.promptable.image_encoders.vit import ImageEncoderViT
 
@@ -45,4 +47,4 @@ def build_vit_b(img_size: int = 1024) -> ImageEncoderViT:
     )
 
 
-__all__ = ["ImageEncoderViT", "TinyViT", "build_tinyvit_lite_medsam", "build_vit_b"]
+__all__ = ["ImageEncoderViT", "TinyViT", "build_tinyvit_lite_medsam", "build_vit_b", "for_inference"]

