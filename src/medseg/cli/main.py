@@ -58,6 +58,9 @@ def main() -> None:
 
     from typer.exceptions import TyperException
 
+    from medseg.runtime import tune_allocator
+
+    tune_allocator()  # before the first tensor: freed memory is reused, not unmapped (see medseg.runtime)
     try:
         code = app(standalone_mode=False)
     except TyperException as err:  # bad options or arguments (typer's click exceptions)

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from medseg.errors import MedsegError
+from medseg.runtime import tune_allocator
 
 
 @dataclass
@@ -41,6 +42,7 @@ class InContextPredictor:
     (B, N, 1, S, S)) -> logits (B, 1, S, S)``, e.g. `medseg.models.incontext.UniverSeg`."""
 
     def __init__(self, model: nn.Module, input_size: int = 128, device: str = "cpu", batch_size: int = 8) -> None:
+        tune_allocator()
         self.model = model.to(device).eval()
         self.input_size = input_size
         self.device = torch.device(device)

@@ -24,6 +24,7 @@ from medseg.errors import MedsegError
 from medseg.models.promptable.fast_decoder import CachedImageDecoder
 from medseg.models.promptable.registry import SamSpec, load
 from medseg.models.promptable.segmenter import PromptableSegmenter
+from medseg.runtime import tune_allocator
 
 _IMAGENET_MEAN = torch.tensor([123.675, 116.28, 103.53]).view(3, 1, 1)
 _IMAGENET_STD = torch.tensor([58.395, 57.12, 57.375]).view(3, 1, 1)
@@ -57,6 +58,7 @@ class PromptPredictor:
     """
 
     def __init__(self, model: PromptableSegmenter, spec: SamSpec, cache_size: int = 0) -> None:
+        tune_allocator()
         self.model = model.eval()
         self._encode = model.inference_encoder()  # the encoder's weights as they are now
         self.spec = spec

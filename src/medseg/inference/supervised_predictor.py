@@ -16,6 +16,7 @@ from medseg.io import Image
 from medseg.models.supervised import build_network
 from medseg.planning import Plan, read_plan
 from medseg.preprocessing.resample import invert_resample
+from medseg.runtime import tune_allocator
 
 WEIGHTS = "model.pt"
 
@@ -37,6 +38,7 @@ class SupervisedPredictor:
     """
 
     def __init__(self, model_dir: str | Path, device: str = "cpu") -> None:
+        tune_allocator()
         folder = Path(model_dir)
         if not folder.is_dir():
             raise MedsegError("no such model folder (expected the -o folder of 'medseg train')", folder)
