@@ -225,3 +225,34 @@ def test_segmenting_a_second_volume_never_reuses_the_first_volumes_embeddings() 
     again = segment(shared, Image(second), prompts).array
     fresh = segment(PromptPredictor(_BrightnessModel(), spec_for("lite_medsam")), Image(second), prompts).array
     np.testing.assert_array_equal(again, fresh)
+
+
+KVASIR_IMAGE = (
+    Path(__file__).resolve().parents[2].parent
+    / "shared"
+    / "data"
+    / "Kvasir-SEG"
+    / "imagesTr"
+    / "kvasirseg_cju0qkwl35piu0993l0dewei2_0000.png"
+)
+
+
+@needs_weights
+@pytest.mark.skipif(not KVASIR_IMAGE.is_file(), reason="../shared/data/Kvasir-SEG is absent")
+def test_clicks_with_a_box_never_leave_the_box() -> None:
+    from medseg.inference.prompt_predictor import PromptPredictor
+
+    predictor = PromptPredictor.from_checkpoint()
+    predictor.set_image(load(KVASIR_IMAGE).array)
+    box, points, labels = [16, 3, 177, 163], [[90, 80], [20, 150]], [1, 0]
+    result = predictor.predict_with_clicks(box, points, labels)
+    raw = predictor.predict(boxes=[box])  # the same loop by hand, unclipped
+    for count in range(len(points)):
+        raw = predictor.predict(
+            boxes=[box], points=points[: count + 1], point_labels=labels[: count + 1], mask_logits=raw.low_res_logits
+        )
+    inside = np.zeros(result.masks.shape[1:], bool)
+    inside[3:163, 16:177] = True
+    assert result.masks[0].sum() > 1000 and not result.masks[0][~inside].any()
+    np.testing.assert_array_equal(result.logits[0][inside], raw.logits[0][inside])
+    assert torch.equal(result.low_res_logits, raw.low_res_logits)

@@ -199,7 +199,11 @@ class PromptPredictor:
         self, box: list[float] | None, points: list[list[float]], point_labels: list[int]
     ) -> PromptResult:
         """One object from a box and clicks, as an interactive user gives them: the box first, then
-        each click refines the previous mask (its low-resolution logits are the mask prompt)."""
+        each click refines the previous mask (its low-resolution logits are the mask prompt).
+
+        With a box, the returned logits and mask are clipped to it (`clip_to_box`): the user's box
+        bounds the object, and a mask prompt can make SAM-family decoders leave streaks outside it.
+        ``low_res_logits`` stay unclipped, as the next refinement expects."""
         if box is None:
             result = self.predict(points=points[:1], point_labels=point_labels[:1], multimask_output=True)
         else:
@@ -211,7 +215,10 @@ class PromptPredictor:
                 point_labels=point_labels[: count + 1],
                 mask_logits=result.low_res_logits,
             )
-        return result
+        if box is None:
+            return result
+        logits = np.stack([clip_to_box(one, box) for one in result.logits])
+        return PromptResult(masks=logits > 0, logits=logits, scores=result.scores, low_res_logits=result.low_res_logits)
 
     def _to_input_grid(self, low_res: torch.Tensor) -> torch.Tensor:
         size = self.spec.image_size
@@ -276,3 +283,17 @@ def check_point(point: Sequence[float] | np.ndarray, size: tuple[int, int]) -> N
     height, width = size
     if not (0 <= x < width and 0 <= y < height):
         raise MedsegError(f"point ({x:g}, {y:g}) lies outside the image of width {width} and height {height}")
+
+
+def clip_to_box(logits: np.ndarray, box: Sequence[float] | None) -> np.ndarray:
+    """``logits`` ``(H, W)`` with everything outside the user's box ``x0, y0, x1, y1`` set far below 0.
+
+    The user's box bounds the object; SAM-family decoders fed a mask prompt can leave streaks far
+    outside it. Boxes derived from a neighbouring slice's mask are not user boxes and are not clipped to.
+    """
+    if box is None:
+        return logits
+    x0, y0, x1, y1 = (int(np.floor(box[0])), int(np.floor(box[1])), int(np.ceil(box[2])), int(np.ceil(box[3])))
+    out = np.full_like(logits, -1e4)
+    out[max(y0, 0) : y1, max(x0, 0) : x1] = logits[max(y0, 0) : y1, max(x0, 0) : x1]
+    return out

@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from medseg.errors import MedsegError
-from medseg.inference.prompt_predictor import PromptPredictor, check_box, check_point
-from medseg.inference.propagation import VolumePrompt, clip_to_box, merge_objects, propagate
+from medseg.inference.prompt_predictor import PromptPredictor, check_box, check_point, clip_to_box
+from medseg.inference.propagation import VolumePrompt, merge_objects, propagate
 from medseg.io import Image
 from medseg.preprocessing import IntensityPreset, normalize
 
@@ -125,6 +125,6 @@ def _segment_2d(predictor: PromptPredictor, shown: np.ndarray, prompts: Prompts)
     if prompts.points:
         box = list(prompts.boxes[0]) if prompts.boxes else None
         points = [list(p) for p in prompts.points]
-        return [clip_to_box(predictor.predict_with_clicks(box, points, list(prompts.point_labels)).logits[0], box)]
+        return [predictor.predict_with_clicks(box, points, list(prompts.point_labels)).logits[0]]  # clipped to box
     logits = predictor.predict(boxes=[list(b) for b in prompts.boxes]).logits
     return [clip_to_box(one, box) for one, box in zip(logits, prompts.boxes, strict=True)]

@@ -18,7 +18,7 @@ import numpy as np
 from scipy import ndimage
 
 from medseg.errors import MedsegError
-from medseg.inference.prompt_predictor import PromptPredictor
+from medseg.inference.prompt_predictor import PromptPredictor, clip_to_box
 
 # A slice's object must keep this fraction of the start slice's inside-vs-ring contrast.
 MIN_RELATIVE_CONTRAST = 0.3
@@ -101,20 +101,6 @@ def propagate(
             logits[z] = current
             z += step
     return logits
-
-
-def clip_to_box(logits: np.ndarray, box: tuple[float, float, float, float] | list[float] | None) -> np.ndarray:
-    """``logits`` ``(H, W)`` with everything outside the user's box set far below 0.
-
-    The user's box bounds the object; SAM-family decoders fed a mask prompt can leave streaks far
-    outside it. Boxes derived from a neighbouring slice's mask are not user boxes and are not clipped to.
-    """
-    if box is None:
-        return logits
-    x0, y0, x1, y1 = (int(np.floor(box[0])), int(np.floor(box[1])), int(np.ceil(box[2])), int(np.ceil(box[3])))
-    out = np.full_like(logits, -1e4)
-    out[max(y0, 0) : y1, max(x0, 0) : x1] = logits[max(y0, 0) : y1, max(x0, 0) : x1]
-    return out
 
 
 def contrast(image: np.ndarray, mask: np.ndarray) -> float:
