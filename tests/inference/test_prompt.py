@@ -209,7 +209,7 @@ class _BrightnessModel(torch.nn.Module):
         return self.embed_image
 
     def image_decoder(self, embedding: torch.Tensor) -> SimpleNamespace:
-        return SimpleNamespace(embedding=embedding, decode=partial(self.decode, embedding))
+        return SimpleNamespace(embedding=embedding, decode=partial(self.decode, embedding), grid=(64, 64))
 
 
 def test_segmenting_a_second_volume_never_reuses_the_first_volumes_embeddings() -> None:
@@ -256,3 +256,68 @@ def test_clicks_with_a_box_never_leave_the_box() -> None:
     assert result.masks[0].sum() > 1000 and not result.masks[0][~inside].any()
     np.testing.assert_array_equal(result.logits[0][inside], raw.logits[0][inside])
     assert torch.equal(result.low_res_logits, raw.low_res_logits)
+
+
+def _stand_in_predictor():  # type: ignore[no-untyped-def]
+    from medseg.inference.prompt_predictor import PromptPredictor
+    from medseg.models.promptable.registry import spec_for
+
+    return PromptPredictor(_BrightnessModel(), spec_for("lite_medsam"))
+
+
+@pytest.mark.parametrize(
+    ("call", "fragment"),
+    [
+        ({"boxes": [1, 2, 3]}, "each box must be 4 numbers"),
+        ({"boxes": [1, 2, 30, 40, 5, 6, 70, 80]}, "each box must be 4 numbers"),
+        ({"boxes": [[1, 2, 30, 40], [1, 2]]}, "each box must be 4 numbers"),
+        ({"points": [[10, 10], [5]]}, "each point must be 2 numbers"),
+        ({"points": [[10, 10]], "point_labels": [0.5]}, "one label (1 positive, 0 negative)"),
+        ({"points": [[10, 10]], "point_labels": ["yes"]}, "one label (1 positive, 0 negative)"),
+        ({"boxes": [[10, 10, 50, 50]], "mask_logits": torch.zeros(2, 1, 256, 256)}, "mask_logits must be"),
+        ({"boxes": [[10, 10, 50, 50]], "mask_logits": torch.zeros(1, 1, 128, 128)}, "mask_logits must be"),
+        ({"boxes": [[10, 10, 50, 50]], "mask_logits": "previous"}, "mask_logits must be"),
+        ({"boxes": [[10, 10, 50, 50]], "mask_logits": torch.full((1, 1, 256, 256), np.nan)}, "NaN"),
+    ],
+)
+def test_predict_rejects_malformed_prompts_with_one_clear_error(call: dict[str, object], fragment: str) -> None:
+    predictor = _stand_in_predictor()
+    predictor.set_image(_disk_image()[0])
+    with pytest.raises(MedsegError) as caught:
+        predictor.predict(**call)  # type: ignore[arg-type]
+    assert fragment in str(caught.value)
+
+
+def test_previous_mask_without_channel_axis_is_accepted() -> None:
+    predictor = _stand_in_predictor()
+    predictor.set_image(_disk_image()[0])
+    box = [[40, 30, 100, 90]]
+    first = predictor.predict(boxes=box)
+    again = predictor.predict(boxes=box, mask_logits=first.low_res_logits[:, 0].numpy())
+    np.testing.assert_array_equal(again.masks, first.masks)
+
+
+def test_thin_strip_is_segmented_and_preprocess_leaves_the_current_image_alone() -> None:
+    predictor = _stand_in_predictor()
+    strip = np.zeros((2, 4000), np.uint8)
+    strip[:, 1000:2000] = 200
+    predictor.set_image(strip)  # 2 x 4000 -> 1 x 256 in the model frame
+    assert predictor.resized_size == (1, 256)
+    predictor.preprocess(np.zeros((300, 50), np.uint8))  # no side effect on the image set
+    assert predictor.image_size == (2, 4000) and predictor.resized_size == (1, 256)
+    result = predictor.predict(boxes=[[900, 0, 2100, 2]])
+    assert result.masks.shape == (1, 2, 4000) and result.masks[0, :, 1100:1900].all()
+
+
+@needs_weights
+def test_cli_image_problems_name_the_file(tmp_path: Path) -> None:
+    save(Image(np.full((1, 1), 7, np.uint8)), tmp_path / "dot.png")
+    nan = np.full((20, 30), np.nan, np.float32)
+    save(Image(nan, Geometry((1.0, 1.0), (0.0, 0.0), (1.0, 0.0, 0.0, 1.0))), tmp_path / "nan.nii.gz")
+    runner = CliRunner()
+    for name, box, fragment in [("dot.png", "0,0,1,1", "too small"), ("nan.nii.gz", "2,2,10,10", "NaN")]:
+        result = runner.invoke(app, ["prompt", str(tmp_path / name), "--box", box, "-o", str(tmp_path / "out")])
+        assert result.exit_code == 2, result.output
+        assert str(tmp_path / name) in result.stderr and fragment in result.stderr, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()

@@ -64,8 +64,11 @@ def prompt(
         out.print("clicks without a box: using LiteMedSAM with medseg's click-trained head (lite_medsam_interactive)")
     predictor = PromptPredictor.from_checkpoint(checkpoint, model)
     depth = image.shape[0] if image.ndim == 3 else 1
-    with progress_bar("segmenting slices", depth) as advance:
-        labels = segment(predictor, image, prompts, preset, on_slice=advance)
+    try:
+        with progress_bar("segmenting slices", depth) as advance:
+            labels = segment(predictor, image, prompts, preset, on_slice=advance)
+    except MedsegError as err:  # the image's problems (too small, ...) name the image
+        raise MedsegError(err.problem, err.path or input_path) from None
     written = save(labels, target, protect=(input_path,))
     _report(labels.array, image.voxel_volume_mm3, image.ndim, written, time.perf_counter() - started)
 

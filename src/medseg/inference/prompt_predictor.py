@@ -103,9 +103,10 @@ class PromptPredictor:
         if key is not None and key in self._cache:
             self._embedding, self._input_size, self._resized = self._cache[key]
             return
-        tensor = self.preprocess(image)
+        tensor, input_size, resized = self._prepare(image)
         with torch.inference_mode():
             self._embedding = self._encode(tensor[None])
+        self._input_size, self._resized = input_size, resized
         if key is not None and self.cache_size > 0:
             if len(self._cache) >= self.cache_size:
                 self._cache.pop(next(iter(self._cache)))
@@ -125,7 +126,15 @@ class PromptPredictor:
         return self._decoder
 
     def preprocess(self, image: np.ndarray) -> torch.Tensor:
-        """``(H, W[, 3])`` array -> ``(3, S, S)`` tensor in the checkpoint's input convention."""
+        """``(H, W[, 3])`` array -> ``(3, S, S)`` tensor in the checkpoint's input convention.
+
+        Raises:
+            MedsegError: not 2D grey or 3-channel, smaller than 2 x 2, or not finite.
+        """
+        return self._prepare(image)[0]
+
+    def _prepare(self, image: np.ndarray) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
+        """`preprocess`'s tensor, the image's (H, W) and the (h, w) it fills in the S x S frame."""
         array = np.asarray(image)
         if array.ndim == 3 and array.shape[-1] == 1:
             array = array[..., 0]
@@ -143,14 +152,14 @@ class PromptPredictor:
             new_h, new_w = size, size
         else:
             scale = size / max(height, width)
-            new_h, new_w = int(height * scale + 0.5), int(width * scale + 0.5)
+            # at least one pixel: a 2 x 4000 strip still has a row in the 256 frame
+            new_h, new_w = max(1, int(height * scale + 0.5)), max(1, int(width * scale + 0.5))
         resized = F.interpolate(chw[None], (new_h, new_w), mode="bilinear", antialias=True, align_corners=False)[0]
         low, high = resized.min(), resized.max()
         unit = (resized - low) / torch.clamp(high - low, min=1e-8)
         if self.spec.intensity == "imagenet":
             unit = (unit * 255.0 - _IMAGENET_MEAN) / _IMAGENET_STD
-        self._input_size, self._resized = (int(height), int(width)), (new_h, new_w)
-        return F.pad(unit, (0, size - new_w, 0, size - new_h))
+        return F.pad(unit, (0, size - new_w, 0, size - new_h)), (int(height), int(width)), (new_h, new_w)
 
     def predict(
         self,
@@ -166,24 +175,27 @@ class PromptPredictor:
             boxes: ``(N, 4)`` ``x0, y0, x1, y1`` in input pixels.
             points: ``(P, 2)`` ``x, y`` in input pixels, shared by every box.
             point_labels: ``(P,)`` 1 for a positive click, 0 for a negative one (default all 1).
-            mask_logits: ``(N, 1, 256, 256)`` ``low_res_logits`` of a previous result (refinement).
+            mask_logits: ``(N, 1, 256, 256)`` (or ``(N, 256, 256)``) ``low_res_logits`` of a previous
+                result (refinement); N = the number of boxes, 1 without boxes.
             multimask_output: return the best of SAM's three candidates (by predicted IoU), which
                 helps a single click on an ambiguous structure.
 
         Raises:
             MedsegError: no image set, no prompt, boxes outside the image or inverted, points
-                outside the image, labels not 0/1.
+                outside the image, labels not 0/1, mask_logits not of that shape.
         """
         decoder = self.decoder
         box_tensor = self._check_boxes(boxes)
         point_pair = self._check_points(points, point_labels, 1 if box_tensor is None else len(box_tensor))
         if box_tensor is None and point_pair is None:
             raise MedsegError("give at least one box or point")
+        count = 1 if box_tensor is None else len(box_tensor)
+        mask_tensor = None if mask_logits is None else _check_mask(mask_logits, count, decoder.grid)
         with torch.inference_mode():
             low_res, iou = decoder.decode(
                 boxes=box_tensor,
                 points=point_pair,
-                mask_logits=mask_logits,
+                mask_logits=mask_tensor,
                 multimask_output=multimask_output,
             )
             if multimask_output:
@@ -235,7 +247,7 @@ class PromptPredictor:
     def _check_boxes(self, boxes: np.ndarray | list[list[float]] | None) -> torch.Tensor | None:
         if boxes is None:
             return None
-        array = np.asarray(boxes, dtype=np.float64).reshape(-1, 4) if np.size(boxes) else np.zeros((0, 4))
+        array = _numbers(boxes, 4, "box", "x0, y0, x1, y1")
         if len(array) == 0:
             raise MedsegError("empty list of boxes")
         for box in array:
@@ -253,17 +265,62 @@ class PromptPredictor:
             if labels is not None:
                 raise MedsegError("point labels given without points")
             return None
-        coords = np.asarray(points, dtype=np.float64)
-        if coords.size == 0:
+        coords = _numbers(points, 2, "point", "x, y")
+        if len(coords) == 0:
             raise MedsegError("empty list of points")
-        coords = coords.reshape(-1, 2)
-        flags = np.ones(len(coords), np.int64) if labels is None else np.asarray(labels, dtype=np.int64).ravel()
-        if len(flags) != len(coords) or not np.isin(flags, (0, 1)).all():
-            raise MedsegError(f"need one label (1 positive, 0 negative) per point; got {flags.tolist()}")
+        try:
+            given = np.ones(len(coords)) if labels is None else np.asarray(labels, dtype=np.float64).ravel()
+        except (TypeError, ValueError):
+            given = np.full(1, np.nan)
+        if len(given) != len(coords) or not np.isin(given, (0, 1)).all():
+            raise MedsegError(f"need one label (1 positive, 0 negative) per point; got {labels!r}")
+        flags = given.astype(np.int64)
         for point in coords:
             check_point(point, self._input_size)
         scaled = torch.from_numpy(coords).float() * self._scale()
         return scaled[None].expand(count, -1, -1), torch.from_numpy(flags)[None].expand(count, -1)
+
+
+def _numbers(values: object, width: int, what: str, layout: str) -> np.ndarray:
+    """``(K, width)`` float64 from one ``(width,)`` item or a ``(K, width)`` list of them.
+
+    Raises:
+        MedsegError: not numbers, ragged, or items of another length.
+    """
+    try:
+        array = np.asarray(values, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise MedsegError(f"each {what} must be {width} numbers ({layout}); got {values!r}") from None
+    if array.size == 0:
+        return np.zeros((0, width))
+    if array.ndim == 1 and len(array) == width:
+        array = array[None]
+    if array.ndim != 2 or array.shape[1] != width:
+        raise MedsegError(f"each {what} must be {width} numbers ({layout}); got an array of shape {array.shape}")
+    return array
+
+
+def _check_mask(mask_logits: object, count: int, grid: tuple[int, int]) -> torch.Tensor:
+    """``(count, 1, 4 H, 4 W)`` float32 from a previous result's ``low_res_logits`` (torch or numpy).
+
+    Raises:
+        MedsegError: not of that shape (a missing channel axis is added), or not finite.
+    """
+    expected = (count, 1, 4 * grid[0], 4 * grid[1])
+    try:
+        tensor = mask_logits if isinstance(mask_logits, torch.Tensor) else torch.as_tensor(np.asarray(mask_logits))
+    except (TypeError, ValueError, RuntimeError):
+        raise MedsegError(f"mask_logits must be the low_res_logits of a previous result, {expected}") from None
+    if tensor.ndim == 3:
+        tensor = tensor[:, None]
+    if tuple(tensor.shape) != expected or not tensor.is_floating_point():
+        raise MedsegError(
+            f"mask_logits must be the low_res_logits of a previous result, {expected}; "
+            f"got {tuple(tensor.shape)} {tensor.dtype}"
+        )
+    if not torch.isfinite(tensor).all():
+        raise MedsegError("mask_logits hold NaN/inf values")
+    return tensor.float()
 
 
 def check_box(box: Sequence[float] | np.ndarray, size: tuple[int, int]) -> None:

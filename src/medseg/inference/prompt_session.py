@@ -84,10 +84,12 @@ def validate(image: Image, prompts: Prompts) -> None:
 
     Raises:
         MedsegError: no prompt; a 3D box or --slice on a 2D image; a 2D box or clicks on a volume
-            without a slice; clicks with several boxes; unsupported channels.
+            without a slice; clicks with several boxes; unsupported channels; NaN/inf intensities.
     """
     if image.channels not in (1, 3):
         raise MedsegError(f"images with {image.channels} channels are not supported (grey or RGB only)")
+    if not np.isfinite(image.array).all():
+        raise MedsegError("image holds NaN/inf values")
     if not (prompts.boxes or prompts.boxes3d or prompts.points):
         raise MedsegError("give a prompt: --box, --box3d or --point")
     if prompts.points and len(prompts.boxes) + len(prompts.boxes3d) > 1:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 import torch
 
@@ -75,3 +77,15 @@ def test_one_decoder_serves_many_prompts_in_any_order() -> None:
 def test_rejects_a_batch_of_embeddings() -> None:
     with pytest.raises(ValueError, match="one"):
         CachedImageDecoder(_segmenter(), torch.zeros(2, 256, 64, 64))
+
+
+def test_threads_sharing_one_decoder_get_their_own_results() -> None:
+    model = _segmenter()
+    decoder = CachedImageDecoder(model, torch.randn(1, 256, 64, 64))
+    prompts = [torch.tensor([[10.0 * i, 5.0 * i, 100.0 + 10 * i, 120.0 + 5 * i]] * (1 + i % 3)) for i in range(8)]
+    with torch.inference_mode():
+        expected = [decoder.decode(boxes=p)[0] for p in prompts]
+        with ThreadPoolExecutor(4) as pool:
+            results = list(pool.map(lambda p: decoder.decode(boxes=p)[0], prompts * 3))
+    for index, result in enumerate(results):
+        torch.testing.assert_close(result, expected[index % len(prompts)], rtol=0, atol=0)
