@@ -219,8 +219,9 @@ def _objects(cases: list[Any], predictor: PromptPredictor, modality: str) -> _Ob
             present = [int(v) for v in np.unique(truth) if v != 0]
             if not present:
                 continue
-            images.append(predictor.preprocess(picture))
-            frame = _label_frame(truth, predictor, size)
+            tensor, _, resized = predictor.prepare(picture)
+            images.append(tensor)
+            frame = _label_frame(truth, resized, size)
             for value in present:
                 mask = frame == value
                 if not mask.any():
@@ -240,12 +241,13 @@ def _objects(cases: list[Any], predictor: PromptPredictor, modality: str) -> _Ob
     )
 
 
-def _label_frame(label: np.ndarray, predictor: PromptPredictor, size: int) -> np.ndarray:
-    """The label map in the decoder's 256 x 256 frame (resized like the image, padded, nearest)."""
-    new_h, new_w = predictor.resized_size  # set by the preprocess call for this slice
+def _label_frame(label: np.ndarray, resized: tuple[int, int], size: int) -> np.ndarray:
+    """The label map in the decoder's 256 x 256 frame (resized to the image's (h, w) in the S x S frame,
+    padded, nearest)."""
+    new_h, new_w = resized
     tensor = torch.from_numpy(label.astype(np.int64))[None, None].float()
-    resized = F.interpolate(tensor, (new_h, new_w), mode="nearest-exact")
-    padded = F.pad(resized, (0, size - new_w, 0, size - new_h))
+    shrunk = F.interpolate(tensor, (new_h, new_w), mode="nearest-exact")
+    padded = F.pad(shrunk, (0, size - new_w, 0, size - new_h))
     return F.interpolate(padded, (LOW_RES, LOW_RES), mode="nearest-exact")[0, 0].long().numpy()
 
 

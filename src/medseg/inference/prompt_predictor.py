@@ -103,7 +103,7 @@ class PromptPredictor:
         if key is not None and key in self._cache:
             self._embedding, self._input_size, self._resized = self._cache[key]
             return
-        tensor, input_size, resized = self._prepare(image)
+        tensor, input_size, resized = self.prepare(image)
         with torch.inference_mode():
             self._embedding = self._encode(tensor[None])
         self._input_size, self._resized = input_size, resized
@@ -131,10 +131,14 @@ class PromptPredictor:
         Raises:
             MedsegError: not 2D grey or 3-channel, smaller than 2 x 2, or not finite.
         """
-        return self._prepare(image)[0]
+        return self.prepare(image)[0]
 
-    def _prepare(self, image: np.ndarray) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
-        """`preprocess`'s tensor, the image's (H, W) and the (h, w) it fills in the S x S frame."""
+    def prepare(self, image: np.ndarray) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
+        """`preprocess`'s tensor, the image's (H, W) and the (h, w) it fills in the S x S frame.
+
+        Raises:
+            MedsegError: as `preprocess`.
+        """
         array = np.asarray(image)
         if array.ndim == 3 and array.shape[-1] == 1:
             array = array[..., 0]
