@@ -321,3 +321,9 @@ def test_cli_image_problems_name_the_file(tmp_path: Path) -> None:
         assert str(tmp_path / name) in result.stderr and fragment in result.stderr, result.stderr
         assert len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_unhashable_cache_key_is_refused_clearly() -> None:
+    predictor = _stand_in_predictor()
+    with pytest.raises(MedsegError, match="hashable"):
+        predictor.set_image(_disk_image()[0], key=[1, 2])

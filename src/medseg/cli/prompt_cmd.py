@@ -25,7 +25,10 @@ def prompt(
     slice_index: int | None = typer.Option(None, "--slice", help="Slice (array axis 0) of a volume for --box/--point."),
     checkpoint: Path | None = typer.Option(None, "--checkpoint", help="SAM-family weights (default: LiteMedSAM)."),
     model: str | None = typer.Option(
-        None, "--model", help="lite_medsam, medsam_vit_b or sam_vit_b (default: guessed)."
+        None,
+        "--model",
+        help="lite_medsam, medsam_vit_b, sam_vit_b or lite_medsam_interactive (medseg's click head; "
+        "default: guessed, and the click head for clicks without a box).",
     ),
     preset: str | None = typer.Option(None, "--preset", help="Intensity preset, e.g. ct:soft_tissue, ct:lung, mr."),
 ) -> None:

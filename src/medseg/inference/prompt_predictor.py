@@ -97,9 +97,16 @@ class PromptPredictor:
         and ``cache_size > 0``, an embedding computed before under the same key is reused.
 
         Raises:
-            MedsegError: not 2D grey or 3-channel, empty, or not finite.
+            MedsegError: not 2D grey or 3-channel, empty, or not finite; an unhashable key.
         """
         self._decoder = None
+        if key is not None:
+            try:
+                hash(key)
+            except TypeError:
+                raise MedsegError(
+                    f"set_image key must be hashable (e.g. a slice index), got {type(key).__name__}"
+                ) from None
         if key is not None and key in self._cache:
             self._embedding, self._input_size, self._resized = self._cache[key]
             return
