@@ -47,7 +47,7 @@ def incontext(
     from medseg.data.cases import load_case
     from medseg.inference.incontext_predictor import check_ensemble_options
     from medseg.io import case_of, format_of, label_path_for, load, save
-    from medseg.io.formats import is_image_file, split_extension
+    from medseg.io.formats import is_image_file, split_channel, split_extension
 
     if output.exists() and not output.is_dir():
         raise MedsegError("exists and is not a folder", output)
@@ -91,9 +91,8 @@ def incontext(
             raise MedsegError(f"{seen[target].name} and {f.name} would both be written to {target.name}", f)
         seen[target] = f
     for f in files:  # nnU-Net's case_0001 beside case_0000 is a second channel, which these engines do not take
-        stem = split_extension(f)[0]
-        channel = len(stem) > 5 and stem[-5] == "_" and stem[-4:].isdigit() and stem[-4:] != "0000"
-        if channel and any(case_of(g) == stem[:-5] for g in files):
+        split = split_channel(split_extension(f)[0])
+        if split is not None and split[1] != 0 and any(case_of(g) == split[0] for g in files):
             raise MedsegError("a second channel of a case; in-context engines take one image per case", f)
     loaded = {}
     for f in files:  # every query is checked before anything is written

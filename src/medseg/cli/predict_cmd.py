@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import time
 from pathlib import Path
 
@@ -10,8 +9,6 @@ import typer
 
 from medseg.cli.common import out, progress_bar, user_errors
 from medseg.errors import MedsegError
-
-_CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 
 
 @user_errors
@@ -80,7 +77,7 @@ def _cases(input_path: Path) -> dict[str, list[Path]]:
     """Cases of an input: one file; one DICOM series folder; or a folder of files (channels grouped by their
     ``_0000`` suffixes) and of DICOM series sub-folders."""
     from medseg.io import case_of
-    from medseg.io.formats import is_image_file, split_extension
+    from medseg.io.formats import is_image_file, split_channel, split_extension
 
     if not input_path.exists():
         raise MedsegError("no such file or folder", input_path)
@@ -94,8 +91,8 @@ def _cases(input_path: Path) -> dict[str, list[Path]]:
     cases: dict[str, list[Path]] = {}
     for path in files:
         stem = split_extension(path)[0]
-        match = _CHANNEL.match(stem)
-        cases.setdefault(match["case"] if match else stem, []).append(path)
+        split = split_channel(stem)
+        cases.setdefault(split[0] if split else stem, []).append(path)
     for folder in series:
         cases.setdefault(folder.name, []).append(folder)
     return cases

@@ -16,15 +16,13 @@ Folder pairs::
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from medseg.errors import MedsegError
-from medseg.io.formats import is_image_file, split_extension
+from medseg.io.formats import is_image_file, split_channel, split_extension
 
-_CHANNEL_SUFFIX = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 _MASK_SUFFIXES = ("", "_mask", "_seg", "_label", "_labels", "_gt")
 
 
@@ -141,15 +139,14 @@ def _open_nnunet(root: Path, info: dict[str, Any]) -> Dataset:
             problems.append((f, f"file does not end with dataset.json's file_ending '{ending}'"))
             continue
         stem = f.name[: -len(ending)] if ending else split_extension(f)[0]
-        match = _CHANNEL_SUFFIX.match(stem)
-        if match is None:
+        split = split_channel(stem)
+        if split is None:
             raise MedsegError("image name lacks the _0000 channel suffix of the nnU-Net layout", f)
-        found = channels.setdefault(match["case"], {})
-        if int(match["channel"]) in found:
-            problems.append(
-                (f, f"second file for channel {match['channel']} (also {found[int(match['channel'])].name})")
-            )
-        found[int(match["channel"])] = f
+        case, channel = split
+        found = channels.setdefault(case, {})
+        if channel in found:
+            problems.append((f, f"second file for channel {stem[-4:]} (also {found[channel].name})"))
+        found[channel] = f
     for name, found in channels.items():
         if sorted(found) != list(range(len(found))):
             numbers = ", ".join(f"_{k:04d}" for k in sorted(found))

@@ -104,7 +104,7 @@ class FeatureMatchingPredictor(InContextPredictor):
         trained = load_head(Path(head) if head is not None else SHIPPED_HEAD) if method == "match" else None
         return cls(for_inference(model.image_encoder), method, device=device, head=trained)
 
-    def _frame(self, image: np.ndarray) -> np.ndarray:
+    def frame(self, image: np.ndarray) -> np.ndarray:
         """Embedding ``(C, h, w)`` float32 of one 2D image, cached by content."""
         array = np.ascontiguousarray(image)
         key = hashlib.blake2b(array.tobytes(), digest_size=16, person=str(array.shape).encode()[:16]).digest()
@@ -124,7 +124,7 @@ class FeatureMatchingPredictor(InContextPredictor):
             self._cache.popitem(last=False)
         return result
 
-    def _masks(self, label: np.ndarray, values: list[int]) -> np.ndarray:
+    def label_masks(self, label: np.ndarray, values: list[int]) -> np.ndarray:
         """``(K, 4, h, w)``: binary masks of ``label == v`` on the ``2h x 2w`` colour grid, packed 2 x 2."""
         binary = torch.from_numpy(np.stack([label == v for v in values]).astype(np.float32))[None]
         grid = 2 * (self._grid or _ENCODER_SIZE // 4)

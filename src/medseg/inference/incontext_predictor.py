@@ -122,10 +122,10 @@ class InContextPredictor:
         if not values:
             raise MedsegError("no foreground in any support label map: nothing defines the task")
         if not support_are_volumes:  # 2D supports: framed once, for a 2D query or every slice of a 3D one
-            images = np.stack([self._frame(i) for i in support_images])
-            masks = np.stack([self._masks(label, values) for label in support_labels])
+            images = np.stack([self.frame(i) for i in support_images])
+            masks = np.stack([self.label_masks(label, values) for label in support_labels])
         if not query_is_volume:
-            probabilities = self._run([self._frame(query)], images, masks, ensemble, subset_size, seed)[0]
+            probabilities = self._run([self.frame(query)], images, masks, ensemble, subset_size, seed)[0]
             return self._result(probabilities, query.shape[:2], values)
         slices = []
         for z in range(query.shape[0]):
@@ -133,7 +133,7 @@ class InContextPredictor:
                 images, masks = self._matched_slices(
                     (z + 0.5) / query.shape[0], support_images, support_labels, values, neighbours
                 )
-            slices.append(self._run([self._frame(query[z])], images, masks, ensemble, subset_size, seed)[0])
+            slices.append(self._run([self.frame(query[z])], images, masks, ensemble, subset_size, seed)[0])
         return self._result(np.stack(slices, axis=1), query.shape[1:3], values)
 
     def _matched_slices(
@@ -149,14 +149,16 @@ class InContextPredictor:
             depth = volume.shape[0]
             centre = min(depth - 1, int(position * depth))  # the slice at the same relative position
             for z in range(max(0, centre - neighbours), min(depth, centre + neighbours + 1)):
-                images.append(self._frame(volume[z]))
-                masks.append(self._masks(label[z], values))
+                images.append(self.frame(volume[z]))
+                masks.append(self.label_masks(label[z], values))
         return np.stack(images), np.stack(masks)
 
-    def _frame(self, image: np.ndarray) -> np.ndarray:
+    def frame(self, image: np.ndarray) -> np.ndarray:
+        """One 2D image ``(H, W[, C])`` as the network takes it (subclasses: their own frame)."""
         return model_frame(image, self.input_size)
 
-    def _masks(self, label: np.ndarray, values: list[int]) -> np.ndarray:
+    def label_masks(self, label: np.ndarray, values: list[int]) -> np.ndarray:
+        """Binary masks of ``label == v`` for each of ``values`` on the network's grid."""
         return label_masks(label, values, self.input_size)
 
     @torch.no_grad()

@@ -13,7 +13,7 @@ Coordinates everywhere are pixels of the input image: ``x`` is the column, ``y``
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -100,14 +100,13 @@ class PromptPredictor:
             MedsegError: not 2D grey or 3-channel, empty, or not finite; an unhashable key.
         """
         self._decoder = None
-        if key is not None:
-            try:
-                hash(key)
-            except TypeError:
-                raise MedsegError(
-                    f"set_image key must be hashable (e.g. a slice index), got {type(key).__name__}"
-                ) from None
-        if key is not None and key in self._cache:
+        try:
+            cached = key is not None and key in self._cache
+        except TypeError:  # an unhashable key
+            raise MedsegError(
+                f"set_image key must be hashable (e.g. a slice index), got {type(key).__name__}"
+            ) from None
+        if cached:
             self._embedding, self._input_size, self._resized = self._cache[key]
             return
         tensor, input_size, resized = self.prepare(image)
@@ -197,10 +196,10 @@ class PromptPredictor:
         """
         decoder = self.decoder
         box_tensor = self._check_boxes(boxes)
-        point_pair = self._check_points(points, point_labels, 1 if box_tensor is None else len(box_tensor))
+        count = 1 if box_tensor is None else len(box_tensor)  # objects: one per box, else one
+        point_pair = self._check_points(points, point_labels, count)
         if box_tensor is None and point_pair is None:
             raise MedsegError("give at least one box or point")
-        count = 1 if box_tensor is None else len(box_tensor)
         mask_tensor = None if mask_logits is None else _check_mask(mask_logits, count, decoder.grid)
         with torch.inference_mode():
             low_res, iou = decoder.decode(
@@ -241,7 +240,7 @@ class PromptPredictor:
         if box is None:
             return result
         logits = np.stack([clip_to_box(one, box) for one in result.logits])
-        return PromptResult(masks=logits > 0, logits=logits, scores=result.scores, low_res_logits=result.low_res_logits)
+        return replace(result, masks=logits > 0, logits=logits)
 
     def _to_input_grid(self, low_res: torch.Tensor) -> torch.Tensor:
         size = self.spec.image_size

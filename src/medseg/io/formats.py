@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from medseg.errors import MedsegError
@@ -80,6 +81,15 @@ def label_path_for(input_path: str | Path, out_dir: str | Path, case: str | None
     elif fmt == "mrc":
         ext = ".nii.gz"
     return Path(out_dir) / f"{case or stem}{ext}"
+
+
+_CHANNEL_SUFFIX = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
+
+
+def split_channel(stem: str) -> tuple[str, int] | None:
+    """``("case", 1)`` for nnU-Net's ``case_0001`` (case name, channel index); None without the suffix."""
+    match = _CHANNEL_SUFFIX.match(stem)
+    return None if match is None else (match["case"], int(match["channel"]))
 
 
 def case_of(path: str | Path) -> str:

@@ -204,8 +204,8 @@ def _bank(folder: Path, count: int, seed: int, predictor: Any) -> _Bank:
             array, label = array[z], label[z]
         if not label.any():
             continue
-        frames.append(predictor._frame(array).astype(np.float16))
-        masks.append(predictor._masks(label, values))
+        frames.append(predictor.frame(array).astype(np.float16))
+        masks.append(predictor.label_masks(label, values))
         if len(frames) == count:
             break
     if not frames:

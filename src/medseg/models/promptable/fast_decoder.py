@@ -32,7 +32,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from medseg.models.promptable.common import ChannelLayerNorm
-from medseg.models.promptable.two_way_transformer import Attention, TwoWayAttentionBlock
+from medseg.models.promptable.two_way_transformer import Attention, TwoWayAttentionBlock, merge_heads, split_heads
 
 if TYPE_CHECKING:  # the segmenter builds these decoders
     from medseg.models.promptable.segmenter import PromptableSegmenter
@@ -68,9 +68,9 @@ class CachedImageDecoder:
                 first = self._layers[0]
                 token_to_image, image_to_token = first.cross_attn_token_to_image, first.cross_attn_image_to_token
                 heads = token_to_image.num_heads
-                self._first_keys = _split_heads(token_to_image.k_proj(keys_with_pe), heads).contiguous()
-                self._first_values = _split_heads(token_to_image.v_proj(keys), heads).contiguous()
-                image_queries = _split_heads(image_to_token.q_proj(keys_with_pe), image_to_token.num_heads)
+                self._first_keys = split_heads(token_to_image.k_proj(keys_with_pe), heads).contiguous()
+                self._first_values = split_heads(token_to_image.v_proj(keys), heads).contiguous()
+                image_queries = split_heads(image_to_token.q_proj(keys_with_pe), image_to_token.num_heads)
                 self._first_image_queries = image_queries.transpose(-2, -1).contiguous()  # (h, c, HW)
             conv1, norm, self._act1, conv2, self._act2 = decoder.output_upscaling
             self._norm = cast(ChannelLayerNorm, norm)
@@ -98,8 +98,7 @@ class CachedImageDecoder:
         model, decoder = self.model, self.model.mask_decoder
         sparse, dense = model.prompt_encoder(points=points, boxes=boxes, masks=mask_logits)
         batch = sparse.shape[0]
-        output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
-        prompt_pe = torch.cat([output_tokens.unsqueeze(0).expand(batch, -1, -1), sparse], dim=1)  # (B, N, D)
+        prompt_pe = decoder.tokens(sparse)  # (B, N, D): also the tokens' positional term, as in SAM
 
         queries, keys = prompt_pe, self._keys
         for index, layer in enumerate(self._layers):
@@ -130,15 +129,15 @@ class CachedImageDecoder:
         self, layer: TwoWayAttentionBlock, queries: torch.Tensor, prompt_pe: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Block 1 on the cached image side (no mask prompt): its image projections are precomputed."""
-        queries = _self_attention(layer, queries, prompt_pe)
+        queries = layer.attend_tokens(queries, prompt_pe)
         attn = layer.cross_attn_token_to_image
-        query = _split_heads(attn.q_proj(queries + prompt_pe), attn.num_heads)  # (B, h, N, c)
+        query = split_heads(attn.q_proj(queries + prompt_pe), attn.num_heads)  # (B, h, N, c)
         weights = torch.softmax(query @ self._first_keys.transpose(-2, -1) / math.sqrt(query.shape[-1]), dim=-1)
-        queries = layer.norm2(queries + attn.out_proj(_merge_heads(weights @ self._first_values)))
+        queries = layer.norm2(queries + attn.out_proj(merge_heads(weights @ self._first_values)))
         queries = layer.norm3(queries + layer.mlp(queries))
 
         attn = layer.cross_attn_image_to_token
-        token_keys = _split_heads(attn.k_proj(queries + prompt_pe), attn.num_heads)  # (B, h, N, c)
+        token_keys = split_heads(attn.k_proj(queries + prompt_pe), attn.num_heads)  # (B, h, N, c)
         logits = token_keys / math.sqrt(token_keys.shape[-1]) @ self._first_image_queries  # (B, h, N, HW)
         updated = _mix_tokens(attn, logits, queries, self._keys)
         return queries, layer.norm4(updated)
@@ -147,7 +146,7 @@ class CachedImageDecoder:
         self, layer: TwoWayAttentionBlock, queries: torch.Tensor, keys: torch.Tensor, prompt_pe: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """A two-way block as `TwoWayAttentionBlock.forward`, with the reassociated cross-attentions."""
-        queries = _self_attention(layer, queries, prompt_pe)
+        queries = layer.attend_tokens(queries, prompt_pe)
         keys_with_pe = keys + self._pe
         update = _token_to_image(layer.cross_attn_token_to_image, queries + prompt_pe, keys_with_pe, keys)
         queries = layer.norm2(queries + update)
@@ -177,25 +176,6 @@ def _activate(activation: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return activation(x)
 
 
-def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
-    """``(..., N, h * c) -> (..., h, N, c)``."""
-    *lead, n, width = x.shape
-    return x.reshape(*lead, n, heads, width // heads).transpose(-3, -2)
-
-
-def _merge_heads(x: torch.Tensor) -> torch.Tensor:
-    """``(B, h, N, c) -> (B, N, h * c)``."""
-    b, h, n, c = x.shape
-    return x.transpose(1, 2).reshape(b, n, h * c)
-
-
-def _self_attention(layer: TwoWayAttentionBlock, queries: torch.Tensor, prompt_pe: torch.Tensor) -> torch.Tensor:
-    if layer.skip_first_layer_pe:
-        return layer.norm1(layer.self_attn(q=queries, k=queries, v=queries))
-    with_pe = queries + prompt_pe
-    return layer.norm1(queries + layer.self_attn(q=with_pe, k=with_pe, v=queries))
-
-
 def _head_weights(linear: nn.Linear, heads: int) -> torch.Tensor:
     """A projection's ``(h * c, D)`` weight as ``(h, c, D)``."""
     return linear.weight.view(heads, -1, linear.weight.shape[1])
@@ -208,14 +188,14 @@ def _token_to_image(
     heads, n = attn.num_heads, tokens.shape[1]
     if heads * n >= attn.internal_dim:
         return attn(q=tokens, k=image_with_pe, v=image)
-    query = _split_heads(attn.q_proj(tokens), heads)  # (B, h, N, c)
+    query = split_heads(attn.q_proj(tokens), heads)  # (B, h, N, c)
     batch, _, _, width = query.shape
     # The key bias adds query . bias to a whole softmax row, which the softmax ignores.
     folded = (query / math.sqrt(width) @ _head_weights(attn.k_proj, heads)).reshape(batch, heads * n, -1)
     weights = torch.softmax(folded @ image_with_pe.transpose(-2, -1), dim=-1)  # (B, hN, HW)
     mixed = (weights @ image).view(batch, heads, n, -1)  # (B, h, N, D)
     values = mixed @ _head_weights(attn.v_proj, heads).transpose(1, 2) + attn.v_proj.bias.view(heads, 1, -1)
-    return attn.out_proj(_merge_heads(values))
+    return attn.out_proj(merge_heads(values))
 
 
 def _image_to_token(
@@ -230,7 +210,7 @@ def _image_to_token(
     heads, n = attn.num_heads, tokens.shape[1]
     if heads * n >= attn.internal_dim:
         return residual + attn(q=image_with_pe, k=tokens_with_pe, v=tokens)
-    token_keys = _split_heads(attn.k_proj(tokens_with_pe), heads)  # (B, h, N, c)
+    token_keys = split_heads(attn.k_proj(tokens_with_pe), heads)  # (B, h, N, c)
     batch, _, _, width = token_keys.shape
     token_keys = token_keys / math.sqrt(width)  # the attention's scale, applied to the small side
     folded = (token_keys @ _head_weights(attn.q_proj, heads)).reshape(batch, heads * n, -1)  # (B, hN, D)
@@ -245,7 +225,7 @@ def _mix_tokens(attn: Attention, logits: torch.Tensor, tokens: torch.Tensor, res
     # (B, h, N, HW) keeps the long axis contiguous: a softmax over a last axis of N ~ 7 is 15x slower.
     batch, heads, n, pixels = logits.shape
     weights = torch.softmax(logits, dim=2).reshape(batch, heads * n, pixels)
-    values = _split_heads(attn.v_proj(tokens), heads)  # (B, h, N, c)
+    values = split_heads(attn.v_proj(tokens), heads)  # (B, h, N, c)
     out_weight = attn.out_proj.weight.view(attn.out_proj.weight.shape[0], heads, -1).permute(1, 2, 0)  # (h, c, D)
     # Each head's weights sum to one over its N tokens, so the output bias, spread over the h heads'
     # rows, is added exactly once per pixel.

@@ -100,6 +100,13 @@ class MaskDecoder(nn.Module):
         )
         return masks, iou_pred
 
+    def tokens(self, sparse_prompt_embeddings: torch.Tensor) -> torch.Tensor:
+        """The transformer's tokens ``(B, 1 + M + K, D)``: the IoU token, the M mask tokens, then the K
+        prompt tokens ``(B, K, D)``."""
+        output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
+        batch = sparse_prompt_embeddings.shape[0]
+        return torch.cat([output_tokens.unsqueeze(0).expand(batch, -1, -1), sparse_prompt_embeddings], dim=1)
+
     def predict_masks(
         self,
         image_embeddings: torch.Tensor,
@@ -115,8 +122,7 @@ class MaskDecoder(nn.Module):
         bs = sparse_prompt_embeddings.shape[0]
         if image_embeddings.shape[0] not in (1, bs):
             raise ValueError(f"image batch {image_embeddings.shape[0]} is neither 1 nor the prompt batch {bs}")
-        output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
-        tokens = torch.cat([output_tokens.unsqueeze(0).expand(bs, -1, -1), sparse_prompt_embeddings], dim=1)
+        tokens = self.tokens(sparse_prompt_embeddings)
 
         # Broadcast rather than copy: with a shared image and no mask prompt, src keeps batch 1.
         src = _one_if_shared(image_embeddings) + _one_if_shared(dense_prompt_embeddings)

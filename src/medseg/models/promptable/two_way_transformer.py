@@ -25,6 +25,18 @@ from torch import nn
 from medseg.models.promptable.common import FeedForward
 
 
+def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """``(..., N, h * c) -> (..., h, N, c)``."""
+    *lead, n, width = x.shape
+    return x.reshape(*lead, n, heads, width // heads).transpose(-3, -2)
+
+
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """``(B, h, N, c) -> (B, N, h * c)``."""
+    b, h, n, c = x.shape
+    return x.transpose(1, 2).reshape(b, n, h * c)
+
+
 class Attention(nn.Module):
     """Multi-head scaled dot-product attention with an optionally narrower internal width.
 
@@ -45,19 +57,13 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(embedding_dim, self.internal_dim)
         self.out_proj = nn.Linear(self.internal_dim, embedding_dim)
 
-    def _heads(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, N, C) -> (B, heads, N, C / heads)``."""
-        b, n, c = x.shape
-        return x.reshape(b, n, self.num_heads, c // self.num_heads).transpose(1, 2)
-
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        query = self._heads(self.q_proj(q))
-        key = self._heads(self.k_proj(k))
-        value = self._heads(self.v_proj(v))
+        query = split_heads(self.q_proj(q), self.num_heads)
+        key = split_heads(self.k_proj(k), self.num_heads)
+        value = split_heads(self.v_proj(v), self.num_heads)
         logits = (query @ key.transpose(-2, -1)) / math.sqrt(query.shape[-1])
         mixed = torch.softmax(logits, dim=-1) @ value  # (B, heads, Nq, C / heads)
-        b, _, n, _ = mixed.shape
-        return self.out_proj(mixed.transpose(1, 2).reshape(b, n, self.internal_dim))
+        return self.out_proj(merge_heads(mixed))
 
 
 class TwoWayAttentionBlock(nn.Module):
@@ -87,16 +93,18 @@ class TwoWayAttentionBlock(nn.Module):
         self.cross_attn_image_to_token = Attention(embedding_dim, num_heads, attention_downsample_rate)
         self.skip_first_layer_pe = skip_first_layer_pe
 
+    def attend_tokens(self, queries: torch.Tensor, query_pe: torch.Tensor) -> torch.Tensor:
+        """Sub-layer (1), the tokens' self-attention: ``(B, N, D) -> (B, N, D)``."""
+        if self.skip_first_layer_pe:
+            # First block: no positional term and no residual (SAM replaces the tokens here).
+            return self.norm1(self.self_attn(q=queries, k=queries, v=queries))
+        with_pe = queries + query_pe
+        return self.norm1(queries + self.self_attn(q=with_pe, k=with_pe, v=queries))
+
     def forward(
         self, queries: torch.Tensor, keys: torch.Tensor, query_pe: torch.Tensor, key_pe: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.skip_first_layer_pe:
-            # First block: no positional term and no residual (SAM replaces the tokens here).
-            queries = self.norm1(self.self_attn(q=queries, k=queries, v=queries))
-        else:
-            with_pe = queries + query_pe
-            queries = self.norm1(queries + self.self_attn(q=with_pe, k=with_pe, v=queries))
-
+        queries = self.attend_tokens(queries, query_pe)
         keys_with_pe = keys + key_pe
         queries = self.norm2(queries + self.cross_attn_token_to_image(q=queries + query_pe, k=keys_with_pe, v=keys))
         queries = self.norm3(queries + self.mlp(queries))
