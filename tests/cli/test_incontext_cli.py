@@ -89,9 +89,9 @@ def test_bad_inputs(tmp_path: Path) -> None:
 def test_default_engine_matches_lite_medsam_features(tmp_path: Path) -> None:
     support = make_nnunet_2d_shapes(tmp_path / "support", cases=2)
     query = make_nnunet_2d_shapes(tmp_path / "other", cases=1, seed=5) / "imagesTr" / "case_000_0000.png"
-    for engine in ("knn", "match"):  # the default, and the shipped head
+    for engine in ("probe", "match"):  # the default, and the shipped head
         out = tmp_path / engine
-        extra = ("--engine", engine) if engine != "knn" else ()
+        extra = ("--engine", engine) if engine != "probe" else ()
         result = _run("incontext", "--support", support, "--query", query, "-o", out, *extra)
         assert result.exit_code == 0, result.output
         label = load(out / "case_000.png")

