@@ -73,8 +73,9 @@ def test_bad_inputs(tmp_path: Path) -> None:
         (("--support", flat, "--query", twins, "--weights", weights), "would both be written"),
         (
             ("--support", flat, "--query", query, "--weights", weights, "-o", flat / "labelsTr"),
-            "would overwrite the input",
+            "inside the support folder",
         ),
+        (("--support", flat, "--query", channels, "--weights", weights, "-o", channels), "is the query folder"),
     ]
     (tmp_path / "bad.pt").write_bytes(b"junk")
     cases.append((("--support", flat, "--query", query, "--weights", tmp_path / "bad.pt"), "cannot read weights"))

@@ -89,6 +89,16 @@ def test_a_probe_is_fitted_once_per_support_set_and_label(monkeypatch: pytest.Mo
     assert len(fits) == 4  # another support set: fitted again
 
 
+def test_the_embedding_cache_tells_dtypes_apart() -> None:
+    encoder = PooledIntensity()
+    predictor = FeatureMatchingPredictor(encoder, "knn")
+    image = (np.random.default_rng(0).random((32, 32)) * 255).astype(np.uint8)
+    predictor.frame(image)
+    predictor.frame(image.view(np.int8))  # the same bytes, other values
+    predictor.frame(image.copy())
+    assert encoder.images_seen == 2
+
+
 def test_volume_query_with_support_volumes() -> None:
     scenes = [_scene(i, 64) for i in range(12)]
     volume = np.stack([s[0] for s in scenes[:6]])

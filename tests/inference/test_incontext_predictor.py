@@ -40,6 +40,12 @@ def test_multi_class_2d_returns_every_support_label_on_the_query_grid() -> None:
         assert dice(result.labels == value, label == value) > 0.97
 
 
+def test_label_values_above_255_survive() -> None:
+    label = _label_map((64, 64)).astype(np.int32) * 300  # values 300 and 900
+    result = InContextPredictor(MeanOfSupportMasks()).predict(np.zeros((64, 64)), [np.zeros((64, 64))], [label])
+    assert result.labels.dtype == np.uint16 and set(np.unique(result.labels)) == {0, 300, 900}
+
+
 def test_support_ensembles_average_random_subsets() -> None:
     predictor = InContextPredictor(MeanOfSupportMasks())
     label = _label_map((64, 64))
@@ -85,6 +91,17 @@ def test_a_small_universeg_runs_end_to_end() -> None:
         ({"ensemble": 0}, "at least 1"),
         ({"ensemble": 2, "subset_size": 0}, "at least 1"),
         ({"neighbours": -1}, "at least 0"),
+        ({"ensemble": 1.5}, "must be integers"),
+        ({"query": np.zeros((4, 10, 10))}, r"the query has shape \(4, 10, 10\), expected a 2D image"),
+        ({"query": np.zeros((2, 3, 10, 10)), "query_is_volume": True}, "expected a volume"),
+        ({"query": np.zeros((0, 10, 10)), "query_is_volume": True}, "the query is empty"),
+        ({"query": [[0.0, 1.0]]}, "numpy array, not list"),
+        ({"query": np.array([["a", "b"]])}, "real-valued"),
+        ({"support_images": [np.zeros(10)]}, "support 0 has shape"),
+        ({"query": np.zeros((3, 10, 10)), "query_is_volume": True, "support_are_volumes": True}, "support 0 has"),
+        ({"support_labels": [np.full((10, 10), 0.5)]}, "non-integer"),
+        ({"support_labels": [np.full((10, 10), -1)]}, "negative"),
+        ({"support_labels": [np.full((10, 10), np.nan)]}, "NaN"),
     ],
 )
 def test_bad_support_sets_are_refused(kwargs: dict, message: str) -> None:

@@ -77,6 +77,11 @@ def incontext(
         raise MedsegError(f"--subset-size {subset_size} is not smaller than the support set ({len(images)})", support)
     if not query.exists():
         raise MedsegError("no such file or folder", query)
+    # label maps written among the inputs would be read as inputs by the next run
+    if query.is_dir() and output.resolve() == query.resolve():
+        raise MedsegError("output folder is the query folder; choose another -o", output)
+    if output.resolve().is_relative_to(support.resolve()):
+        raise MedsegError(f"output folder is inside the support folder {support}; choose another -o", output)
     files = [query] if query.is_file() else sorted(p for p in query.iterdir() if p.is_file() and is_image_file(p))
     if not files:
         raise MedsegError("no images in this folder", query)

@@ -117,7 +117,9 @@ class FeatureMatchingPredictor(InContextPredictor):
     def frame(self, image: np.ndarray) -> np.ndarray:
         """Embedding ``(C, h, w)`` float32 of one 2D image, cached by content."""
         array = np.ascontiguousarray(image)
-        key = hashlib.blake2b(array.tobytes(), digest_size=16, person=str(array.shape).encode()[:16]).digest()
+        digest = hashlib.blake2b(array.tobytes(), digest_size=16)
+        digest.update(f"{array.shape}{array.dtype.str}".encode())  # the same bytes as another dtype differ
+        key = digest.digest()
         if key in self._cache:
             self._cache.move_to_end(key)
             return self._cache[key]

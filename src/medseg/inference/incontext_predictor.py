@@ -24,12 +24,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from medseg.errors import MedsegError
+from medseg.io.image import label_array
 from medseg.runtime import tune_allocator
 
 
 @dataclass
 class InContextResult:
-    """``labels`` ``(*spatial)`` uint8 (the support set's label values) and ``probabilities``
+    """``labels`` ``(*spatial)`` uint8 (uint16/uint32 for larger label values: the support set's) and ``probabilities``
     ``(K, *spatial)`` float32, one per label in ``label_values`` order, on the query's grid."""
 
     labels: np.ndarray
@@ -102,19 +103,24 @@ class InContextPredictor:
             neighbours: for support volumes, slices taken either side of the matched one.
 
         Raises:
-            MedsegError: an ensemble or subset size below 1 or negative neighbours, an empty support set,
+            MedsegError: a query or support image that is not a real-valued array of the expected
+                dimensionality, a label map that is not integer and non-negative,
+                an ensemble or subset size below 1 or negative neighbours, an empty support set,
                 images and labels that do not pair up, label maps on
                 another grid than their image, supports of mixed dimensionality, 3D supports for a 2D
                 query, or a support set with no foreground at all.
         """
         check_ensemble_options(ensemble, subset_size, neighbours)
+        _check_image(query, query_is_volume, "the query")
         if not support_images:
             raise MedsegError("the support set is empty")
         if len(support_images) != len(support_labels):
             raise MedsegError(f"{len(support_images)} support images but {len(support_labels)} label maps")
         if support_are_volumes and not query_is_volume:
             raise MedsegError("3D support volumes need a 3D query (a 2D query takes 2D support images)")
+        support_labels = [label_array(label, f"support label map {i}") for i, label in enumerate(support_labels)]
         for i, (image, label) in enumerate(zip(support_images, support_labels, strict=True)):
+            _check_image(image, support_are_volumes, f"support {i}")
             spatial = image.shape[: 3 if support_are_volumes else 2]
             if label.shape != spatial:
                 raise MedsegError(f"support {i}: label map {label.shape} is not on its image's grid {spatial}")
@@ -200,12 +206,30 @@ class InContextPredictor:
         back = back.permute(1, 0, 2, 3) if volume else back[0]  # (K, [Z,] H, W)
         probs = back.numpy().astype(np.float32)
         best = probs.argmax(axis=0)
-        labels = np.where(probs.max(axis=0) >= 0.5, np.array(values)[best], 0).astype(np.uint8)
+        dtype = np.uint8 if max(values) <= 255 else np.uint16 if max(values) <= 65535 else np.uint32
+        labels = np.where(probs.max(axis=0) >= 0.5, np.array(values)[best], 0).astype(dtype)
         return InContextResult(labels, probs, values)
 
 
+def _check_image(image: np.ndarray, volume: bool, name: str) -> None:
+    """Raises MedsegError unless ``image`` is a real-valued array ``(Z, H, W)`` (``volume``) or ``(H, W)`` /
+    ``(H, W, C)`` with at most 4 channels, every side at least 1."""
+    if not isinstance(image, np.ndarray) or image.dtype.kind not in "biuf":
+        kind = image.dtype if isinstance(image, np.ndarray) else type(image).__name__
+        raise MedsegError(f"{name} must be a real-valued numpy array, not {kind}")
+    planar = image.ndim == 2 or (image.ndim == 3 and image.shape[-1] <= 4)
+    if (volume and image.ndim != 3) or (not volume and not planar):
+        expected = "a volume (Z, H, W)" if volume else "a 2D image (H, W) or (H, W, C) with C <= 4"
+        raise MedsegError(f"{name} has shape {image.shape}, expected {expected}")
+    if 0 in image.shape:
+        raise MedsegError(f"{name} is empty (shape {image.shape})")
+
+
 def check_ensemble_options(ensemble: int, subset_size: int | None, neighbours: int) -> None:
-    """Raises MedsegError unless ``ensemble >= 1``, ``subset_size`` is None or ``>= 1`` and ``neighbours >= 0``."""
+    """Raises MedsegError unless the three are integers, ``ensemble >= 1``, ``subset_size`` is None or ``>= 1``
+    and ``neighbours >= 0``."""
+    if not all(isinstance(v, int | np.integer) for v in (ensemble, neighbours, subset_size or 1)):
+        raise MedsegError("ensemble, subset size and neighbours must be integers")
     if ensemble < 1 or (subset_size is not None and subset_size < 1) or neighbours < 0:
         raise MedsegError("--ensemble and --subset-size must be at least 1 and --neighbours at least 0")
 

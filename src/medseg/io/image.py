@@ -13,6 +13,7 @@ Conventions (the same as SimpleITK's numpy view, and nnU-Net's):
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -177,7 +178,17 @@ def as_label_array(image: Image) -> np.ndarray:
     where = image.meta.get("path")
     if image.channels > 1:
         raise MedsegError(f"a label map must have one channel, this one has {image.channels}", where)
-    array = image.array
+    return label_array(image.array, where)
+
+
+def label_array(array: np.ndarray, where: str | Path | None = None) -> np.ndarray:
+    """``array`` as an integer label map (bool -> uint8; integral floats -> int64); ``where`` names it in errors.
+
+    Raises:
+        MedsegError: not an array, NaN/inf, non-integer, negative values or a non-numeric dtype.
+    """
+    if not isinstance(array, np.ndarray):
+        raise MedsegError(f"a label map must be a numpy array, not {type(array).__name__}", where)
     if array.dtype.kind == "b":
         return array.astype(np.uint8)
     if array.dtype.kind == "f":
