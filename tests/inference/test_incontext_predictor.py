@@ -98,6 +98,7 @@ def test_a_small_universeg_runs_end_to_end() -> None:
         ({"query": [[0.0, 1.0]]}, "numpy array, not list"),
         ({"query": np.array([["a", "b"]])}, "real-valued"),
         ({"support_images": [np.zeros(10)]}, "support 0 has shape"),
+        ({"support_images": [np.zeros((10, 10, 7))]}, "needs support_are_volumes=True"),
         ({"query": np.zeros((3, 10, 10)), "query_is_volume": True, "support_are_volumes": True}, "support 0 has"),
         ({"support_labels": [np.full((10, 10), 0.5)]}, "non-integer"),
         ({"support_labels": [np.full((10, 10), -1)]}, "negative"),

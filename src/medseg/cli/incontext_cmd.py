@@ -118,7 +118,9 @@ def incontext(
             advance()
     per = (time.perf_counter() - started) / len(files)
     out.print(
-        f"{len(files)} label map(s) in {output} from {len(images)} supports ({per:.2f} s per query)", soft_wrap=True
+        f"{len(files)} label map(s) in {output} from {len(images)} supports ({per:.2f} s per query, "
+        "the supports' one-off embedding and fit included)",
+        soft_wrap=True,
     )
 
 

@@ -111,7 +111,7 @@ class InContextPredictor:
                 query, or a support set with no foreground at all.
         """
         check_ensemble_options(ensemble, subset_size, neighbours)
-        _check_image(query, query_is_volume, "the query")
+        _check_image(query, query_is_volume, "the query", "query_is_volume")
         if not support_images:
             raise MedsegError("the support set is empty")
         if len(support_images) != len(support_labels):
@@ -120,7 +120,7 @@ class InContextPredictor:
             raise MedsegError("3D support volumes need a 3D query (a 2D query takes 2D support images)")
         support_labels = [label_array(label, f"support label map {i}") for i, label in enumerate(support_labels)]
         for i, (image, label) in enumerate(zip(support_images, support_labels, strict=True)):
-            _check_image(image, support_are_volumes, f"support {i}")
+            _check_image(image, support_are_volumes, f"support {i}", "support_are_volumes")
             spatial = image.shape[: 3 if support_are_volumes else 2]
             if label.shape != spatial:
                 raise MedsegError(f"support {i}: label map {label.shape} is not on its image's grid {spatial}")
@@ -211,7 +211,7 @@ class InContextPredictor:
         return InContextResult(labels, probs, values)
 
 
-def _check_image(image: np.ndarray, volume: bool, name: str) -> None:
+def _check_image(image: np.ndarray, volume: bool, name: str, flag: str) -> None:
     """Raises MedsegError unless ``image`` is a real-valued array ``(Z, H, W)`` (``volume``) or ``(H, W)`` /
     ``(H, W, C)`` with at most 4 channels, every side at least 1."""
     if not isinstance(image, np.ndarray) or image.dtype.kind not in "biuf":
@@ -220,7 +220,8 @@ def _check_image(image: np.ndarray, volume: bool, name: str) -> None:
     planar = image.ndim == 2 or (image.ndim == 3 and image.shape[-1] <= 4)
     if (volume and image.ndim != 3) or (not volume and not planar):
         expected = "a volume (Z, H, W)" if volume else "a 2D image (H, W) or (H, W, C) with C <= 4"
-        raise MedsegError(f"{name} has shape {image.shape}, expected {expected}")
+        hint = f" (a volume needs {flag}=True)" if not volume and image.ndim == 3 else ""
+        raise MedsegError(f"{name} has shape {image.shape}, expected {expected}{hint}")
     if 0 in image.shape:
         raise MedsegError(f"{name} is empty (shape {image.shape})")
 
