@@ -89,6 +89,15 @@ def test_a_probe_is_fitted_once_per_support_set_and_label(monkeypatch: pytest.Mo
     assert len(fits) == 4  # another support set: fitted again
 
 
+def test_a_cached_support_set_is_stacked_once() -> None:
+    predictor = FeatureMatchingPredictor(PooledIntensity())
+    images = [_scene(i)[0] for i in range(3)]
+    first = predictor._stack_frames([predictor.frame(i) for i in images])
+    assert predictor._stack_frames([predictor.frame(i) for i in images]) is first  # the frame cache's arrays
+    assert predictor._stack_frames([predictor.frame(i) for i in images[:2]]) is not first
+    np.testing.assert_array_equal(predictor._stack_frames([predictor.frame(i) for i in images]), first)
+
+
 def test_the_embedding_cache_tells_dtypes_apart() -> None:
     encoder = PooledIntensity()
     predictor = FeatureMatchingPredictor(encoder, "knn")

@@ -166,7 +166,7 @@ class FeatureMatchingPredictor(InContextPredictor):
                 if not (fine_masks[subset, label] >= 0.5).any():
                     continue  # this subset shows no example of the label: no vote for it
                 if self.method == "probe":
-                    logit = self._probe_logit(query, frames[subset], fine_masks[subset, label], seed)
+                    logit = self._probe_logit(query, frames, torch.from_numpy(subset), fine_masks[subset, label], seed)
                 else:
                     maps = matching_maps(query, frames[subset], fine_masks[subset, label], self.k, self.temperature,
                                          self.max_locations, rng)  # fmt: skip
@@ -174,17 +174,21 @@ class FeatureMatchingPredictor(InContextPredictor):
                 total[:, label] += torch.sigmoid(logit)
         return (total / len(subsets)).numpy()
 
-    def _probe_logit(self, query: torch.Tensor, support: torch.Tensor, masks: torch.Tensor, seed: int) -> torch.Tensor:
-        """Foreground logit ``(Q, 2h, 2w)`` of the `SupportProbe` fitted to ``support`` frames ``(N, C + 12, h, w)``
-        and one label's ``masks`` ``(N, 2h, 2w)`` (fitted once: a folder of queries reuses it)."""
-        channels, height, width = support.shape[1] - 12, support.shape[2], support.shape[3]
+    def _probe_logit(
+        self, query: torch.Tensor, frames: torch.Tensor, subset: torch.Tensor, masks: torch.Tensor, seed: int
+    ) -> torch.Tensor:
+        """Foreground logit ``(Q, 2h, 2w)`` of the `SupportProbe` fitted to the support frames ``frames[subset]``
+        (``(N, C + 12, h, w)``) and one label's ``masks`` ``(N, 2h, 2w)`` (fitted once: a folder of queries
+        reuses it, and the frames are only gathered for a fit)."""
+        channels, height, width = frames.shape[1] - 12, frames.shape[2], frames.shape[3]
         digest = hashlib.blake2b(masks.numpy().tobytes(), digest_size=16)
-        digest.update(support[:, :channels:8, ::4, ::4].contiguous().numpy().tobytes())  # a sample tells sets apart
+        sample = frames[:, :channels:8, ::4, ::4][subset]  # a sample tells support sets apart
+        digest.update(sample.contiguous().numpy().tobytes())
         digest.update(f"{seed},{self.probe_steps}".encode())
         key = digest.digest()
         probe = self._probes.get(key)
         if probe is None:
-            features = support[:, :channels].permute(0, 2, 3, 1).reshape(-1, channels)
+            features = frames[subset, :channels].permute(0, 2, 3, 1).reshape(-1, channels)
             targets = F.avg_pool2d(masks[:, None], 2).flatten()  # foreground fraction of each location
             probe = fit_support_probe(features, targets, steps=self.probe_steps, seed=seed)
             self._probes[key] = probe

@@ -48,6 +48,7 @@ class InContextPredictor:
         self.input_size = input_size
         self.device = torch.device(device)
         self.batch_size = batch_size
+        self._stacked: tuple[list[int], list[np.ndarray], np.ndarray] | None = None
 
     @classmethod
     def from_weights(cls, path: str | Path, device: str = "cpu") -> InContextPredictor:
@@ -128,7 +129,7 @@ class InContextPredictor:
         if not values:
             raise MedsegError("no foreground in any support label map: nothing defines the task")
         if not support_are_volumes:  # 2D supports: framed once, for a 2D query or every slice of a 3D one
-            images = np.stack([self.frame(i) for i in support_images])
+            images = self._stack_frames([self.frame(i) for i in support_images])
             masks = np.stack([self.label_masks(label, values) for label in support_labels])
         if not query_is_volume:
             probabilities = self._run([self.frame(query)], images, masks, ensemble, subset_size, seed)[0]
@@ -141,6 +142,16 @@ class InContextPredictor:
                 )
             slices.append(self._run([self.frame(query[z])], images, masks, ensemble, subset_size, seed)[0])
         return self._result(np.stack(slices, axis=1), query.shape[1:3], values)
+
+    def _stack_frames(self, frames: list[np.ndarray]) -> np.ndarray:
+        """``np.stack(frames)``, reused when the very same frame arrays come again (a frame cache hands out the
+        same arrays for the same images, as when a folder of queries shares one support set)."""
+        key = [id(frame) for frame in frames]
+        if self._stacked is not None and self._stacked[0] == key:
+            return self._stacked[2]
+        stacked = np.stack(frames)
+        self._stacked = (key, frames, stacked)  # holding the frames keeps their ids from being reused
+        return stacked
 
     def _matched_slices(
         self,
