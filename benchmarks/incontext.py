@@ -240,7 +240,7 @@ def _latency(name: str, engine: str, args: argparse.Namespace) -> dict[str, floa
             runs.append(time.perf_counter() - started)
         times[str(n)] = round(float(np.median(runs)), 3)
         if engine == "probe" and predictor is not None:  # the one-off fit: the last query again, probes forgotten
-            predictor._probes.clear()
+            predictor.forget_probes()
             started = time.perf_counter()
             predictor.predict(fresh, images, labels)
             times[f"fit {n}"] = round(time.perf_counter() - started, 3)

@@ -37,6 +37,7 @@ from __future__ import annotations
 import hashlib
 from collections import OrderedDict
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -52,6 +53,7 @@ METHODS = ("probe", "match", "knn", "prototype")
 SHIPPED_HEAD = Path(__file__).resolve().parents[1] / "models" / "incontext" / "weights" / "matching_head.pt"
 _ENCODER_SIZE = 256
 _PROTOTYPE_SCALE = 20.0  # PANet's cosine scale
+_Value = TypeVar("_Value")
 
 
 class FeatureMatchingPredictor(InContextPredictor):
@@ -120,9 +122,9 @@ class FeatureMatchingPredictor(InContextPredictor):
         digest = hashlib.blake2b(array.tobytes(), digest_size=16)
         digest.update(f"{array.shape}{array.dtype.str}".encode())  # the same bytes as another dtype differ
         key = digest.digest()
-        if key in self._cache:
-            self._cache.move_to_end(key)
-            return self._cache[key]
+        cached = _recall(self._cache, key)
+        if cached is not None:
+            return cached
         frame = torch.from_numpy(encoder_frame(array))[None]
         with torch.inference_mode():
             # channels-last: the layout `for_inference` encoders run fastest in (any encoder accepts it)
@@ -131,10 +133,7 @@ class FeatureMatchingPredictor(InContextPredictor):
         colour = F.interpolate(frame, (2 * grid, 2 * grid), mode="area")  # (1, 3, 2h, 2w), packed below
         result = torch.cat([embedding, F.pixel_unshuffle(colour, 2)], 1)[0].numpy()
         self._grid = grid
-        self._cache[key] = result
-        if len(self._cache) > self.cache_size:
-            self._cache.popitem(last=False)
-        return result
+        return _remember(self._cache, key, result, self.cache_size)
 
     def label_masks(self, label: np.ndarray, values: list[int]) -> np.ndarray:
         """``(K, 4, h, w)``: binary masks of ``label == v`` on the ``2h x 2w`` colour grid, packed 2 x 2."""
@@ -186,18 +185,19 @@ class FeatureMatchingPredictor(InContextPredictor):
         digest.update(sample.contiguous().numpy().tobytes())
         digest.update(f"{seed},{self.probe_steps}".encode())
         key = digest.digest()
-        probe = self._probes.get(key)
+        probe = _recall(self._probes, key)
         if probe is None:
             features = frames[subset, :channels].permute(0, 2, 3, 1).reshape(-1, channels)
             targets = F.avg_pool2d(masks[:, None], 2).flatten()  # foreground fraction of each location
-            probe = fit_support_probe(features, targets, steps=self.probe_steps, seed=seed)
-            self._probes[key] = probe
-            if len(self._probes) > self.cache_size:
-                self._probes.popitem(last=False)
-        self._probes.move_to_end(key)
+            fitted = fit_support_probe(features, targets, steps=self.probe_steps, seed=seed)
+            probe = _remember(self._probes, key, fitted, self.cache_size)
         logits = probe(query[:, :channels].permute(0, 2, 3, 1).reshape(-1, channels))
         coarse = logits.reshape(len(query), 1, height, width)
         return F.interpolate(coarse, scale_factor=2, mode="bilinear", align_corners=False)[:, 0]
+
+    def forget_probes(self) -> None:
+        """Drop the fitted probes (the next query of every support set fits again); embeddings stay cached."""
+        self._probes.clear()
 
     def _logit(self, maps: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
         """Foreground logit ``(Q, 2h, 2w)`` from `matching_maps` ``(Q, 3, 2h, 2w)`` and the query frames."""
@@ -205,6 +205,22 @@ class FeatureMatchingPredictor(InContextPredictor):
             return self.head(maps, F.pixel_shuffle(query[:, -12:], 2))[:, 0]
         logit = maps[:, 0] if self.method == "knn" else maps[:, 1]
         return logit + self.colour_weight * maps[:, 2] if self.colour_weight > 0 else logit
+
+
+def _recall(cache: OrderedDict[bytes, _Value], key: bytes) -> _Value | None:
+    """The entry of ``key`` in a least-recently-used ``cache`` (now the most recent one), or None."""
+    value = cache.get(key)
+    if value is not None:
+        cache.move_to_end(key)
+    return value
+
+
+def _remember(cache: OrderedDict[bytes, _Value], key: bytes, value: _Value, limit: int) -> _Value:
+    """Store ``value`` as the most recent entry of ``cache``, dropping the oldest beyond ``limit`` entries."""
+    cache[key] = value
+    while len(cache) > limit:
+        cache.popitem(last=False)
+    return value
 
 
 def unpack_masks(packed: np.ndarray) -> torch.Tensor:

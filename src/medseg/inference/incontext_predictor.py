@@ -48,7 +48,7 @@ class InContextPredictor:
         self.input_size = input_size
         self.device = torch.device(device)
         self.batch_size = batch_size
-        self._stacked: tuple[list[int], list[np.ndarray], np.ndarray] | None = None
+        self._stacked: tuple[list[np.ndarray], np.ndarray] | None = None  # the last support set's frames, stacked
 
     @classmethod
     def from_weights(cls, path: str | Path, device: str = "cpu") -> InContextPredictor:
@@ -146,11 +146,12 @@ class InContextPredictor:
     def _stack_frames(self, frames: list[np.ndarray]) -> np.ndarray:
         """``np.stack(frames)``, reused when the very same frame arrays come again (a frame cache hands out the
         same arrays for the same images, as when a folder of queries shares one support set)."""
-        key = [id(frame) for frame in frames]
-        if self._stacked is not None and self._stacked[0] == key:
-            return self._stacked[2]
+        if self._stacked is not None:
+            last, stacked = self._stacked
+            if len(last) == len(frames) and all(a is b for a, b in zip(last, frames, strict=True)):
+                return stacked
         stacked = np.stack(frames)
-        self._stacked = (key, frames, stacked)  # holding the frames keeps their ids from being reused
+        self._stacked = (frames, stacked)
         return stacked
 
     def _matched_slices(
