@@ -3,8 +3,8 @@
 Engines and baselines (``--engines``):
 
 - ``probe`` (medseg's default): `FeatureMatchingPredictor` fitting a `SupportProbe` (a one-hidden-layer
-  classifier) to the support set's frozen LiteMedSAM features at inference (nothing trained beforehand, so
-  every dataset is unseen by it);
+  classifier) to the support set's frozen LiteMedSAM features (the first three encoder stages of a 128 x 128
+  frame) at inference (nothing trained beforehand, so every dataset is unseen by it);
 - ``match``: `FeatureMatchingPredictor` with the trained `MatchingHead` of ``--head`` (default: the one
   medseg ships, trained by ``medseg train-matching-head`` without the held-out datasets);
 - ``knn``: the same frozen LiteMedSAM image features with the fixed nearest-neighbour rule (nothing trained
@@ -84,17 +84,18 @@ def main() -> None:
         args.json.write_text(json.dumps(results, indent=1))
 
 
-_FEATURE_PREDICTOR: list[Any] = []  # one, so that knn and prototype share its embedding cache
+_FEATURE_PREDICTORS: dict[str, Any] = {}  # per feature kind, so that knn, match and prototype share a cache
 
 
 def _predictor(engine: str, args: argparse.Namespace) -> Any:
     if engine in ("probe", "match", "knn", "prototype"):
         from medseg.inference.feature_incontext import SHIPPED_HEAD, FeatureMatchingPredictor, load_head
 
-        if not _FEATURE_PREDICTOR:
-            _FEATURE_PREDICTOR.append(FeatureMatchingPredictor.from_checkpoint(method="probe"))
-            _FEATURE_PREDICTOR[0].cache_size = 1024  # every slice of the 3D test, shared by the feature engines
-        predictor = _FEATURE_PREDICTOR[0]
+        features = "stages" if engine == "probe" else "embedding"  # each engine's default
+        if features not in _FEATURE_PREDICTORS:
+            _FEATURE_PREDICTORS[features] = FeatureMatchingPredictor.from_checkpoint(method=engine)
+            _FEATURE_PREDICTORS[features].cache_size = 1024  # every slice of the 3D test
+        predictor = _FEATURE_PREDICTORS[features]
         predictor.method = engine
         predictor.head = load_head(args.head or SHIPPED_HEAD) if engine == "match" else None
         return predictor

@@ -51,6 +51,7 @@ def test_bad_inputs(tmp_path: Path) -> None:
         (("--support", flat, "--query", query, "--engine", "universeg"), "needs --weights"),
         (("--support", flat, "--query", query, "--engine", "knn", "--weights", weights), "--weights is for"),
         (("--support", flat, "--query", query, "--engine", "nearest"), "unknown --engine"),
+        (("--support", flat, "--query", query, "--weights", weights, "--frame-size", "256"), "for the feature engines"),
         (("--support", flat, "--query", query, "--checkpoint", tmp_path / "missing.pth"), "missing.pth"),
     ]
     channels = tmp_path / "channels"
@@ -97,6 +98,11 @@ def test_default_engine_matches_lite_medsam_features(tmp_path: Path) -> None:
         assert result.exit_code == 0, result.output
         label = load(out / "case_000.png")
         assert label.shape == (32, 40) and set(np.unique(label.array)) <= {0, 1, 2}
+    larger = _run("incontext", "--support", support, "--query", query, "-o", tmp_path / "256", "--frame-size", "256")
+    assert larger.exit_code == 0, larger.output
+    assert load(tmp_path / "256" / "case_000.png").shape == (32, 40)
+    odd = _run("incontext", "--support", support, "--query", query, "-o", tmp_path / "odd", "--frame-size", "100")
+    assert odd.exit_code == 2 and "multiple of 16" in odd.stderr and not (tmp_path / "odd").exists()
 
 
 def test_train_incontext_then_segment_with_its_weights(tmp_path: Path) -> None:

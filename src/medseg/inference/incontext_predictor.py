@@ -14,6 +14,7 @@ slice gets, from every support volume, the slice at the same relative position (
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,19 @@ class InContextResult:
     label_values: list[int]
 
 
+@dataclass
+class PreparedSupport:
+    """A checked support set: ``key`` (a digest of its contents; None when not all are numpy arrays), its
+    label maps as integer arrays, the foreground ``values`` in order, and for 2D supports the stacked
+    ``frames`` and ``masks`` the network takes (None for volumes: their slices are matched per query slice)."""
+
+    key: bytes | None
+    labels: list[np.ndarray]
+    values: list[int]
+    frames: np.ndarray | None
+    masks: np.ndarray | None
+
+
 class InContextPredictor:
     """Wraps an in-context network ``(query (B, 1, S, S), support images (B, N, 1, S, S), support masks
     (B, N, 1, S, S)) -> logits (B, 1, S, S)``, e.g. `medseg.models.incontext.UniverSeg`."""
@@ -48,7 +62,7 @@ class InContextPredictor:
         self.input_size = input_size
         self.device = torch.device(device)
         self.batch_size = batch_size
-        self._stacked: tuple[list[np.ndarray], np.ndarray] | None = None  # the last support set's frames, stacked
+        self._prepared: PreparedSupport | None = None  # the last support set, checked and framed
 
     @classmethod
     def from_weights(cls, path: str | Path, device: str = "cpu") -> InContextPredictor:
@@ -119,40 +133,44 @@ class InContextPredictor:
             raise MedsegError(f"{len(support_images)} support images but {len(support_labels)} label maps")
         if support_are_volumes and not query_is_volume:
             raise MedsegError("3D support volumes need a 3D query (a 2D query takes 2D support images)")
-        support_labels = [label_array(label, f"support label map {i}") for i, label in enumerate(support_labels)]
-        for i, (image, label) in enumerate(zip(support_images, support_labels, strict=True)):
-            _check_image(image, support_are_volumes, f"support {i}", "support_are_volumes")
-            spatial = image.shape[: 3 if support_are_volumes else 2]
-            if label.shape != spatial:
-                raise MedsegError(f"support {i}: label map {label.shape} is not on its image's grid {spatial}")
-        values = sorted({int(v) for label in support_labels for v in np.unique(label) if v != 0})
-        if not values:
-            raise MedsegError("no foreground in any support label map: nothing defines the task")
-        if not support_are_volumes:  # 2D supports: framed once, for a 2D query or every slice of a 3D one
-            images = self._stack_frames([self.frame(i) for i in support_images])
-            masks = np.stack([self.label_masks(label, values) for label in support_labels])
+        support = self._prepare(support_images, support_labels, support_are_volumes)
+        values = support.values
         if not query_is_volume:
-            probabilities = self._run([self.frame(query)], images, masks, ensemble, subset_size, seed)[0]
-            return self._result(probabilities, query.shape[:2], values)
+            assert support.frames is not None and support.masks is not None  # 2D supports for a 2D query
+            probabilities = self._run([self.frame(query)], support.frames, support.masks, ensemble, subset_size, seed)
+            return self._result(probabilities[0], query.shape[:2], values)
         slices = []
         for z in range(query.shape[0]):
-            if support_are_volumes:
-                images, masks = self._matched_slices(
-                    (z + 0.5) / query.shape[0], support_images, support_labels, values, neighbours
-                )
+            if support.frames is not None and support.masks is not None:
+                images, masks = support.frames, support.masks
+            else:
+                position = (z + 0.5) / query.shape[0]
+                images, masks = self._matched_slices(position, support_images, support.labels, values, neighbours)
             slices.append(self._run([self.frame(query[z])], images, masks, ensemble, subset_size, seed)[0])
         return self._result(np.stack(slices, axis=1), query.shape[1:3], values)
 
-    def _stack_frames(self, frames: list[np.ndarray]) -> np.ndarray:
-        """``np.stack(frames)``, reused when the very same frame arrays come again (a frame cache hands out the
-        same arrays for the same images, as when a folder of queries shares one support set)."""
-        if self._stacked is not None:
-            last, stacked = self._stacked
-            if len(last) == len(frames) and all(a is b for a, b in zip(last, frames, strict=True)):
-                return stacked
-        stacked = np.stack(frames)
-        self._stacked = (frames, stacked)
-        return stacked
+    def _prepare(self, images: Sequence[np.ndarray], labels: Sequence[np.ndarray], volumes: bool) -> PreparedSupport:
+        """The support set checked, its label values found and (2D) framed: once per support set, reused while
+        the same contents come again (a folder of queries shares one support set)."""
+        key = content_key([*images, *labels], f"{volumes}")
+        if key is not None and self._prepared is not None and self._prepared.key == key:
+            return self._prepared
+        checked = [label_array(label, f"support label map {i}") for i, label in enumerate(labels)]
+        for i, (image, label) in enumerate(zip(images, checked, strict=True)):
+            _check_image(image, volumes, f"support {i}", "support_are_volumes")
+            spatial = image.shape[: 3 if volumes else 2]
+            if label.shape != spatial:
+                raise MedsegError(f"support {i}: label map {label.shape} is not on its image's grid {spatial}")
+        values = sorted({int(v) for label in checked for v in np.unique(label) if v != 0})
+        if not values:
+            raise MedsegError("no foreground in any support label map: nothing defines the task")
+        frames = masks = None
+        if not volumes:  # 2D supports: framed once, for a 2D query or every slice of a 3D one
+            frames = np.stack([self.frame(i) for i in images])
+            masks = np.stack([self.label_masks(label, values) for label in checked])
+        prepared = PreparedSupport(key, checked, values, frames, masks)
+        self._prepared = prepared if key is not None else None
+        return prepared
 
     def _matched_slices(
         self,
@@ -236,6 +254,23 @@ def _check_image(image: np.ndarray, volume: bool, name: str, flag: str) -> None:
         raise MedsegError(f"{name} has shape {image.shape}, expected {expected}{hint}")
     if 0 in image.shape:
         raise MedsegError(f"{name} is empty (shape {image.shape})")
+
+
+def content_key(arrays: Sequence[np.ndarray], extra: str) -> bytes | None:
+    """`content_digest` of the arrays; None unless all are numpy arrays."""
+    if not all(isinstance(array, np.ndarray) for array in arrays):
+        return None
+    return content_digest(arrays, extra)
+
+
+def content_digest(arrays: Sequence[np.ndarray], extra: str) -> bytes:
+    """A 16-byte BLAKE2b digest of the arrays' shapes, dtypes and bytes, and of ``extra``."""
+    digest = hashlib.blake2b(extra.encode(), digest_size=16)
+    for array in arrays:
+        contiguous = np.ascontiguousarray(array)
+        digest.update(f"{array.shape}{array.dtype.str}".encode())
+        digest.update(contiguous.data if contiguous.size else b"")
+    return digest.digest()
 
 
 def check_ensemble_options(ensemble: int, subset_size: int | None, neighbours: int) -> None:

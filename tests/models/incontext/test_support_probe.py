@@ -55,3 +55,10 @@ def test_mismatched_inputs_are_refused() -> None:
         fit_support_probe(torch.zeros(10, 4), torch.zeros(9))
     with pytest.raises(ValueError, match="features"):
         fit_support_probe(torch.zeros(0, 4), torch.zeros(0))
+
+
+def test_classify_is_forward_for_unit_features() -> None:
+    features, targets = _task(500)
+    probe = fit_support_probe(features, targets, steps=5)
+    unit = torch.nn.functional.normalize(features, dim=-1)
+    torch.testing.assert_close(probe.classify(unit), probe(features))

@@ -192,6 +192,25 @@ def test_tinyvit_attention_biases_receive_gradients() -> None:
     assert all(b.grad is not None and b.grad.abs().sum() > 0 for b in biases)
 
 
+def test_tinyvit_stage_outputs_are_the_forward_pass_before_the_neck() -> None:
+    torch.manual_seed(0)
+    encoder = TinyViT(img_size=32)
+    _randomise(encoder, seed=3)
+    encoder.eval()
+    x = torch.rand(2, 3, 32, 32)
+    with torch.inference_mode():
+        stages = encoder.stage_outputs(x, 4)
+        first_three = encoder.stage_outputs(x, 3)
+        embedding = encoder(x)
+        from_stages = encoder.neck(stages[-1])
+    assert [tuple(s.shape) for s in stages] == [(2, 128, 16, 16), (2, 160, 8, 8), (2, 320, 8, 8), (2, 320, 8, 8)]
+    torch.testing.assert_close(from_stages, embedding, rtol=0, atol=0)
+    assert len(first_three) == 3
+    torch.testing.assert_close(first_three[2], stages[2], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="stages must be"):
+        encoder.stage_outputs(x, 0)
+
+
 def test_tinyvit_rejects_wrong_channels() -> None:
     with pytest.raises(ValueError, match="expected a"):
         TinyViT(img_size=32)(torch.rand(1, 1, 32, 32))

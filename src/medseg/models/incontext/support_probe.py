@@ -25,7 +25,11 @@ class SupportProbe(nn.Module):
         self.layers = nn.Sequential(nn.Linear(channels, hidden), nn.GELU(), nn.Linear(hidden, 1))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.layers(F.normalize(features, dim=-1) * FEATURE_SCALE)[:, 0]
+        return self.classify(F.normalize(features, dim=-1))
+
+    def classify(self, unit_features: torch.Tensor) -> torch.Tensor:
+        """`forward` for features ``(M, C)`` already of unit length (skips a pass over a large array)."""
+        return self.layers(unit_features * FEATURE_SCALE)[:, 0]
 
 
 def fit_support_probe(

@@ -268,6 +268,25 @@ class TinyViT(nn.Module):
             x = layer(x)
         return self.neck(x)
 
+    def stage_outputs(self, x: torch.Tensor, stages: int) -> list[torch.Tensor]:
+        """The maps after each of the first ``stages`` stages (their patch merging included), without the neck:
+        for LiteMedSAM and a ``(B, 3, S, S)`` image, ``(B, 128, S/2, S/2)``, ``(B, 160, S/4, S/4)``,
+        ``(B, 320, S/4, S/4)``, ``(B, 320, S/4, S/4)``. Later stages are not run.
+
+        Raises:
+            ValueError: ``stages`` outside 1..number of stages, or not a ``(B, in_chans, H, W)`` tensor.
+        """
+        if not 1 <= stages <= len(self.layers):
+            raise ValueError(f"stages must be 1..{len(self.layers)}, not {stages}")
+        if x.ndim != 4 or x.shape[1] != self.in_chans:
+            raise ValueError(f"expected a (B, {self.in_chans}, H, W) tensor, got shape {tuple(x.shape)}")
+        x = self.patch_embed(x)
+        outputs = []
+        for layer in list(self.layers)[:stages]:
+            x = layer(x)
+            outputs.append(x)
+        return outputs
+
 
 def _init_weights(module: nn.Module) -> None:
     """Truncated-normal (std 0.02) linear weights with zero biases, as in TinyViT."""
