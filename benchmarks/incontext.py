@@ -28,6 +28,8 @@ support sizes 1, 16 and 64, after one warm-up; the supports' embeddings are comp
 (as when a folder of queries is segmented) and not counted; the query's own encoding is. So is probe's
 fit, done once per support set: it is timed apart (seconds per support set, every label).
 
+``--frame-size S``: the probe's encoder input side instead of its default 128 (its Dice cached apart).
+
 ``--hippocampus N``: 3D Dice on N Hippocampus volumes held out from a support set of 3 labelled volumes
 (matched by relative slice position).
 
@@ -62,6 +64,7 @@ def main() -> None:
     parser.add_argument("--universeg-weights", type=Path, default=None)
     parser.add_argument("--head", type=Path, default=None, help="matching_head.pt (default: the shipped one)")
     parser.add_argument("--unet-steps", type=int, default=100)
+    parser.add_argument("--frame-size", type=int, default=None, help="probe: the encoder's input side (default 128)")
     parser.add_argument("--latency", action="store_true")
     parser.add_argument("--hippocampus", type=int, default=0, help="held-out query volumes for the 3D test")
     parser.add_argument("--seed", type=int, default=0)
@@ -93,7 +96,8 @@ def _predictor(engine: str, args: argparse.Namespace) -> Any:
 
         features = "stages" if engine == "probe" else "embedding"  # each engine's default
         if features not in _FEATURE_PREDICTORS:
-            _FEATURE_PREDICTORS[features] = FeatureMatchingPredictor.from_checkpoint(method=engine)
+            size = args.frame_size if engine == "probe" else None
+            _FEATURE_PREDICTORS[features] = FeatureMatchingPredictor.from_checkpoint(method=engine, frame_size=size)
             _FEATURE_PREDICTORS[features].cache_size = 1024  # every slice of the 3D test
         predictor = _FEATURE_PREDICTORS[features]
         predictor.method = engine
@@ -123,7 +127,8 @@ def _split(name: str, args: argparse.Namespace) -> tuple[list[tuple[np.ndarray, 
 
 def _dataset_scores(name: str, engine: str, args: argparse.Namespace) -> dict[str, dict[str, float | None]]:
     """{str(size): {str(label): mean Dice or None}}, cached per size."""
-    cache = args.work / f"{name}_{engine}_q{args.queries}_s{args.seed}.json"
+    frame = f"_f{args.frame_size}" if engine == "probe" and args.frame_size else ""
+    cache = args.work / f"{name}_{engine}{frame}_q{args.queries}_s{args.seed}.json"
     if engine in ("match", "universeg"):  # trained engines: the cache belongs to one weights file
         weights = args.head if engine == "match" else args.universeg_weights
         cache = cache.with_name(f"{cache.stem}_{_digest(weights)}.json")

@@ -115,7 +115,7 @@ class FeatureMatchingPredictor(InContextPredictor):
         features = features or ("stages" if method == "probe" else "embedding")
         if features not in FEATURES:
             raise MedsegError(f"unknown features {features!r} (known: {', '.join(FEATURES)})")
-        frame_size = frame_size or FRAME_SIZES[features]
+        frame_size = FRAME_SIZES[features] if frame_size is None else frame_size
         if method == "match" and (features, frame_size) != ("embedding", _ENCODER_SIZE):
             raise MedsegError("the matching head was trained on 256 x 256 embeddings: method 'match' takes no other")
         if features == "stages" and not callable(getattr(encoder, "stage_outputs", None)):
