@@ -4,6 +4,7 @@ frame's pooled intensities, so bright objects match bright objects), and once wi
 from __future__ import annotations
 
 import importlib.util
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -146,6 +147,20 @@ def test_volume_query_with_support_volumes() -> None:
     assert dice(result.labels == 1, truth == 1) > 0.8
 
 
+def test_support_volumes_edited_after_a_call_do_not_leak_into_the_next() -> None:
+    scenes = [_scene(i, 48) for i in range(8)]
+    volume, labels = np.stack([s[0] for s in scenes[:4]]), np.stack([s[1] for s in scenes[:4]])
+    query = np.stack([s[0] for s in scenes[4:]])
+    options = {"query_is_volume": True, "support_are_volumes": True}
+    predictor = FeatureMatchingPredictor(PooledIntensity(), probe_steps=20)
+    edited = labels.copy()
+    predictor.predict(query, [volume], [edited], **options)
+    edited[:] = 0  # the caller reuses its array; the contents the predictor saw come back in a new one
+    again = predictor.predict(query, [volume], [labels.copy()], **options)
+    fresh = FeatureMatchingPredictor(PooledIntensity(), probe_steps=20).predict(query, [volume], [labels], **options)
+    np.testing.assert_array_equal(again.labels, fresh.labels)
+
+
 def test_an_untrained_head_is_the_knn_rule() -> None:
     """The head's correction starts at zero, so training starts from kNN (and `match` runs end to end)."""
     supports = [_scene(i) for i in range(3)]
@@ -179,8 +194,14 @@ def test_bad_settings_are_refused() -> None:
         FeatureMatchingPredictor(PooledIntensity(), "match", head=MatchingHead(8), features="stages")
     with pytest.raises(MedsegError, match="need a TinyViT encoder"):
         FeatureMatchingPredictor(nn.Identity(), "probe")
-    with pytest.raises(MedsegError, match="multiple of 16"):
-        FeatureMatchingPredictor(PooledIntensity(), frame_size=100)
+    for size in (100, 0, 2048, 128.0, True):
+        with pytest.raises(MedsegError, match="multiple of 16 from 32 to 1024"):
+            FeatureMatchingPredictor(PooledIntensity(), frame_size=size)
+    assert FeatureMatchingPredictor(PooledIntensity(), frame_size=np.int64(64)).input_size == 64
+    with pytest.raises(MedsegError, match="unknown features"):
+        FeatureMatchingPredictor(PooledIntensity(), features="")
+    with pytest.raises(MedsegError, match="bfloat16 must be"):
+        FeatureMatchingPredictor(PooledIntensity(), bfloat16="no")
 
 
 @pytest.mark.parametrize(("method", "features", "size", "grid"), [
@@ -212,6 +233,10 @@ def test_encoder_frame_is_three_channels_in_unit_range() -> None:
     frame = encoder_frame(grey)
     assert frame.shape == (3, 256, 256) and frame.dtype == np.float32
     assert frame.min() >= 0 and frame.max() <= 1 and np.allclose(frame[0], frame[2])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # float64 beyond float32's range: normalised first, no overflow
+        huge = encoder_frame(np.linspace(0, 1e300, 64 * 64).reshape(64, 64))
+    assert np.isfinite(huge).all() and huge.max() == pytest.approx(1.0, abs=1e-3)
     rgb = np.random.default_rng(0).integers(0, 255, (40, 30, 3)).astype(np.uint8)
     assert encoder_frame(rgb).shape == (3, 256, 256)
 

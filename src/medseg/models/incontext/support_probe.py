@@ -4,7 +4,7 @@ Few-shot segmentation by fitting only a light head on frozen foundation-model fe
 updated: the linear/MLP probe of self-supervised feature evaluation (DINOv2, Oquab et al. 2023, linear
 segmentation heads) applied to one support set, as in the "fine-tune the last layer only" few-shot
 baselines (Wang et al., "Frustratingly simple few-shot object detection", ICML 2020). No weights ship:
-every support set fits its own probe (a few hundred Adam steps, about a second on two CPU cores).
+every support set fits its own probe (a few hundred Adam steps, one to a few seconds on two CPU cores).
 """
 
 from __future__ import annotations
