@@ -41,7 +41,7 @@ def incontext(
         None,
         "--frame-size",
         help="Feature engines: the encoder's input side, a multiple of 16 from 32 to 1024 (default 128 for "
-        "probe, 256 for the others; 256 for the probe keeps thinner structures, at about 5x the time).",
+        "probe, 256 for the others; 256 for the probe keeps thinner structures, at about 4x the time per query).",
     ),
 ) -> None:
     """Segment new images from a few labelled examples (in-context, no training).
