@@ -118,10 +118,9 @@ class FeatureMatchingPredictor(InContextPredictor):
         if features not in FEATURES:
             raise MedsegError(f"unknown features {features!r} (known: {', '.join(FEATURES)})")
         frame_size = FRAME_SIZES[features] if frame_size is None else frame_size
-        if isinstance(frame_size, bool) or not isinstance(frame_size, int | np.integer) or frame_size % 16:
+        integral = isinstance(frame_size, int | np.integer) and not isinstance(frame_size, bool)
+        if not integral or frame_size % 16 or not 32 <= frame_size <= 1024:  # 1024: a frame of stages is 0.3 GB
             raise MedsegError(f"the frame size must be a multiple of 16 from 32 to 1024, not {frame_size!r}")
-        if not 32 <= frame_size <= 1024:  # above, one frame of stage features alone takes over a gigabyte
-            raise MedsegError(f"the frame size must be a multiple of 16 from 32 to 1024, not {frame_size}")
         frame_size = int(frame_size)
         if method == "match" and (features, frame_size) != ("embedding", _ENCODER_SIZE):
             raise MedsegError("the matching head was trained on 256 x 256 embeddings: method 'match' takes no other")
