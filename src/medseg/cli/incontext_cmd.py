@@ -116,10 +116,13 @@ def incontext(
     started = time.perf_counter()
     with progress_bar("segmenting", len(files)) as advance:
         for f, image in loaded.items():
-            result = predictor.predict(
-                image.array, images, labels, query_is_volume=image.ndim == 3, support_are_volumes=volumes,
-                ensemble=ensemble, subset_size=subset_size, neighbours=neighbours,
-            )  # fmt: skip
+            try:
+                result = predictor.predict(
+                    image.array, images, labels, query_is_volume=image.ndim == 3, support_are_volumes=volumes,
+                    ensemble=ensemble, subset_size=subset_size, neighbours=neighbours,
+                )  # fmt: skip
+            except MedsegError as error:  # the query's problems name the query
+                raise MedsegError(error.problem, error.path or f) from None
             save(image.with_array(result.labels), targets[f], protect=tuple(inputs))
             advance()
     per = (time.perf_counter() - started) / len(files)
