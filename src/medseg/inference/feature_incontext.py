@@ -59,7 +59,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from medseg.errors import MedsegError
-from medseg.inference.incontext_predictor import InContextPredictor, content_digest, support_subsets
+from medseg.inference.incontext_predictor import InContextPredictor, content_digest, support_subsets, unit_range
 from medseg.models.incontext.support_probe import SupportProbe, fit_support_probe
 from medseg.models.promptable.image_encoders import for_inference
 
@@ -69,6 +69,7 @@ FRAME_SIZES = {"stages": 128, "embedding": 256}  # default encoder input side pe
 FRAME_DTYPES = {"stages": torch.float16, "embedding": torch.float32}
 STAGES = 3  # TinyViT stages whose outputs make the "stages" features
 CACHE_BYTES = 2 << 30  # the default frame cache's budget
+PROBE_CACHE_SIZE = 1024  # fitted probes kept (about 80 kB each for the stages)
 SHIPPED_HEAD = Path(__file__).resolve().parents[1] / "models" / "incontext" / "weights" / "matching_head.pt"
 _ENCODER_SIZE = 256
 _PROTOTYPE_SCALE = 20.0  # PANet's cosine scale
@@ -136,11 +137,7 @@ class FeatureMatchingPredictor(InContextPredictor):
             self.model = copy.deepcopy(self.model).to(torch.bfloat16)
         self._probe_dtype = torch.bfloat16 if self.bfloat16 else torch.float32  # fitted in float32, applied in this
         self.head = head.eval() if head is not None else None
-        if cache_size is None:  # as many frames as fit in CACHE_BYTES (stage frames: 5 MB at 128, 20 MB at 256)
-            channels = 608 if features == "stages" else 256
-            grid = frame_size // (2 if features == "stages" else 4)
-            frame_bytes = (channels + 12) * grid * grid * (2 if features == "stages" else 4)
-            cache_size = max(16, CACHE_BYTES // frame_bytes)
+        # frames kept: cache_size, or None: as many as fit in CACHE_BYTES (stage frames: 5 MB at 128, 20 MB at 256)
         self.cache_size, self.probe_steps = cache_size, probe_steps
         self._cache: OrderedDict[bytes, np.ndarray] = OrderedDict()
         self._probes: OrderedDict[bytes, SupportProbe] = OrderedDict()
@@ -198,7 +195,8 @@ class FeatureMatchingPredictor(InContextPredictor):
         result = torch.empty(channels + 12, grid, grid, dtype=FRAME_DTYPES[self.features])
         result[:channels], result[channels:] = features, F.pixel_unshuffle(colour, 2)[0]
         self._grid = grid
-        return _remember(self._cache, key, result.numpy(), self.cache_size)
+        limit = self.cache_size if self.cache_size is not None else max(16, CACHE_BYTES // result.nbytes)
+        return _remember(self._cache, key, result.numpy(), limit)
 
     def _encode(self, pixels: torch.Tensor) -> torch.Tensor:
         """``(1, 3, S, S)`` -> float32 ``(1, C, h, w)`` of unit length at every location: the L2-normalised
@@ -239,11 +237,14 @@ class FeatureMatchingPredictor(InContextPredictor):
         fine_masks = unpack_masks(masks)  # (N, K, 2h, 2w)
         total = torch.zeros(len(queries), k, *fine_masks.shape[-2:])
         channels = frames.shape[1] - 12
-        # (Q h w, C), unit length, in the probe's dtype (one pass from the stored frames)
-        locations = query[:, :channels].permute(0, 2, 3, 1).reshape(-1, channels).to(self._probe_dtype)
-        if self.method == "probe":  # the support set's fingerprint: its masks and a sample of its features
+        if self.method == "probe":
+            # (Q h w, C), unit length, in the probe's dtype (one pass from the stored frames)
+            locations = query[:, :channels].permute(0, 2, 3, 1).reshape(-1, channels).to(self._probe_dtype)
+            # the support set's fingerprint: its masks and a sample of its features
             sample = frames[:, :channels:8, ::4, ::4].contiguous().numpy()
             support_key = content_digest([masks, sample], f"{seed},{self.probe_steps}")
+        else:
+            query = query.float()
         for subset in subsets:
             for label in range(k):
                 if not (fine_masks[subset, label] >= 0.5).any():
@@ -254,9 +255,9 @@ class FeatureMatchingPredictor(InContextPredictor):
                     index = torch.from_numpy(subset)
                     logit = self._probe_logit(locations, query.shape, frames, index, mask, key, seed)
                 else:
-                    maps = matching_maps(query.float(), frames[subset].float(), fine_masks[subset, label], self.k,
+                    maps = matching_maps(query, frames[subset].float(), fine_masks[subset, label], self.k,
                                          self.temperature, self.max_locations, rng)  # fmt: skip
-                    logit = self._logit(maps, query.float())
+                    logit = self._logit(maps, query)
                 total[:, label] += torch.sigmoid(logit)
         return (total / len(subsets)).numpy()
 
@@ -280,7 +281,7 @@ class FeatureMatchingPredictor(InContextPredictor):
             features = frames[subset, :channels].float().permute(0, 2, 3, 1).reshape(-1, channels)
             targets = F.avg_pool2d(masks[:, None], 2).flatten()  # foreground fraction of each location
             fitted = fit_support_probe(features, targets, steps=self.probe_steps, seed=seed)
-            probe = _remember(self._probes, key, fitted.to(self._probe_dtype), self.cache_size)
+            probe = _remember(self._probes, key, fitted.to(self._probe_dtype), PROBE_CACHE_SIZE)
         coarse = probe.classify(locations).float().reshape(shape[0], 1, height, width)  # frames are unit length
         return F.interpolate(coarse, scale_factor=2, mode="bilinear", align_corners=False)[:, 0]
 
@@ -419,13 +420,7 @@ def native_bfloat16(device: torch.device) -> bool:
 def encoder_frame(image: np.ndarray, size: int = _ENCODER_SIZE) -> np.ndarray:
     """``(H, W)`` or ``(H, W, 3)`` -> ``(3, size, size)`` float32 in [0, 1]: clipped to the 0.5-99.5
     percentiles, stretched to the square (grey repeated to 3 channels; other channel counts averaged)."""
-    array = image.astype(np.float64 if image.dtype == np.float64 else np.float32)  # float64: no overflow to inf
-    if array.ndim == 3 and array.shape[-1] != 3:
-        array = array.mean(axis=-1)
-    finite = np.isfinite(array)
-    low, high = np.percentile(array[finite], (0.5, 99.5)) if finite.any() else (0.0, 1.0)
-    array = np.clip(np.nan_to_num(array, nan=low), low, high)
-    array = ((array - low) / (high - low) if high > low else np.zeros_like(array)).astype(np.float32)
+    array = unit_range(image, keep_rgb=True)
     chw = (
         torch.from_numpy(array)[None].expand(3, -1, -1) if array.ndim == 2 else torch.from_numpy(array).permute(2, 0, 1)
     )
