@@ -13,7 +13,11 @@ Engines and baselines (``--engines``):
   ``medseg train-incontext`` without the held-out datasets);
 - ``prototype``: the prototype baseline (masked average pooling of the same LiteMedSAM features, cosine);
 - ``unet``: the supervised baseline, a MONAI 2D U-Net trained on the support set only (``--unet-steps``
-  Adam steps of DiceCE on the 128 x 128 grey frames, flips and 90-degree rotations), for each support size.
+  Adam steps of DiceCE on the 128 x 128 grey frames, flips and 90-degree rotations), for each support size;
+- ``unet-lcc``: the same U-Net (same seed, same training) with the in-context engines' post-processing.
+
+The in-context engines keep only the largest connected component where the support set shows one object
+(`medseg.inference.components`, their default); ``--no-largest-component`` turns that off (cached apart).
 
 For each held-out dataset (``--datasets``, default WBC and ISBI-EM, the two the shipped UniverSeg-style
 config leaves out of training) the cases are shuffled with ``--seed``; the last ``--queries`` are the
@@ -52,7 +56,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
-ENGINES = ("probe", "match", "knn", "universeg", "prototype", "unet")
+ENGINES = ("probe", "match", "knn", "universeg", "prototype", "unet", "unet-lcc")
 UNET_STEPS = 100  # the support-only U-Net's default training budget (Adam steps)
 
 
@@ -66,6 +70,7 @@ def main() -> None:
     parser.add_argument("--head", type=Path, default=None, help="matching_head.pt (default: the shipped one)")
     parser.add_argument("--unet-steps", type=int, default=UNET_STEPS)
     parser.add_argument("--frame-size", type=int, default=None, help="probe: the encoder's input side (default 128)")
+    parser.add_argument("--no-largest-component", action="store_true", help="in-context engines: no post-processing")
     parser.add_argument("--latency", action="store_true")
     parser.add_argument("--hippocampus", type=int, default=0, help="held-out query volumes for the 3D test")
     parser.add_argument("--seed", type=int, default=0)
@@ -82,7 +87,7 @@ def main() -> None:
     if args.latency:
         results["latency"] = {e: _latency(args.datasets[0], e, args) for e in engines}
     if args.hippocampus:
-        results["hippocampus"] = {e: _volumes(e, args) for e in engines if e != "unet"}
+        results["hippocampus"] = {e: _volumes(e, args) for e in engines if not e.startswith("unet")}
     _print_tables(results, args, engines)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
@@ -129,8 +134,10 @@ def _split(name: str, args: argparse.Namespace) -> tuple[list[tuple[np.ndarray, 
 def _dataset_scores(name: str, engine: str, args: argparse.Namespace) -> dict[str, dict[str, float | None]]:
     """{str(size): {str(label): mean Dice or None}}, cached per size."""
     frame = f"_f{args.frame_size}" if engine == "probe" and args.frame_size else ""
-    if engine == "unet" and args.unet_steps != UNET_STEPS:  # another training budget, another result
+    if engine.startswith("unet") and args.unet_steps != UNET_STEPS:  # another training budget, another result
         frame = f"_steps{args.unet_steps}"
+    if not engine.startswith("unet") and not args.no_largest_component:
+        frame += "_lcc"
     cache = args.work / f"{name}_{engine}{frame}_q{args.queries}_s{args.seed}.json"
     if engine in ("match", "universeg"):  # trained engines: the cache belongs to one weights file
         weights = args.head if engine == "match" else args.universeg_weights
@@ -139,19 +146,23 @@ def _dataset_scores(name: str, engine: str, args: argparse.Namespace) -> dict[st
     missing = [n for n in args.support_sizes if str(n) not in done]
     if missing:
         pool, queries, values = _split(name, args)
-        predictor = None if engine == "unet" else _predictor(engine, args)
+        predictor = None if engine.startswith("unet") else _predictor(engine, args)
         for n in missing:
             if n > len(pool):
                 done[str(n)] = {k: None for k, v in dataset_labels(name).items() if int(v) != 0}
                 continue
             started = time.perf_counter()
             support = pool[:n]
-            if engine == "unet":
+            if engine.startswith("unet"):
                 labels = _unet_baseline(support, queries, values, args)
+                if engine == "unet-lcc":
+                    from medseg.inference.components import SingleObjectRule
+
+                    rule = SingleObjectRule.from_supports([label for _, label in support], values)
+                    labels = [rule.apply(label) for label in labels]
             else:
-                labels = [
-                    predictor.predict(q, [s[0] for s in support], [s[1] for s in support]).labels for q, _ in queries
-                ]
+                images, maps, keep = [s[0] for s in support], [s[1] for s in support], not args.no_largest_component
+                labels = [predictor.predict(q, images, maps, largest_component=keep).labels for q, _ in queries]
             names = {int(v): k for k, v in dataset_labels(name).items()}
             scores = {names.get(v, str(v)): _mean_dice(labels, [gt for _, gt in queries], v) for v in values}
             done[str(n)] = scores
@@ -230,10 +241,10 @@ def _latency(name: str, engine: str, args: argparse.Namespace) -> dict[str, floa
     pool, queries, values = _split(name, args)
     query = _resize(queries[0][0])
     times: dict[str, float] = {}
-    predictor = None if engine == "unet" else _predictor(engine, args)
+    predictor = None if engine.startswith("unet") else _predictor(engine, args)
     for n in (1, 16, 64):
         support = [(_resize(i), _resize(lab, label=True)) for i, lab in (pool * 64)[:n]]
-        if engine == "unet":
+        if engine.startswith("unet"):
             started = time.perf_counter()
             _unet_baseline(support, [(query, query[..., 0] if query.ndim == 3 else query)], values, args)
             times[str(n)] = round(time.perf_counter() - started, 3)  # training included: that is its cost
@@ -272,7 +283,8 @@ def _volumes(engine: str, args: argparse.Namespace) -> dict[str, float]:
     from medseg.data.cases import load_case
     from medseg.metrics.surface import dice
 
-    cache = args.work / f"Hippocampus3D_{engine}_{args.hippocampus}_s{args.seed}.json"
+    suffix = "" if args.no_largest_component else "_lcc"
+    cache = args.work / f"Hippocampus3D_{engine}_{args.hippocampus}_s{args.seed}{suffix}.json"
     if cache.is_file():
         return json.loads(cache.read_text())
     dataset = open_dataset(DATA / "Hippocampus")
@@ -287,7 +299,7 @@ def _volumes(engine: str, args: argparse.Namespace) -> dict[str, float]:
         assert truth is not None
         result = predictor.predict(
             image.array, [s[0].array for s in support], [s[1] for s in support],
-            query_is_volume=True, support_are_volumes=True,
+            query_is_volume=True, support_are_volumes=True, largest_component=not args.no_largest_component,
         )  # fmt: skip
         for v in scores:
             scores[v].append(dice(result.labels == int(v), truth == int(v)))

@@ -105,6 +105,27 @@ def test_a_problem_the_predictor_finds_in_a_query_names_that_query(
     assert_one_error_line(result, "case_000_0000.png", "unusual shape")
 
 
+@pytest.mark.parametrize(("flag", "expected"), [((), True), (("--no-largest-component",), False)])
+def test_largest_component_option_reaches_the_predictor(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, flag: tuple[str, ...], expected: bool
+) -> None:
+    from medseg.inference.incontext_predictor import InContextPredictor
+
+    original, seen = InContextPredictor.predict, []
+
+    def record(self: InContextPredictor, *args: object, **options: object) -> object:
+        seen.append(options["largest_component"])
+        return original(self, *args, **options)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(InContextPredictor, "predict", record)
+    support = make_nnunet_2d_shapes(tmp_path / "support", cases=2)
+    query = support / "imagesTr" / "case_000_0000.png"
+    result = _run("incontext", "--support", support, "--query", query, "-o", tmp_path / "out", "--weights",
+                  _weights(tmp_path / "w.pt"), *flag)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert seen == [expected]
+
+
 def test_a_query_refused_midway_leaves_no_label_map(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from medseg.errors import MedsegError
     from medseg.inference.incontext_predictor import InContextPredictor

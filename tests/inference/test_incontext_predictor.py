@@ -116,3 +116,25 @@ def test_bad_support_sets_are_refused(kwargs: dict, message: str) -> None:
     }
     with pytest.raises(MedsegError, match=message):
         InContextPredictor(MeanOfSupportMasks()).predict(**(arguments | kwargs))
+
+
+class MeanOfSupportMasksAndAStray(nn.Module):
+    """`MeanOfSupportMasks` with a false positive in a corner, apart from everything the masks show."""
+
+    def forward(self, query: torch.Tensor, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        logits = 20 * (masks.mean(dim=1) - 0.5)
+        logits[..., :6, -6:] = 10.0
+        return logits
+
+
+def test_a_stray_component_goes_where_the_supports_show_one_object_per_label() -> None:
+    label = _label_map((64, 64))  # labels 1 and 3, one object each (the foreground as a whole: two)
+    images = [np.random.default_rng(i).random((64, 64)) for i in range(2)]
+    predictor = InContextPredictor(MeanOfSupportMasksAndAStray())
+    kept = predictor.predict(np.zeros((64, 64)), images, [label] * 2).labels
+    raw = predictor.predict(np.zeros((64, 64)), images, [label] * 2, largest_component=False).labels
+    assert raw[:2, -2:].all() and not kept[:8, -8:].any()  # the model's 128 frame: 6 pixels there, 3 here
+    assert np.array_equal(kept[8:], raw[8:])
+    assert dice(kept == 1, label == 1) > 0.97 and dice(kept == 3, label == 3) > 0.97
+    volume = predictor.predict(np.zeros((4, 64, 64)), images, [label] * 2, query_is_volume=True).labels
+    assert volume[:, 20, 20].all() and not volume[:, :8, -8:].any()  # 2D supports, 3D query: per slice

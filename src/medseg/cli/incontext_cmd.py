@@ -38,6 +38,12 @@ def incontext(
     ensemble: int = typer.Option(1, "--ensemble", help="Average over this many random support subsets."),
     subset_size: int | None = typer.Option(None, "--subset-size", help="Supports per subset (with --ensemble)."),
     neighbours: int = typer.Option(1, "--neighbours", help="3D: support slices either side of the matched one."),
+    largest_component: bool = typer.Option(
+        True,
+        "--largest-component/--no-largest-component",
+        help="Keep only the largest connected component of the foreground and of each label that every support "
+        "shows as one object (nnU-Net's post-processing, decided from the supports).",
+    ),
     frame_size: int | None = typer.Option(
         None,
         "--frame-size",
@@ -122,6 +128,7 @@ def incontext(
                 results[f] = predictor.predict(
                     image.array, images, labels, query_is_volume=image.ndim == 3, support_are_volumes=volumes,
                     ensemble=ensemble, subset_size=subset_size, neighbours=neighbours,
+                    largest_component=largest_component,
                 ).labels  # fmt: skip
             except MedsegError as error:  # the query's problems name the query
                 raise MedsegError(error.problem, error.path or f) from None

@@ -7,6 +7,10 @@ after clipping to the 0.5-99.5 percentiles; RGB is averaged to grey; images are 
 one binary task (its mask against everything else), all labels in one batch; a pixel takes the label of
 highest probability where that probability is at least 0.5, else background.
 
+Post-processing (``largest_component``, on by default): where the support set shows the foreground, or a
+label, as a single object, only the largest connected component of the query's is kept
+(`medseg.inference.components`, nnU-Net's "remove all but the largest component" decided from the supports).
+
 3D: a query volume is segmented slice by slice along array axis 0. With support *volumes*, each query
 slice gets, from every support volume, the slice at the same relative position (``(z + 0.5) / Z``) and
 ``neighbours`` slices either side; 2D support images serve every query slice.
@@ -25,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from medseg.errors import MedsegError
+from medseg.inference.components import SingleObjectRule
 from medseg.io.image import label_array
 from medseg.runtime import tune_allocator
 
@@ -32,7 +37,8 @@ from medseg.runtime import tune_allocator
 @dataclass
 class InContextResult:
     """``labels`` ``(*spatial)`` uint8 (a wider unsigned type for larger label values: the support set's) and
-    ``probabilities`` ``(K, *spatial)`` float32, one per label in ``label_values`` order, on the query's grid."""
+    ``probabilities`` ``(K, *spatial)`` float32, one per label in ``label_values`` order, on the query's grid
+    (before the largest-component post-processing, which only ``labels`` has had)."""
 
     labels: np.ndarray
     probabilities: np.ndarray
@@ -43,13 +49,15 @@ class InContextResult:
 class PreparedSupport:
     """A checked support set: ``key`` (a digest of its contents; None when not all are numpy arrays), its
     label maps as integer arrays, the foreground ``values`` in order, and for 2D supports the stacked
-    ``frames`` and ``masks`` the network takes (None for volumes: their slices are matched per query slice)."""
+    ``frames`` and ``masks`` the network takes (None for volumes: their slices are matched per query slice),
+    and the `SingleObjectRule` its label maps show."""
 
     key: bytes | None
     labels: list[np.ndarray]
     values: list[int]
     frames: np.ndarray | None
     masks: np.ndarray | None
+    single_objects: SingleObjectRule
 
 
 class InContextPredictor:
@@ -106,6 +114,7 @@ class InContextPredictor:
         subset_size: int | None = None,
         neighbours: int = 1,
         seed: int = 0,
+        largest_component: bool = True,
     ) -> InContextResult:
         """Segment ``query`` with the task the support set defines.
 
@@ -116,6 +125,9 @@ class InContextPredictor:
             support_labels: integer label maps on the grid of the matching support image.
             ensemble: average over this many random support subsets of ``subset_size`` (seeded).
             neighbours: for support volumes, slices taken either side of the matched one.
+            largest_component: keep only the largest connected component of the foreground and of each
+                label that the support set shows as one object (`SingleObjectRule`; 3D components for
+                support volumes, per slice for 2D supports of a 3D query).
 
         Raises:
             MedsegError: a query or support image that is not a real-valued array of the expected
@@ -138,7 +150,10 @@ class InContextPredictor:
         if not query_is_volume:
             assert support.frames is not None and support.masks is not None  # 2D supports for a 2D query
             probabilities = self._run([self.frame(query)], support.frames, support.masks, ensemble, subset_size, seed)
-            return self._result(probabilities[0], query.shape[:2], values)
+            result = self._result(probabilities[0], query.shape[:2], values)
+            if largest_component:
+                result.labels = support.single_objects.apply(result.labels)
+            return result
         slices = []
         for z in range(query.shape[0]):
             if support.frames is not None and support.masks is not None:
@@ -147,7 +162,11 @@ class InContextPredictor:
                 position = (z + 0.5) / query.shape[0]
                 images, masks = self._matched_slices(position, support_images, support.labels, values, neighbours)
             slices.append(self._run([self.frame(query[z])], images, masks, ensemble, subset_size, seed)[0])
-        return self._result(np.stack(slices, axis=1), query.shape[1:3], values)
+        result = self._result(np.stack(slices, axis=1), query.shape[1:3], values)
+        if largest_component:  # objects in 3D for support volumes; in each slice for 2D supports
+            rule = support.single_objects
+            result.labels = rule.apply(result.labels) if support_are_volumes else _per_slice(rule, result.labels)
+        return result
 
     def _prepare(self, images: Sequence[np.ndarray], labels: Sequence[np.ndarray], volumes: bool) -> PreparedSupport:
         """The support set checked, its label values found and (2D) framed: once per support set, reused while
@@ -170,7 +189,8 @@ class InContextPredictor:
             masks = np.stack([self.label_masks(label, values) for label in checked])
         else:  # kept for later queries: copies, so that the caller editing its arrays cannot change them
             checked = [label.copy() for label in checked]
-        prepared = PreparedSupport(key, checked, values, frames, masks)
+        rule = SingleObjectRule.from_supports(checked, values)
+        prepared = PreparedSupport(key, checked, values, frames, masks, rule)
         self._prepared = prepared if key is not None else None
         return prepared
 
@@ -241,6 +261,10 @@ class InContextPredictor:
         dtype = np.min_scalar_type(max(values))  # uint8 up to 255, then uint16, uint32, uint64
         labels = np.where(probs.max(axis=0) >= 0.5, np.array(values)[best], 0).astype(dtype)
         return InContextResult(labels, probs, values)
+
+
+def _per_slice(rule: SingleObjectRule, labels: np.ndarray) -> np.ndarray:
+    return np.stack([rule.apply(plane) for plane in labels])
 
 
 def _check_image(image: np.ndarray, volume: bool, name: str, flag: str) -> None:
