@@ -57,3 +57,14 @@ def test_components_connect_through_corners_in_3d() -> None:
     assert largest_component_share(mask) == 1.0
     mask[4, 4, 0] = True
     assert largest_component(mask).sum() == 3 and largest_component_share(np.zeros((2, 2), bool)) is None
+
+
+def test_confirmed_drops_a_step_that_lowers_dice_on_the_supports_and_keeps_one_that_does_not() -> None:
+    truth = _blobs((5, 5, 35, 15))  # one long object
+    in_pieces = truth.copy()
+    in_pieces[18:22] = 0  # predicted in two halves: keeping one loses the other
+    with_stray = truth + _blobs((36, 36, 39, 39))
+    rule = SingleObjectRule(True, (1,))
+    assert rule.confirmed([in_pieces, in_pieces], [truth, truth], [1]) == SingleObjectRule(False, ())
+    assert rule.confirmed([with_stray, truth], [truth, truth], [1]) == rule
+    assert SingleObjectRule(False, ()).confirmed([with_stray], [truth], [1]) == SingleObjectRule(False, ())

@@ -138,3 +138,20 @@ def test_a_stray_component_goes_where_the_supports_show_one_object_per_label() -
     assert dice(kept == 1, label == 1) > 0.97 and dice(kept == 3, label == 3) > 0.97
     volume = predictor.predict(np.zeros((4, 64, 64)), images, [label] * 2, query_is_volume=True).labels
     assert volume[:, 20, 20].all() and not volume[:, :8, -8:].any()  # 2D supports, 3D query: per slice
+
+
+class MeanOfSupportMasksInPieces(nn.Module):
+    """`MeanOfSupportMasks` with a background band across the middle: every object comes out in two pieces."""
+
+    def forward(self, query: torch.Tensor, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        logits = 20 * (masks.mean(dim=1) - 0.5)
+        logits[..., 60:68, :] = -10.0
+        return logits
+
+
+def test_the_rule_is_dropped_where_it_would_cut_the_engines_own_support_predictions() -> None:
+    label = np.zeros((64, 64), np.uint8)
+    label[10:54, 20:40] = 1  # one object, which this engine cuts in two
+    images = [np.random.default_rng(i).random((64, 64)) for i in range(2)]
+    result = InContextPredictor(MeanOfSupportMasksInPieces()).predict(np.zeros((64, 64)), images, [label] * 2)
+    assert result.labels[15, 30] == 1 and result.labels[50, 30] == 1 and result.labels[32, 30] == 0

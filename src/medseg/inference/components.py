@@ -3,10 +3,17 @@
 nnU-Net's post-processing (Isensee et al., Nature Methods 2021, "nnU-Net: a self-configuring method ..."):
 "remove all but the largest connected component", first of the foreground as a whole, then of each label,
 each kept only where it helps. nnU-Net decides that on its cross-validation predictions; an in-context task
-has no training set to cross-validate on, so here the support set decides from what its label maps show:
-where every support's foreground (or every support's label ``v``, among those that have it) is one object,
-a query's prediction is taken to be one object too, and what lies apart from its largest component is
-background. Components connect along faces, edges and corners (8 neighbours in 2D, 26 in 3D).
+has no training set to cross-validate on, so here the support set decides, in two steps:
+
+1. what its label maps show (`SingleObjectRule.from_supports`): where every support's foreground (or every
+   support's label ``v``, among those that have it) is one object, a query's is taken to be one object too;
+2. where the engine's own predictions of the support images are at hand (2D supports), what it does to them
+   (`SingleObjectRule.confirmed`): a step that lowers their mean Dice is dropped. One object in the labels
+   can still come out in pieces (thin retinal vessels at a coarse feature grid), and then keeping the largest
+   piece would throw true foreground away.
+
+What lies apart from the kept component is background. Components connect along faces, edges and corners
+(8 neighbours in 2D, 26 in 3D).
 """
 
 from __future__ import annotations
@@ -16,6 +23,8 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
+
+from medseg.metrics.surface import dice
 
 SINGLE_OBJECT_SHARE = 0.95  # the largest component's share of a mask for it to count as one object (specks aside)
 
@@ -38,6 +47,30 @@ class SingleObjectRule:
         foreground = _one_object([label > 0 for label in labels])
         single = tuple(v for v in values if _one_object([label == v for label in labels]))
         return cls(foreground, single)
+
+    def confirmed(
+        self, predictions: Sequence[np.ndarray], truths: Sequence[np.ndarray], values: Sequence[int]
+    ) -> SingleObjectRule:
+        """This rule less the steps that lower the mean Dice of ``predictions`` against ``truths`` (label maps
+        of the same images, pairwise on one grid): the foreground step judged over every label of ``values``,
+        then each label's step on what the kept steps leave, as nnU-Net judges its post-processing."""
+        current = list(predictions)
+
+        def mean_dice(maps: Sequence[np.ndarray], labels: Sequence[int]) -> float:
+            return float(np.mean([dice(m == v, t == v) for v in labels for m, t in zip(maps, truths, strict=True)]))
+
+        foreground = False
+        if self.foreground:
+            kept = [SingleObjectRule(True, ()).apply(m) for m in current]
+            if mean_dice(kept, values) >= mean_dice(current, values):
+                foreground, current = True, kept
+        single = []
+        for value in self.values:
+            kept = [SingleObjectRule(False, (value,)).apply(m) for m in current]
+            if mean_dice(kept, [value]) >= mean_dice(current, [value]):
+                single.append(value)
+                current = kept
+        return SingleObjectRule(foreground, tuple(single))
 
     def apply(self, label_map: np.ndarray) -> np.ndarray:
         """``label_map`` with what lies outside the largest component set to 0: of the foreground as a whole

@@ -8,8 +8,9 @@ one binary task (its mask against everything else), all labels in one batch; a p
 highest probability where that probability is at least 0.5, else background.
 
 Post-processing (``largest_component``, on by default): where the support set shows the foreground, or a
-label, as a single object, only the largest connected component of the query's is kept
-(`medseg.inference.components`, nnU-Net's "remove all but the largest component" decided from the supports).
+label, as a single object, only the largest connected component of the query's is kept, unless (2D supports)
+that lowers the Dice of the engine's own predictions of the supports (`medseg.inference.components`:
+nnU-Net's "remove all but the largest component", decided from the support set).
 
 3D: a query volume is segmented slice by slice along array axis 0. With support *volumes*, each query
 slice gets, from every support volume, the slice at the same relative position (``(z + 0.5) / Z``) and
@@ -33,6 +34,8 @@ from medseg.inference.components import SingleObjectRule
 from medseg.io.image import label_array
 from medseg.runtime import tune_allocator
 
+CHECKED_SUPPORTS = 8  # 2D supports the engine predicts to confirm the largest-component rule
+
 
 @dataclass
 class InContextResult:
@@ -50,7 +53,8 @@ class PreparedSupport:
     """A checked support set: ``key`` (a digest of its contents; None when not all are numpy arrays), its
     label maps as integer arrays, the foreground ``values`` in order, and for 2D supports the stacked
     ``frames`` and ``masks`` the network takes (None for volumes: their slices are matched per query slice),
-    and the `SingleObjectRule` its label maps show."""
+    and the `SingleObjectRule` of its label maps (``single_objects``; for 2D supports, ``confirmed`` once the
+    engine's predictions of the supports have confirmed it)."""
 
     key: bytes | None
     labels: list[np.ndarray]
@@ -58,6 +62,7 @@ class PreparedSupport:
     frames: np.ndarray | None
     masks: np.ndarray | None
     single_objects: SingleObjectRule
+    confirmed: bool = False
 
 
 class InContextPredictor:
@@ -127,7 +132,8 @@ class InContextPredictor:
             neighbours: for support volumes, slices taken either side of the matched one.
             largest_component: keep only the largest connected component of the foreground and of each
                 label that the support set shows as one object (`SingleObjectRule`; 3D components for
-                support volumes, per slice for 2D supports of a 3D query).
+                support volumes; for 2D supports, per slice of a 3D query and only the steps that do not
+                lower the Dice of the engine's predictions of the first `CHECKED_SUPPORTS` supports).
 
         Raises:
             MedsegError: a query or support image that is not a real-valued array of the expected
@@ -152,7 +158,7 @@ class InContextPredictor:
             probabilities = self._run([self.frame(query)], support.frames, support.masks, ensemble, subset_size, seed)
             result = self._result(probabilities[0], query.shape[:2], values)
             if largest_component:
-                result.labels = support.single_objects.apply(result.labels)
+                result.labels = self._confirmed_rule(support, ensemble, subset_size, seed).apply(result.labels)
             return result
         slices = []
         for z in range(query.shape[0]):
@@ -163,9 +169,12 @@ class InContextPredictor:
                 images, masks = self._matched_slices(position, support_images, support.labels, values, neighbours)
             slices.append(self._run([self.frame(query[z])], images, masks, ensemble, subset_size, seed)[0])
         result = self._result(np.stack(slices, axis=1), query.shape[1:3], values)
-        if largest_component:  # objects in 3D for support volumes; in each slice for 2D supports
-            rule = support.single_objects
-            result.labels = rule.apply(result.labels) if support_are_volumes else _per_slice(rule, result.labels)
+        if largest_component:  # objects in 3D for support volumes (the labels' rule); per slice for 2D supports
+            if support_are_volumes:
+                result.labels = support.single_objects.apply(result.labels)
+            else:
+                rule = self._confirmed_rule(support, ensemble, subset_size, seed)
+                result.labels = np.stack([rule.apply(plane) for plane in result.labels])
         return result
 
     def _prepare(self, images: Sequence[np.ndarray], labels: Sequence[np.ndarray], volumes: bool) -> PreparedSupport:
@@ -193,6 +202,25 @@ class InContextPredictor:
         prepared = PreparedSupport(key, checked, values, frames, masks, rule)
         self._prepared = prepared if key is not None else None
         return prepared
+
+    def _confirmed_rule(
+        self, support: PreparedSupport, ensemble: int, subset_size: int | None, seed: int
+    ) -> SingleObjectRule:
+        """The 2D support set's `SingleObjectRule` confirmed on the engine's predictions of its first
+        `CHECKED_SUPPORTS` images (with the query's options, so the same fits serve), once per support set."""
+        rule = support.single_objects
+        if support.confirmed or not (rule.foreground or rule.values):
+            return rule
+        assert support.frames is not None and support.masks is not None
+        checked = range(min(CHECKED_SUPPORTS, len(support.labels)))
+        predictions = []
+        for i in checked:
+            probabilities = self._run([support.frames[i]], support.frames, support.masks, ensemble, subset_size, seed)
+            predictions.append(self._result(probabilities[0], support.labels[i].shape, support.values).labels)
+        truths = [support.labels[i] for i in checked]
+        support.single_objects = rule.confirmed(predictions, truths, support.values)
+        support.confirmed = True
+        return support.single_objects
 
     def _matched_slices(
         self,
@@ -261,10 +289,6 @@ class InContextPredictor:
         dtype = np.min_scalar_type(max(values))  # uint8 up to 255, then uint16, uint32, uint64
         labels = np.where(probs.max(axis=0) >= 0.5, np.array(values)[best], 0).astype(dtype)
         return InContextResult(labels, probs, values)
-
-
-def _per_slice(rule: SingleObjectRule, labels: np.ndarray) -> np.ndarray:
-    return np.stack([rule.apply(plane) for plane in labels])
 
 
 def _check_image(image: np.ndarray, volume: bool, name: str, flag: str) -> None:
