@@ -62,7 +62,7 @@ UNET_STEPS = 100  # the support-only U-Net's default training budget (Adam steps
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--datasets", nargs="+", default=["WBC", "ISBI-EM"])
+    parser.add_argument("--datasets", nargs="*", default=["WBC", "ISBI-EM"], help="2D held-out sets (none: 3D only)")
     parser.add_argument("--support-sizes", nargs="+", type=int, default=[1, 2, 4, 8, 16, 32, 64])
     parser.add_argument("--queries", type=int, default=16)
     parser.add_argument("--engines", nargs="+", default=list(ENGINES), choices=ENGINES)
@@ -78,6 +78,8 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/medseg_incontext_bench"))
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
+    if args.latency and not args.datasets:
+        parser.error("--latency times queries of the first of --datasets: give one")
     torch.set_num_threads(args.threads)
     engines = [e for e in args.engines if e != "universeg" or args.universeg_weights is not None]
     args.work.mkdir(parents=True, exist_ok=True)
@@ -311,6 +313,12 @@ def _volumes(engine: str, args: argparse.Namespace) -> dict[str, float]:
 
 
 def _print_tables(results: dict[str, Any], args: argparse.Namespace, engines: list[str]) -> None:
+    if results["dice"]:
+        _print_dice(results["dice"], args, engines)
+    _print_other_tables(results, args)
+
+
+def _print_dice(dice: dict[str, Any], args: argparse.Namespace, engines: list[str]) -> None:
     sizes = [str(n) for n in args.support_sizes]
     print(
         f"\nDice on held-out datasets (up to {args.queries} queries each, a third of the cases at most; "
@@ -319,7 +327,7 @@ def _print_tables(results: dict[str, Any], args: argparse.Namespace, engines: li
     print("| dataset | label | engine | " + " | ".join(sizes) + " |")
     print("|---|---|---|" + "---|" * len(sizes))
     means: dict[str, dict[str, list[float]]] = {e: {n: [] for n in sizes} for e in engines}
-    for name, by_engine in results["dice"].items():
+    for name, by_engine in dice.items():
         for engine, by_size in by_engine.items():
             for label in by_size[sizes[0]]:
                 cells = []
@@ -329,10 +337,13 @@ def _print_tables(results: dict[str, Any], args: argparse.Namespace, engines: li
                     if value is not None:
                         means[engine][n].append(value)
                 print(f"| {name} | {label} | {engine} | " + " | ".join(cells) + " |")
-    labels = sum(len(next(iter(by_engine.values()))[sizes[0]]) for by_engine in results["dice"].values())
+    labels = sum(len(next(iter(by_engine.values()))[sizes[0]]) for by_engine in dice.values())
     for engine in engines:  # a mean over every held-out label, or none
         cells = [f"{np.mean(v):.3f}" if len(v) == labels else "-" for v in means[engine].values()]
         print(f"| mean | all | {engine} | " + " | ".join(cells) + " |")
+
+
+def _print_other_tables(results: dict[str, Any], args: argparse.Namespace) -> None:
     if results["latency"]:
         print("\nSeconds per 128 x 128 query, 2 threads (unet: training on the support set included)")
         print("| engine | 1 | 16 | 64 |\n|---|---|---|---|")
