@@ -14,7 +14,8 @@ Engines and baselines (``--engines``):
 - ``prototype``: the prototype baseline (masked average pooling of the same LiteMedSAM features, cosine);
 - ``unet``: the supervised baseline, a MONAI 2D U-Net trained on the support set only (``--unet-steps``
   Adam steps of DiceCE on the 128 x 128 grey frames, flips and 90-degree rotations), for each support size;
-- ``unet-lcc``: the same U-Net (same seed, same training) with the in-context engines' post-processing.
+- ``unet-lcc``: the same U-Net (same seed, same training) with the in-context engines' post-processing
+  (confirmed, as theirs, on its predictions of up to 8 of its supports).
 
 The in-context engines keep only the largest connected component where the support set shows one object
 (`medseg.inference.components`, their default); ``--no-largest-component`` turns that off (cached apart).
@@ -156,11 +157,16 @@ def _dataset_scores(name: str, engine: str, args: argparse.Namespace) -> dict[st
             started = time.perf_counter()
             support = pool[:n]
             if engine.startswith("unet"):
-                labels = _unet_baseline(support, queries, values, args)
+                from medseg.inference.incontext_predictor import CHECKED_SUPPORTS
+
+                checked = support[:CHECKED_SUPPORTS]  # predicted too, to confirm the rule as the engines do
+                labels = _unet_baseline(support, [*queries, *checked], values, args)
+                labels, own = labels[: len(queries)], labels[len(queries) :]
                 if engine == "unet-lcc":
                     from medseg.inference.components import SingleObjectRule
 
                     rule = SingleObjectRule.from_supports([label for _, label in support], values)
+                    rule = rule.confirmed(own, [label for _, label in checked], values)
                     labels = [rule.apply(label) for label in labels]
             else:
                 images, maps, keep = [s[0] for s in support], [s[1] for s in support], not args.no_largest_component
