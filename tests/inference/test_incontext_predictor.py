@@ -106,6 +106,10 @@ def test_a_small_universeg_runs_end_to_end() -> None:
         ({"support_labels": [np.full((10, 10), 0.5)]}, "non-integer"),
         ({"support_labels": [np.full((10, 10), -1)]}, "negative"),
         ({"support_labels": [np.full((10, 10), np.nan)]}, "NaN"),
+        ({"ensemble": True}, "must be integers"),
+        ({"largest_component": "no"}, "largest_component must be True or False"),
+        ({"query": np.full((10, 10), np.inf)}, "the query has no finite values"),
+        ({"support_images": [np.full((10, 10), np.nan)]}, "support 0 has no finite values"),
     ],
 )
 def test_bad_support_sets_are_refused(kwargs: dict, message: str) -> None:
@@ -155,3 +159,21 @@ def test_the_rule_is_dropped_where_it_would_cut_the_engines_own_support_predicti
     images = [np.random.default_rng(i).random((64, 64)) for i in range(2)]
     result = InContextPredictor(MeanOfSupportMasksInPieces()).predict(np.zeros((64, 64)), images, [label] * 2)
     assert result.labels[15, 30] == 1 and result.labels[50, 30] == 1 and result.labels[32, 30] == 0
+
+
+def test_the_rule_follows_the_support_contents_and_the_options_not_earlier_calls() -> None:
+    label = np.zeros((64, 64), np.uint8)
+    label[10:40, 10:40] = 1  # one object: the rule removes the stand-in's stray corner
+    edited = label.copy()
+    edited[:3, -3:] = 1  # the stray corner made true: confirming on these labels would drop the rule
+    images = [np.random.default_rng(i).random((64, 64)) for i in range(2)]
+    query = np.zeros((64, 64))
+    labels = [label.copy(), label.copy()]
+    predictor = InContextPredictor(MeanOfSupportMasksAndAStray())
+    predictor.predict(query, images, labels, largest_component=False)  # the rule is confirmed later
+    for buffer in labels:  # the caller reuses its buffers
+        buffer[:] = edited
+    again = predictor.predict(query, images, [label.copy(), label.copy()]).labels
+    assert not again[:3, -3:].any()  # confirmed on the supports as they were given, not as later edited
+    predictor.predict(query, images, [label, label], ensemble=2, subset_size=1, seed=1)
+    assert predictor._prepared is not None and len(predictor._prepared.confirmed) == 2  # one per options

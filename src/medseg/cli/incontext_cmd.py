@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -13,7 +18,6 @@ from medseg.errors import MedsegError
 
 if TYPE_CHECKING:
     from medseg.inference.incontext_predictor import InContextPredictor
-    from medseg.io import Image
 
 
 @user_errors
@@ -60,7 +64,7 @@ def incontext(
     from medseg.data import open_dataset
     from medseg.data.cases import load_case
     from medseg.inference.incontext_predictor import check_ensemble_options
-    from medseg.io import case_of, format_of, label_path_for, load
+    from medseg.io import case_of, format_of, label_path_for, load, save
     from medseg.io.formats import is_image_file, split_channel, split_extension
 
     if output.exists() and not output.is_dir():
@@ -91,8 +95,8 @@ def incontext(
     if not query.exists():
         raise MedsegError("no such file or folder", query)
     # label maps written among the inputs would be read as inputs by the next run
-    if query.is_dir() and output.resolve() == query.resolve():
-        raise MedsegError("output folder is the query folder; choose another -o", output)
+    if output.resolve() == (query if query.is_dir() else query.parent).resolve():
+        raise MedsegError("output folder is the query's folder; choose another -o", output)
     if output.resolve().is_relative_to(support.resolve()):
         raise MedsegError(f"output folder is inside the support folder {support}; choose another -o", output)
     files = [query] if query.is_file() else sorted(p for p in query.iterdir() if p.is_file() and is_image_file(p))
@@ -108,33 +112,37 @@ def incontext(
             raise MedsegError(f"its label map would overwrite the input {target}; choose another -o", f)
         if target in seen:
             raise MedsegError(f"{seen[target].name} and {f.name} would both be written to {target.name}", f)
+        if target.is_dir():
+            raise MedsegError(f"a folder is where its label map would go: {target}", f)
         seen[target] = f
     for f in files:  # nnU-Net's case_0001 beside case_0000 is a second channel, which these engines do not take
         split = split_channel(split_extension(f)[0])
         if split is not None and split[1] != 0 and any(case_of(g) == split[0] for g in files):
             raise MedsegError("a second channel of a case; in-context engines take one image per case", f)
-    loaded = {}
-    for f in files:  # every query is checked before anything is written
+    for f in files:  # every query is checked before anything is written (and read again below: memory)
         format_of(targets[f])
-        image = load(f)
-        if volumes and image.ndim != 3:
-            raise MedsegError(f"{image.ndim}D query, but the support set holds 3D volumes", f)
-        loaded[f] = image
+        if volumes and load(f).ndim != 3:
+            raise MedsegError(f"{load(f).ndim}D query, but the support set holds 3D volumes", f)
     started = time.perf_counter()
-    results = {}  # every query segmented before anything is written: a refused query leaves no partial output
-    with progress_bar("segmenting", len(files)) as advance:
-        for f, image in loaded.items():
+    # label maps go to a hidden folder first and into place once every query is done: a refused query
+    # leaves no partial output and overwrites no earlier one
+    with _staging(output) as staging, progress_bar("segmenting", len(files)) as advance:
+        for f in files:
+            image = load(f)
             try:
-                results[f] = predictor.predict(
+                result = predictor.predict(
                     image.array, images, labels, query_is_volume=image.ndim == 3, support_are_volumes=volumes,
                     ensemble=ensemble, subset_size=subset_size, neighbours=neighbours,
                     largest_component=largest_component,
-                ).labels  # fmt: skip
+                )  # fmt: skip
             except MedsegError as error:  # the query's problems name the query
                 raise MedsegError(error.problem, error.path or f) from None
+            try:
+                save(image.with_array(result.labels), staging / targets[f].name, protect=tuple(inputs))
+            except MedsegError as error:  # named by where it was going, not the hidden folder
+                raise MedsegError(error.problem, targets[f]) from None
             advance()
     per = (time.perf_counter() - started) / len(files)
-    _save_all({targets[f]: loaded[f].with_array(result) for f, result in results.items()}, tuple(inputs))
     out.print(
         f"{len(files)} label map(s) in {output} from {len(images)} supports ({per:.2f} s per query, "
         "the supports' one-off embedding and fit included)",
@@ -142,21 +150,25 @@ def incontext(
     )
 
 
-def _save_all(maps: dict[Path, Image], protect: tuple[Path, ...]) -> None:
-    """Write every label map, or (if one write fails) none of those this call created."""
-    from medseg.io import save
-
-    created: list[Path] = []
+@contextmanager
+def _staging(output: Path) -> Iterator[Path]:
+    """A hidden folder in ``output`` (created if needed) whose files are moved into ``output`` when the block
+    ends normally; on an error it goes, and so does ``output`` if this made it and it is left empty."""
+    made = not output.exists()
     try:
-        for target, label_map in maps.items():
-            existed = target.exists()
-            save(label_map, target, protect=protect)
-            if not existed:
-                created.append(target)
-    except BaseException:
-        for path in created:
-            path.unlink(missing_ok=True)
-        raise
+        output.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".medseg-incontext.", dir=output))
+    except OSError as error:
+        raise MedsegError(f"cannot write here ({error.strerror})", output) from None
+    try:
+        yield staging
+        # headers last (.mhd / .nhdr name their data file, which must be in place first)
+        for staged in sorted(staging.iterdir(), key=lambda f: f.suffix in (".mhd", ".nhdr")):
+            os.replace(staged, output / staged.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        if made and output.is_dir() and not any(output.iterdir()):
+            output.rmdir()
 
 
 def _predictor(

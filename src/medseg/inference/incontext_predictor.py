@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -53,8 +53,8 @@ class PreparedSupport:
     """A checked support set: ``key`` (a digest of its contents; None when not all are numpy arrays), its
     label maps as integer arrays, the foreground ``values`` in order, and for 2D supports the stacked
     ``frames`` and ``masks`` the network takes (None for volumes: their slices are matched per query slice),
-    and the `SingleObjectRule` of its label maps (``single_objects``; for 2D supports, ``confirmed`` once the
-    engine's predictions of the supports have confirmed it)."""
+    the `SingleObjectRule` of its label maps (``single_objects``) and, for 2D supports, that rule as the
+    engine's predictions of the supports confirm it, per (ensemble, subset size, seed) (``confirmed``)."""
 
     key: bytes | None
     labels: list[np.ndarray]
@@ -62,7 +62,7 @@ class PreparedSupport:
     frames: np.ndarray | None
     masks: np.ndarray | None
     single_objects: SingleObjectRule
-    confirmed: bool = False
+    confirmed: dict[tuple[int, int | None, int], SingleObjectRule] = field(default_factory=dict)
 
 
 class InContextPredictor:
@@ -144,6 +144,8 @@ class InContextPredictor:
                 query, or a support set with no foreground at all.
         """
         check_ensemble_options(ensemble, subset_size, neighbours)
+        if not isinstance(largest_component, bool):
+            raise MedsegError(f"largest_component must be True or False, not {largest_component!r}")
         _check_image(query, query_is_volume, "the query", "query_is_volume")
         if not support_images:
             raise MedsegError("the support set is empty")
@@ -196,8 +198,8 @@ class InContextPredictor:
         if not volumes:  # 2D supports: framed once, for a 2D query or every slice of a 3D one
             frames = np.stack([self.frame(i) for i in images])
             masks = np.stack([self.label_masks(label, values) for label in checked])
-        else:  # kept for later queries: copies, so that the caller editing its arrays cannot change them
-            checked = [label.copy() for label in checked]
+        # kept for later queries: copies, so that the caller editing its arrays cannot change them
+        checked = [label.copy() for label in checked]
         rule = SingleObjectRule.from_supports(checked, values)
         prepared = PreparedSupport(key, checked, values, frames, masks, rule)
         self._prepared = prepared if key is not None else None
@@ -207,10 +209,13 @@ class InContextPredictor:
         self, support: PreparedSupport, ensemble: int, subset_size: int | None, seed: int
     ) -> SingleObjectRule:
         """The 2D support set's `SingleObjectRule` confirmed on the engine's predictions of its first
-        `CHECKED_SUPPORTS` images (with the query's options, so the same fits serve), once per support set."""
-        rule = support.single_objects
-        if support.confirmed or not (rule.foreground or rule.values):
+        `CHECKED_SUPPORTS` images (with the query's options, so the same fits serve), once per support set and
+        options."""
+        rule, options = support.single_objects, (int(ensemble), subset_size, int(seed))
+        if not (rule.foreground or rule.values):
             return rule
+        if options in support.confirmed:
+            return support.confirmed[options]
         assert support.frames is not None and support.masks is not None
         checked = range(min(CHECKED_SUPPORTS, len(support.labels)))
         predictions = []
@@ -218,9 +223,8 @@ class InContextPredictor:
             probabilities = self._run([support.frames[i]], support.frames, support.masks, ensemble, subset_size, seed)
             predictions.append(self._result(probabilities[0], support.labels[i].shape, support.values).labels)
         truths = [support.labels[i] for i in checked]
-        support.single_objects = rule.confirmed(predictions, truths, support.values)
-        support.confirmed = True
-        return support.single_objects
+        support.confirmed[options] = rule.confirmed(predictions, truths, support.values)
+        return support.confirmed[options]
 
     def _matched_slices(
         self,
@@ -304,6 +308,8 @@ def _check_image(image: np.ndarray, volume: bool, name: str, flag: str) -> None:
         raise MedsegError(f"{name} has shape {image.shape}, expected {expected}{hint}")
     if 0 in image.shape:
         raise MedsegError(f"{name} is empty (shape {image.shape})")
+    if image.dtype.kind == "f" and not np.isfinite(image).any():
+        raise MedsegError(f"{name} has no finite values (all NaN or infinite)")
 
 
 def content_key(arrays: Sequence[np.ndarray], extra: str) -> bytes | None:
@@ -326,7 +332,8 @@ def content_digest(arrays: Sequence[np.ndarray], extra: str) -> bytes:
 def check_ensemble_options(ensemble: int, subset_size: int | None, neighbours: int) -> None:
     """Raises MedsegError unless the three are integers, ``ensemble >= 1``, ``subset_size`` is None or ``>= 1``
     and ``neighbours >= 0``."""
-    if not all(isinstance(v, int | np.integer) for v in (ensemble, neighbours, subset_size or 1)):
+    values = (ensemble, neighbours, 1 if subset_size is None else subset_size)
+    if not all(isinstance(v, int | np.integer) and not isinstance(v, bool) for v in values):
         raise MedsegError("ensemble, subset size and neighbours must be integers")
     if ensemble < 1 or (subset_size is not None and subset_size < 1) or neighbours < 0:
         raise MedsegError("--ensemble and --subset-size must be at least 1 and --neighbours at least 0")
