@@ -12,7 +12,7 @@ kinds of features (``features``):
 - ``"embedding"`` (the fixed rules' default): the encoder's output for a ``256 x 256`` frame,
   ``(256, 64, 64)``, the image embedding SAM's mask decoder reads.
 
-With 16 supports (benchmarks/incontext.py), the probe on the stages scored a mean Dice of 0.817 on held-out
+With 16 supports (benchmarks/incontext.py, before post-processing), the probe on the stages scored 0.817 on held-out
 WBC and ISBI-EM against 0.748 on the embedding, 0.727 against 0.741 on five other datasets, in about a
 seventh of the time per query.
 
