@@ -136,12 +136,12 @@ def _split(name: str, args: argparse.Namespace) -> tuple[list[tuple[np.ndarray, 
 
 def _dataset_scores(name: str, engine: str, args: argparse.Namespace) -> dict[str, dict[str, float | None]]:
     """{str(size): {str(label): mean Dice or None}}, cached per size."""
-    frame = f"_f{args.frame_size}" if engine == "probe" and args.frame_size else ""
+    suffix = f"_f{args.frame_size}" if engine == "probe" and args.frame_size else ""
     if engine.startswith("unet") and args.unet_steps != UNET_STEPS:  # another training budget, another result
-        frame = f"_steps{args.unet_steps}"
+        suffix = f"_steps{args.unet_steps}"
     if not engine.startswith("unet") and not args.no_largest_component:
-        frame += "_lcc"
-    cache = args.work / f"{name}_{engine}{frame}_q{args.queries}_s{args.seed}.json"
+        suffix += "_lcc"
+    cache = args.work / f"{name}_{engine}{suffix}_q{args.queries}_s{args.seed}.json"
     if engine in ("match", "universeg"):  # trained engines: the cache belongs to one weights file
         weights = args.head if engine == "match" else args.universeg_weights
         cache = cache.with_name(f"{cache.stem}_{_digest(weights)}.json")
@@ -159,7 +159,8 @@ def _dataset_scores(name: str, engine: str, args: argparse.Namespace) -> dict[st
             if engine.startswith("unet"):
                 from medseg.inference.incontext_predictor import CHECKED_SUPPORTS
 
-                checked = support[:CHECKED_SUPPORTS]  # predicted too, to confirm the rule as the engines do
+                # unet-lcc predicts its supports too, to confirm the rule as the engines do
+                checked = support[:CHECKED_SUPPORTS] if engine == "unet-lcc" else []
                 labels = _unet_baseline(support, [*queries, *checked], values, args)
                 labels, own = labels[: len(queries)], labels[len(queries) :]
                 if engine == "unet-lcc":

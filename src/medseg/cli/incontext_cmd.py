@@ -119,10 +119,11 @@ def incontext(
         split = split_channel(split_extension(f)[0])
         if split is not None and split[1] != 0 and any(case_of(g) == split[0] for g in files):
             raise MedsegError("a second channel of a case; in-context engines take one image per case", f)
-    for f in files:  # every query is checked before anything is written (and read again below: memory)
+    for f in files:  # every query is read and checked before any work (and read again below: memory)
         format_of(targets[f])
-        if volumes and load(f).ndim != 3:
-            raise MedsegError(f"{load(f).ndim}D query, but the support set holds 3D volumes", f)
+        dimensions = load(f).ndim
+        if volumes and dimensions != 3:
+            raise MedsegError(f"{dimensions}D query, but the support set holds 3D volumes", f)
     started = time.perf_counter()
     # label maps go to a hidden folder first and into place once every query is done: a refused query
     # leaves no partial output and overwrites no earlier one

@@ -87,21 +87,22 @@ class SingleObjectRule:
 def largest_component(mask: np.ndarray) -> np.ndarray:
     """The largest connected component of a boolean mask (any dimensionality, full connectivity); the mask
     itself when it has at most one component; ties go to the component found first (scan order)."""
-    components, count = ndimage.label(mask, structure=np.ones((3,) * mask.ndim, dtype=bool))
-    if count <= 1:
+    components, sizes = _components(mask)
+    if len(sizes) <= 1:
         return mask.astype(bool)
-    sizes = np.bincount(components.ravel())
-    sizes[0] = 0
-    return components == int(sizes.argmax())
+    return components == int(sizes.argmax()) + 1
 
 
 def largest_component_share(mask: np.ndarray) -> float | None:
     """The largest connected component's share of the mask's pixels (None for an empty mask)."""
+    sizes = _components(mask)[1]
+    return float(sizes.max() / sizes.sum()) if len(sizes) else None
+
+
+def _components(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Component numbers (0 = background, full connectivity) and the size of components 1, 2, ..."""
     components, count = ndimage.label(mask, structure=np.ones((3,) * mask.ndim, dtype=bool))
-    if count == 0:
-        return None
-    sizes = np.bincount(components.ravel())[1:]
-    return float(sizes.max() / sizes.sum())
+    return components, np.bincount(components.ravel(), minlength=count + 1)[1:]
 
 
 def _one_object(masks: Sequence[np.ndarray]) -> bool:

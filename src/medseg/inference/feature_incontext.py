@@ -12,9 +12,9 @@ kinds of features (``features``):
 - ``"embedding"`` (the fixed rules' default): the encoder's output for a ``256 x 256`` frame,
   ``(256, 64, 64)``, the image embedding SAM's mask decoder reads.
 
-With 16 supports (benchmarks/incontext.py, before post-processing), the probe on the stages scored 0.817 on held-out
-WBC and ISBI-EM against 0.748 on the embedding, 0.727 against 0.741 on five other datasets, in about a
-seventh of the time per query.
+With 16 supports (benchmarks/incontext.py, before post-processing), the probe on the stages scored 0.817 on
+held-out WBC and ISBI-EM against 0.748 on the embedding, 0.727 against 0.741 on five other datasets, in
+about a seventh of the time per query.
 
 Ways to read a label off the features, per label of the support set (``method``):
 
@@ -83,9 +83,10 @@ class FeatureMatchingPredictor(InContextPredictor):
     are fixed rules; ``match`` reads their cues with a trained `MatchingHead` (``head``).
 
     ``features`` (``"stages"`` or ``"embedding"``; None: stages for the probe, the embedding otherwise) and
-    ``frame_size`` (the encoder's input side ``S``, a multiple of 16 from 32 to 1024; None: 128 for stages, 256 for the
-    embedding) choose what the rule reads; ``bfloat16`` runs the encoder under bfloat16 autocast (None: for
-    the stages, where `native_bfloat16`). `predict` takes the same arguments as `InContextPredictor`'s.
+    ``frame_size`` (the encoder's input side ``S``, a multiple of 16 from 32 to 1024; None: 128 for stages,
+    256 for the embedding) choose what the rule reads; ``bfloat16`` runs a bfloat16 copy of the encoder and
+    applies the probe in bfloat16 (None: for the stages, where `native_bfloat16`). `predict` takes the same
+    arguments as `InContextPredictor`'s.
 
     Raises:
         MedsegError: an unknown method or features, ``match`` without a head or on other features, stages

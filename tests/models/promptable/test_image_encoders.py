@@ -159,12 +159,16 @@ def test_attention_bias_indices_follow_reference_offset_order() -> None:
     assert "attention_bias_idxs" not in attention.state_dict()
 
 
-def test_tinyvit_eval_output_survives_train_eval_switch_and_reload() -> None:
+def _random_tinyvit(seed: int) -> tuple[TinyViT, torch.Tensor]:
+    """A small TinyViT with randomised weights in eval mode, and a batch of two 32 x 32 images for it."""
     torch.manual_seed(0)
-    source = TinyViT(img_size=32)
-    _randomise(source, seed=1)
-    source.eval()
-    x = torch.rand(2, 3, 32, 32)
+    encoder = TinyViT(img_size=32)
+    _randomise(encoder, seed=seed)
+    return encoder.eval(), torch.rand(2, 3, 32, 32)
+
+
+def test_tinyvit_eval_output_survives_train_eval_switch_and_reload() -> None:
+    source, x = _random_tinyvit(seed=1)
     with torch.inference_mode():
         before = source(x)
     source.train()
@@ -193,11 +197,7 @@ def test_tinyvit_attention_biases_receive_gradients() -> None:
 
 
 def test_tinyvit_stage_outputs_are_the_forward_pass_before_the_neck() -> None:
-    torch.manual_seed(0)
-    encoder = TinyViT(img_size=32)
-    _randomise(encoder, seed=3)
-    encoder.eval()
-    x = torch.rand(2, 3, 32, 32)
+    encoder, x = _random_tinyvit(seed=3)
     with torch.inference_mode():
         stages = encoder.stage_outputs(x, 4)
         first_three = encoder.stage_outputs(x, 3)

@@ -261,12 +261,7 @@ class TinyViT(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, in_chans, H, W)`` image in ``[0, 1]`` -> ``(B, out_chans, H / s, W / s)`` embedding."""
-        if x.ndim != 4 or x.shape[1] != self.in_chans:
-            raise ValueError(f"expected a (B, {self.in_chans}, H, W) tensor, got shape {tuple(x.shape)}")
-        x = self.patch_embed(x)
-        for layer in self.layers:
-            x = layer(x)
-        return self.neck(x)
+        return self.neck(self.stage_outputs(x, len(self.layers))[-1])
 
     def stage_outputs(self, x: torch.Tensor, stages: int) -> list[torch.Tensor]:
         """The maps after each of the first ``stages`` stages (their patch merging included), without the neck:
