@@ -213,7 +213,7 @@ def _unet_baseline(
     from monai.losses import DiceCELoss
     from monai.networks.nets import UNet
 
-    from medseg.inference.incontext_predictor import label_masks, model_frame
+    from medseg.preprocessing.frames import label_masks, model_frame
 
     size = 128
     torch.manual_seed(args.seed)

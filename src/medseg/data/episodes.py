@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from medseg.data.cases import load_case
 from medseg.data.dataset import Case, open_dataset
 from medseg.errors import MedsegError
-from medseg.inference.incontext_predictor import model_frame
+from medseg.preprocessing.frames import model_frame
 
 
 @dataclass

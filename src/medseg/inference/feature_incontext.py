@@ -59,9 +59,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from medseg.errors import MedsegError
-from medseg.inference.incontext_predictor import InContextPredictor, content_digest, support_subsets, unit_range
+from medseg.inference.incontext_predictor import InContextPredictor, content_digest, support_subsets
 from medseg.models.incontext.support_probe import SupportProbe, fit_support_probe
 from medseg.models.promptable.image_encoders import for_inference
+from medseg.preprocessing.frames import unit_range
 
 METHODS = ("probe", "match", "knn", "prototype")
 FEATURES = ("stages", "embedding")
