@@ -9,12 +9,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from medseg.engine.supervised.data import prepare_image
 from medseg.errors import MedsegError
 from medseg.inference.sliding_window import predict_probabilities
 from medseg.io import Image
 from medseg.models.supervised import build_network
 from medseg.planning import Plan, read_plan
+from medseg.preprocessing.network_input import prepare_image
 from medseg.preprocessing.resample import invert_resample
 from medseg.runtime import tune_allocator
 
@@ -87,7 +87,7 @@ class SupervisedPredictor:
             MedsegError: as `check`.
         """
         self.check(image)
-        array, record = prepare_image(image, self.plan)
+        array, record = prepare_image(image, self.plan.intensity_preset(), self.plan.target_spacing)
         probabilities = (
             predict_probabilities(
                 self.network,

@@ -13,7 +13,7 @@ from medseg.data.cases import load_case
 from medseg.data.dataset import Case
 from medseg.io import Image
 from medseg.planning import Plan
-from medseg.preprocessing.intensity import normalize
+from medseg.preprocessing import network_input
 from medseg.preprocessing.resample import ResampleRecord, resample_to_spacing
 
 FOREGROUND_POINTS = 4000  # foreground voxels remembered per label and case, for foreground-centred patches
@@ -33,13 +33,7 @@ class PreparedCase:
 def prepare_image(image: Image, plan: Plan) -> tuple[np.ndarray, ResampleRecord | None]:
     """Normalise and resample an image to the plan's grid; returns ``(C, *spatial)`` float32 and the record
     for `medseg.preprocessing.resample.invert_resample` (None when the spacing already matched)."""
-    shown = normalize(image, plan.intensity_preset())
-    record = None
-    if not np.allclose(shown.spacing, plan.target_spacing, rtol=1e-3):
-        shown, record = resample_to_spacing(shown, plan.target_spacing)
-    array = shown.array.astype(np.float32)
-    array = np.moveaxis(array, -1, 0) if shown.channels > 1 else array[None]
-    return np.ascontiguousarray(array), record
+    return network_input.prepare_image(image, plan.intensity_preset(), plan.target_spacing)
 
 
 def prepare_case(case: Case, plan: Plan, seed: int = 0) -> PreparedCase:
