@@ -1,8 +1,9 @@
 """Layers that hold: a package of medseg imports only packages below it (docs: ../shared/DESIGN.md, issue 20).
 
 Every ``import medseg.X`` / ``from medseg.X import``, at module level or inside a function (a lazy import is
-still a dependency), and ``importlib.import_module("medseg.X")`` with a literal name, is checked. Only the
-function bodies of ``medseg/__init__.py`` are skipped: a module ``__getattr__`` there may hand out anything.
+still a dependency), and ``importlib.import_module("medseg.X")`` with a literal name, is checked. Only
+``medseg/__init__.py``'s function bodies and ``if TYPE_CHECKING:`` blocks are skipped: its module ``__getattr__``
+may hand out anything lazily, and the type-checking imports name what it hands out.
 """
 
 from __future__ import annotations
@@ -35,16 +36,19 @@ def layer(parts: list[str]) -> str:
     return parts[0].removesuffix(".py") if parts else ""
 
 
-def imported_modules(tree: ast.Module, relative: Path, skip_function_bodies: bool) -> list[tuple[int, str]]:
+def imported_modules(tree: ast.Module, relative: Path, skip_lazy: bool) -> list[tuple[int, str]]:
     """``(line, dotted name)`` of every medseg module ``tree`` (the text of ``medseg/<relative>``) imports,
     relative imports resolved; ``from medseg import X`` counts as importing ``medseg.X`` where X is a layer
-    (else it is a name from ``medseg/__init__.py``)."""
+    (else it is a name from ``medseg/__init__.py``). ``skip_lazy``: function bodies and ``if TYPE_CHECKING:``
+    blocks are left out."""
     package = ["medseg", *relative.parts[:-1]]
     skipped: set[int] = set()
-    if skip_function_bodies:
+    if skip_lazy:
         for node in ast.walk(tree):
             if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
                 skipped.update(id(inner) for inner in ast.walk(node))
+            elif isinstance(node, ast.If) and ast.unparse(node.test).endswith("TYPE_CHECKING"):
+                skipped.update(id(inner) for statement in node.body for inner in ast.walk(statement))
     found = []
     for node in ast.walk(tree):
         if id(node) in skipped:
@@ -76,7 +80,7 @@ def violations(source: str, relative: Path) -> list[str]:
     own_rank = -1 if own in BOTTOM else RANK[own]
     tree = ast.parse(source, filename=str(relative))
     found = []
-    for line, name in imported_modules(tree, relative, skip_function_bodies=relative == Path("__init__.py")):
+    for line, name in imported_modules(tree, relative, skip_lazy=relative == Path("__init__.py")):
         target = layer(name.split(".")[1:])
         if target in BOTTOM or target == own:
             continue
@@ -105,4 +109,6 @@ def test_checker_reports_an_import_from_above() -> None:
     assert violations("from medseg import MedsegError, __version__\n", Path("io/x.py")) == []
     assert violations("from medseg.evaluation import report\n", Path("__main__.py")) == []
     assert violations("def f():\n    from medseg.cli import main\n", Path("__init__.py")) == []
+    assert violations("if TYPE_CHECKING:\n    from medseg.cli import main\n", Path("__init__.py")) == []
     assert violations("from medseg.cli import main\n", Path("__init__.py"))
+    assert violations("if TYPE_CHECKING:\n    from medseg.cli import main\n", Path("io/x.py"))
