@@ -32,6 +32,13 @@ def test_help_is_fast_and_lists_commands() -> None:
         assert command in done.stdout
 
 
+@pytest.mark.parametrize("args", [("-h",), ("train", "-h"), ("dataset", "-h"), ("dataset", "check", "-h")])
+def test_short_help_option(args: tuple[str, ...]) -> None:
+    result = _run(*args)
+    assert result.exit_code == 0, result.output
+    assert " ".join(["Usage: medseg", *args[:-1], "[OPTIONS]"]) in result.stdout
+
+
 def test_info_prints_geometry_and_label_volumes(tmp_path: Path) -> None:
     root = make_nnunet_3d(tmp_path / "ds", cases=1)
     result = _run("info", root / "labelsTr" / "case_000.nii.gz")

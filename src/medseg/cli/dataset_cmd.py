@@ -8,7 +8,11 @@ import typer
 
 from medseg.cli.common import fail, out, progress_bar, user_errors
 
-app = typer.Typer(help="Work with labelled datasets (nnU-Net raw layout or images/ + masks/).", no_args_is_help=True)
+app = typer.Typer(
+    help="Work with labelled datasets (nnU-Net raw layout or images/ + masks/).",
+    no_args_is_help=True,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
 
 
 @app.command("check")
