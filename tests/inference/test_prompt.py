@@ -297,6 +297,21 @@ def test_previous_mask_without_channel_axis_is_accepted() -> None:
     np.testing.assert_array_equal(again.masks, first.masks)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_predictor_on_cuda_gives_the_cpu_masks_back_on_the_cpu() -> None:
+    from medseg.inference.prompt_predictor import PromptPredictor
+    from medseg.models.promptable.registry import spec_for
+
+    refined = []
+    for device in ("cpu", "cuda"):
+        predictor = PromptPredictor(_BrightnessModel(), spec_for("lite_medsam"), device=device)
+        predictor.set_image(_disk_image()[0])
+        first = predictor.predict(boxes=[[40, 30, 100, 90]])
+        refined.append(predictor.predict(boxes=[[40, 30, 100, 90]], mask_logits=first.low_res_logits))
+    assert refined[1].low_res_logits.device.type == "cpu"
+    np.testing.assert_array_equal(refined[1].masks, refined[0].masks)
+
+
 def test_thin_strip_is_segmented_and_preprocess_leaves_the_current_image_alone() -> None:
     predictor = _stand_in_predictor()
     strip = np.zeros((2, 4000), np.uint8)

