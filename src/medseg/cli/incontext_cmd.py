@@ -2,12 +2,7 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -48,6 +43,7 @@ def incontext(
         help="Keep only the largest connected component of the foreground and of each label that every support "
         "shows as one object (nnU-Net's post-processing, decided from the supports).",
     ),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda or mps."),
     frame_size: int | None = typer.Option(
         None,
         "--frame-size",
@@ -63,24 +59,29 @@ def incontext(
     (about 2 s per label on two cores, once per support set) and applies it to each query's features."""
     from medseg.data import open_dataset
     from medseg.data.cases import load_case
+    from medseg.inference.engines import InContextEngine, check_device
+    from medseg.inference.folders import predict_folder
     from medseg.inference.incontext_predictor import check_ensemble_options
-    from medseg.io import case_of, format_of, label_path_for, load, save
+    from medseg.io import Image, case_of, load
     from medseg.io.formats import is_image_file, split_channel, split_extension
 
     if output.exists() and not output.is_dir():
         raise MedsegError("exists and is not a folder", output)
     check_ensemble_options(ensemble, subset_size, neighbours)
+    check_device(device)
     if subset_size is not None and ensemble < 2:
         raise MedsegError("--subset-size takes effect with --ensemble N (N >= 2); give both or neither")
-    predictor = _predictor(engine, weights, checkpoint, head, frame_size)
+    predictor, engine_name = _predictor(engine, weights, checkpoint, head, frame_size, device)
     dataset = open_dataset(support)
     images, labels, dims = [], [], set()
+    support_images: list[Image] = []
     for case in dataset.cases:
         if case.label is None:
             raise MedsegError("support image without a label map", case.images[0])
         image, label = load_case(case)
         assert label is not None
         images.append(image.array)
+        support_images.append(image)
         labels.append(label)
         dims.add(image.ndim)
     if not images:
@@ -102,47 +103,42 @@ def incontext(
     files = [query] if query.is_file() else sorted(p for p in query.iterdir() if p.is_file() and is_image_file(p))
     if not files:
         raise MedsegError("no images in this folder", query)
-    targets = {f: label_path_for(f, output, case_of(f)) for f in files}
-    inputs = {p.resolve() for p in files} | {
-        p.resolve() for case in dataset.cases for p in (*case.images, case.label) if p is not None
-    }
-    seen: dict[Path, Path] = {}
-    for f, target in targets.items():  # all checked before anything is written
-        if target.resolve() in inputs:
-            raise MedsegError(f"its label map would overwrite the input {target}; choose another -o", f)
-        if target in seen:
-            raise MedsegError(f"{seen[target].name} and {f.name} would both be written to {target.name}", f)
-        if target.is_dir():
-            raise MedsegError(f"a folder is where its label map would go: {target}", f)
-        seen[target] = f
     for f in files:  # nnU-Net's case_0001 beside case_0000 is a second channel, which these engines do not take
         split = split_channel(split_extension(f)[0])
         if split is not None and split[1] != 0 and any(case_of(g) == split[0] for g in files):
             raise MedsegError("a second channel of a case; in-context engines take one image per case", f)
-    for f in files:  # every query is read and checked before any work (and read again below: memory)
-        format_of(targets[f])
-        dimensions = load(f).ndim
-        if volumes and dimensions != 3:
-            raise MedsegError(f"{dimensions}D query, but the support set holds 3D volumes", f)
+    cases: dict[str, list[Path]] = {}
+    for f in files:
+        if case_of(f) in cases:
+            raise MedsegError(
+                f"{cases[case_of(f)][0].name} and {f.name} would both be written to the label map of {case_of(f)}", f
+            )
+        cases[case_of(f)] = [f]
+    supports = [p for case in dataset.cases for p in (*case.images, case.label) if p is not None]
+    segmenter = InContextEngine(predictor, engine_name)
+    segmenter.set_support(support_images, labels)
+
+    def check(image: Image) -> None:
+        if volumes and image.ndim != 3:
+            raise MedsegError(f"{image.ndim}D query, but the support set holds 3D volumes")
+
     started = time.perf_counter()
-    # label maps go to a hidden folder first and into place once every query is done: a refused query
-    # leaves no partial output and overwrites no earlier one
-    with _staging(output) as staging, progress_bar("segmenting", len(files)) as advance:
-        for f in files:
-            image = load(f)
-            try:
-                result = predictor.predict(
-                    image.array, images, labels, query_is_volume=image.ndim == 3, support_are_volumes=volumes,
-                    ensemble=ensemble, subset_size=subset_size, neighbours=neighbours,
-                    largest_component=largest_component,
-                )  # fmt: skip
-            except MedsegError as error:  # the query's problems name the query
-                raise MedsegError(error.problem, error.path or f) from None
-            try:
-                save(image.with_array(result.labels), staging / targets[f].name, protect=tuple(inputs))
-            except MedsegError as error:  # named by where it was going, not the hidden folder
-                raise MedsegError(error.problem, targets[f]) from None
-            advance()
+    with progress_bar("segmenting", len(files)) as advance:
+        predict_folder(
+            lambda image: segmenter.predict(
+                image,
+                ensemble=ensemble,
+                subset_size=subset_size,
+                neighbours=neighbours,
+                largest_component=largest_component,
+            ),
+            cases,
+            output,
+            load_case=lambda paths: load(paths[0]),
+            check=check,
+            protect=supports,
+            on_case=advance,
+        )
     per = (time.perf_counter() - started) / len(files)
     out.print(
         f"{len(files)} label map(s) in {output} from {len(images)} supports ({per:.2f} s per query, "
@@ -151,30 +147,15 @@ def incontext(
     )
 
 
-@contextmanager
-def _staging(output: Path) -> Iterator[Path]:
-    """A hidden folder in ``output`` (created if needed) whose files are moved into ``output`` when the block
-    ends normally; on an error it goes, and so does ``output`` if this made it and it is left empty."""
-    made = not output.exists()
-    try:
-        output.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=".medseg-incontext.", dir=output))
-    except OSError as error:
-        raise MedsegError(f"cannot write here ({error.strerror})", output) from None
-    try:
-        yield staging
-        # headers last (.mhd / .nhdr name their data file, which must be in place first)
-        for staged in sorted(staging.iterdir(), key=lambda f: f.suffix in (".mhd", ".nhdr")):
-            os.replace(staged, output / staged.name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-        if made and output.is_dir() and not any(output.iterdir()):
-            output.rmdir()
-
-
 def _predictor(
-    engine: str | None, weights: Path | None, checkpoint: Path | None, head: Path | None, frame_size: int | None
-) -> InContextPredictor:
+    engine: str | None,
+    weights: Path | None,
+    checkpoint: Path | None,
+    head: Path | None,
+    frame_size: int | None,
+    device: str,
+) -> tuple[InContextPredictor, str]:
+    """The in-context predictor the options name, and the engine's name."""
     from medseg.inference.feature_incontext import METHODS, FeatureMatchingPredictor
     from medseg.inference.incontext_predictor import InContextPredictor
 
@@ -187,9 +168,9 @@ def _predictor(
             raise MedsegError(
                 "--checkpoint, --head and --frame-size are for the feature engines (probe, knn, match, prototype)"
             )
-        return InContextPredictor.from_weights(weights)
+        return InContextPredictor.from_weights(weights, device), engine
     if engine not in METHODS:
         raise MedsegError(f"unknown --engine {engine!r} (known: probe, knn, match, prototype, universeg)")
     if weights is not None:
         raise MedsegError(f"--weights is for --engine universeg; --engine {engine} uses a LiteMedSAM --checkpoint")
-    return FeatureMatchingPredictor.from_checkpoint(checkpoint, engine, head, frame_size=frame_size)
+    return FeatureMatchingPredictor.from_checkpoint(checkpoint, engine, head, device, frame_size=frame_size), engine

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from pathlib import Path
+
 import numpy as np
 
 from medseg.data.dataset import Case
@@ -9,7 +12,7 @@ from medseg.errors import MedsegError
 from medseg.io import Image, as_label_array, load
 
 
-def load_channels(files: tuple | list) -> Image:
+def load_channels(files: Sequence[str | Path]) -> Image:
     """Stack the channel files of one case (``_0000``, ``_0001``, ...) into one image, channels last.
 
     An RGB file contributes three channels. Geometry and meta come from the first file.

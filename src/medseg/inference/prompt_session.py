@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -62,21 +63,53 @@ def segment(
     Raises:
         MedsegError: prompts that do not fit the image (see `validate`).
     """
+    return image.with_array(merge_objects(segment_logits(predictor, image, prompts, preset, on_slice)), channels=1)
+
+
+def segment_logits(
+    predictor: PromptPredictor,
+    image: Image,
+    prompts: Prompts,
+    preset: str | None = None,
+    on_slice: Callable[[int], None] | None = None,
+    key: Hashable | None = None,
+) -> list[np.ndarray]:
+    """Per-object logits ``(*spatial)`` float32 on ``image``'s grid (as `segment`, before merging).
+
+    ``key`` names the image's pixels: its (slice) embeddings are then kept in the predictor's cache under
+    ``(key, z)`` and reused by later calls with the same key (give ``cache_size`` to the predictor).
+
+    Raises:
+        MedsegError: prompts that do not fit the image (see `validate`).
+    """
     validate(image, prompts)
     shown = normalize(image, intensity_preset(image, preset)).array.astype(np.float32)
+    keyed = _KeyedPredictor(predictor, key) if key is not None else predictor
     if image.ndim == 2:
-        logits = _segment_2d(predictor, shown, prompts)
-    else:
-        objects = [VolumePrompt.from_box3d(b) for b in prompts.boxes3d]
-        z = prompts.slice_index if prompts.slice_index is not None else 0
-        pts, lbl = tuple(prompts.points), tuple(prompts.point_labels)
-        objects += [VolumePrompt(b, z, None, pts, lbl) for b in prompts.boxes]
-        if prompts.points and not prompts.boxes:
-            objects.append(VolumePrompt(None, z, None, pts, lbl))
+        return _segment_2d(keyed, shown, prompts)
+    objects = [VolumePrompt.from_box3d(b) for b in prompts.boxes3d]
+    z = prompts.slice_index if prompts.slice_index is not None else 0
+    pts, lbl = tuple(prompts.points), tuple(prompts.point_labels)
+    objects += [VolumePrompt(b, z, None, pts, lbl) for b in prompts.boxes]
+    if prompts.points and not prompts.boxes:
+        objects.append(VolumePrompt(None, z, None, pts, lbl))
+    if key is None:
         predictor.clear_cache()  # slice keys of an earlier volume must not match this one's
         predictor.cache_size = shown.shape[0] if len(objects) > 1 else 0
-        logits = [propagate(predictor, shown, obj, on_slice) for obj in objects]
-    return image.with_array(merge_objects(logits), channels=1)
+    return [propagate(keyed, shown, obj, on_slice) for obj in objects]  # type: ignore[arg-type]
+
+
+class _KeyedPredictor:
+    """A `PromptPredictor` whose ``set_image(pixels, key=z)`` caches under ``(image key, z)``."""
+
+    def __init__(self, predictor: PromptPredictor, key: Hashable) -> None:
+        self._predictor, self._key = predictor, key
+
+    def set_image(self, image: np.ndarray, key: object = None) -> None:
+        self._predictor.set_image(image, key=(self._key, key))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._predictor, name)
 
 
 def validate(image: Image, prompts: Prompts) -> None:
@@ -122,7 +155,7 @@ def validate(image: Image, prompts: Prompts) -> None:
             )
 
 
-def _segment_2d(predictor: PromptPredictor, shown: np.ndarray, prompts: Prompts) -> list[np.ndarray]:
+def _segment_2d(predictor: Any, shown: np.ndarray, prompts: Prompts) -> list[np.ndarray]:
     predictor.set_image(shown)
     if prompts.points:
         box = list(prompts.boxes[0]) if prompts.boxes else None

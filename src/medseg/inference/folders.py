@@ -1,0 +1,171 @@
+"""`predict_folder`: every case of an input segmented by one engine, label maps written all or nothing.
+
+Behind ``medseg predict``, ``medseg incontext`` and the server's batch drafts: every input and target is
+checked before any work, label maps go to a hidden folder inside the output folder and are moved into place
+only when every case is done, so a refused case leaves no partial output and overwrites no earlier one.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TypeVar
+
+import numpy as np
+
+from medseg.errors import MedsegError
+from medseg.inference.engines import Segmentation
+from medseg.io import Image, case_of, format_of, label_path_for, save
+from medseg.io.formats import is_image_file, split_channel, split_extension
+
+_T = TypeVar("_T")
+
+
+def cases_of(input_path: Path) -> dict[str, list[Path]]:
+    """Cases of an input, case name -> its files: one file; one DICOM series folder; or a folder of files
+    (channels grouped by their ``_0000`` suffixes) and of DICOM series sub-folders.
+
+    Raises:
+        MedsegError: no such file or folder.
+    """
+    if not input_path.exists():
+        raise MedsegError("no such file or folder", input_path)
+    if input_path.is_file():
+        return {case_of(input_path): [input_path]}
+    entries = sorted(p for p in input_path.iterdir() if not p.name.startswith("."))
+    files = [p for p in entries if p.is_file() and is_image_file(p) and not p.name.lower().endswith(".dcm")]
+    series = [p for p in entries if p.is_dir()]
+    if not files and not series:
+        return {case_of(input_path): [input_path]}  # a DICOM series (load names the problem if it is not one)
+    cases: dict[str, list[Path]] = {}
+    for path in files:
+        stem = split_extension(path)[0]
+        split = split_channel(stem)
+        cases.setdefault(split[0] if split else stem, []).append(path)
+    for folder in series:
+        cases.setdefault(folder.name, []).append(folder)
+    return cases
+
+
+def label_targets(cases: Mapping[str, Sequence[Path]], output: Path, protect: Sequence[Path] = ()) -> dict[str, Path]:
+    """Case -> where its label map goes (the input's format; NIfTI for DICOM), all checked before any work.
+
+    Raises:
+        MedsegError: ``output`` is a file; a target that would overwrite an input (or a ``protect`` file), that
+            is a folder, or that two cases share; a format medseg cannot write.
+    """
+    if output.exists() and not output.is_dir():
+        raise MedsegError("exists and is not a folder", output)
+    inputs = {p.resolve() for files in cases.values() for p in files} | {p.resolve() for p in protect}
+    targets: dict[str, Path] = {}
+    seen: dict[Path, str] = {}
+    for case, files in cases.items():
+        target = label_path_for(files[0], output, case)
+        format_of(target)
+        if target.resolve() in inputs:
+            raise MedsegError(f"refusing to overwrite an input file {target} (choose another -o)", files[0])
+        if target in seen:
+            raise MedsegError(f"cases {seen[target]} and {case} would both be written to {target.name}", files[0])
+        if target.is_dir():
+            raise MedsegError(f"a folder is where its label map would go: {target}", files[0])
+        seen[target] = case
+        targets[case] = target
+    return targets
+
+
+def predict_folder(
+    predict: Callable[[Image], Segmentation],
+    cases: Mapping[str, Sequence[Path]],
+    output: Path,
+    *,
+    load_case: Callable[[Sequence[Path]], Image],
+    check: Callable[[Image], None] | None = None,
+    protect: Sequence[Path] = (),
+    save_probabilities: bool = False,
+    on_case: Callable[[], None] | None = None,
+) -> dict[str, Path]:
+    """Segment every case with ``predict`` and write its label map into ``output`` (all or nothing).
+
+    Args:
+        predict: an engine's ``predict`` (`medseg.inference.engines`), image -> `Segmentation`.
+        cases: case name -> its files (`cases_of`).
+        load_case: files -> `Image` (``medseg.data.cases.load_channels`` for several channels).
+        check: raises MedsegError for an image the engine cannot take; every case is checked before any work.
+        protect: files never to be written over besides the inputs (e.g. a support set).
+        save_probabilities: also write ``output/probabilities/<case>.npz`` (``probabilities`` float16 ``(K,
+            *spatial)``, ``label_values``).
+        on_case: called after each case (progress).
+
+    Returns:
+        case -> the written label map.
+
+    Raises:
+        MedsegError: as `label_targets`; a case the engine refuses, named by its file (nothing is written).
+    """
+    targets = label_targets(cases, output, protect)
+    kept = tuple(p for files in cases.values() for p in files) + tuple(protect)
+    for files in cases.values():  # every input is read and checked before any work (and read again below)
+        if check is not None:
+            _named(check, load_case(files), files[0])
+    with staging(output) as folder:
+        for case, files in cases.items():
+            result = _named(predict, load_case(files), files[0])
+            try:
+                save(result.labels, folder / targets[case].name, protect=kept)
+            except MedsegError as error:  # named by where it was going, not the hidden folder
+                raise MedsegError(error.problem, targets[case]) from None
+            if save_probabilities and result.probabilities is not None:
+                (folder / "probabilities").mkdir(exist_ok=True)
+                np.savez_compressed(
+                    folder / "probabilities" / f"{case}.npz",
+                    probabilities=result.probabilities.astype(np.float16),
+                    label_values=np.asarray(result.label_values),
+                )
+            if on_case is not None:
+                on_case()
+    return targets
+
+
+def _named(call: Callable[[Image], _T], image: Image, path: Path) -> _T:
+    """``call(image)``, with a MedsegError that names no file naming ``path``."""
+    try:
+        return call(image)
+    except MedsegError as error:
+        raise MedsegError(error.problem, error.path or path) from None
+
+
+@contextmanager
+def staging(output: Path) -> Iterator[Path]:
+    """A hidden folder in ``output`` (created if needed) whose files and folders are moved into ``output`` when
+    the block ends normally; on an error it goes, and so does ``output`` if this made it and it is left empty.
+
+    Raises:
+        MedsegError: ``output`` cannot be written.
+    """
+    made = not output.exists()
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+        folder = Path(tempfile.mkdtemp(prefix=".medseg-staging.", dir=output))
+    except OSError as error:
+        raise MedsegError(f"cannot write here ({error.strerror})", output) from None
+    try:
+        yield folder
+        _move_into(folder, output)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+        if made and output.is_dir() and not any(output.iterdir()):
+            output.rmdir()
+
+
+def _move_into(source: Path, target: Path) -> None:
+    # headers last (.mhd / .nhdr name their data file, which must be in place first)
+    for entry in sorted(source.iterdir(), key=lambda f: f.suffix in (".mhd", ".nhdr")):
+        if entry.is_dir():
+            (target / entry.name).mkdir(exist_ok=True)
+            _move_into(entry, target / entry.name)
+        else:
+            os.replace(entry, target / entry.name)
