@@ -138,3 +138,17 @@ def test_split_is_seeded_and_checked() -> None:
     for bad in ({"val_cases": ["nope"]}, {"num_labelled": 9}, {"fold": 5}, {"folds": 1}):
         with pytest.raises(MedsegError):
             make_split(names, **bad)  # type: ignore[arg-type]
+
+
+def test_mps_is_refused_where_there_is_none_and_under_torchrun(monkeypatch: pytest.MonkeyPatch) -> None:
+    from medseg.engine.supervised.train import _start_distributed
+
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(MedsegError, match="no MPS device"):
+        _start_distributed("mps")
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(MedsegError, match="under torchrun use cuda or cpu"):
+        _start_distributed("mps")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert _start_distributed("mps").device == torch.device("mps")

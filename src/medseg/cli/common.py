@@ -1,4 +1,4 @@
-"""What every command shares: user errors as one line with exit status 2, consoles, progress bars."""
+"""What every command shares: user errors as one line with exit status 2, device checks, consoles, progress bars."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from rich.console import Console
 from medseg.errors import MedsegError
 
 F = TypeVar("F", bound=Callable[..., Any])
+DEVICES = ("cpu", "cuda", "mps")
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
 
@@ -29,6 +30,36 @@ def user_errors(func: F) -> F:
             fail(str(error))
 
     return wrapper  # type: ignore[return-value]
+
+
+def check_device(device: str, allow_auto: bool = False) -> str:
+    """``device`` if this torch can run on it: ``cpu``, ``cuda`` or ``mps`` (and ``auto`` when ``allow_auto``).
+
+    Raises:
+        MedsegError: an unknown name, or cuda / mps asked for where torch sees none.
+    """
+    known = ("auto", *DEVICES) if allow_auto else DEVICES
+    if device not in known:
+        raise MedsegError(f"--device must be {', '.join(known[:-1])} or {known[-1]}, not {device!r}")
+    if device in ("auto", "cpu"):
+        return device  # torch not imported: the check costs nothing
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise MedsegError("--device cuda asked for, but this torch build sees no CUDA device")
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise MedsegError("--device mps asked for, but this machine has no MPS device (Apple silicon)")
+    return device
+
+
+def cpu_only(device: str, command: str) -> None:
+    """Refuse a usable ``device`` other than the CPU for a ``command`` whose trainer runs on the CPU only.
+
+    Raises:
+        MedsegError: as `check_device`, or ``device`` is not ``cpu``.
+    """
+    if check_device(device) != "cpu":
+        raise MedsegError(f"--device {device}: {command} trains on the CPU only for now (use --device cpu)")
 
 
 def fail(message: str) -> None:

@@ -9,7 +9,7 @@ from typing import Any
 
 import typer
 
-from medseg.cli.common import err, out, user_errors
+from medseg.cli.common import check_device, err, out, user_errors
 from medseg.errors import MedsegError
 
 
@@ -30,7 +30,7 @@ def train(
     seed: int = typer.Option(0, "--seed", help="Seed for the split, patches and augmentation."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in MODEL_DIR from its last checkpoint."),
     memory_gb: float | None = typer.Option(None, "--memory-gb", help="Memory budget (default: half the RAM)."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    device: str = typer.Option("auto", "--device", help="auto (cuda when there is one, else cpu), cpu, cuda or mps."),
     predict_validation: bool = typer.Option(
         True,
         "--predict-validation/--no-predict-validation",
@@ -46,8 +46,7 @@ def train(
     from medseg.engine.supervised import train as run_training
     from medseg.planning import read_plan
 
-    if device not in ("auto", "cpu", "cuda"):
-        raise MedsegError(f"--device must be auto, cpu or cuda, got {device!r}")
+    check_device(device, allow_auto=True)
     names = None
     if val_cases is not None:
         if val_cases.is_dir():
@@ -111,7 +110,7 @@ def _predict_validation(model_dir: Path, dataset: Path, device: str) -> Path:
     from medseg.inference.supervised_predictor import SupervisedPredictor
     from medseg.io import label_path_for, save
 
-    predictor = SupervisedPredictor(model_dir, "cuda" if device == "cuda" else "cpu")
+    predictor = SupervisedPredictor(model_dir, "cpu" if device == "auto" else device)
     names = set(json.loads((model_dir / "split.json").read_text())["val"])
     cases = [c for c in open_dataset(dataset).cases if c.name in names]
     folder = model_dir / "validation"

@@ -59,7 +59,7 @@ class TrainOptions:
     seed: int = 0
     resume: bool = False
     memory_gb: float | None = None
-    device: str = "auto"  # "auto", "cpu" or "cuda"
+    device: str = "auto"  # "auto" (cuda when there is one, else cpu), "cpu", "cuda" or "mps"
 
 
 @dataclass
@@ -326,6 +326,12 @@ def _start_distributed(device: str) -> _Context:
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if device == "cuda" and not torch.cuda.is_available():
         raise MedsegError("--device cuda asked for, but this torch build sees no CUDA device")
+    if device == "mps":
+        if not torch.backends.mps.is_available():
+            raise MedsegError("--device mps asked for, but this machine has no MPS device")
+        if world > 1:
+            raise MedsegError("--device mps trains in one process; under torchrun use cuda or cpu")
+        return _Context(device=torch.device("mps"))
     if world <= 1:
         return _Context(device=torch.device("cuda" if use_cuda else "cpu"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
