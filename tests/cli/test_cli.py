@@ -39,6 +39,46 @@ def test_short_help_option(args: tuple[str, ...]) -> None:
     assert " ".join(["Usage: medseg", *args[:-1], "[OPTIONS]"]) in result.stdout
 
 
+_DEVICE_COMMANDS = {
+    "prompt": ("in.png", "--box", "1,2,30,40"),
+    "finetune-prompt": ("dataset",),
+    "train": ("dataset",),
+    "train-incontext": ("dataset",),
+    "train-matching-head": ("dataset",),
+}
+
+
+@pytest.mark.parametrize("command", sorted(_DEVICE_COMMANDS))
+def test_unknown_device_is_one_line_before_any_work(tmp_path: Path, command: str) -> None:
+    args = [tmp_path / a if a in ("in.png", "dataset") else a for a in _DEVICE_COMMANDS[command]]
+    result = _run(command, *args, "-o", tmp_path / "out", "--device", "bogus")
+    _one_error_line(result, "--device", "cpu, cuda", "'bogus'")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("device", ["cuda", "mps"])
+@pytest.mark.parametrize("command", sorted(_DEVICE_COMMANDS))
+def test_device_torch_cannot_see_is_one_line(tmp_path: Path, command: str, device: str) -> None:
+    import torch
+
+    if torch.cuda.is_available() if device == "cuda" else torch.backends.mps.is_available():
+        pytest.skip(f"this machine has a {device} device")
+    args = [tmp_path / a if a in ("in.png", "dataset") else a for a in _DEVICE_COMMANDS[command]]
+    result = _run(command, *args, "-o", tmp_path / "out", "--device", device)
+    _one_error_line(result, f"--device {device}", f"no {device.upper()} device")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("command", ["finetune-prompt", "train-incontext", "train-matching-head"])
+def test_cpu_only_trainers_refuse_a_gpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, command: str) -> None:
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    result = _run(command, tmp_path / "dataset", "-o", tmp_path / "out", "--device", "cuda")
+    _one_error_line(result, f"{command} trains on the CPU only")
+    assert not (tmp_path / "out").exists()
+
+
 def test_info_prints_geometry_and_label_volumes(tmp_path: Path) -> None:
     root = make_nnunet_3d(tmp_path / "ds", cases=1)
     result = _run("info", root / "labelsTr" / "case_000.nii.gz")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from medseg.cli.common import out, user_errors
+from medseg.cli.common import cpu_only, out, user_errors
 
 
 @user_errors
@@ -32,6 +32,7 @@ def finetune_prompt(
         None, "--model", help="lite_medsam, medsam_vit_b or sam_vit_b (default: guessed)."
     ),
     resume: bool = typer.Option(False, "--resume", help="Continue the run saved in the output folder."),
+    device: str = typer.Option("cpu", "--device", help="cpu (cuda and mps: not yet, this trainer runs on the CPU)."),
 ) -> None:
     """Fine-tune the mask decoder with boxes simulated from the labels (MedSAM's recipe); the encoder's
     embeddings are computed once and cached, so this runs on a CPU."""
@@ -39,6 +40,7 @@ def finetune_prompt(
 
     from medseg.engine.finetune_prompt import FinetuneConfig, finetune
 
+    cpu_only(device, "finetune-prompt")
     config = FinetuneConfig(
         epochs=epochs, minutes=minutes, lr=lr, batch_size=batch_size, box_jitter=box_jitter,
         val_fraction=val_fraction, seed=seed, max_cases=max_cases, train_encoder=train_encoder, clicks=clicks,

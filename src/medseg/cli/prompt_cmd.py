@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from medseg.cli.common import out, progress_bar, user_errors
+from medseg.cli.common import check_device, out, progress_bar, user_errors
 from medseg.errors import MedsegError
 
 if TYPE_CHECKING:
@@ -31,6 +31,7 @@ def prompt(
         "default: guessed, and the click head for clicks without a box).",
     ),
     preset: str | None = typer.Option(None, "--preset", help="Intensity preset, e.g. ct:soft_tissue, ct:lung, mr."),
+    device: str = typer.Option("cpu", "--device", help="Where the model runs: cpu, cuda or mps."),
 ) -> None:
     """Segment objects from prompts with a MedSAM-family model; the label map keeps the input's geometry.
 
@@ -42,6 +43,7 @@ def prompt(
     from medseg.io import case_of, format_of, label_path_for, load, save
     from medseg.models.promptable.registry import has_interactive_head
 
+    check_device(device)
     prompts = Prompts(
         boxes=[_numbers(b, 4, "--box") for b in box],  # type: ignore[misc]
         boxes3d=[_numbers(b, 6, "--box3d") for b in box3d],  # type: ignore[misc]
@@ -65,7 +67,7 @@ def prompt(
     if clicks_only and checkpoint is None and model is None and has_interactive_head():
         model = "lite_medsam_interactive"  # LiteMedSAM itself was trained with boxes only
         out.print("clicks without a box: using LiteMedSAM with medseg's click-trained head (lite_medsam_interactive)")
-    predictor = PromptPredictor.from_checkpoint(checkpoint, model)
+    predictor = PromptPredictor.from_checkpoint(checkpoint, model, device=device)
     depth = image.shape[0] if image.ndim == 3 else 1
     try:
         with progress_bar("segmenting slices", depth) as advance:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from medseg.cli.common import err, out, user_errors
+from medseg.cli.common import cpu_only, err, out, user_errors
 
 
 @user_errors
@@ -17,6 +17,7 @@ def train_matching_head(
     images_per_dataset: int = typer.Option(40, "--images-per-dataset", help="Images embedded per dataset."),
     seed: int = typer.Option(0, "--seed", help="Seed for images, episodes and initialisation."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in OUTPUT from its last checkpoint."),
+    device: str = typer.Option("cpu", "--device", help="cpu (cuda and mps: not yet, this trainer runs on the CPU)."),
 ) -> None:
     """Train the matching head of `medseg incontext --engine match` on episodes from labelled datasets
     (frozen LiteMedSAM features; every image is embedded once and cached in OUTPUT/bank.npz)."""
@@ -24,6 +25,7 @@ def train_matching_head(
     from medseg.engine.incontext.train_head import train_matching_head as run
     from medseg.errors import MedsegError
 
+    cpu_only(device, "train-matching-head")
     if steps < 1 or images_per_dataset < 2:
         raise MedsegError("--steps must be at least 1 and --images-per-dataset at least 2")
     if output.exists() and not output.is_dir():

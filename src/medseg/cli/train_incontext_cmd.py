@@ -8,7 +8,7 @@ from typing import Any
 
 import typer
 
-from medseg.cli.common import err, out, user_errors
+from medseg.cli.common import cpu_only, err, out, user_errors
 from medseg.errors import MedsegError
 
 
@@ -24,11 +24,13 @@ def train_incontext(
     seed: int | None = typer.Option(None, "--seed", help="Seed for tasks, augmentation and initialisation."),
     cache: Path | None = typer.Option(None, "--cache", help="Folder for cached slice banks (default OUTPUT/cache)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in OUTPUT from its last checkpoint."),
+    device: str = typer.Option("cpu", "--device", help="cpu (cuda and mps: not yet, this trainer runs on the CPU)."),
 ) -> None:
     """Train a UniverSeg-style network on episodes drawn from labelled datasets (in-context learning)."""
     from medseg.engine.incontext import InContextTrainConfig
     from medseg.engine.incontext import train_incontext as run
 
+    cpu_only(device, "train-incontext")
     data: dict[str, Any] = {}
     if config_file is not None:
         if not config_file.is_file():
