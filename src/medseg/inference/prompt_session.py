@@ -76,8 +76,8 @@ def segment_logits(
 ) -> list[np.ndarray]:
     """Per-object logits ``(*spatial)`` float32 on ``image``'s grid (as `segment`, before merging).
 
-    ``key`` names the image's pixels: its (slice) embeddings are then kept in the predictor's cache under
-    ``(key, z)`` and reused by later calls with the same key (give ``cache_size`` to the predictor).
+    ``key`` names the image's pixels: its embeddings are then kept in the predictor's cache under ``key`` (2D)
+    or ``(key, z)`` (slices of a volume) and reused by later calls with the same key (give ``cache_size`` to the predictor).
 
     Raises:
         MedsegError: prompts that do not fit the image (see `validate`).
@@ -100,13 +100,14 @@ def segment_logits(
 
 
 class _KeyedPredictor:
-    """A `PromptPredictor` whose ``set_image(pixels, key=z)`` caches under ``(image key, z)``."""
+    """A `PromptPredictor` whose ``set_image(pixels, key=z)`` caches under ``(image key, z)`` (a volume's slice
+    ``z``), and ``set_image(pixels)`` under the image key itself (a 2D image, or one slice given as its own)."""
 
     def __init__(self, predictor: PromptPredictor, key: Hashable) -> None:
         self._predictor, self._key = predictor, key
 
     def set_image(self, image: np.ndarray, key: object = None) -> None:
-        self._predictor.set_image(image, key=(self._key, key))
+        self._predictor.set_image(image, key=self._key if key is None else (self._key, key))
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._predictor, name)
