@@ -77,7 +77,8 @@ def segment_logits(
     """Per-object logits ``(*spatial)`` float32 on ``image``'s grid (as `segment`, before merging).
 
     ``key`` names the image's pixels: its embeddings are then kept in the predictor's cache under ``key`` (2D)
-    or ``(key, z)`` (slices of a volume) and reused by later calls with the same key (give ``cache_size`` to the predictor).
+    or ``(key, z)`` (slices of a volume) and reused by later calls with the same key (give the predictor a
+    ``cache_size``).
 
     Raises:
         MedsegError: prompts that do not fit the image (see `validate`).
