@@ -14,6 +14,7 @@ from medseg.cli import (
     plan_cmd,
     predict_cmd,
     prompt_cmd,
+    serve_cmd,
     train_cmd,
     train_head_cmd,
     train_incontext_cmd,
@@ -37,6 +38,7 @@ app.command("predict")(predict_cmd.predict)
 app.command("incontext")(incontext_cmd.incontext)
 app.command("train-incontext")(train_incontext_cmd.train_incontext)
 app.command("train-matching-head")(train_head_cmd.train_matching_head)
+app.command("serve")(serve_cmd.serve)
 app.add_typer(dataset_cmd.app, name="dataset")
 
 
