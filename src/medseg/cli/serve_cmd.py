@@ -26,6 +26,9 @@ def serve(
     session_limit: int = typer.Option(16, "--session-limit", min=1, help="The most open annotation sessions."),
     max_upload_mb: float = typer.Option(512.0, "--max-upload-mb", min=0.001, help="Largest upload (label map), MiB."),
     no_incontext: bool = typer.Option(False, "--no-incontext", help="No in-context drafts from finished images."),
+    embedding_cache: int = typer.Option(
+        64, "--embedding-cache", min=1, help="Image embeddings (2D images or slices) kept, 4 MB each."
+    ),
 ) -> None:
     """Serve WORKSPACE for annotation: prompts (LiteMedSAM), in-context drafts from the finished images, a
     specialist trained in the background, export as an nnU-Net dataset. API docs at /docs."""
@@ -42,6 +45,7 @@ def serve(
 
     space = Workspace(workspace)
     prompt_engine = PromptEngine.from_pretrained(device=device)
+    prompt_engine.predictor.cache_size = embedding_cache  # the bulk of the server's memory: 4 MB an embedding
     incontext = None if no_incontext else InContextEngine.from_pretrained("probe", device=device)
     flywheel = Flywheel(space, incontext, train_after=train_after, train_minutes=train_minutes, device=device)
     flywheel.resume_training()  # a run the last server left going continues
