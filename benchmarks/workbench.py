@@ -16,7 +16,9 @@ Protocol (MultiverSeg-style, on any dataset in the nnU-Net raw layout):
   spills; for volumes on the slice where that 3D region is largest, refining that slice), 1 interaction
   each, until Dice >= ``--target`` or ``--max-interactions`` for that label. A label the draft shows where
   the truth has none is erased: 1 interaction. The image's interactions are the sum over its labels.
-- The annotator then saves what it reached (not the ground truth), which joins the support set. After
+- The annotator then saves the finished annotation, which joins the support set: by default the ground
+  truth (what it reached, finished with the brush: that brush work is not counted, so the table shows how
+  many images reached the target with prompts alone); ``--save reached`` saves what the prompts reached. After
   ``--train-after`` saved images a specialist trains (``medseg train --minutes --train-minutes``); the
   benchmark waits for it (its minutes are reported apart, not as compute per image), and it drafts only if
   its Dice on its validation split beats the in-context engine's there.
@@ -70,9 +72,10 @@ class ImageRecord:
     interactions: int
     draft_engine: str | None
     draft_dice: float | None
-    saved_dice: float
+    reached_dice: float
     seconds: float
     per_label: dict[int, int] = field(default_factory=dict)
+    reached_target: bool = True
 
 
 def main() -> None:
@@ -84,6 +87,13 @@ def main() -> None:
     parser.add_argument("--max-interactions", type=int, default=20, help="Per label and image.")
     parser.add_argument("--train-after", type=int, default=20, help="0: no specialist.")
     parser.add_argument("--train-minutes", type=float, default=3.0)
+    parser.add_argument(
+        "--save",
+        choices=("truth", "reached"),
+        default="truth",
+        help="What the annotator saves: the ground truth (a finished annotation, the rest done with the brush, "
+        "uncounted) or the mask its prompts reached.",
+    )
     parser.add_argument("--json", type=Path, default=None, help="Also write the per-image records here.")
     args = parser.parse_args()
     modes = [m for m in args.modes.split(",") if m]
@@ -102,7 +112,7 @@ def main() -> None:
             workspace = _workspace(Path(folder), args.dataset, cases)
             incontext = InContextEngine.from_pretrained("probe") if mode == "flywheel" else None
             flywheel = Flywheel(workspace, incontext, train_after=args.train_after if mode == "flywheel" else 0,
-                                train_minutes=args.train_minutes)  # fmt: skip
+                                train_minutes=args.train_minutes, prompt_engine=prompt_engine)  # fmt: skip
             results[mode] = _annotate(mode, workspace, flywheel, prompt_engine, cases, args)
             extra[mode] = flywheel.status()["training"]
     _print(results, extra, args)
@@ -135,14 +145,15 @@ def _annotate(
         draft_dice = None if draft is None else _mean_dice(draft.labels, truth, values)
         per_label = {v: _annotate_label(session, truth == v, v, args) for v in values}
         seconds = time.perf_counter() - started
-        saved = session.labels
-        flywheel.save(case.name, saved, train=False)
+        reached = session.labels
+        flywheel.save(case.name, truth if args.save == "truth" else reached, train=False)
         record = ImageRecord(index, case.name, sum(per_label.values()), None if draft is None else draft.engine,
-                             draft_dice, _mean_dice(saved, truth, values), seconds, per_label)  # fmt: skip
+                             draft_dice, _mean_dice(reached, truth, values), seconds, per_label,
+                             _all_reached(reached, truth, values, args.target))  # fmt: skip
         records.append(record)
         print(
             f"{mode} {index:3d} {case.name}: {record.interactions:2d} interactions {per_label}, draft "
-            f"{record.draft_engine} {_fmt(draft_dice)}, saved Dice {record.saved_dice:.3f}, {seconds:.1f} s",
+            f"{record.draft_engine} {_fmt(draft_dice)}, reached Dice {record.reached_dice:.3f}, {seconds:.1f} s",
             flush=True,
         )
         if mode == "flywheel" and flywheel.due():
@@ -206,6 +217,11 @@ def _click(pred: np.ndarray, truth: np.ndarray) -> tuple[tuple[int, int], int | 
     return interior_point(region[z]), z, best[2]
 
 
+def _all_reached(pred: np.ndarray, truth: np.ndarray, values: list[int], target: float) -> bool:
+    """True when every label the truth holds reached ``target`` Dice and no absent label is predicted."""
+    return all(dice(pred == v, truth == v) >= target if (truth == v).any() else not (pred == v).any() for v in values)
+
+
 def _box_iou(mask: np.ndarray, truth: np.ndarray) -> float:
     """IoU of the bounding boxes (2D or 3D) of two non-empty masks."""
     a, b = np.argwhere(mask), np.argwhere(truth)
@@ -237,8 +253,8 @@ def _print(results: dict[str, list[ImageRecord]], training: dict[str, Any], args
             cells.append(f"{r.interactions} | {r.draft_engine or '-'} {_fmt(r.draft_dice)}")
         print(f"| {i + 1} | " + " | ".join(cells) + " |")
     print(f"\n| mode | mean interactions, images {SKIP_FIRST + 1}-{n} | images 1-{n} | share needing none "
-          f"({SKIP_FIRST + 1}-{n}) | compute s per image | saved Dice |")  # fmt: skip
-    print("|---|---|---|---|---|---|")
+          f"({SKIP_FIRST + 1}-{n}) | compute s per image | Dice reached | images reaching the target |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|")
     means = {}
     for m in modes:
         rs = results[m]
@@ -247,7 +263,8 @@ def _print(results: dict[str, list[ImageRecord]], training: dict[str, Any], args
         none = float(np.mean([c == 0 for c in later]))
         print(f"| {m} | {means[m]:.2f} | {np.mean([r.interactions for r in rs]):.2f} | {none:.0%} | "
               f"{np.median([r.seconds for r in rs]):.1f} (median), {np.mean([r.seconds for r in rs]):.1f} (mean) | "
-              f"{np.mean([r.saved_dice for r in rs]):.3f} |")  # fmt: skip
+              f"{np.mean([r.reached_dice for r in rs]):.3f} | "
+              f"{np.mean([r.reached_target for r in rs]):.0%} |")  # fmt: skip
     if "flywheel" in training:
         for run in training["flywheel"].get("history", []):
             print(f"specialist run {run['run']} on {run['images']} images: validation Dice specialist "

@@ -47,7 +47,8 @@ def serve(
     prompt_engine = PromptEngine.from_pretrained(device=device)
     prompt_engine.predictor.cache_size = embedding_cache  # the bulk of the server's memory: 4 MB an embedding
     incontext = None if no_incontext else InContextEngine.from_pretrained("probe", device=device)
-    flywheel = Flywheel(space, incontext, train_after=train_after, train_minutes=train_minutes, device=device)
+    flywheel = Flywheel(space, incontext, train_after=train_after, train_minutes=train_minutes, device=device,
+                        prompt_engine=prompt_engine)  # fmt: skip
     flywheel.resume_training()  # a run the last server left going continues
     app = create_app(space, flywheel, prompt_engine, token=token, max_upload_bytes=int(max_upload_mb * MIB),
                      session_limit=session_limit)  # fmt: skip
@@ -57,7 +58,10 @@ def serve(
     out.print(f"medseg serve: {len(entries)} image(s), {len(space.done())} done, in {space.root}", soft_wrap=True)
     out.print(f"open {url} (API docs: {url}docs){'; /api/ needs the token' if token else ''}; Ctrl-C stops",
               soft_wrap=True)  # fmt: skip
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="warning")
+    finally:  # a training child must not outlive the server; the next start resumes it
+        flywheel.stop()
 
 
 def _check_free(host: str, port: int) -> None:

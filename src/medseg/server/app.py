@@ -19,7 +19,6 @@ runs under one lock, in FastAPI's threadpool.
 from __future__ import annotations
 
 import base64
-import copy
 import gzip
 import hmac
 import html
@@ -526,23 +525,16 @@ def _parse_label_map(workspace: Workspace, image_id: str, data: bytes, ext: str 
 
 
 def _apply_prompt(session: Session, body: PromptBody) -> np.ndarray:
-    """Run one prompt on ``session``; a refused prompt (MedsegError) leaves the session's prompts as they were
-    (`Session` records a box or click before the engine checks it, so a bad one would refuse every later prompt
-    on that label and slice)."""
-    before = copy.deepcopy(session._objects)
-    try:
-        if isinstance(body, BoxPrompt):
-            return session.box(body.label, body.box, z=body.z)
-        if isinstance(body, Box3dPrompt):
-            return session.box3d(body.label, body.box)
-        if isinstance(body, ClickPrompt):
-            return session.click(body.label, body.x, body.y, body.positive, z=body.z)
-        if isinstance(body, ScribblePrompt):
-            return session.scribble(body.label, list(body.points), body.positive, z=body.z)
-        return session.undo()
-    except MedsegError:
-        session._objects = before
-        raise
+    """Run one prompt on ``session`` (a refused one leaves the session's prompts as they were)."""
+    if isinstance(body, BoxPrompt):
+        return session.box(body.label, body.box, z=body.z)
+    if isinstance(body, Box3dPrompt):
+        return session.box3d(body.label, body.box)
+    if isinstance(body, ClickPrompt):
+        return session.click(body.label, body.x, body.y, body.positive, z=body.z)
+    if isinstance(body, ScribblePrompt):
+        return session.scribble(body.label, list(body.points), body.positive, z=body.z)
+    return session.undo()
 
 
 def _kept_draft(workspace: Workspace, image_id: str) -> tuple[np.ndarray, str] | None:

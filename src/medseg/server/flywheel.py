@@ -2,7 +2,9 @@
 medseg's engines).
 
 - Every saved label map joins the task's support set; opening another image gives an in-context draft from
-  it (2D, and 3D slice by slice), named ``incontext:probe``.
+  it (2D, and 3D slice by slice), named ``incontext:probe``. With a prompt engine, 2D drafts are redrawn by its
+  decoder from each object's box (``incontext:probe+decoder``) when that predicts the last few supports, each
+  from the others, better than the raw drafts do (MedSAM's decoder in the loop; decided per task).
 - Once ``train_after`` images are done, a specialist (``medseg train``, time-budgeted, resumable) trains in the
   background on them, exported as an nnU-Net raw dataset. When it ends, both drafters segment the run's
   validation cases (the in-context one from the run's training cases as supports): the specialist drafts from
@@ -28,11 +30,14 @@ import numpy as np
 
 from medseg.engine.run_files import write_json
 from medseg.errors import MedsegError
-from medseg.inference.engines import InContextEngine, Segmentation, SpecialistEngine
+from medseg.inference.draft_refinement import refine_with_decoder
+from medseg.inference.engines import InContextEngine, PromptEngine, Segmentation, SpecialistEngine
 from medseg.metrics import dice
 from medseg.server.workspace import Workspace
 
 SPECIALIST_DIR = "specialist"
+MIN_TRAINING_IMAGES = 5  # medseg train's 5-fold split needs a validation image per fold
+CHECKED_SUPPORTS = 3  # held-out supports that decide between raw and decoder-refined drafts
 
 
 @dataclass
@@ -70,6 +75,8 @@ class Flywheel:
         train_after: done images that start the first specialist run (0: never train).
         train_minutes: each run's time budget (``medseg train --minutes``).
         max_supports: the most recent done images used as the support set.
+        prompt_engine: when given, 2D in-context drafts are redrawn by its decoder from each object's box
+            (`refine_with_decoder`) where that does better on held-out supports (engine ``...+decoder``).
         device: for the specialist's training and drafts.
     """
 
@@ -81,8 +88,11 @@ class Flywheel:
         train_minutes: float = 10.0,
         max_supports: int = 32,
         device: str = "cpu",
+        prompt_engine: PromptEngine | None = None,
     ) -> None:
         self.workspace = workspace
+        self.prompt_engine = prompt_engine
+        self._decoder_choice: dict[int, bool] = {}
         self.incontext = incontext
         self.train_after = train_after
         self.train_minutes = train_minutes
@@ -92,6 +102,7 @@ class Flywheel:
         self._lock = threading.RLock()
         self._support_key: tuple[tuple[str, int], ...] | None = None
         self._process: subprocess.Popen[bytes] | None = None
+        self._stopping = False
         self._status_path = workspace.state_dir / SPECIALIST_DIR / "status.json"
         self.training = self._read_status()
         if self.training.in_charge and self.training.run is not None:
@@ -136,7 +147,32 @@ class Flywheel:
         if self.incontext is None or not supports:
             return None
         self._use_supports(supports)
-        return self.incontext.predict(image)
+        result = self.incontext.predict(image)
+        if self.prompt_engine is None or image.ndim != 2 or not self._decoder_helps(supports):
+            return result
+        labels = refine_with_decoder(self.prompt_engine, image, result.labels.array, key=image_id)
+        return Segmentation(image.with_array(labels), result.label_values, f"{self.incontext.name}+decoder")
+
+    def _decoder_helps(self, supports: list[str]) -> bool:
+        """Whether the decoder-refined drafts beat the raw ones on the last `CHECKED_SUPPORTS` supports, each
+        predicted from the others (decided again each time the support set doubles; 2D only)."""
+        assert self.incontext is not None and self.prompt_engine is not None
+        if len(supports) < 2:
+            return False
+        stage = int(np.log2(len(supports)))
+        if stage not in self._decoder_choice:
+            values = [v for v in self.workspace.labels.values() if v != 0]
+            raw, refined = [], []
+            for held in supports[-CHECKED_SUPPORTS:]:
+                self._use_supports([i for i in supports if i != held])
+                image, truth = self.workspace.image(held), self.workspace.label(held)
+                predicted = self.incontext.predict(image).labels.array
+                raw.append(mean_dice(predicted, truth, values))
+                redrawn = refine_with_decoder(self.prompt_engine, image, predicted, key=held)
+                refined.append(mean_dice(redrawn, truth, values))
+            self._decoder_choice[stage] = float(np.mean(refined)) > float(np.mean(raw))
+            self._use_supports(supports)
+        return self._decoder_choice[stage]
 
     def _use_supports(self, supports: list[str]) -> None:
         assert self.incontext is not None
@@ -164,21 +200,21 @@ class Flywheel:
         if self.train_after <= 0 or self.training.state == "running":
             return False
         done = len(self.workspace.done())
-        return done >= max(self.train_after, 2 * self.training.images)
+        return done >= max(self.train_after, 2 * self.training.images, MIN_TRAINING_IMAGES)
 
     # ---- the specialist ------------------------------------------------------------------------------------
     def start_training(self, wait: bool = False, minutes: float | None = None) -> TrainingStatus:
         """Start a specialist run on the done images (``medseg train`` in a child process at lower priority).
 
         Raises:
-            MedsegError: a run is going, or fewer than 2 images are done.
+            MedsegError: a run is going, or fewer than `MIN_TRAINING_IMAGES` images are done.
         """
         with self._lock:
             if self.training.state == "running":
                 raise MedsegError("a specialist is training already; cancel it first")
             done = self.workspace.done()
-            if len(done) < 2:
-                raise MedsegError("a specialist needs at least 2 finished annotations")
+            if len(done) < MIN_TRAINING_IMAGES:
+                raise MedsegError(f"a specialist needs at least {MIN_TRAINING_IMAGES} finished annotations (5 folds)")
             run = f"run-{len(done):04d}"
             folder = self._run_dir(run)
             shutil.rmtree(folder, ignore_errors=True)
@@ -214,6 +250,19 @@ class Flywheel:
         process.terminate()
         return self.training
 
+    def stop(self) -> None:
+        """End a running training child without changing its state (the server is stopping): the next start
+        continues it with `resume_training`."""
+        with self._lock:
+            process, self._process = self._process, None
+            self._stopping = True
+        if process is not None:
+            process.terminate()
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
     def status(self) -> dict[str, Any]:
         """The flywheel's state: images done and in all, the drafter, the specialist's training."""
         self._progress()
@@ -237,7 +286,7 @@ class Flywheel:
         code = process.wait()
         with self._lock:
             self._process = None
-            if self.training.state == "cancelled":
+            if self.training.state == "cancelled" or self._stopping:
                 return
             if code != 0:
                 tail = (folder / "train.log").read_text(errors="replace").strip().splitlines()[-1:] or [""]

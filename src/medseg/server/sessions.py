@@ -69,9 +69,8 @@ class Session:
     def box(self, label: int, box: tuple[float, float, float, float], z: int | None = None) -> np.ndarray:
         """A box ``(x0, y0, x1, y1)`` for ``label`` (on slice ``z`` of a volume: that slice only); it starts the
         label's prompts on that slice afresh. Returns the label map."""
-        key = self._key(label, z)
-        self._objects[key] = _Object(box=tuple(float(v) for v in box))  # type: ignore[arg-type]
-        return self._run(label, z)
+        self._key(label, z)
+        return self._run(label, z, _Object(box=tuple(float(v) for v in box)))  # type: ignore[arg-type]
 
     def box3d(self, label: int, box: tuple[float, float, float, float, float, float]) -> np.ndarray:
         """A 3D box ``(x0, y0, z0, x1, y1, z1)`` (z inclusive) for ``label``, propagated through its slices."""
@@ -84,10 +83,10 @@ class Session:
 
     def click(self, label: int, x: float, y: float, positive: bool = True, z: int | None = None) -> np.ndarray:
         """A positive (the object is here) or negative (it is not) click for ``label``."""
-        obj = self._objects.setdefault(self._key(label, z), _Object())
+        obj = self._prompts_of(label, z)
         obj.points.append((float(x), float(y)))
         obj.point_labels.append(1 if positive else 0)
-        return self._run(label, z)
+        return self._run(label, z, obj)
 
     def scribble(self, label: int, points: list[tuple[float, float]], positive: bool = True,
                  z: int | None = None) -> np.ndarray:  # fmt: skip
@@ -95,11 +94,11 @@ class Session:
         if not points:
             raise MedsegError("a scribble needs at least one point")
         chosen = np.linspace(0, len(points) - 1, min(len(points), SCRIBBLE_POINTS)).round().astype(int)
-        obj = self._objects.setdefault(self._key(label, z), _Object())
+        obj = self._prompts_of(label, z)
         for i in chosen:
             obj.points.append((float(points[i][0]), float(points[i][1])))
             obj.point_labels.append(1 if positive else 0)
-        return self._run(label, z)
+        return self._run(label, z, obj)
 
     def set_labels(self, labels: np.ndarray) -> np.ndarray:
         """Replace the label map (an edited one, e.g. after the brush); prompts start afresh."""
@@ -135,8 +134,13 @@ class Session:
         if not isinstance(label, int | np.integer) or isinstance(label, bool) or not 1 <= label <= 255:
             raise MedsegError(f"label must be a foreground label value from 1 to 255, not {label!r}")
 
-    def _run(self, label: int, z: int | None) -> np.ndarray:
-        obj = self._objects[(label, z)]
+    def _prompts_of(self, label: int, z: int | None) -> _Object:
+        """A copy of the prompts so far of ``label`` on slice ``z`` (kept only once the engine accepts them)."""
+        kept = self._objects.get(self._key(label, z), _Object())
+        return _Object(kept.box, list(kept.points), list(kept.point_labels))
+
+    def _run(self, label: int, z: int | None, obj: _Object) -> np.ndarray:
+        """Segment ``label`` on slice ``z`` from the prompts ``obj``; they replace the old ones only on success."""
         plane = self.labels if z is None else self.labels[z]
         box = obj.box
         if box is None:  # clicks on a drafted object: its bounding box stands for the user's
@@ -159,9 +163,10 @@ class Session:
         if z is None:
             mask = self._predict(prompts)
         else:  # the one slice, normalised as its volume (its embedding cached under the slice)
-            plane = Image(self._shown()[z], channels=self.image.channels)
+            one_slice = Image(self._shown()[z], channels=self.image.channels)
             flat = Prompts(prompts.boxes, [], prompts.points, prompts.point_labels)
-            mask = self.engine.predict(plane, prompts=flat, preset="none", key=(self.image_id, z)).labels.array > 0
+            mask = self.engine.predict(one_slice, prompts=flat, preset="none", key=(self.image_id, z)).labels.array > 0
+        self._objects[(label, z)] = obj
         self._apply(label, mask, z)
         return self.labels
 
