@@ -69,6 +69,10 @@ class PromptPredictor:
         self._cache: dict[object, tuple[torch.Tensor, tuple[int, int], tuple[int, int]]] = {}
         self._embedding: torch.Tensor | None = None
         self._decoder: CachedImageDecoder | None = None  # built on the first predict after set_image
+        # (embedding, box, clicks, result) of the last predict_with_clicks, which a next click continues
+        self._click_memo: (
+            tuple[torch.Tensor | None, list[float] | None, list[tuple[float, float, int]], PromptResult] | None
+        ) = None
         self._input_size: tuple[int, int] = (0, 0)  # (H, W) of the image given to set_image
         self._resized: tuple[int, int] = (0, 0)  # (h, w) inside the S x S model frame
 
@@ -234,18 +238,29 @@ class PromptPredictor:
 
         With a box, the returned logits and mask are clipped to it (`clip_to_box`): the user's box
         bounds the object, and a mask prompt can make SAM-family decoders leave streaks outside it.
-        ``low_res_logits`` stay unclipped, as the next refinement expects."""
-        if box is None:
+        ``low_res_logits`` stay unclipped, as the next refinement expects.
+
+        The last call's result is remembered: a call on the same embedding and box whose clicks extend the last
+        call's continues from it (an interactive session's next click costs one decoder pass, same result)."""
+        clicks = [(float(p[0]), float(p[1]), int(k)) for p, k in zip(points, point_labels, strict=False)]
+        box_key = None if box is None else [float(v) for v in box]
+        memo = self._click_memo
+        if memo is not None and memo[0] is self._embedding and memo[1] == box_key and clicks[: len(memo[2])] == memo[2]:
+            result, done = memo[3], len(memo[2])
+        elif box is None:
             result = self.predict(points=points[:1], point_labels=point_labels[:1], multimask_output=True)
+            done = 1
         else:
-            result = self.predict(boxes=[box])
-        for count in range(1 if box is None else 0, len(points)):
+            result, done = self.predict(boxes=[box]), 0
+        for count in range(done, len(points)):
             result = self.predict(
                 boxes=None if box is None else [box],
                 points=points[: count + 1],
                 point_labels=point_labels[: count + 1],
                 mask_logits=result.low_res_logits,
             )
+        if clicks or box is not None:
+            self._click_memo = (self._embedding, box_key, clicks, result)
         if box is None:
             return result
         logits = np.stack([clip_to_box(one, box) for one in result.logits])
