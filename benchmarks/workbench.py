@@ -143,13 +143,16 @@ def _annotate(
         draft = flywheel.draft(case.name, keep=False) if mode == "flywheel" else None
         session = Session(case.name, image, engine, labels=None if draft is None else draft.labels)
         draft_dice = None if draft is None else _mean_dice(draft.labels, truth, values)
-        per_label = {v: _annotate_label(session, truth == v, v, args) for v in values}
+        per_label, label_dice = {}, {}
+        for v in values:  # each label's Dice as its own annotation ends (a later label's prompts may take pixels)
+            per_label[v] = _annotate_label(session, truth == v, v, args)
+            label_dice[v] = dice(session.labels == v, truth == v)
         seconds = time.perf_counter() - started
-        reached = session.labels
-        flywheel.save(case.name, truth if args.save == "truth" else reached, train=False)
+        flywheel.save(case.name, truth if args.save == "truth" else session.labels, train=False)
+        reached = all(d >= args.target or not (truth == v).any() for v, d in label_dice.items())
         record = ImageRecord(index, case.name, sum(per_label.values()), None if draft is None else draft.engine,
-                             draft_dice, _mean_dice(reached, truth, values), seconds, per_label,
-                             _all_reached(reached, truth, values, args.target))  # fmt: skip
+                             draft_dice, float(np.mean(list(label_dice.values()))), seconds, per_label,
+                             reached)  # fmt: skip
         records.append(record)
         print(
             f"{mode} {index:3d} {case.name}: {record.interactions:2d} interactions {per_label}, draft "
@@ -215,11 +218,6 @@ def _click(pred: np.ndarray, truth: np.ndarray) -> tuple[tuple[int, int], int | 
     region = best[1]
     z = int(np.argmax(region.sum(axis=(1, 2))))
     return interior_point(region[z]), z, best[2]
-
-
-def _all_reached(pred: np.ndarray, truth: np.ndarray, values: list[int], target: float) -> bool:
-    """True when every label the truth holds reached ``target`` Dice and no absent label is predicted."""
-    return all(dice(pred == v, truth == v) >= target if (truth == v).any() else not (pred == v).any() for v in values)
 
 
 def _box_iou(mask: np.ndarray, truth: np.ndarray) -> float:
