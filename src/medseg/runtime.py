@@ -46,3 +46,28 @@ def tune_allocator(mmap_threshold: int = 256 << 20, trim_threshold: int = 1 << 3
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     _tuned = bool(mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and bool(mallopt(_M_TRIM_THRESHOLD, trim_threshold))
     return _tuned
+
+
+DEVICES = ("cpu", "cuda", "mps")
+
+
+def check_device(device: str, allow_auto: bool = False) -> str:
+    """``device`` if this torch can run on it: ``cpu``, ``cuda`` or ``mps`` (and ``auto`` when ``allow_auto``).
+
+    Raises:
+        MedsegError: an unknown name, or cuda / mps asked for where torch sees none.
+    """
+    from medseg.errors import MedsegError
+
+    known = ("auto", *DEVICES) if allow_auto else DEVICES
+    if device not in known:
+        raise MedsegError(f"--device must be {', '.join(known[:-1])} or {known[-1]}, not {device!r}")
+    if device in ("auto", "cpu"):
+        return device  # torch not imported: the check costs nothing
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise MedsegError("--device cuda asked for, but this torch build sees no CUDA device")
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise MedsegError("--device mps asked for, but this machine has no MPS device (Apple silicon)")
+    return device

@@ -12,9 +12,9 @@ import typer
 from rich.console import Console
 
 from medseg.errors import MedsegError
+from medseg.runtime import check_device as check_device  # the commands' --device check
 
 F = TypeVar("F", bound=Callable[..., Any])
-DEVICES = ("cpu", "cuda", "mps")
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
 
@@ -30,26 +30,6 @@ def user_errors(func: F) -> F:
             fail(str(error))
 
     return wrapper  # type: ignore[return-value]
-
-
-def check_device(device: str, allow_auto: bool = False) -> str:
-    """``device`` if this torch can run on it: ``cpu``, ``cuda`` or ``mps`` (and ``auto`` when ``allow_auto``).
-
-    Raises:
-        MedsegError: an unknown name, or cuda / mps asked for where torch sees none.
-    """
-    known = ("auto", *DEVICES) if allow_auto else DEVICES
-    if device not in known:
-        raise MedsegError(f"--device must be {', '.join(known[:-1])} or {known[-1]}, not {device!r}")
-    if device in ("auto", "cpu"):
-        return device  # torch not imported: the check costs nothing
-    import torch
-
-    if device == "cuda" and not torch.cuda.is_available():
-        raise MedsegError("--device cuda asked for, but this torch build sees no CUDA device")
-    if device == "mps" and not torch.backends.mps.is_available():
-        raise MedsegError("--device mps asked for, but this machine has no MPS device (Apple silicon)")
-    return device
 
 
 def cpu_only(device: str, command: str) -> None:

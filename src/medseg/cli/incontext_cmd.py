@@ -59,11 +59,12 @@ def incontext(
     (about 2 s per label on two cores, once per support set) and applies it to each query's features."""
     from medseg.data import open_dataset
     from medseg.data.cases import load_case
-    from medseg.inference.engines import InContextEngine, check_device
+    from medseg.inference.engines import InContextEngine
     from medseg.inference.folders import predict_folder
     from medseg.inference.incontext_predictor import check_ensemble_options
     from medseg.io import Image, case_of, load
     from medseg.io.formats import is_image_file, split_channel, split_extension
+    from medseg.runtime import check_device
 
     if output.exists() and not output.is_dir():
         raise MedsegError("exists and is not a folder", output)

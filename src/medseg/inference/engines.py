@@ -23,10 +23,10 @@ import numpy as np
 from medseg.errors import MedsegError
 from medseg.io import Image
 from medseg.io.image import as_label_array, label_array
+from medseg.runtime import check_device
 
 PROMPT_MODELS = ("lite_medsam", "medsam_vit_b", "sam_vit_b")
 INCONTEXT_METHODS = ("probe", "knn", "match", "prototype")
-DEVICES = ("cpu", "cuda", "mps")
 
 
 @dataclass
@@ -52,23 +52,6 @@ class Engine(Protocol):
     name: str
 
     def predict(self, image: Image, *, probabilities: bool = False) -> Segmentation: ...
-
-
-def check_device(device: str) -> str:
-    """``device`` if this torch can use it.
-
-    Raises:
-        MedsegError: not cpu, cuda or mps, or a cuda/mps that this machine lacks.
-    """
-    if device not in DEVICES:
-        raise MedsegError(f"unknown device {device!r} (known: {', '.join(DEVICES)})")
-    import torch
-
-    if device == "cuda" and not torch.cuda.is_available():
-        raise MedsegError("device cuda asked for, but this torch build sees no CUDA device")
-    if device == "mps" and not torch.backends.mps.is_available():
-        raise MedsegError("device mps asked for, but this machine has no MPS device")
-    return device
 
 
 class PromptEngine:

@@ -17,6 +17,7 @@ from typing import TypeVar
 
 import numpy as np
 
+from medseg.data.cases import load_channels
 from medseg.errors import MedsegError
 from medseg.inference.engines import Segmentation
 from medseg.io import Image, case_of, format_of, label_path_for, save
@@ -82,7 +83,7 @@ def predict_folder(
     cases: Mapping[str, Sequence[Path]],
     output: Path,
     *,
-    load_case: Callable[[Sequence[Path]], Image],
+    load_case: Callable[[Sequence[Path]], Image] | None = None,
     check: Callable[[Image], None] | None = None,
     protect: Sequence[Path] = (),
     save_probabilities: bool = False,
@@ -93,7 +94,7 @@ def predict_folder(
     Args:
         predict: an engine's ``predict`` (`medseg.inference.engines`), image -> `Segmentation`.
         cases: case name -> its files (`cases_of`).
-        load_case: files -> `Image` (``medseg.data.cases.load_channels`` for several channels).
+        load_case: files -> `Image` (default ``medseg.data.cases.load_channels``: channel files stacked).
         check: raises MedsegError for an image the engine cannot take; every case is checked before any work.
         protect: files never to be written over besides the inputs (e.g. a support set).
         save_probabilities: also write ``output/probabilities/<case>.npz`` (``probabilities`` float16 ``(K,
@@ -107,6 +108,7 @@ def predict_folder(
         MedsegError: as `label_targets`; a case the engine refuses, named by its file (nothing is written).
     """
     targets = label_targets(cases, output, protect)
+    load_case = load_channels if load_case is None else load_case
     kept = tuple(p for files in cases.values() for p in files) + tuple(protect)
     for files in cases.values():  # every input is read and checked before any work (and read again below)
         if check is not None:
