@@ -399,6 +399,24 @@ def create_app(
         workspace.export(target, name=name)
         return {"path": target.relative_to(workspace.root).as_posix(), "images": done}
 
+    @app.post("/api/predictions")
+    def predictions(body: ExportRequest) -> dict[str, Any]:
+        """Label maps from the current drafter for every image not done, in ``.medseg/predictions/<target>``
+        (all written or none): ``{path, images, engine}`` (409: that name is in use)."""
+        name = body.target
+        if not _EXPORT_NAME.fullmatch(name) or ".." in name:
+            raise MedsegError(f"target must be a name (letters, digits, '._-'), not a path: {name[:80]!r}")
+        target = workspace.state_dir / "predictions" / name
+        if target.exists():
+            raise HTTPException(409, f"predictions {name!r} exist already; choose another name")
+        with engine_lock:
+            written = flywheel.predict_remaining(target)
+        return {
+            "path": target.relative_to(workspace.root).as_posix(),
+            "images": len(written),
+            "engine": flywheel.drafter,
+        }
+
     return app
 
 

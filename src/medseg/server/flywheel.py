@@ -32,6 +32,7 @@ from medseg.engine.run_files import write_json
 from medseg.errors import MedsegError
 from medseg.inference.draft_refinement import refine_with_decoder
 from medseg.inference.engines import InContextEngine, PromptEngine, Segmentation, SpecialistEngine
+from medseg.inference.folders import predict_folder
 from medseg.metrics import dice
 from medseg.server.workspace import Workspace
 
@@ -136,7 +137,32 @@ class Flywheel:
             self.workspace.save_draft(image_id, draft.labels, draft.engine)
         return draft
 
-    def _segment(self, image_id: str, image: Any) -> Segmentation | None:
+    def predict_remaining(self, target: Path) -> dict[str, Path]:
+        """Label maps from the current drafter for every image not done yet, into ``target`` (`predict_folder`:
+        every one written, or none), named by image id in the image's format (NIfTI for DICOM).
+
+        Raises:
+            MedsegError: no drafter yet (no image done), no image left, or an image the drafter refuses.
+        """
+        entries = self.workspace.entries()
+        done = set(self.workspace.done())
+        cases = {i: list(entry.files) for i, entry in entries.items() if i not in done}
+        if not cases:
+            raise MedsegError("every image is done: nothing to predict")
+        if self.drafter is None:
+            raise MedsegError("no drafter yet: save a first annotation")
+
+        def predict(image: Any) -> Segmentation:
+            with self._lock:
+                result = self._segment(None, image)
+            if result is None:
+                raise MedsegError("no drafter for this image")
+            return result
+
+        protect = [p for entry in entries.values() for p in entry.files]
+        return predict_folder(predict, cases, target, protect=protect)
+
+    def _segment(self, image_id: str | None, image: Any) -> Segmentation | None:
         if self.specialist is not None:
             try:
                 self.specialist.check(image)
