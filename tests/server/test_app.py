@@ -464,14 +464,14 @@ def test_serve_refuses_a_public_host_without_token(tmp_path: Path) -> None:
 
 
 def test_nifti_sniffing_reads_headers_only() -> None:
-    from medseg.server.app import _nifti_voxels, _sniff_extension
+    from medseg.server.uploads import nifti_voxels, sniff_extension
 
     header = nib.Nifti1Header()
     header.set_data_shape((4000, 4000, 4000))
     raw = io.BytesIO()
     header.write_to(raw)
     packed = gzip.compress(raw.getvalue())
-    assert _sniff_extension(packed) == ".nii.gz" and _sniff_extension(raw.getvalue()) == ".nii"
-    assert _nifti_voxels(packed, ".nii.gz") == 4000**3
-    assert _nifti_voxels(b"\x1f\x8bjunk", ".nii.gz") is None
+    assert sniff_extension(packed) == ".nii.gz" and sniff_extension(raw.getvalue()) == ".nii"
+    assert nifti_voxels(packed, ".nii.gz") == 4000**3
+    assert nifti_voxels(b"\x1f\x8bjunk", ".nii.gz") is None
     assert json.loads(json.dumps({"ok": True}))

@@ -19,102 +19,44 @@ runs under one lock, in FastAPI's threadpool.
 from __future__ import annotations
 
 import base64
-import gzip
 import hmac
 import html
-import io
 import re
 import tempfile
 import threading
 import zlib
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import numpy as np
 from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
-from pydantic import BaseModel, Field, FiniteFloat
 from starlette.concurrency import run_in_threadpool
 
 from medseg import __version__
 from medseg.errors import MedsegError
-from medseg.io import SUPPORTED_EXTENSIONS, Image, load, save
+from medseg.io import Image, save
 from medseg.server.flywheel import Flywheel
+from medseg.server.schemas import (
+    Box3dPrompt,
+    BoxPrompt,
+    ClickPrompt,
+    ExportRequest,
+    Prompt,
+    PromptBody,
+    ScribblePrompt,
+    SessionRequest,
+    UndoPrompt,
+)
 from medseg.server.sessions import Session, SessionLimit, SessionStore, UnknownSession
+from medseg.server.uploads import parse_label_map
 from medseg.server.workspace import UnknownImage, Workspace
 
 MIB = 1024 * 1024
 EXPORTS_DIR = "exports"  # under the workspace's .medseg/
 NIFTI = "application/octet-stream"
 _EXPORT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
-_GEOMETRY_FORMATS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
-
-Label = Annotated[int, Field(ge=1, le=255, description="the label value being edited (task's labels, not 0)")]
-Slice = Annotated[int | None, Field(ge=0, description="slice index (array axis 0) of a volume; None for 2D")]
-Point = tuple[FiniteFloat, FiniteFloat]
-
-
-# ---- request bodies ----------------------------------------------------------------------------------------
-class SessionRequest(BaseModel):
-    """Open a session on ``image_id``; it starts from the finished label map, else (``use_draft``) the draft."""
-
-    image_id: str
-    use_draft: bool = True
-
-
-class BoxPrompt(BaseModel):
-    """A box ``[x0, y0, x1, y1]`` (voxel columns and rows, edges) on a 2D image or on slice ``z`` of a volume."""
-
-    type: Literal["box"]
-    label: Label = 1
-    box: tuple[FiniteFloat, FiniteFloat, FiniteFloat, FiniteFloat]
-    z: Slice = None
-
-
-class Box3dPrompt(BaseModel):
-    """A 3D box ``[x0, y0, z0, x1, y1, z1]`` (z inclusive) on a volume, propagated through its slices."""
-
-    type: Literal["box3d"]
-    label: Label = 1
-    box: tuple[FiniteFloat, FiniteFloat, FiniteFloat, FiniteFloat, FiniteFloat, FiniteFloat]
-
-
-class ClickPrompt(BaseModel):
-    """A click at column ``x``, row ``y``: ``positive`` (the object is here) or negative."""
-
-    type: Literal["click"]
-    label: Label = 1
-    x: FiniteFloat
-    y: FiniteFloat
-    positive: bool = True
-    z: Slice = None
-
-
-class ScribblePrompt(BaseModel):
-    """A polyline ``[[x, y], ...]``, taken as a few clicks spread along it."""
-
-    type: Literal["scribble"]
-    label: Label = 1
-    points: list[Point] = Field(min_length=1, max_length=10000)
-    positive: bool = True
-    z: Slice = None
-
-
-class UndoPrompt(BaseModel):
-    """Back to the label map before the last prompt or edit."""
-
-    type: Literal["undo"]
-
-
-PromptBody = BoxPrompt | Box3dPrompt | ClickPrompt | ScribblePrompt | UndoPrompt
-Prompt = Annotated[PromptBody, Field(discriminator="type")]
-
-
-class ExportRequest(BaseModel):
-    """Export the finished annotations as ``.medseg/exports/<target>`` (a name: letters, digits, ``._-``)."""
-
-    target: str
 
 
 # ---- the app -----------------------------------------------------------------------------------------------
@@ -266,7 +208,7 @@ def create_app(
         return await run_in_threadpool(_save_upload, image_id, data, ext)
 
     def _save_upload(image_id: str, data: bytes, ext: str | None) -> dict[str, Any]:
-        labels = _parse_label_map(workspace, image_id, data, ext)
+        labels = parse_label_map(workspace, image_id, data, ext)
         path = flywheel.save(image_id, labels)
         return _saved(workspace, flywheel, path)
 
@@ -345,7 +287,7 @@ def create_app(
         return await run_in_threadpool(_put_labels, session, data, ext, format)
 
     def _put_labels(session: Session, data: bytes, ext: str | None, format: str) -> Any:
-        labels = _parse_label_map(workspace, session.image_id, data, ext)
+        labels = parse_label_map(workspace, session.image_id, data, ext)
         with engine_lock:
             labels = session.set_labels(labels).copy()
         return _mask_response(session, labels, format)
@@ -464,82 +406,6 @@ async def _read_body(request: Request, cap: int) -> bytes:
     if not size:
         raise MedsegError("empty request body: send the label map's file bytes")
     return b"".join(chunks)
-
-
-def _sniff_extension(data: bytes) -> str | None:
-    """The file extension the bytes look like (NIfTI, PNG, NPY, NPZ, TIFF, NRRD, BMP), or None."""
-    if data[:2] == b"\x1f\x8b":
-        return ".nii.gz"
-    if _nifti_header_size(data) is not None:
-        return ".nii"
-    for magic, ending in ((b"\x89PNG", ".png"), (b"\x93NUMPY", ".npy"), (b"PK\x03\x04", ".npz"),
-                          (b"II*\x00", ".tif"), (b"MM\x00*", ".tif"), (b"NRRD", ".nrrd"), (b"BM", ".bmp")):  # fmt: skip
-        if data.startswith(magic):
-            return ending
-    return None
-
-
-def _nifti_header_size(data: bytes) -> int | None:
-    """348 (NIfTI-1) or 540 (NIfTI-2) when the bytes start with a NIfTI header's size field (either byte order)."""
-    for order in ("little", "big"):
-        size = int.from_bytes(data[:4], order) if len(data) >= 4 else 0
-        if size in (348, 540):
-            return size
-    return None
-
-
-def _nifti_voxels(data: bytes, ending: str) -> int | None:
-    """Voxels a NIfTI header announces (read without decompressing the data), or None when unreadable."""
-    import nibabel as nib
-
-    try:
-        stream = gzip.GzipFile(fileobj=io.BytesIO(data)) if ending == ".nii.gz" else io.BytesIO(data)
-        first = stream.read(540)
-        header_class = nib.Nifti2Header if _nifti_header_size(first) == 540 else nib.Nifti1Header
-        header = header_class.from_fileobj(io.BytesIO(first))
-        return int(np.prod(header.get_data_shape(), dtype=np.int64))
-    except Exception:
-        return None
-
-
-def _parse_label_map(workspace: Workspace, image_id: str, data: bytes, ext: str | None) -> np.ndarray:
-    """An uploaded file's bytes as the label map of ``image_id`` (checked: shape, geometry, task's labels).
-
-    Raises:
-        MedsegError: an unknown or unreadable format, several channels, another shape or geometry, values the
-            task does not name.
-    """
-    if ext is not None:
-        ending = ext if ext.startswith(".") else f".{ext}"
-        if ending.lower() not in SUPPORTED_EXTENSIONS:
-            raise MedsegError(f"unknown upload extension {ext[:20]!r} (known: {', '.join(SUPPORTED_EXTENSIONS)})")
-        ending = ending.lower()
-    else:
-        found = _sniff_extension(data)
-        if found is None:
-            raise MedsegError("cannot tell the upload's format: send NIfTI, PNG, NPY/NPZ, TIFF or NRRD bytes, or ?ext=")
-        ending = found
-    image = workspace.image(image_id)
-    if ending in (".nii", ".nii.gz"):  # a header announcing a huge array is refused before it is inflated
-        voxels = _nifti_voxels(data, ending)
-        if voxels is not None and voxels != int(np.prod(image.shape)):
-            raise MedsegError(f"upload holds {voxels} voxels; image {image_id!r} of shape {image.shape} has "
-                              f"{int(np.prod(image.shape))}")  # fmt: skip
-    with tempfile.TemporaryDirectory(prefix="medseg-upload-") as folder:
-        path = Path(folder) / f"upload{ending}"
-        path.write_bytes(data)
-        try:
-            upload = load(path)
-        except MedsegError:
-            raise
-        except Exception as error:
-            raise MedsegError(f"unreadable {ending} upload ({type(error).__name__})") from None
-    if upload.channels != 1:
-        raise MedsegError(f"a label map has one channel; the upload has {upload.channels}")
-    if ending in _GEOMETRY_FORMATS and not upload.geometry.matches(image.geometry):
-        difference = upload.geometry.describe_difference(image.geometry)
-        raise MedsegError(f"upload's geometry differs from image {image_id!r}'s: {difference}")
-    return workspace.check_label(image_id, upload.array)
 
 
 def _apply_prompt(session: Session, body: PromptBody) -> np.ndarray:
