@@ -65,7 +65,7 @@ class PromptPredictor:
         self.model = model.to(self.device).eval()
         self._encode = self.model.inference_encoder()  # the encoder's weights as they are now, on the device
         self.spec = spec
-        self.cache_size = cache_size  # embeddings kept by key (4 MB each), e.g. slices of a volume
+        self.cache_size = cache_size  # embeddings kept by key (4 MB each; least recently used dropped first)
         self._cache: dict[object, tuple[torch.Tensor, tuple[int, int], tuple[int, int]]] = {}
         self._embedding: torch.Tensor | None = None
         self._decoder: CachedImageDecoder | None = None  # built on the first predict after set_image
@@ -116,8 +116,8 @@ class PromptPredictor:
             raise MedsegError(
                 f"set_image key must be hashable (e.g. a slice index), got {type(key).__name__}"
             ) from None
-        if cached:
-            self._embedding, self._input_size, self._resized = self._cache[key]
+        if cached:  # least recently used first: a hit moves to the end
+            self._embedding, self._input_size, self._resized = self._cache[key] = self._cache.pop(key)
             return
         tensor, input_size, resized = self.prepare(image)
         with torch.inference_mode():
