@@ -145,7 +145,7 @@ def test_list_meta_and_image_bytes_round_trip(client: TestClient, workspace: Wor
 
     assert client.get("/api/task").json() == {"labels": {"background": 0, "foreground": 1}}
     page = client.get("/")
-    assert page.status_code == 200 and "ws" in page.text and "/docs" in page.text
+    assert page.status_code == 200 and "ws" in page.text and "/openapi.json" in page.text
     assert "/api/sessions/{session_id}/prompts" in client.get("/openapi.json").json()["paths"]
 
 

@@ -68,7 +68,7 @@ def create_app(
     max_upload_bytes: int = 512 * MIB,
     session_limit: int = 16,
 ) -> FastAPI:
-    """The FastAPI app serving ``workspace`` (routes in the module docstring and at ``/docs``).
+    """The FastAPI app serving ``workspace`` (routes in the module docstring and at ``/openapi.json``).
 
     Args:
         workspace: the images and their annotations.
@@ -80,9 +80,11 @@ def create_app(
     """
     engine_lock = threading.Lock()  # the engines are not thread-safe: one engine call at a time
     sessions = SessionStore(session_limit)
-    app = FastAPI(
+    app = FastAPI(  # no /docs or /redoc: FastAPI's pages load their scripts from a CDN, and medseg works offline
         title="medseg workbench",
         version=__version__,
+        docs_url=None,
+        redoc_url=None,
         description=__doc__.split("\n\n", 1)[1] if __doc__ else "",
     )
     app.state.workspace, app.state.flywheel, app.state.sessions = workspace, flywheel, sessions
@@ -121,8 +123,8 @@ def create_app(
         return (
             f"<!doctype html><html><head><meta charset='utf-8'><title>medseg: {name}</title></head><body>"
             f"<h1>medseg workbench: {name}</h1><p>{count} image(s), {len(workspace.done())} annotated.</p>"
-            "<p>The annotation page is not here yet; the API is: <a href='/docs'>/docs</a> "
-            "(OpenAPI: <a href='/openapi.json'>/openapi.json</a>).</p></body></html>"
+            "<p>The annotation page is not here yet; the API is described at "
+            "<a href='/openapi.json'>/openapi.json</a>.</p></body></html>"
         )
 
     # ---- images ----------------------------------------------------------------------------------------

@@ -115,9 +115,11 @@ class Flywheel:
         """The engine that drafts now: ``specialist``, the in-context engine's name, or None."""
         if self.specialist is not None:
             return self.specialist.name
-        if self.incontext is not None and self.workspace.done():
-            return self.incontext.name
-        return None
+        done = len(self.workspace.done())
+        if self.incontext is None or not done:
+            return None
+        redrawn = self._decoder_choice.get(int(np.log2(min(done, self.max_supports))), False)
+        return f"{self.incontext.name}+decoder" if redrawn and self.prompt_engine is not None else self.incontext.name
 
     def draft(self, image_id: str, keep: bool = True) -> Draft | None:
         """A draft for ``image_id`` from the current drafter (None before any image is done), kept as the
@@ -324,6 +326,8 @@ class Flywheel:
                 self._decide(folder)
             except MedsegError as error:
                 self.training.state, self.training.message = "failed", str(error)
+            except (OSError, ValueError, KeyError) as error:  # no or a broken split.json: failed, not running forever
+                self.training.state, self.training.message = "failed", f"cannot read the run's results ({error})"
             self._write_status()
 
     def _decide(self, folder: Path) -> None:

@@ -53,7 +53,8 @@ class Workspace:
     def __init__(self, root: str | Path, cache_images: int = 8) -> None:
         self.root = Path(root).resolve()
         if not self.root.is_dir():
-            raise MedsegError("no such workspace folder", root)
+            raise MedsegError("not a folder (a workspace is a folder of images)" if self.root.exists()
+                              else "no such workspace folder", root)  # fmt: skip
         images_dir = self.root / "imagesTr"
         self.images_dir = images_dir if images_dir.is_dir() else self.root
         self.labels_dir = self.root / LABELS_DIR
@@ -220,6 +221,9 @@ class Workspace:
         engine = json.loads(meta.read_text()).get("engine", "unknown") if meta.is_file() else "unknown"
         return load(path).array, engine
 
+    def _channel_names(self) -> dict[str, str] | None:
+        return _declared_channels(self.root / "dataset.json")
+
     # ---- export --------------------------------------------------------------------------------------------
     def export(self, target: Path, name: str = "Workspace") -> Path:
         """The finished annotations as an nnU-Net raw dataset (``imagesTr/<id>_0000.<ext>``, ``labelsTr/``,
@@ -248,7 +252,10 @@ class Workspace:
                 save(image, target / "imagesTr" / f"{image_id}_0000{ending}")
             _link(label, target / "labelsTr" / label.name)
         channels = self.image(done[0]).channels
-        names = {str(i): "rgb" if channels == 3 else "image" for i in range(1)}
+        declared = self._channel_names()
+        default = ["R", "G", "B"] if channels == 3 else [f"channel {i}" for i in range(channels)]
+        names = declared if declared is not None and len(declared) == channels else dict(enumerate(default))
+        names = {str(k): v for k, v in names.items()}  # an RGB file is three channels to medseg dataset check
         info = {
             "name": name,
             "channel_names": names,
@@ -258,6 +265,15 @@ class Workspace:
         }
         write_json(target / "dataset.json", info)
         return target
+
+
+def _declared_channels(path: Path) -> dict[str, str] | None:
+    """``channel_names`` of nnU-Net's ``dataset.json`` at ``path``, or None."""
+    try:
+        names = json.loads(path.read_text())["channel_names"]
+        return {str(k): str(v) for k, v in names.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
 
 
 def _label_path(entry: ImageEntry, labels_dir: Path) -> Path:
