@@ -118,6 +118,9 @@ def test_unknown_ids(workspace: Workspace) -> None:
 def test_not_a_folder(tmp_path: Path) -> None:
     with pytest.raises(MedsegError, match="no such workspace folder"):
         Workspace(tmp_path / "missing")
+    (tmp_path / "scan.png").write_bytes(b"")
+    with pytest.raises(MedsegError, match="not a folder"):
+        Workspace(tmp_path / "scan.png")
 
 
 def test_task_labels_from_dataset_json(tmp_path: Path) -> None:
@@ -312,8 +315,8 @@ def test_export_of_volumes(tmp_path: Path) -> None:
 
 @pytest.mark.xfail(
     strict=True,
-    reason="export saves a case's stacked channel files as one image file: two PNG "
-    "channels become one float32 image that PNG cannot hold (and channel_names lists one channel)",
+    reason="export saves a case's channel files stacked into one image file: two PNG channels become one float32 "
+    "image that PNG cannot hold",
 )
 def test_export_of_channel_files(workspace: Workspace, tmp_path: Path) -> None:
     workspace.save_label("mr", square_labels())
@@ -321,3 +324,16 @@ def test_export_of_channel_files(workspace: Workspace, tmp_path: Path) -> None:
     mr = next(case for case in dataset.cases if case.name == "mr")
     assert [p.name for p in mr.images] == ["mr_0000.png", "mr_0001.png"]
     assert len(dataset.channel_names) == 2
+
+
+def test_export_of_rgb_images_declares_three_channels(tmp_path: Path) -> None:
+    rgb = np.zeros((SIDE, SIDE, 3), np.uint8)
+    rgb[..., 0] = 200
+    rgb[4:10, 5:11] = (10, 240, 30)
+    save(Image(rgb, channels=3), tmp_path / "ws" / "photo.png")
+    workspace = Workspace(tmp_path / "ws")
+    workspace.save_label("photo", square_labels())
+    dataset = open_dataset(workspace.export(tmp_path / "export"))
+    assert dataset.channel_names == {"0": "R", "1": "G", "2": "B"}
+    exported = load(dataset.cases[0].images[0])
+    assert exported.channels == 3 and np.array_equal(exported.array, rgb)
