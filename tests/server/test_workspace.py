@@ -313,17 +313,27 @@ def test_export_of_volumes(tmp_path: Path) -> None:
     assert load(case.label).geometry.matches(GEOMETRY_3D) and np.array_equal(load(case.label).array, labels)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="export saves a case's channel files stacked into one image file: two PNG channels become one float32 "
-    "image that PNG cannot hold",
-)
 def test_export_of_channel_files(workspace: Workspace, tmp_path: Path) -> None:
     workspace.save_label("mr", square_labels())
+    with pytest.raises(MedsegError, match=r"\[1, 2\] channels"):  # a (1 channel) is done too
+        workspace.export(tmp_path / "mixed")
+    (workspace.labels_dir / "a.png").unlink()
     dataset = open_dataset(workspace.export(tmp_path / "export"))
     mr = next(case for case in dataset.cases if case.name == "mr")
     assert [p.name for p in mr.images] == ["mr_0000.png", "mr_0001.png"]
     assert len(dataset.channel_names) == 2
+
+
+def test_export_of_mixed_formats_is_all_nifti(tmp_path: Path) -> None:
+    save(Image(np.full((SIDE, SIDE), 7, np.uint8)), tmp_path / "ws" / "flat.png")
+    save(Image(np.full((3, SIDE, SIDE), 5.0, np.float32)), tmp_path / "ws" / "vol.nii.gz")
+    workspace = Workspace(tmp_path / "ws")
+    workspace.save_label("flat", square_labels())
+    workspace.save_label("vol", np.zeros((3, SIDE, SIDE), np.uint8))
+    dataset = open_dataset(workspace.export(tmp_path / "export"))
+    assert dataset.info["file_ending"] == ".nii.gz"
+    assert sorted(p.name for case in dataset.cases for p in case.images) == ["flat_0000.nii.gz", "vol_0000.nii.gz"]
+    assert np.array_equal(load(next(c.label for c in dataset.cases if c.name == "flat")).array, square_labels())
 
 
 def test_export_of_rgb_images_declares_three_channels(tmp_path: Path) -> None:

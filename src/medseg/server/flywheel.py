@@ -306,9 +306,9 @@ class Flywheel:
         command = [sys.executable, "-m", "medseg.cli", "train", str(folder / "data"), "-o", str(folder / "model")]
         command += ["--minutes", str(minutes), "--device", "cpu" if self.device == "cpu" else self.device]
         command += ["--no-predict-validation"] + (["--resume"] if resume else [])
-        log = (folder / "train.log").open("ab")
         nice = (lambda: os.nice(5)) if hasattr(os, "nice") else None  # prompts stay responsive meanwhile
-        return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, preexec_fn=nice)
+        with (folder / "train.log").open("ab") as log:  # the child keeps its own handle
+            return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, preexec_fn=nice)
 
     def _watch(self, process: subprocess.Popen[bytes], folder: Path) -> None:
         code = process.wait()

@@ -24,7 +24,7 @@ from medseg.engine.run_files import write_json
 from medseg.errors import MedsegError
 from medseg.inference.folders import cases_of
 from medseg.io import Image, label_path_for, load, save
-from medseg.io.formats import is_image_file
+from medseg.io.formats import is_image_file, split_extension
 
 LABELS_DIR = "labelsTr"
 STATE_DIR = ".medseg"
@@ -230,7 +230,8 @@ class Workspace:
         ``dataset.json``); images are linked (hard links where possible, else copied), never moved.
 
         Raises:
-            MedsegError: no finished annotation, or ``target`` exists and is not empty.
+            MedsegError: no finished annotation, done images with different channel counts, or ``target`` exists
+                and is not empty.
         """
         done = self.done()
         if not done:
@@ -239,18 +240,24 @@ class Workspace:
             raise MedsegError("exists and is not an empty folder", target)
         (target / "imagesTr").mkdir(parents=True, exist_ok=True)
         (target / "labelsTr").mkdir(parents=True, exist_ok=True)
-        ending = ""
+        counts = {self.image(image_id).channels for image_id in done}
+        if len(counts) > 1:
+            raise MedsegError(f"the done images have {sorted(counts)} channels: one dataset needs one channel count")
+        labels = {image_id: self.label_path(image_id) for image_id in done}
+        endings = {"".join(path.suffixes) for path in labels.values()}
+        ending = endings.pop() if len(endings) == 1 else ".nii.gz"  # mixed formats: every file as NIfTI
         for image_id in done:
-            image = self.image(image_id)
             files = self.entry(image_id).files
-            single = len(files) == 1 and files[0].is_file() and image.channels == 1
-            label = self.label_path(image_id)
-            ending = "".join(label.suffixes) if label.suffixes else ".nii.gz"
-            if single and label_path_for(files[0], target, image_id).suffix == label.suffix:
-                _link(files[0], target / "imagesTr" / f"{image_id}_0000{ending}")
-            else:  # several channels, RGB, DICOM, JPEG...: written in the label's format
-                save(image, target / "imagesTr" / f"{image_id}_0000{ending}")
-            _link(label, target / "labelsTr" / label.name)
+            for k, file in enumerate(files):  # one file per channel, nnU-Net's _0000, _0001...
+                written = target / "imagesTr" / f"{image_id}_{k:04d}{ending}"
+                if file.is_file() and split_extension(file)[1].lower() == ending:
+                    _link(file, written)
+                else:  # DICOM, JPEG, another format: written in the dataset's
+                    save(load(file), written)
+            if "".join(labels[image_id].suffixes) == ending:
+                _link(labels[image_id], target / "labelsTr" / f"{image_id}{ending}")
+            else:
+                save(self.image(image_id).with_array(self.label(image_id)), target / "labelsTr" / f"{image_id}{ending}")
         channels = self.image(done[0]).channels
         declared = self._channel_names()
         default = ["R", "G", "B"] if channels == 3 else [f"channel {i}" for i in range(channels)]
