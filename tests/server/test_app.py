@@ -383,7 +383,7 @@ def test_training_starts_and_cancels(workspace: Workspace, prompt_engine: Any, i
     client = make_client(workspace, prompt_engine, incontext, train_minutes=0.05)
     flywheel = client.app.state.flywheel  # type: ignore[attr-defined]
     one_line(client.post("/api/flywheel/cancel"), 409, "no specialist is training")
-    one_line(client.post("/api/flywheel/train"), 409, "at least 2")
+    one_line(client.post("/api/flywheel/train"), 409, "at least 5")
     for image_id in [i for i in workspace.entries() if i != "vol"]:
         labels = (workspace.image(image_id).array > 100).astype(np.uint8)
         upload = save(workspace.image(image_id).with_array(labels), workspace.root.parent / f"{image_id}.png")
