@@ -138,5 +138,5 @@ def test_predict_into_the_input_folder_refuses_before_writing(trained: tuple[Pat
     folder.mkdir()
     shutil.copy(dataset / "imagesTr" / "case_000_0000.png", folder / "case_000_0000.png")
     shutil.copy(dataset / "imagesTr" / "case_001_0000.png", folder / "case_001.png")  # its output name is itself
-    _one_error_line(_run("predict", model, folder, "-o", folder), "overwrite an input")
+    _one_error_line(_run("predict", model, folder, "-o", folder), "output folder holds the inputs")
     assert sorted(p.name for p in folder.iterdir()) == ["case_000_0000.png", "case_001.png"]

@@ -126,6 +126,10 @@ def test_a_prompt_engine_without_prompts_is_refused() -> None:
     assert engine.predictor.cache_size == 64
     with pytest.raises(MedsegError, match="needs prompts"):
         engine.predict(Image(picture(square(16, 20))))
+    with pytest.raises(MedsegError, match="needs prompts"):
+        engine.predict(Image(picture(square(16, 20))), {"boxes": [(1, 1, 5, 5)]})
+    with pytest.raises(MedsegError, match="medseg Image"):
+        engine.predict(picture(square(16, 20)), Prompts(boxes=[(1, 1, 5, 5)]))
 
 
 class _NoModel:

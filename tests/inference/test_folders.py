@@ -98,9 +98,9 @@ def test_label_targets_refusals(tmp_path: Path) -> None:
     a_file.write_text("x")
     with pytest.raises(MedsegError, match="exists and is not a folder"):
         label_targets(cases, a_file)
-    with pytest.raises(MedsegError, match="refusing to overwrite an input file") as caught:
-        label_targets(cases, tmp_path / "in")  # the label map of flat.png would be flat.png itself
-    assert caught.value.path == inputs["flat"]
+    with pytest.raises(MedsegError, match="output folder holds the inputs") as caught:
+        label_targets(cases, tmp_path / "in")  # label maps among the inputs would be read as inputs next time
+    assert caught.value.path == tmp_path / "in"
     support = tmp_path / "support" / "flat.png"
     with pytest.raises(MedsegError, match="refusing to overwrite an input file"):
         label_targets(cases, tmp_path / "support", protect=[support])

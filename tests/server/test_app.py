@@ -27,6 +27,7 @@ pytestmark = pytest.mark.skipif(
 
 from fastapi.testclient import TestClient  # noqa: E402
 
+from medseg.errors import MedsegError  # noqa: E402
 from medseg.io import Geometry, Image, load, save  # noqa: E402
 from medseg.server.app import create_app, decode_labels  # noqa: E402
 from medseg.server.flywheel import Flywheel  # noqa: E402
@@ -84,7 +85,7 @@ def workspace(tmp_path: Path) -> Workspace:
 def make_client(workspace: Workspace, prompt_engine: Any, incontext: Any, **options: Any) -> TestClient:
     flywheel_options = {k: options.pop(k) for k in ("train_after", "train_minutes") if k in options}
     flywheel = Flywheel(workspace, incontext, **{"train_after": 0, **flywheel_options})
-    return TestClient(create_app(workspace, flywheel, prompt_engine, **options))
+    return TestClient(create_app(workspace, flywheel, prompt_engine, **options), base_url="http://127.0.0.1")
 
 
 @pytest.fixture
@@ -475,3 +476,39 @@ def test_nifti_sniffing_reads_headers_only() -> None:
     assert nifti_voxels(packed, ".nii.gz") == 4000**3
     assert nifti_voxels(b"\x1f\x8bjunk", ".nii.gz") is None
     assert json.loads(json.dumps({"ok": True}))
+
+
+# ---- from the break-it review --------------------------------------------------------------------------------
+def test_uploads_that_name_another_file_are_refused(client: TestClient, workspace: Workspace, tmp_path: Path) -> None:
+    secret = save(Image(np.ones((SIDE, SIDE), np.uint8)), tmp_path / "outside" / "secret.png")
+    nrrd = f"NRRD0004\ntype: uchar\ndimension: 2\nsizes: {SIDE} {SIDE}\nencoding: raw\ndata file: {secret}\n\n"
+    one_line(client.post("/api/images/img0/label", content=nrrd.encode()), 422, "separate data file")
+    mha = (
+        f"ObjectType = Image\nNDims = 2\nDimSize = {SIDE} {SIDE}\nElementType = MET_UCHAR\nElementDataFile = {secret}\n"
+    )
+    one_line(client.post("/api/images/img0/label?ext=.mha", content=mha.encode()), 422, "separate data file")
+    one_line(client.post("/api/images/img0/label?ext=.mhd", content=mha.encode()), 422, "separate data file")
+    assert not workspace.label_path("img0").exists()
+
+
+def test_a_huge_npz_is_refused_before_it_is_inflated(client: TestClient, tmp_path: Path) -> None:
+    np.savez_compressed(tmp_path / "bomb.npz", segs=np.zeros((2000, 2000), np.uint8))
+    one_line(client.post("/api/images/img0/label", content=(tmp_path / "bomb.npz").read_bytes()), 422, "announces")
+
+
+def test_foreign_hosts_and_origins_are_refused(workspace: Workspace, prompt_engine: Any, incontext: Any) -> None:
+    client = make_client(workspace, prompt_engine, incontext)
+    one_line(client.get("/api/images", headers={"host": "rebind.example:8000"}), 403, "127.0.0.1 or localhost")
+    labels = save(Image(square("img0").astype(np.uint8)), workspace.root.parent / "img0_label.png").read_bytes()
+    cross = client.post("/api/images/img0/label", content=labels, headers={"origin": "http://evil.example"})
+    one_line(cross, 403, "cross-site")
+    assert not workspace.label_path("img0").exists()
+    same = client.post("/api/images/img0/label", content=labels, headers={"origin": "http://127.0.0.1"})
+    assert same.status_code == 200, same.text
+
+
+def test_label_values_above_255_are_refused_at_start(tmp_path: Path) -> None:
+    root = make_workspace(tmp_path / "ws")
+    (root / "dataset.json").write_text('{"labels": {"background": 0, "big": 300}}')
+    with pytest.raises(MedsegError, match="up to 255"):
+        Workspace(root)

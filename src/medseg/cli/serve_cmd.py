@@ -31,7 +31,7 @@ def serve(
     ),
 ) -> None:
     """Serve WORKSPACE for annotation: prompts (LiteMedSAM), in-context drafts from the finished images, a
-    specialist trained in the background, export as an nnU-Net dataset. API docs at /docs."""
+    specialist trained in the background, export as an nnU-Net dataset. The API is described at /openapi.json."""
     if host not in LOOPBACK and not token:
         raise MedsegError(f"--host {host} serves beyond this machine: give --token (or set MEDSEG_TOKEN)")
     check_device(device)
@@ -56,7 +56,7 @@ def serve(
     url = f"http://{shown}:{port}/"
     entries = space.entries()
     out.print(f"medseg serve: {len(entries)} image(s), {len(space.done())} done, in {space.root}", soft_wrap=True)
-    out.print(f"open {url} (API docs: {url}docs){'; /api/ needs the token' if token else ''}; Ctrl-C stops",
+    out.print(f"open {url} (API: {url}openapi.json){'; /api/ needs the token' if token else ''}; Ctrl-C stops",
               soft_wrap=True)  # fmt: skip
     try:
         uvicorn.run(app, host=host, port=port, log_level="warning")

@@ -81,6 +81,8 @@ class PromptEngine:
 
         check_device(device)
         path: Path | None = None
+        if path_or_name is not None and not isinstance(path_or_name, str | Path):
+            raise MedsegError(f"a model name or checkpoint path, not {type(path_or_name).__name__}")
         if path_or_name is not None and str(path_or_name) in PROMPT_MODELS:
             model = model or str(path_or_name)
         elif path_or_name is not None:
@@ -105,11 +107,12 @@ class PromptEngine:
         Raises:
             MedsegError: no prompts, prompts that do not fit the image (see `prompt_session.validate`).
         """
-        from medseg.inference.prompt_session import segment_logits
+        from medseg.inference.prompt_session import Prompts, segment_logits
         from medseg.inference.propagation import merge_objects
 
-        if prompts is None:
-            raise MedsegError("a prompt engine needs prompts (a box, a 3D box or clicks)")
+        _check_image(image)
+        if not isinstance(prompts, Prompts):
+            raise MedsegError("a prompt engine needs prompts: medseg.Prompts(boxes, boxes3d, points, point_labels)")
         logits = segment_logits(self.predictor, image, prompts, preset, key=key)
         maps = None
         if probabilities:
@@ -158,10 +161,13 @@ class InContextEngine:
         Raises:
             MedsegError: an empty set, unequal counts, mixed 2D and 3D, a label map on another grid.
         """
+        images, labels = list(images), list(labels)
         if not images:
             raise MedsegError("the support set is empty")
         if len(images) != len(labels):
             raise MedsegError(f"{len(images)} support images but {len(labels)} label maps")
+        for image in images:
+            _check_image(image)
         dims = {image.ndim for image in images}
         if len(dims) > 1:
             raise MedsegError("the support set mixes 2D images and 3D volumes")
@@ -187,6 +193,7 @@ class InContextEngine:
         Raises:
             MedsegError: no support set, 3D supports for a 2D image, and as `InContextPredictor.predict`.
         """
+        _check_image(image)
         if self._support is None:
             raise MedsegError("set a support set first (set_support)")
         arrays, maps, volumes = self._support
@@ -236,6 +243,11 @@ class SpecialistEngine:
         values = list(range(prediction.probabilities.shape[0]))  # background too, as nnU-Net's probabilities
         maps = prediction.probabilities if probabilities else None
         return Segmentation(image.with_array(prediction.labels), values, self.name, maps)
+
+
+def _check_image(image: object) -> None:
+    if not isinstance(image, Image):
+        raise MedsegError(f"engines take a medseg Image (medseg.load(path)), not {type(image).__name__}")
 
 
 def _prompt_builder(model: str) -> Callable[..., PromptEngine]:

@@ -33,6 +33,7 @@ def cases_of(input_path: Path) -> dict[str, list[Path]]:
     Raises:
         MedsegError: no such file or folder.
     """
+    input_path = Path(input_path)
     if not input_path.exists():
         raise MedsegError("no such file or folder", input_path)
     if input_path.is_file():
@@ -59,8 +60,14 @@ def label_targets(cases: Mapping[str, Sequence[Path]], output: Path, protect: Se
         MedsegError: ``output`` is a file; a target that would overwrite an input (or a ``protect`` file), that
             is a folder, or that two cases share; a format medseg cannot write.
     """
+    output = Path(output)
     if output.exists() and not output.is_dir():
         raise MedsegError("exists and is not a folder", output)
+    folders = {p.resolve().parent for files in cases.values() for p in files} | {
+        p.resolve() for files in cases.values() for p in files if p.is_dir()
+    }
+    if output.resolve() in folders:  # label maps among the inputs would be read as inputs (channels) next time
+        raise MedsegError("output folder holds the inputs; choose another -o", output)
     inputs = {p.resolve() for files in cases.values() for p in files} | {p.resolve() for p in protect}
     targets: dict[str, Path] = {}
     seen: dict[Path, str] = {}
@@ -107,6 +114,7 @@ def predict_folder(
     Raises:
         MedsegError: as `label_targets`; a case the engine refuses, named by its file (nothing is written).
     """
+    output = Path(output)
     targets = label_targets(cases, output, protect)
     load_case = load_channels if load_case is None else load_case
     kept = tuple(p for files in cases.values() for p in files) + tuple(protect)

@@ -94,6 +94,9 @@ def create_app(
     @app.middleware("http")
     async def guard(request: Request, call_next: Any) -> Any:
         path = request.url.path
+        refused = _cross_site(request, expected is not None)
+        if refused:  # DNS rebinding (a foreign Host) and cross-site writes (a foreign Origin)
+            return JSONResponse({"detail": refused}, 403)
         if expected is not None and (path == "/api" or path.startswith("/api/")):
             given = request.headers.get("authorization", "")
             offered = given[7:].strip() if given[:7].lower() == "bearer " else request.query_params.get("token", "")
@@ -313,7 +316,7 @@ def create_app(
 
     @app.post("/api/flywheel/train")
     def train() -> dict[str, Any]:
-        """Start a specialist run on the done images now (409: one is running, or fewer than 2 are done)."""
+        """Start a specialist run on the done images now (409: one is running, or fewer than 5 are done)."""
         try:
             flywheel.start_training()
         except MedsegError as error:
@@ -365,6 +368,23 @@ def create_app(
 
 
 # ---- helpers -----------------------------------------------------------------------------------------------
+_LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1", "[::1]")
+
+
+def _cross_site(request: Request, has_token: bool) -> str | None:
+    """Why a request must be refused as cross-site, or None: without a token, a ``Host`` that is not loopback
+    (a DNS-rebinding page); always, a state-changing request whose ``Origin`` is not the server's own."""
+    host = request.headers.get("host", "")
+    name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+    if not has_token and name not in _LOOPBACK_NAMES:
+        return f"requests must address the server as 127.0.0.1 or localhost, not {host[:80]!r}"
+    origin = request.headers.get("origin")
+    writes = request.method not in ("GET", "HEAD", "OPTIONS")
+    if writes and origin is not None and origin != "null" and origin.split("://", 1)[-1] != host:
+        return f"cross-site request from {origin[:80]!r} refused"
+    return None
+
+
 def _one_line(error: MedsegError, root: Path) -> str:
     """The error as one line; a path inside the workspace is shown relative to it, any other by its name."""
     where = error.path

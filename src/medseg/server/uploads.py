@@ -54,6 +54,60 @@ def nifti_voxels(data: bytes, ending: str) -> int | None:
         return None
 
 
+def check_self_contained(data: bytes, ending: str) -> None:
+    """Refuse header formats that name another file for their data (NRRD ``data file:``, MetaImage
+    ``ElementDataFile`` other than ``LOCAL``, ``.nhdr``/``.mhd``): reading them would read a file on the server.
+
+    Raises:
+        MedsegError: an upload whose pixels would come from elsewhere.
+    """
+    if ending in (".nhdr", ".mhd"):
+        raise MedsegError(f"{ending} headers name a separate data file: upload .nrrd, .mha or .nii.gz instead")
+    head = data[:65536].split(b"\n\n", 1)[0].lower()
+    if ending == ".nrrd" and (b"data file:" in head or b"datafile:" in head):
+        raise MedsegError("NRRD upload names a separate data file: send the data inline")
+    if ending == ".mha":
+        lines = [
+            line.strip() for line in data[:65536].lower().splitlines() if line.strip().startswith(b"elementdatafile")
+        ]
+        if not lines or not lines[0].replace(b" ", b"").endswith(b"=local"):
+            raise MedsegError("MetaImage upload names a separate data file: send ElementDataFile = LOCAL")
+
+
+def announced_voxels(data: bytes, ending: str) -> int | None:
+    """Voxels an upload's header announces, read without inflating its data (None when it cannot tell)."""
+    import zipfile
+
+    try:
+        if ending in (".nii", ".nii.gz"):
+            return nifti_voxels(data, ending)
+        if ending == ".npy":
+            stream = io.BytesIO(data)
+            version = np.lib.format.read_magic(stream)
+            shape = np.lib.format._read_array_header(stream, version)[0]  # type: ignore[attr-defined]
+            return int(np.prod(shape, dtype=np.int64))
+        if ending == ".npz":  # the largest member's uncompressed size, in bytes: at least its voxels
+            with zipfile.ZipFile(io.BytesIO(data)) as archive:
+                return max((info.file_size for info in archive.infolist()), default=0)
+        if ending == ".nrrd":
+            for line in data[:65536].split(b"\n\n", 1)[0].splitlines():
+                if line.lower().startswith(b"sizes:"):
+                    return int(np.prod([int(v) for v in line.split(b":", 1)[1].split()], dtype=np.int64))
+        if ending in (".tif", ".tiff"):
+            import tifffile
+
+            with tifffile.TiffFile(io.BytesIO(data)) as tiff:
+                return int(np.prod(tiff.series[0].shape, dtype=np.int64))
+        if ending in (".png", ".bmp"):
+            from PIL import Image as PILImage
+
+            with PILImage.open(io.BytesIO(data)) as picture:
+                return picture.width * picture.height * len(picture.getbands())
+    except Exception:
+        return None
+    return None
+
+
 def parse_label_map(workspace: Workspace, image_id: str, data: bytes, ext: str | None) -> np.ndarray:
     """An uploaded file's bytes as the label map of ``image_id`` (checked: shape, geometry, task's labels).
 
@@ -71,19 +125,21 @@ def parse_label_map(workspace: Workspace, image_id: str, data: bytes, ext: str |
         if found is None:
             raise MedsegError("cannot tell the upload's format: send NIfTI, PNG, NPY/NPZ, TIFF or NRRD bytes, or ?ext=")
         ending = found
+    check_self_contained(data, ending)
     image = workspace.image(image_id)
-    if ending in (".nii", ".nii.gz"):  # a header announcing a huge array is refused before it is inflated
-        voxels = nifti_voxels(data, ending)
-        if voxels is not None and voxels != int(np.prod(image.shape)):
-            raise MedsegError(f"upload holds {voxels} voxels; image {image_id!r} of shape {image.shape} has "
-                              f"{int(np.prod(image.shape))}")  # fmt: skip
+    voxels, expected = announced_voxels(data, ending), int(np.prod(image.shape))
+    # a header announcing a huge array is refused before it is inflated (npz: bytes, at most 8 per voxel)
+    too_many = voxels is not None and (voxels > 8 * expected + 1024 if ending == ".npz" else voxels > 4 * expected)
+    if too_many or (voxels is not None and ending in (".nii", ".nii.gz") and voxels != expected):
+        raise MedsegError(f"upload announces {voxels} {'bytes' if ending == '.npz' else 'voxels'}; image "
+                          f"{image_id!r} of shape {image.shape} has {expected} voxels")  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="medseg-upload-") as folder:
         path = Path(folder) / f"upload{ending}"
         path.write_bytes(data)
         try:
             upload = load(path)
-        except MedsegError:
-            raise
+        except MedsegError as error:  # named as the upload, not the temporary file
+            raise MedsegError(f"unreadable {ending} upload: {error.problem}") from None
         except Exception as error:
             raise MedsegError(f"unreadable {ending} upload ({type(error).__name__})") from None
     if upload.channels != 1:

@@ -109,7 +109,7 @@ class Workspace:
         """
         entry = self.entries().get(image_id)
         if entry is None:
-            raise UnknownImage(f"no image {image_id!r} in this workspace")
+            raise UnknownImage(f"no image {image_id[:100]!r} in this workspace")
         return entry
 
     # ---- images and labels ---------------------------------------------------------------------------------
@@ -187,7 +187,7 @@ class Workspace:
         unknown = sorted(set(np.unique(array).tolist()) - set(self.labels.values()))
         if unknown:
             raise MedsegError(f"label values {unknown[:5]} are not in the task's labels {self.labels}")
-        return array.astype(np.uint8 if max(self.labels.values()) < 256 else np.uint16)
+        return array.astype(np.uint8)  # task values are at most 255 (_task_labels)
 
     def save_label(self, image_id: str, labels: np.ndarray) -> Path:
         """Write the finished label map of ``image_id`` atomically, in the image's geometry; drop its draft.
@@ -307,4 +307,6 @@ def _task_labels(path: Path) -> dict[str, int]:
         raise MedsegError("unreadable labels (expected nnU-Net's {'labels': {name: value}})", path) from None
     if parsed.get("background", 0) != 0 or any(v < 0 for v in parsed.values()):
         raise MedsegError("labels must be non-negative with background 0", path)
+    if any(v > 255 for v in parsed.values()):
+        raise MedsegError("the workbench takes label values up to 255 (label maps are uint8)", path)
     return parsed
