@@ -347,3 +347,12 @@ def test_export_of_rgb_images_declares_three_channels(tmp_path: Path) -> None:
     assert dataset.channel_names == {"0": "R", "1": "G", "2": "B"}
     exported = load(dataset.cases[0].images[0])
     assert exported.channels == 3 and np.array_equal(exported.array, rgb)
+
+
+def test_a_labels_folder_leading_out_of_the_workspace_is_not_written(tmp_path: Path) -> None:
+    save(flat(), tmp_path / "ws" / "a.png")
+    (tmp_path / "elsewhere").mkdir()
+    os.symlink(tmp_path / "elsewhere", tmp_path / "ws" / "labelsTr")
+    with pytest.raises(MedsegError, match="leads out of the workspace"):
+        Workspace(tmp_path / "ws").save_label("a", square_labels())
+    assert not any((tmp_path / "elsewhere").iterdir())

@@ -132,8 +132,15 @@ class Workspace:
 
     def label_path(self, image_id: str) -> Path:
         """Where the finished label map of ``image_id`` goes (``labelsTr/<id>.<ext>``: the image's format when
-        it holds labels losslessly, else NIfTI)."""
-        return _label_path(self.entry(image_id), self.labels_dir)
+        it holds labels losslessly, else NIfTI).
+
+        Raises:
+            MedsegError: ``labelsTr`` or the label file is a symlink leading out of the workspace.
+        """
+        path = _label_path(self.entry(image_id), self.labels_dir)
+        if not self._inside(path):
+            raise MedsegError("leads out of the workspace (a symlink); the workbench writes only inside it", path)
+        return path
 
     def draft_path(self, image_id: str) -> Path:
         """Where medseg keeps the draft of ``image_id`` (``.medseg/drafts/<id>.nii.gz``)."""
