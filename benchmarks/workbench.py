@@ -47,10 +47,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scipy import ndimage
 
 from medseg.data import open_dataset
-from medseg.inference.click_simulation import interior_point, next_click
+from medseg.inference.click_simulation import interior_point, largest_error, next_click
 from medseg.inference.engines import InContextEngine, PromptEngine
 from medseg.io import load
 from medseg.io.formats import split_extension
@@ -202,22 +201,14 @@ def _click(pred: np.ndarray, truth: np.ndarray) -> tuple[tuple[int, int], int | 
     """The next corrective click ``((x, y), z, positive)``: 2D as `next_click`; 3D on the slice where the
     largest 3D error region is largest."""
     if pred.ndim == 2:
-        found = next_click(pred, truth)
-        return None if found is None else (found[0], None, bool(found[1]))
-    best: tuple[int, np.ndarray, bool] | None = None
-    for error, positive in ((truth & ~pred, True), (pred & ~truth, False)):
-        components, count = ndimage.label(error)
-        if count == 0:
-            continue
-        sizes = np.bincount(components.ravel())[1:]
-        k = int(np.argmax(sizes))
-        if best is None or sizes[k] > best[0]:
-            best = (int(sizes[k]), components == k + 1, positive)
-    if best is None:
+        click = next_click(pred, truth)
+        return None if click is None else (click[0], None, bool(click[1]))
+    found = largest_error(pred, truth)
+    if found is None:
         return None
-    region = best[1]
+    region = found[0]
     z = int(np.argmax(region.sum(axis=(1, 2))))
-    return interior_point(region[z]), z, best[2]
+    return interior_point(region[z]), z, bool(found[1])
 
 
 def _box_iou(mask: np.ndarray, truth: np.ndarray) -> float:

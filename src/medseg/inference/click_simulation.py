@@ -19,11 +19,9 @@ def interior_point(region: np.ndarray) -> tuple[int, int]:
     return int(x), int(y)
 
 
-def next_click(pred: np.ndarray, truth: np.ndarray) -> tuple[tuple[int, int], int] | None:
-    """The corrective click ``((x, y), label)`` for a prediction, or None when it is already perfect.
-
-    Label 1 (positive) inside the largest missed region, 0 (negative) inside the largest false region.
-    """
+def largest_error(pred: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, int] | None:
+    """The largest connected error region of a 2D or 3D prediction and the click label it calls for: 1 for a
+    missed region (``truth & ~pred``), 0 for a false one (``pred & ~truth``); None when the prediction is perfect."""
     best: tuple[int, np.ndarray, int] | None = None
     for error, label in ((truth & ~pred, 1), (pred & ~truth, 0)):
         components, count = ndimage.label(error)
@@ -33,6 +31,13 @@ def next_click(pred: np.ndarray, truth: np.ndarray) -> tuple[tuple[int, int], in
         k = int(np.argmax(sizes))
         if best is None or sizes[k] > best[0]:
             best = (int(sizes[k]), components == k + 1, label)
-    if best is None:
-        return None
-    return interior_point(best[1]), best[2]
+    return None if best is None else (best[1], best[2])
+
+
+def next_click(pred: np.ndarray, truth: np.ndarray) -> tuple[tuple[int, int], int] | None:
+    """The corrective click ``((x, y), label)`` for a 2D prediction, or None when it is already perfect.
+
+    Label 1 (positive) inside the largest missed region, 0 (negative) inside the largest false region.
+    """
+    found = largest_error(pred, truth)
+    return None if found is None else (interior_point(found[0]), found[1])
