@@ -14,7 +14,9 @@ LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
 @user_errors
 def serve(
-    workspace: Path = typer.Argument(..., metavar="WORKSPACE", help="Folder of images to annotate (or nnU-Net's imagesTr layout)."),
+    workspace: Path = typer.Argument(
+        ..., metavar="WORKSPACE", help="Folder of images to annotate (or nnU-Net's imagesTr layout)."
+    ),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on; beyond loopback needs --token."),
     port: int = typer.Option(8000, "--port", min=1, max=65535, help="Port to listen on."),
     token: str | None = typer.Option(
