@@ -470,6 +470,19 @@ def test_the_in_context_engine_keeps_drafting_unless_beaten(
     assert worse.training.specialist_dice == 0.0 and not worse.training.in_charge and worse.specialist is None
 
 
+def test_a_later_run_that_loses_hands_the_drafting_back(
+    workspace: Workspace, specialist: type[FakeSpecialist], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    save_done(workspace, *CORNERS)
+    flywheel = Flywheel(workspace, FakeInContext(nothing), train_after=0)
+    decide(workspace, flywheel, SPLIT)
+    assert flywheel.drafter == "specialist"
+    monkeypatch.setitem(FakeSpecialist.settings, "answer", nothing)  # the next run is worse than in-context
+    flywheel.incontext = FakeInContext(top_half)
+    decide(workspace, flywheel, SPLIT)
+    assert not flywheel.training.in_charge and flywheel.specialist is None and flywheel.drafter == "incontext:probe"
+
+
 def test_without_an_in_context_engine_the_specialist_drafts(
     workspace: Workspace, specialist: type[FakeSpecialist]
 ) -> None:

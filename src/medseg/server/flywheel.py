@@ -357,8 +357,8 @@ class Flywheel:
         self.training.history.append(
             {"run": self.training.run, "images": self.training.images, "specialist": special, "incontext": context}
         )
-        if self.training.in_charge:
-            self.specialist = specialist
+        # the latest comparison decides: a run that loses hands the drafting back to the in-context engine
+        self.specialist = specialist if self.training.in_charge else None
 
     def _progress(self) -> None:
         if self.training.run is None:
