@@ -26,7 +26,9 @@ Protocol (MultiverSeg-style, on any dataset in the nnU-Net raw layout):
 Prints, per mode: interactions per image, the mean over images 11-N (N = ``--images``), the share of images
 needing none, compute seconds per image (drafts and prompts, wall clock), the mean Dice of what was saved;
 and as its last line ``ratio R``: the flywheel's mean interactions over images 11-N divided by those of
-prompts alone.
+prompts alone. The line before it gives the ratio had the annotator redone every draft below the target with a
+box instead of clicking on it (computed from the same run: the box path does not depend on the draft).
+``--from-json`` prints the tables of an earlier run's ``--json`` records.
 
 Run from the repository root, alone on the machine (times are wall clock)::
 
@@ -94,7 +96,15 @@ def main() -> None:
         "uncounted) or the mask its prompts reached.",
     )
     parser.add_argument("--json", type=Path, default=None, help="Also write the per-image records here.")
+    parser.add_argument("--from-json", type=Path, default=None, help="Print the tables of an earlier --json run.")
     args = parser.parse_args()
+    if args.from_json is not None:
+        saved = json.loads(args.from_json.read_text())
+        training = saved.pop("training", {})
+        results = {mode: [ImageRecord(**r) for r in records] for mode, records in saved.items()}
+        args.images = max(len(r) for r in results.values())
+        _print(results, training, args)
+        return
     modes = [m for m in args.modes.split(",") if m]
     unknown = set(modes) - {"prompts", "flywheel"}
     if unknown:
@@ -220,6 +230,20 @@ def _box_iou(mask: np.ndarray, truth: np.ndarray) -> float:
     return inter / (size_a + size_b - inter)
 
 
+def _box_fallback(prompts: list[ImageRecord], flywheel: list[ImageRecord]) -> list[int]:
+    """Interactions per image had the annotator redone every draft below the target with a box: per label, 0
+    where the draft was accepted, the erasing where the truth has none, else the prompts run's count (same
+    image, same box, same clicks: that path does not depend on the draft)."""
+    counts = []
+    for alone, drafted in zip(prompts, flywheel, strict=True):
+        total = 0
+        for label, used in drafted.per_label.items():
+            boxed = alone.per_label[label]
+            total += 0 if used == 0 else used if boxed == 0 else boxed
+        counts.append(total)
+    return counts
+
+
 def _mean_dice(pred: np.ndarray, truth: np.ndarray, values: list[int]) -> float:
     return float(np.mean([dice(pred == v, truth == v) for v in values]))
 
@@ -259,6 +283,10 @@ def _print(results: dict[str, list[ImageRecord]], training: dict[str, Any], args
             print(f"specialist run {run['run']} on {run['images']} images: validation Dice specialist "
                   f"{run['specialist']:.3f}, in-context {_fmt(run['incontext'])}")  # fmt: skip
     if "prompts" in means and "flywheel" in means:
+        fallback = _box_fallback(results["prompts"], results["flywheel"])[SKIP_FIRST:]
+        print(f"\nflywheel, a draft below the target redone with a box (the prompts run's count for that label; "
+              f"the box path never reads the draft): mean {np.mean(fallback):.2f} over images {SKIP_FIRST + 1}-{n}, "
+              f"ratio {np.mean(fallback) / means['prompts']:.3f}")  # fmt: skip
         ratio = means["flywheel"] / means["prompts"] if means["prompts"] > 0 else float("nan")
         print(f"ratio {ratio:.3f}")
     sys.stdout.flush()
