@@ -14,7 +14,9 @@ Protocol:
   embedding cache (``--embedding-cache`` embeddings x 4 MB) plus the prompt model's parameters.
 
 Prints one table: requests, errors, p50 / p95 / max latency (ms), throughput (requests/s), server RSS at start
-and peak (MB), the configured cap (MB). Run from the repository root, alone on the machine::
+and peak (MB), the embedding cache plus model (MB), and whether the peak stayed under ``--max-rss-mb`` (the cap
+medseg states for the server, models, torch, the embedding cache and the allocator's retained heap included;
+exit status 1 when it did not, or when a request failed). Run from the repository root, alone on the machine::
 
     python benchmarks/load.py --clients 8 --requests 50
 """
@@ -49,6 +51,9 @@ def main() -> None:
     parser.add_argument("--dataset", type=Path, default=Path("../shared/data/Kvasir-SEG"))
     parser.add_argument("--embedding-cache", type=int, default=64, help="medseg serve --embedding-cache")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--max-rss-mb", type=float, default=1500.0, help="The server's peak RSS must stay under this (exit 1 if not)."
+    )
     args = parser.parse_args()
     if args.clients < 1 or args.requests < 1 or args.images < 1:
         parser.error("--clients, --requests and --images must be at least 1")
@@ -148,13 +153,16 @@ def run(args: argparse.Namespace, workspace: Path, targets: list[tuple[str, np.n
         ("throughput (requests/s)", f"{len(latencies) / wall:.1f}"),
         ("server RSS at start (MB)", f"{start_rss:.0f}"),
         ("server peak RSS, VmHWM (MB)", f"{peak:.0f}"),
-        ("configured cap: cache + model (MB)", f"{cap:.0f} = {args.embedding_cache} x {EMBEDDING_MB:g} MB + model"),
+        ("embedding cache + prompt model (MB)", f"{cap:.0f} = {args.embedding_cache} x {EMBEDDING_MB:g} MB + model"),
+        ("stated cap on peak RSS (MB)", f"{args.max_rss_mb:.0f}: {'held' if peak <= args.max_rss_mb else 'EXCEEDED'}"),
         ("cpu cores", str(os.cpu_count())),
     ]
     width = max(len(name) for name, _ in rows_out)
     print(f"| {'measure'.ljust(width)} | value |\n|{'-' * (width + 2)}|-------|")
     for name, value in rows_out:
         print(f"| {name.ljust(width)} | {value} |")
+    if errors or peak > args.max_rss_mb:
+        sys.exit(1)
 
 
 def _free_port() -> int:

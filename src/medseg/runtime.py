@@ -21,6 +21,7 @@ import sys
 
 _M_TRIM_THRESHOLD = -1  # glibc <malloc.h>
 _M_MMAP_THRESHOLD = -3
+_M_ARENA_MAX = -8
 _tuned: bool | None = None
 
 
@@ -46,6 +47,24 @@ def tune_allocator(mmap_threshold: int = 256 << 20, trim_threshold: int = 1 << 3
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     _tuned = bool(mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and bool(mallopt(_M_TRIM_THRESHOLD, trim_threshold))
     return _tuned
+
+
+def limit_malloc_arenas(count: int = 1) -> bool:
+    """Let at most ``count`` glibc malloc arenas serve all threads (glibc on Linux only; False elsewhere).
+
+    A server answers from many threads, and glibc gives each its own arena: with `tune_allocator`'s
+    retained heap, every arena would keep its own freed tensors, multiplying the resident memory. Call it
+    before the threads start.
+    """
+    if not sys.platform.startswith("linux") or os.environ.get("MEDSEG_TUNE_MALLOC") == "0":
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(mallopt(_M_ARENA_MAX, count))
 
 
 DEVICES = ("cpu", "cuda", "mps")

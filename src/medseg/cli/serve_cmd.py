@@ -8,6 +8,7 @@ import typer
 
 from medseg.cli.common import check_device, out, user_errors
 from medseg.errors import MedsegError
+from medseg.runtime import limit_malloc_arenas
 
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
@@ -38,6 +39,7 @@ def serve(
         raise MedsegError(f"--host {host} serves beyond this machine: give --token (or set MEDSEG_TOKEN)")
     check_device(device)
     _check_free(host, port)
+    limit_malloc_arenas(1)  # requests run on many threads: one arena keeps the retained heap bounded
     import uvicorn
 
     from medseg.inference.engines import InContextEngine, PromptEngine
