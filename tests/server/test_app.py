@@ -29,8 +29,9 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from medseg.errors import MedsegError  # noqa: E402
 from medseg.io import Geometry, Image, load, save  # noqa: E402
-from medseg.server.app import create_app, decode_labels  # noqa: E402
+from medseg.server.app import create_app  # noqa: E402
 from medseg.server.flywheel import Flywheel  # noqa: E402
+from medseg.server.responses import decode_labels  # noqa: E402
 from medseg.server.workspace import Workspace  # noqa: E402
 
 SIDE = 64

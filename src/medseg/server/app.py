@@ -18,13 +18,10 @@ runs under one lock, in FastAPI's threadpool.
 
 from __future__ import annotations
 
-import base64
 import hmac
 import html
 import re
-import tempfile
 import threading
-import zlib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -36,8 +33,8 @@ from starlette.concurrency import run_in_threadpool
 
 from medseg import __version__
 from medseg.errors import MedsegError
-from medseg.io import Image, save
 from medseg.server.flywheel import Flywheel
+from medseg.server.responses import NIFTI, cross_site, mask_response, nifti_response
 from medseg.server.schemas import (
     Box3dPrompt,
     BoxPrompt,
@@ -55,7 +52,6 @@ from medseg.server.workspace import UnknownImage, Workspace
 
 MIB = 1024 * 1024
 EXPORTS_DIR = "exports"  # under the workspace's .medseg/
-NIFTI = "application/octet-stream"
 _EXPORT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 
@@ -94,7 +90,7 @@ def create_app(
     @app.middleware("http")
     async def guard(request: Request, call_next: Any) -> Any:
         path = request.url.path
-        refused = _cross_site(request, expected is not None)
+        refused = cross_site(request, expected is not None)
         if refused:  # DNS rebinding (a foreign Host) and cross-site writes (a foreign Origin)
             return JSONResponse({"detail": refused}, 403)
         if expected is not None and (path == "/api" or path.startswith("/api/")):
@@ -170,7 +166,7 @@ def create_app(
     def image_bytes(image_id: str) -> Response:
         """The image as ``.nii.gz`` bytes in its geometry."""
         image = workspace.image(image_id)
-        return _nifti_response(image, f"{image_id}.nii.gz")
+        return nifti_response(image, f"{image_id}.nii.gz")
 
     @app.get("/api/images/{image_id}/label", response_class=Response, responses={200: {"content": {NIFTI: {}}}})
     def label_bytes(image_id: str) -> Response:
@@ -178,7 +174,7 @@ def create_app(
         if workspace.status(image_id) != "done":
             raise HTTPException(404, f"image {image_id!r} has no finished label map")
         image = workspace.image(image_id)
-        return _nifti_response(image.with_array(workspace.label(image_id)), f"{image_id}_label.nii.gz")
+        return nifti_response(image.with_array(workspace.label(image_id)), f"{image_id}_label.nii.gz")
 
     @app.get("/api/images/{image_id}/draft", response_class=Response, responses={200: {"content": {NIFTI: {}}}})
     def draft_bytes(image_id: str, fresh: bool = False) -> Response:
@@ -200,7 +196,7 @@ def create_app(
         headers = {"X-Medseg-Engine": engine}
         if seconds is not None:
             headers["X-Medseg-Seconds"] = f"{seconds:.3f}"
-        return _nifti_response(image.with_array(labels), f"{image_id}_draft.nii.gz", headers)
+        return nifti_response(image.with_array(labels), f"{image_id}_draft.nii.gz", headers)
 
     @app.post("/api/images/{image_id}/label")
     async def upload_label(
@@ -265,7 +261,7 @@ def create_app(
         session = sessions.get(session_id)
         with engine_lock:
             labels = session.labels.copy()
-        return _mask_response(session, labels, format)
+        return mask_response(session, labels, format)
 
     @app.post("/api/sessions/{session_id}/prompts")
     def prompt(session_id: str, body: Prompt, format: Literal["json", "nifti"] = "json") -> Any:
@@ -276,7 +272,7 @@ def create_app(
             raise MedsegError(f"label {body.label} is not one of the task's labels {workspace.labels}")
         with engine_lock:
             labels = _apply_prompt(session, body).copy()
-        return _mask_response(session, labels, format)
+        return mask_response(session, labels, format)
 
     @app.put("/api/sessions/{session_id}/labels")
     async def put_labels(
@@ -295,7 +291,7 @@ def create_app(
         labels = parse_label_map(workspace, session.image_id, data, ext)
         with engine_lock:
             labels = session.set_labels(labels).copy()
-        return _mask_response(session, labels, format)
+        return mask_response(session, labels, format)
 
     @app.post("/api/sessions/{session_id}/save")
     def save_session(session_id: str) -> dict[str, Any]:
@@ -368,23 +364,6 @@ def create_app(
 
 
 # ---- helpers -----------------------------------------------------------------------------------------------
-_LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1", "[::1]")
-
-
-def _cross_site(request: Request, has_token: bool) -> str | None:
-    """Why a request must be refused as cross-site, or None: without a token, a ``Host`` that is not loopback
-    (a DNS-rebinding page); always, a state-changing request whose ``Origin`` is not the server's own."""
-    host = request.headers.get("host", "")
-    name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
-    if not has_token and name not in _LOOPBACK_NAMES:
-        return f"requests must address the server as 127.0.0.1 or localhost, not {host[:80]!r}"
-    origin = request.headers.get("origin")
-    writes = request.method not in ("GET", "HEAD", "OPTIONS")
-    if writes and origin is not None and origin != "null" and origin.split("://", 1)[-1] != host:
-        return f"cross-site request from {origin[:80]!r} refused"
-    return None
-
-
 def _one_line(error: MedsegError, root: Path) -> str:
     """The error as one line; a path inside the workspace is shown relative to it, any other by its name."""
     where = error.path
@@ -454,33 +433,6 @@ def _kept_draft(workspace: Workspace, image_id: str) -> tuple[np.ndarray, str] |
         return None
 
 
-def _nifti_bytes(image: Image) -> bytes:
-    with tempfile.TemporaryDirectory(prefix="medseg-serve-") as folder:
-        path = save(image, Path(folder) / "image.nii.gz")
-        return path.read_bytes()
-
-
-def _nifti_response(image: Image, filename: str, headers: dict[str, str] | None = None) -> Response:
-    safe = re.sub(r"[^A-Za-z0-9._-]", "_", filename)
-    extra = {"Content-Disposition": f'attachment; filename="{safe}"', **(headers or {})}
-    return Response(_nifti_bytes(image), media_type=NIFTI, headers=extra)
-
-
-def _mask_response(session: Session, labels: np.ndarray, format: str) -> Any:
-    if format == "nifti":
-        return _nifti_response(session.image.with_array(labels), f"{session.image_id}_labels.nii.gz")
-    array = np.ascontiguousarray(labels, dtype=np.uint8)
-    return {
-        "session_id": session.id,
-        "image_id": session.image_id,
-        "shape": list(array.shape),
-        "dtype": "uint8",
-        "encoding": "zlib+base64",
-        "labels": base64.b64encode(zlib.compress(array.tobytes(), 1)).decode("ascii"),
-        "interactions": session.interactions,
-    }
-
-
 def _saved(workspace: Workspace, flywheel: Flywheel, path: Path) -> dict[str, Any]:
     return {
         "path": path.relative_to(workspace.root).as_posix(),
@@ -489,9 +441,3 @@ def _saved(workspace: Workspace, flywheel: Flywheel, path: Path) -> dict[str, An
         "images": len(workspace.entries()),
         "training": flywheel.training.state,
     }
-
-
-def decode_labels(mask: dict[str, Any]) -> np.ndarray:
-    """A mask response's label map as a ``uint8`` array of its ``shape`` (the inverse of the encoding)."""
-    raw = zlib.decompress(base64.b64decode(mask["labels"]))
-    return np.frombuffer(raw, np.uint8).reshape(mask["shape"])
