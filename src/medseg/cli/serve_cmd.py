@@ -60,6 +60,8 @@ def serve(
     url = f"http://{shown}:{port}/"
     entries = space.entries()
     out.print(f"medseg serve: {len(entries)} image(s), {len(space.done())} done, in {space.root}", soft_wrap=True)
+    if not entries:
+        out.print("no images medseg reads in this folder yet (images added while serving appear)", soft_wrap=True)
     out.print(f"open {url} (API: {url}openapi.json){'; /api/ needs the token' if token else ''}; Ctrl-C stops",
               soft_wrap=True)  # fmt: skip
     try:
