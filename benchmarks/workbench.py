@@ -168,7 +168,7 @@ def _annotate(
             f"{record.draft_engine} {_fmt(draft_dice)}, reached Dice {record.reached_dice:.3f}, {seconds:.1f} s",
             flush=True,
         )
-        if mode == "flywheel" and flywheel.due():
+        if mode == "flywheel" and index < len(cases) and flywheel.due():  # no run after the last image
             started = time.perf_counter()
             status = flywheel.start_training(wait=True)
             print(f"specialist after {index} images ({time.perf_counter() - started:.0f} s): {status.message}",
