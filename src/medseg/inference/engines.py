@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
@@ -44,14 +44,6 @@ class Segmentation:
     label_values: list[int]
     engine: str
     probabilities: np.ndarray | None = None
-
-
-class Engine(Protocol):
-    """Anything with ``name`` and ``predict(image, ...) -> Segmentation``."""
-
-    name: str
-
-    def predict(self, image: Image, *, probabilities: bool = False) -> Segmentation: ...
 
 
 class PromptEngine:
@@ -227,11 +219,6 @@ class SpecialistEngine:
     def check(self, image: Image) -> None:
         """Raise MedsegError (naming the image's file) when the image cannot go through this model."""
         self.predictor.check(image)
-
-    @property
-    def label_names(self) -> dict[str, int]:
-        """The plan's labels, name -> value (background included)."""
-        return dict(self.predictor.plan.labels)
 
     def predict(self, image: Image, *, probabilities: bool = False, mirror: bool = False) -> Segmentation:
         """Segment ``image`` (sliding windows; ``mirror``: test-time mirroring).

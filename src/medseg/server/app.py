@@ -332,26 +332,16 @@ def create_app(
     def export(body: ExportRequest) -> dict[str, Any]:
         """The finished annotations as an nnU-Net raw dataset in ``.medseg/exports/<target>``:
         ``{path (relative to the workspace), images}`` (409: that name is in use)."""
-        name = body.target
-        if not _EXPORT_NAME.fullmatch(name) or ".." in name:
-            raise MedsegError(f"export target must be a name (letters, digits, '._-'), not a path: {name[:80]!r}")
-        target = workspace.state_dir / EXPORTS_DIR / name
-        if target.exists():
-            raise HTTPException(409, f"export {name!r} exists already; choose another name")
+        target = _new_target(workspace.state_dir / EXPORTS_DIR, body.target)
         done = len(workspace.done())
-        workspace.export(target, name=name)
+        workspace.export(target, name=body.target)
         return {"path": target.relative_to(workspace.root).as_posix(), "images": done}
 
     @app.post("/api/predictions")
     def predictions(body: ExportRequest) -> dict[str, Any]:
         """Label maps from the current drafter for every image not done, in ``.medseg/predictions/<target>``
         (all written or none): ``{path, images, engine}`` (409: that name is in use)."""
-        name = body.target
-        if not _EXPORT_NAME.fullmatch(name) or ".." in name:
-            raise MedsegError(f"target must be a name (letters, digits, '._-'), not a path: {name[:80]!r}")
-        target = workspace.state_dir / "predictions" / name
-        if target.exists():
-            raise HTTPException(409, f"predictions {name!r} exist already; choose another name")
+        target = _new_target(workspace.state_dir / "predictions", body.target)
         with engine_lock:
             written = flywheel.predict_remaining(target)
         return {
@@ -364,6 +354,19 @@ def create_app(
 
 
 # ---- helpers -----------------------------------------------------------------------------------------------
+def _new_target(parent: Path, name: str) -> Path:
+    """``parent / name`` for a new export or predictions folder.
+
+    Raises:
+        MedsegError: ``name`` is not a plain name (422). HTTPException: 409, that folder exists.
+    """
+    if not _EXPORT_NAME.fullmatch(name) or ".." in name:
+        raise MedsegError(f"target must be a name (letters, digits, '._-'), not a path: {name[:80]!r}")
+    if (parent / name).exists():
+        raise HTTPException(409, f"{parent.name}/{name} exists already; choose another name")
+    return parent / name
+
+
 def _one_line(error: MedsegError, root: Path) -> str:
     """The error as one line; a path inside the workspace is shown relative to it, any other by its name."""
     where = error.path

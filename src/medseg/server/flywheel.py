@@ -118,7 +118,7 @@ class Flywheel:
         done = len(self.workspace.done())
         if self.incontext is None or not done:
             return None
-        redrawn = self._decoder_choice.get(int(np.log2(min(done, self.max_supports))), False)
+        redrawn = self._decoder_choice.get(_stage(min(done, self.max_supports)), False)
         return f"{self.incontext.name}+decoder" if redrawn and self.prompt_engine is not None else self.incontext.name
 
     def draft(self, image_id: str, keep: bool = True) -> Draft | None:
@@ -187,7 +187,7 @@ class Flywheel:
         assert self.incontext is not None and self.prompt_engine is not None
         if len(supports) < 2:
             return False
-        stage = int(np.log2(len(supports)))
+        stage = _stage(len(supports))
         if stage not in self._decoder_choice:
             values = [v for v in self.workspace.labels.values() if v != 0]
             raw, refined = [], []
@@ -304,7 +304,7 @@ class Flywheel:
 
     def _launch(self, folder: Path, minutes: float, resume: bool) -> subprocess.Popen[bytes]:
         command = [sys.executable, "-m", "medseg.cli", "train", str(folder / "data"), "-o", str(folder / "model")]
-        command += ["--minutes", str(minutes), "--device", "cpu" if self.device == "cpu" else self.device]
+        command += ["--minutes", str(minutes), "--device", self.device]
         command += ["--no-predict-validation"] + (["--resume"] if resume else [])
         nice = (lambda: os.nice(5)) if hasattr(os, "nice") else None  # prompts stay responsive meanwhile
         with (folder / "train.log").open("ab") as log:  # the child keeps its own handle
@@ -385,6 +385,11 @@ class Flywheel:
     def _write_status(self) -> None:
         self._status_path.parent.mkdir(parents=True, exist_ok=True)
         write_json(self._status_path, asdict(self.training))
+
+
+def _stage(supports: int) -> int:
+    """The support set's size stage (doubling): the decoder's choice is made once per stage."""
+    return int(np.log2(supports))
 
 
 def mean_dice(pred: np.ndarray, truth: np.ndarray, values: list[int]) -> float:

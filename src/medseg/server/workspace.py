@@ -162,11 +162,7 @@ class Workspace:
     def statuses(self) -> dict[str, str]:
         """Image id -> `status`, for every image."""
         done = set(self.done())
-        drafts = self.state_dir / "drafts"
-        return {
-            i: "done" if i in done else "draft" if (drafts / f"{i}.nii.gz").is_file() else "todo"
-            for i in self.entries()
-        }
+        return {i: "done" if i in done else "draft" if self.draft_path(i).is_file() else "todo" for i in self.entries()}
 
     def label(self, image_id: str) -> np.ndarray:
         """The finished label map of ``image_id`` as an integer array on the image's grid.
@@ -228,9 +224,6 @@ class Workspace:
         engine = json.loads(meta.read_text()).get("engine", "unknown") if meta.is_file() else "unknown"
         return load(path).array, engine
 
-    def _channel_names(self) -> dict[str, str] | None:
-        return _declared_channels(self.root / "dataset.json")
-
     # ---- export --------------------------------------------------------------------------------------------
     def export(self, target: Path, name: str = "Workspace") -> Path:
         """The finished annotations as an nnU-Net raw dataset (``imagesTr/<id>_0000.<ext>``, ``labelsTr/``,
@@ -266,7 +259,7 @@ class Workspace:
             else:
                 save(self.image(image_id).with_array(self.label(image_id)), target / "labelsTr" / f"{image_id}{ending}")
         channels = self.image(done[0]).channels
-        declared = self._channel_names()
+        declared = _declared_channels(self.root / "dataset.json")
         default = ["R", "G", "B"] if channels == 3 else [f"channel {i}" for i in range(channels)]
         names = declared if declared is not None and len(declared) == channels else dict(enumerate(default))
         names = {str(k): v for k, v in names.items()}  # an RGB file is three channels to medseg dataset check
