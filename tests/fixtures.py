@@ -101,13 +101,17 @@ def write_dicom_series(
     name_prefix: str = "",
     study_uid: str | None = None,
     seed: int = 0,
+    orientation: tuple[float, ...] = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0),
+    instance_numbers: list[int] | None = None,
 ) -> DicomSeries:
     """Write a CT series (CT Image Storage, explicit VR little endian), one file per slice.
 
-    Slice ``k`` lies at ``origin + k * slice_step`` along z (axial, identity orientation) and holds
-    raw values ``1000 + 100*k + 10*(row % 10) + col % 10`` (so every slice is recognisable). The files
-    are written in a shuffled order (``write_order``), with names that do not sort in slice order, and
-    ``InstanceNumber`` follows the writing order, not the position: only the positions give the order.
+    Slice ``k`` lies at ``origin + k * slice_step * normal``, ``normal = row x column`` of ``orientation``
+    (ImageOrientationPatient; default axial, so along z), and holds raw values
+    ``1000 + 100*k + 10*(row % 10) + col % 10`` (so every slice is recognisable). The files are written in a
+    shuffled order (``write_order``), with names that do not sort in slice order, and ``InstanceNumber``
+    follows the writing order (or ``instance_numbers[i]`` for the i-th file written), not the position: only
+    the positions give the order.
     """
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, CTImageStorage, ExplicitVRLittleEndian, generate_uid
@@ -122,7 +126,8 @@ def write_dicom_series(
     frame_uid = generate_uid()
     r, c = np.indices((rows, cols))
     raw = np.stack([1000 + 100 * k + 10 * (r % 10) + c % 10 for k in range(n_slices)]).astype(np.uint16)
-    positions = [(origin[0], origin[1], origin[2] + k * slice_step) for k in range(n_slices)]
+    normal = np.cross(orientation[:3], orientation[3:6])
+    positions = [tuple(float(v) for v in np.asarray(origin) + k * slice_step * normal) for k in range(n_slices)]
     files: list[Path | None] = [None] * n_slices
     for instance, k in enumerate(order, start=1):
         sop_uid = generate_uid()
@@ -144,9 +149,9 @@ def write_dicom_series(
         ds.PatientID = "TEST0001"
         ds.StudyDate = "20240101"
         ds.SeriesNumber = 1
-        ds.InstanceNumber = instance
-        ds.ImagePositionPatient = [f"{v:g}" for v in positions[k]]
-        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.InstanceNumber = instance if instance_numbers is None else instance_numbers[instance - 1]
+        ds.ImagePositionPatient = [f"{v:.10g}" for v in positions[k]]
+        ds.ImageOrientationPatient = [f"{v:.10g}" for v in orientation]
         ds.PixelSpacing = [f"{v:g}" for v in pixel_spacing]
         ds.SliceThickness = f"{slice_step:g}"
         ds.SamplesPerPixel = 1

@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 
 from medseg.errors import MedsegError
-from medseg.io import numpy_io, raster, sitk_io
+from medseg.io import dicom_seg, dicom_source, numpy_io, raster, sitk_io
 from medseg.io.formats import LOSSLESS_LABEL_FORMATS, RASTER_FORMATS, format_of, split_extension
 from medseg.io.image import Image
 
@@ -18,14 +18,17 @@ def load(path: str | Path, *, key: str | None = None) -> Image:
 
     Args:
         path: a file (.nii/.nii.gz, .nrrd/.nhdr, .mha/.mhd, .dcm, .png/.jpg/.bmp/.tif/.gif,
-            .npy/.npz, .mrc) or a folder holding one DICOM series.
+            .npy/.npz, .mrc) or a folder holding one DICOM series. A DICOM-SEG file (or a folder holding
+            only one) reads as its label map (`medseg.io.dicom_seg.read_dicom_seg`).
         key: for .npz files, the array to read (default: ``imgs``, then ``segs``, ``gts``, ...).
 
     Returns:
-        An `Image`; ``meta["format"]`` and ``meta["path"]`` record the source.
+        An `Image`; ``meta["format"]`` and ``meta["path"]`` record the source; a DICOM image's
+        ``meta["dicom_source"]`` (its series folder or file) stays with label maps made by `Image.with_array`.
 
     Raises:
-        MedsegError: missing/unreadable/truncated file, unknown extension, 4D or empty image.
+        MedsegError: missing/unreadable/truncated file, unknown extension, 4D or empty image, a DICOM-SEG
+            beside the series in its folder.
     """
     p = Path(path)
     if not p.exists():
@@ -43,7 +46,9 @@ def _load(p: Path, key: str | None) -> Image:
     if p.is_file() and p.stat().st_size == 0:
         raise MedsegError("file is empty (0 bytes)", p)
     if fmt == "dicom" and p.is_dir():
-        return sitk_io.read_dicom_series(p)
+        return _read_dicom_folder(p)
+    if fmt == "dicom" and dicom_source.is_segmentation(p):
+        return dicom_seg.read_dicom_seg(p)
     if fmt in ("nifti", "nrrd", "metaimage", "dicom"):
         return sitk_io.read_file(p, fmt)
     if fmt in RASTER_FORMATS:
@@ -55,11 +60,32 @@ def _load(p: Path, key: str | None) -> Image:
     return numpy_io.read_mrc(p)
 
 
+def _read_dicom_folder(folder: Path) -> Image:
+    """A DICOM series, or the label map of the one DICOM-SEG file a folder holds."""
+    files = dicom_source.dicom_files(folder)
+    if len(files) == 1 and dicom_source.is_segmentation(files[0]):
+        return dicom_seg.read_dicom_seg(files[0])
+    try:
+        return sitk_io.read_dicom_series(folder)
+    except MedsegError:  # a SEG beside its series makes two series: say so
+        segs = [f.name for f in files if dicom_source.is_segmentation(f)]
+        if not segs:
+            raise
+        raise MedsegError(
+            f"folder holds a DICOM-SEG ({segs[0]}) beside image slices; keep a series folder to its images "
+            "and load the SEG file itself",
+            folder,
+        ) from None
+
+
 def save(image: Image, path: str | Path, *, key: str | None = None, protect: tuple[str | Path, ...] = ()) -> Path:
     """Write ``image`` to ``path`` atomically (temporary file in the same folder, then rename).
 
     The format follows the extension. A label map on an input's grid (`Image.with_array`) keeps that
-    input's spacing, origin and direction exactly as read.
+    input's spacing, origin and direction exactly as read. ``.dcm`` writes a DICOM-SEG that references the
+    DICOM series the label map was made on (``image.meta["dicom_source"]``, which `load` sets on a DICOM
+    image and `Image.with_array` keeps), with default segment names; `medseg.io.save_dicom_seg` takes the
+    series, names and algorithm type explicitly.
 
     Args:
         image: what to write.
@@ -69,7 +95,7 @@ def save(image: Image, path: str | Path, *, key: str | None = None, protect: tup
 
     Raises:
         MedsegError: the target is an input, the format cannot hold the data (a 3D PNG, a label map as
-            JPEG, DICOM output), or writing fails.
+            JPEG, DICOM output other than a label map made on a DICOM series), or writing fails.
     """
     target = Path(path)
     fmt = format_of(target) if target.suffix else None
@@ -81,7 +107,14 @@ def save(image: Image, path: str | Path, *, key: str | None = None, protect: tup
     if target.resolve() in protected:
         raise MedsegError("refusing to overwrite an input file", target)
     if fmt == "dicom":
-        raise MedsegError("writing DICOM is not supported; write .nii.gz (geometry is kept)", target)
+        source = image.meta.get("dicom_source")
+        if not source or not image.is_label_map():
+            raise MedsegError(
+                "DICOM is written only as a DICOM-SEG of a label map made on a DICOM series "
+                "(medseg.io.save_dicom_seg names the series); write .nii.gz (geometry is kept)",
+                target,
+            )
+        return dicom_seg.save_dicom_seg(image, target, source, protect=tuple(protect))
     if fmt == "mrc":
         raise MedsegError("writing MRC is not supported; write .nii.gz", target)
     if image.is_label_map() and fmt not in LOSSLESS_LABEL_FORMATS:

@@ -32,6 +32,10 @@ RASTER_FORMATS = frozenset({"png", "jpeg", "bmp", "tiff", "gif"})
 # Formats a label map can be written in without loss.
 LOSSLESS_LABEL_FORMATS = frozenset({"nifti", "nrrd", "metaimage", "png", "bmp", "tiff", "npy", "npz"})
 SUPPORTED_EXTENSIONS = tuple(_EXTENSIONS)
+# What a command writes for each input (``--output-format``): ``auto`` the input's format when it holds a label
+# map losslessly (NIfTI for DICOM and MRC, PNG for JPEG/GIF), ``nifti`` always ``.nii.gz``, ``dicom-seg`` a
+# DICOM Segmentation (``.dcm``) referencing a DICOM input.
+OUTPUT_FORMATS = ("auto", "nifti", "dicom-seg")
 
 
 def split_extension(path: str | Path) -> tuple[str, str]:
@@ -67,20 +71,57 @@ def is_image_file(path: Path) -> bool:
     return split_extension(path)[1].lower() in _EXTENSIONS
 
 
-def label_path_for(input_path: str | Path, out_dir: str | Path, case: str | None = None) -> Path:
-    """Where a label map for ``input_path`` goes in ``out_dir``: same format when lossless.
+def label_path_for(
+    input_path: str | Path, out_dir: str | Path, case: str | None = None, output_format: str = "auto"
+) -> Path:
+    """Where a label map for ``input_path`` goes in ``out_dir``, by ``output_format`` (`OUTPUT_FORMATS`).
 
-    JPEG/GIF inputs get PNG, DICOM and MRC inputs get NIfTI (``.nii.gz``).
+    ``auto``: same format when lossless; JPEG/GIF inputs get PNG, DICOM and MRC inputs get NIfTI (``.nii.gz``).
+    ``nifti``: ``.nii.gz`` for every input. ``dicom-seg``: ``.dcm`` (a DICOM-SEG), for DICOM inputs only.
+
+    Raises:
+        MedsegError: an unknown ``output_format``, or ``dicom-seg`` for an input that is not DICOM.
     """
+    check_output_format(output_format)
     stem, ext = split_extension(input_path)
     fmt = format_of(input_path)
-    if fmt == "dicom":
-        ext, stem = ".nii.gz", Path(input_path).name if Path(input_path).is_dir() else stem
+    if fmt == "dicom" and Path(input_path).is_dir():
+        stem = Path(input_path).name
+    if output_format == "dicom-seg":
+        if fmt != "dicom":
+            raise MedsegError(_NOT_DICOM, input_path)
+        ext = ".dcm"
+    elif output_format == "nifti" or fmt in ("dicom", "mrc"):
+        ext = ".nii.gz"
     elif fmt in ("jpeg", "gif"):
         ext = ".png"
-    elif fmt == "mrc":
-        ext = ".nii.gz"
     return Path(out_dir) / f"{case or stem}{ext}"
+
+
+_NOT_DICOM = "DICOM-SEG output needs a DICOM input (a series folder or a .dcm file); this input is not DICOM"
+
+
+def check_output_format(
+    output_format: str, target: str | Path | None = None, input_path: str | Path | None = None
+) -> None:
+    """Raise unless ``output_format`` is one of `OUTPUT_FORMATS` and agrees with a ``target`` file named by the
+    user (``dicom-seg``: ``.dcm``; ``nifti``: ``.nii``/``.nii.gz``), and unless a DICOM-SEG target (``.dcm``,
+    whatever the format) has a DICOM ``input_path``.
+
+    Raises:
+        MedsegError: as above, naming the target or the input.
+    """
+    if output_format not in OUTPUT_FORMATS:
+        raise MedsegError(f"unknown output format {output_format!r} (known: {', '.join(OUTPUT_FORMATS)})")
+    if target is None:
+        return
+    fmt = format_of(target)
+    if output_format == "dicom-seg" and fmt != "dicom":
+        raise MedsegError("output format dicom-seg writes a .dcm file; name the output .dcm, or a folder", target)
+    if output_format == "nifti" and fmt != "nifti":
+        raise MedsegError("output format nifti writes .nii.gz; name the output .nii.gz, or a folder", target)
+    if fmt == "dicom" and input_path is not None and format_of(input_path) != "dicom":
+        raise MedsegError(_NOT_DICOM, input_path)
 
 
 _CHANNEL_SUFFIX = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")

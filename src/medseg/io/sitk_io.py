@@ -61,6 +61,7 @@ def read_file(path: Path, fmt: str) -> Image:
         raise MedsegError(f"4D image of size {img.GetSize()} is not supported", path)
     meta: dict[str, Any] = {"format": fmt, "path": str(path)}
     if fmt == "dicom":
+        meta["dicom_source"] = str(path)  # what a DICOM-SEG of a label map on this grid references
         meta.update(_dicom_meta(img))  # before slicing, which drops the metadata dictionary
     if img.GetDimension() == 3 and img.GetSize()[2] == 1 and fmt == "dicom":
         img = img[:, :, 0]  # a single DICOM file is one 2D slice
@@ -150,6 +151,7 @@ def read_dicom_series(folder: Path) -> Image:
             raise MedsegError(f"cannot read DICOM series ({_reason(err, printed)})", folder) from None
     _check_slice_spacing(reader, len(files), folder)
     meta: dict[str, Any] = {"format": "dicom", "path": str(folder), "dicom_files": len(files)}
+    meta["dicom_source"] = str(folder)  # what a DICOM-SEG of a label map on this grid references
     for key, name in _DICOM_TAGS.items():
         if reader.HasMetaDataKey(0, key):
             meta[name] = reader.GetMetaData(0, key).strip()
