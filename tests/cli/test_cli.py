@@ -183,3 +183,25 @@ def test_evaluate_predicted_only_and_output_inside_input(tmp_path: Path) -> None
     _one_error_line(_run("evaluate", pred, labels, "-o", labels / "sub"), "inside the input folder")
     not_a_folder = pred / "case_001.nii.gz"
     _one_error_line(_run("evaluate", pred, labels, "-o", tmp_path / "e2", "--images", not_a_folder), "--images")
+
+
+def test_info_and_evaluate_take_a_dicom_seg(tmp_path: Path) -> None:
+    import json
+
+    from fixtures import write_dicom_series
+    from medseg.io import save_dicom_seg
+
+    series = write_dicom_series(tmp_path / "ct", n_slices=4, rows=10, cols=12)
+    image = load(series.folder)
+    truth = np.zeros(image.shape, np.uint8)
+    truth[1:3, 2:6, 3:8] = 1
+    save(image.with_array(truth), tmp_path / "gt" / "ct.nii.gz")
+    save_dicom_seg(image.with_array(truth), tmp_path / "pred" / "ct.dcm", series.folder, segment_names=["liver"])
+    result = _run("info", tmp_path / "pred" / "ct.dcm")
+    assert result.exit_code == 0, result.output
+    assert "dicom-seg" in result.output and "(4, 10, 12)" in result.output and "SEG" in result.output
+    assert "liver" in result.output and "(0.6, 0.7, 2.5) mm" in result.output
+    result = _run("evaluate", tmp_path / "pred", tmp_path / "gt", "-o", tmp_path / "eval")
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    assert summary["cases"] == 1 and summary["labels"]["1"]["dice"]["mean"] == 1.0

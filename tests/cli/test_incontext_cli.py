@@ -205,3 +205,35 @@ def test_train_incontext_then_segment_with_its_weights(tmp_path: Path) -> None:
     )
     assert done.exit_code == 0, done.output
     assert (tmp_path / "o" / "case_000.png").is_file()
+
+
+def test_a_dicom_series_query_gives_a_dicom_seg(tmp_path: Path) -> None:
+    from fixtures import write_dicom_series
+
+    support = make_nnunet_3d(tmp_path / "support", cases=2)  # volumes (6, 12, 10), labels a: 1, b: 2
+    series = write_dicom_series(tmp_path / "query" / "ct", n_slices=6, rows=12, cols=10)
+    weights = _weights(tmp_path / "w.pt")
+    args = ("incontext", "--support", support, "--query", series.folder, "--weights", weights)
+    result = _run(*args, "-o", tmp_path / "out", "--output-format", "dicom-seg")
+    assert result.exit_code == 0, result.output
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["ct.dcm"]
+    seg, image = load(tmp_path / "out" / "ct.dcm"), load(series.folder)
+    assert seg.shape == image.shape == (6, 12, 10)
+    assert seg.geometry.matches(image.geometry), seg.geometry.describe_difference(image.geometry)
+    assert seg.meta["segment_names"] == {1: "a", 2: "b"}  # the support set's dataset.json
+    assert set(np.unique(seg.array)) <= {0, 1, 2}
+    result = _run(*args, "-o", tmp_path / "auto")  # the series folder is one query volume, NIfTI by default
+    assert result.exit_code == 0, result.output
+    assert [p.name for p in (tmp_path / "auto").iterdir()] == ["ct.nii.gz"]
+    np.testing.assert_array_equal(load(tmp_path / "auto" / "ct.nii.gz").array, seg.array)
+
+
+def test_dicom_seg_for_a_query_that_is_not_dicom_is_refused_before_any_work(tmp_path: Path) -> None:
+    support = make_nnunet_3d(tmp_path / "support", cases=2)
+    query = support / "imagesTr" / "case_000_0000.nii.gz"
+    out = tmp_path / "out"
+    # the weights do not exist: the query is refused before the predictor is built
+    result = _run("incontext", "--support", support, "--query", query, "--weights", tmp_path / "missing.pt",
+                  "-o", out, "--output-format", "dicom-seg")  # fmt: skip
+    assert_one_error_line(result, str(query), "DICOM-SEG output needs a DICOM input")
+    assert not out.exists()

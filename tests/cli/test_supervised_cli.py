@@ -140,3 +140,40 @@ def test_predict_into_the_input_folder_refuses_before_writing(trained: tuple[Pat
     shutil.copy(dataset / "imagesTr" / "case_001_0000.png", folder / "case_001.png")  # its output name is itself
     _one_error_line(_run("predict", model, folder, "-o", folder), "output folder holds the inputs")
     assert sorted(p.name for p in folder.iterdir()) == ["case_000_0000.png", "case_001.png"]
+
+
+def test_predict_writes_a_dicom_seg_per_dicom_series(trained: tuple[Path, Path], tmp_path: Path) -> None:
+    from fixtures import write_dicom_series
+
+    dataset, model = trained
+    inputs = tmp_path / "inputs"  # two one-slice series of the model's 2D size (rows 32, columns 40)
+    first = write_dicom_series(inputs / "ct_a", n_slices=1, rows=32, cols=40, write_order=[0])
+    write_dicom_series(inputs / "ct_b", n_slices=1, rows=32, cols=40, write_order=[0], seed=3)
+    result = _run("predict", model, inputs, "-o", tmp_path / "pred", "--output-format", "dicom-seg")
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (tmp_path / "pred").iterdir()) == ["ct_a.dcm", "ct_b.dcm"]
+    seg, image = load(tmp_path / "pred" / "ct_a.dcm"), load(first.folder)
+    assert seg.shape == image.shape == (32, 40)
+    assert seg.geometry.matches(image.geometry), seg.geometry.describe_difference(image.geometry)
+    assert seg.meta["segment_names"] == {1: "disc", 2: "bar"}  # the model's labels
+    assert seg.meta["referenced_series_instance_uid"] == first.series_uid
+    # auto keeps NIfTI for DICOM input; nifti writes .nii.gz for a PNG too
+    assert _run("predict", model, first.folder, "-o", tmp_path / "auto").exit_code == 0
+    assert [p.name for p in (tmp_path / "auto").iterdir()] == ["ct_a.nii.gz"]
+    png = dataset / "imagesTr" / "case_000_0000.png"
+    assert _run("predict", model, png, "-o", tmp_path / "nifti", "--output-format", "nifti").exit_code == 0
+    assert [p.name for p in (tmp_path / "nifti").iterdir()] == ["case_000.nii.gz"]
+
+
+def test_predict_dicom_seg_of_a_non_dicom_input_is_refused_before_any_work(
+    trained: tuple[Path, Path], tmp_path: Path
+) -> None:
+    dataset, _ = trained
+    png = dataset / "imagesTr" / "case_000_0000.png"
+    out = tmp_path / "out"
+    # the model folder does not exist: the input is refused before the model is read
+    result = _run("predict", tmp_path / "no_model", png, "-o", out, "--output-format", "dicom-seg")
+    _one_error_line(result, str(png), "DICOM-SEG output needs a DICOM input")
+    result = _run("predict", tmp_path / "no_model", png, "-o", out, "--output-format", "dicom")
+    _one_error_line(result, "unknown output format 'dicom'")
+    assert not out.exists()

@@ -3,6 +3,7 @@ work), and `predict_folder` with a plain Python ``predict`` (a threshold) writin
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -232,3 +233,52 @@ def test_a_custom_loader_and_protected_files(tmp_path: Path) -> None:
     assert loaded == [[inputs["flat"]]]
     with pytest.raises(MedsegError, match="refusing to overwrite an input file"):
         predict_folder(threshold, {"flat": [inputs["flat"]]}, out, protect=[out / "flat.png"])
+
+
+def test_label_targets_by_output_format(tmp_path: Path) -> None:
+    inputs = write_inputs(tmp_path / "in")
+    series = write_dicom_series(tmp_path / "in" / "ct").folder
+    cases = cases_of(tmp_path / "in")
+    out = tmp_path / "out"
+    assert label_targets(cases, out, output_format="nifti") == {
+        "flat": out / "flat.nii.gz",
+        "vol": out / "vol.nii.gz",
+        "ct": out / "ct.nii.gz",
+    }
+    assert label_targets({"ct": [series]}, out, output_format="dicom-seg") == {"ct": out / "ct.dcm"}
+    with pytest.raises(MedsegError, match="DICOM-SEG output needs a DICOM input") as info:
+        label_targets(cases, out, output_format="dicom-seg")
+    assert info.value.path == inputs["flat"]
+    with pytest.raises(MedsegError, match="unknown output format"):
+        label_targets(cases, out, output_format="dicom")
+
+
+def test_predict_folder_writes_dicom_segs_all_or_nothing(tmp_path: Path) -> None:
+    import pydicom
+
+    first = write_dicom_series(tmp_path / "in" / "ct_a")
+    second = write_dicom_series(tmp_path / "in" / "ct_b")
+    cases = cases_of(tmp_path / "in")
+    calls: list[Path] = []
+
+    def counting(image: Image) -> Segmentation:
+        calls.append(Path(image.meta["path"]))
+        return threshold(image)
+
+    # a series a SEG cannot reference is refused before any prediction, and nothing is written
+    broken = pydicom.dcmread(second.files[2])
+    del broken.StudyInstanceUID
+    broken.save_as(second.files[2])
+    with pytest.raises(MedsegError, match="no StudyInstanceUID") as info:
+        predict_folder(counting, cases, tmp_path / "out", output_format="dicom-seg")
+    assert info.value.path == second.files[2] and calls == [] and not (tmp_path / "out").exists()
+
+    shutil.rmtree(second.folder)
+    targets = predict_folder(counting, cases_of(tmp_path / "in"), tmp_path / "out", output_format="dicom-seg",
+                             segment_names={1: "bright"}, algorithm_name="threshold")  # fmt: skip
+    assert targets == {"ct_a": tmp_path / "out" / "ct_a.dcm"}
+    seg, image = load(targets["ct_a"]), load(first.folder)
+    np.testing.assert_array_equal(seg.array, image.array > 100)
+    assert seg.geometry.matches(image.geometry) and seg.meta["segment_names"] == {1: "bright"}
+    assert pydicom.dcmread(targets["ct_a"]).SegmentSequence[0].SegmentAlgorithmName == "threshold"
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["ct_a.dcm"]  # no staging folder left

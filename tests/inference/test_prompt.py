@@ -342,3 +342,46 @@ def test_unhashable_cache_key_is_refused_clearly() -> None:
     predictor = _stand_in_predictor()
     with pytest.raises(MedsegError, match="hashable"):
         predictor.set_image(_disk_image()[0], key=[1, 2])
+
+
+def test_cli_dicom_seg_output_is_refused_for_a_non_dicom_input_before_any_work(tmp_path: Path) -> None:
+    image, _ = _disk_image()
+    save(Image(image), tmp_path / "disk.png")
+    runner = CliRunner()
+    base = ["prompt", str(tmp_path / "disk.png"), "--box", "40,30,100,90", "--checkpoint", str(tmp_path / "none.pth")]
+    for extra, fragment in [
+        (["-o", str(tmp_path / "out"), "--output-format", "dicom-seg"], "DICOM-SEG output needs a DICOM input"),
+        (["-o", str(tmp_path / "out.dcm")], "DICOM-SEG output needs a DICOM input"),
+        (["-o", str(tmp_path / "out.nii.gz"), "--output-format", "dicom-seg"], "writes a .dcm file"),
+        (["-o", str(tmp_path / "out.png"), "--output-format", "nifti"], "writes .nii.gz"),
+        (["-o", str(tmp_path / "out"), "--output-format", "seg"], "unknown output format"),
+    ]:
+        result = runner.invoke(app, base + extra)
+        assert result.exit_code == 2, (extra, result.output)
+        assert fragment in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["disk.png"]
+
+
+@needs_weights
+def test_cli_dicom_series_in_dicom_seg_out(tmp_path: Path) -> None:
+    import pydicom
+
+    from fixtures import write_dicom_series
+
+    series = write_dicom_series(tmp_path / "ct", n_slices=3, rows=64, cols=64)
+    runner = CliRunner()
+    box = ["--box3d", "10,12,0,40,44,2"]
+    result = runner.invoke(app, ["prompt", str(series.folder), *box, "-o", str(tmp_path / "out"),
+                                 "--output-format", "dicom-seg"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    written = tmp_path / "out" / "ct.dcm"
+    seg, image = load(written), load(series.folder)
+    assert seg.shape == image.shape == (3, 64, 64)
+    assert seg.geometry.matches(image.geometry), seg.geometry.describe_difference(image.geometry)
+    assert seg.array.any() and not seg.array[:, 50:, :].any()  # inside the box only
+    header = pydicom.dcmread(written, stop_before_pixels=True)
+    assert header.SegmentSequence[0].SegmentAlgorithmType == "SEMIAUTOMATIC"
+    # -o NAME.dcm says the same without --output-format
+    result = runner.invoke(app, ["prompt", str(series.folder), *box, "-o", str(tmp_path / "named.dcm")])
+    assert result.exit_code == 0, result.output
+    np.testing.assert_array_equal(load(tmp_path / "named.dcm").array, seg.array)

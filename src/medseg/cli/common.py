@@ -15,6 +15,11 @@ from medseg.errors import MedsegError
 from medseg.runtime import check_device as check_device  # the commands' --device check
 
 F = TypeVar("F", bound=Callable[..., Any])
+# The --output-format of the commands that write label maps (medseg.io.formats.OUTPUT_FORMATS, checked there).
+OUTPUT_FORMAT_HELP = (
+    "auto (the input's format; NIfTI for DICOM input), nifti (.nii.gz for every input) or dicom-seg (a DICOM-SEG "
+    "<case>.dcm referencing the input DICOM series; DICOM input only)."
+)
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
 

@@ -85,9 +85,9 @@ def _print_labels(image: Image, uniques: np.ndarray, path: Path) -> None:
 
     from medseg.data import find_dataset_json, label_names_of, read_dataset_json
 
-    names: dict[int, str] = {}
+    names: dict[int, str] = dict(image.meta.get("segment_names", {}))  # a DICOM-SEG names its segments
     dataset_json = find_dataset_json(path.parent)
-    if dataset_json is not None:
+    if dataset_json is not None and not names:
         names = label_names_of(read_dataset_json(dataset_json))
     volume_unit = "ml" if image.ndim == 3 else "mm^2"
     table = Table(title="labels")

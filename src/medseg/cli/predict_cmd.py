@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from medseg.cli.common import out, progress_bar, user_errors
+from medseg.cli.common import OUTPUT_FORMAT_HELP, out, progress_bar, user_errors
 from medseg.errors import MedsegError
 
 
@@ -19,19 +19,26 @@ def predict(
     mirror: bool = typer.Option(False, "--mirror", help="Mirroring test-time augmentation (2^n passes)."),
     save_probabilities: bool = typer.Option(False, "--save-probabilities", help="Also write probabilities/<case>.npz."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or mps."),
+    output_format: str = typer.Option("auto", "--output-format", help=OUTPUT_FORMAT_HELP),
 ) -> None:
     """Segment a file or a folder with a model from 'medseg train'.
 
-    Label maps in each input's geometry and format (NIfTI for DICOM/MRC input, PNG for JPEG); a folder's
-    files are grouped into cases by their _0000, _0001 channel suffixes."""
+    Label maps in each input's geometry and format (NIfTI for DICOM/MRC input, PNG for JPEG; --output-format
+    dicom-seg: a DICOM-SEG per DICOM series, segments named by the model's labels); a folder's files are
+    grouped into cases by their _0000, _0001 channel suffixes."""
     from medseg.data.cases import load_channels
     from medseg.inference.engines import SpecialistEngine
-    from medseg.inference.folders import cases_of, predict_folder
+    from medseg.inference.folders import cases_of, label_targets, predict_folder
+    from medseg.io.formats import check_output_format
 
+    check_output_format(output_format)
     if save_probabilities and (output / "probabilities").exists() and not (output / "probabilities").is_dir():
         raise MedsegError("is a file; --save-probabilities writes a folder there", output / "probabilities")
-    engine = SpecialistEngine.from_pretrained(model_dir, device)
     cases = cases_of(input_path)
+    if output_format != "auto":  # a non-DICOM input for dicom-seg is refused before the model loads
+        label_targets(cases, output, output_format=output_format)
+    engine = SpecialistEngine.from_pretrained(model_dir, device)
+    names = {value: name for name, value in engine.predictor.plan.labels.items() if value != 0}
     started = time.perf_counter()
     with progress_bar("predicting", len(cases)) as advance:
         predict_folder(
@@ -42,6 +49,9 @@ def predict(
             check=engine.check,
             save_probabilities=save_probabilities,
             on_case=advance,
+            output_format=output_format,
+            segment_names=names,
+            algorithm_name=f"medseg specialist ({engine.predictor.plan.network.name})",
         )
     seconds = time.perf_counter() - started
     out.print(f"{len(cases)} label map(s) in {output} ({seconds / max(len(cases), 1):.2f} s per case)", soft_wrap=True)

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from medseg.cli.common import check_device, out, progress_bar, user_errors
+from medseg.cli.common import OUTPUT_FORMAT_HELP, check_device, out, progress_bar, user_errors
 from medseg.errors import MedsegError
 
 if TYPE_CHECKING:
@@ -32,17 +32,22 @@ def prompt(
     ),
     preset: str | None = typer.Option(None, "--preset", help="Intensity preset, e.g. ct:soft_tissue, ct:lung, mr."),
     device: str = typer.Option("cpu", "--device", help="Where the model runs: cpu, cuda or mps."),
+    output_format: str = typer.Option("auto", "--output-format", help=OUTPUT_FORMAT_HELP),
 ) -> None:
     """Segment objects from prompts with a MedSAM-family model; the label map keeps the input's geometry.
 
     Each box (or 3D box) is one object, labelled 1, 2, ... in order; clicks refine one object. On a
-    volume, objects are propagated slice by slice from the middle of a 3D box, or from --slice.
+    volume, objects are propagated slice by slice from the middle of a 3D box, or from --slice. A DICOM
+    series in, -o x.dcm or --output-format dicom-seg: a DICOM-SEG (SEMIAUTOMATIC) referencing the series.
     """
     from medseg.inference.prompt_predictor import PromptPredictor
     from medseg.inference.prompt_session import Prompts, segment, validate
-    from medseg.io import case_of, format_of, label_path_for, load, save
+    from medseg.io import case_of, format_of, label_path_for, load, save, save_dicom_seg
+    from medseg.io.dicom_source import check_grid, read_source
+    from medseg.io.formats import check_output_format
     from medseg.models.promptable.registry import has_interactive_head
 
+    check_output_format(output_format)
     check_device(device)
     prompts = Prompts(
         boxes=[_numbers(b, 4, "--box") for b in box],  # type: ignore[misc]
@@ -55,13 +60,19 @@ def prompt(
             raise MedsegError(f"--point '{text}' must be x,y or x,y,label with label 1 or 0")
         prompts.points.append((values[0], values[1]))
         prompts.point_labels.append(int(values[2]) if len(values) == 3 else 1)
-    target = output if output.suffix else label_path_for(input_path, output, case_of(input_path))
-    format_of(target)  # an unknown output extension fails before any work
+    if output.suffix:
+        target = output
+        check_output_format(output_format, target, input_path)
+    else:
+        target = label_path_for(input_path, output, case_of(input_path), output_format)
+    dicom_seg = format_of(target) == "dicom"  # an unknown output extension fails before any work
     image = load(input_path)
     try:
         validate(image, prompts)
     except MedsegError as err:
         raise MedsegError(err.problem, input_path) from None
+    if dicom_seg:  # the series' headers and grid, before any work
+        check_grid(image, read_source(input_path), input_path)
     started = time.perf_counter()
     clicks_only = prompts.points and not (prompts.boxes or prompts.boxes3d)
     if clicks_only and checkpoint is None and model is None and has_interactive_head():
@@ -74,7 +85,11 @@ def prompt(
             labels = segment(predictor, image, prompts, preset, on_slice=advance)
     except MedsegError as err:  # the image's problems (too small, ...) name the image
         raise MedsegError(err.problem, err.path or input_path) from None
-    written = save(labels, target, protect=(input_path,))
+    if dicom_seg:
+        name = f"medseg prompt ({predictor.spec.name})"
+        written = save_dicom_seg(labels, target, input_path, algorithm_type="SEMIAUTOMATIC", algorithm_name=name)
+    else:
+        written = save(labels, target, protect=(input_path,))
     _report(labels.array, image.voxel_volume_mm3, image.ndim, written, time.perf_counter() - started)
 
 

@@ -1,8 +1,9 @@
 """`predict_folder`: every case of an input segmented by one engine, label maps written all or nothing.
 
 Behind ``medseg predict``, ``medseg incontext`` and the server's batch drafts: every input and target is
-checked before any work, label maps go to a hidden folder inside the output folder and are moved into place
-only when every case is done, so a refused case leaves no partial output and overwrites no earlier one.
+checked before any work (for DICOM-SEG output, each case's DICOM series too: its headers and its grid), label
+maps go to a hidden folder inside the output folder and are moved into place only when every case is done, so
+a refused case leaves no partial output and overwrites no earlier one.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from medseg.data.cases import load_channels
 from medseg.errors import MedsegError
 from medseg.inference.engines import Segmentation
 from medseg.io import Image, case_of, format_of, label_path_for, save
+from medseg.io.dicom_seg import save_dicom_seg
+from medseg.io.dicom_source import check_grid, read_source
 from medseg.io.formats import is_image_file, split_channel, split_extension
 
 _T = TypeVar("_T")
@@ -53,12 +56,16 @@ def cases_of(input_path: Path) -> dict[str, list[Path]]:
     return cases
 
 
-def label_targets(cases: Mapping[str, Sequence[Path]], output: Path, protect: Sequence[Path] = ()) -> dict[str, Path]:
-    """Case -> where its label map goes (the input's format; NIfTI for DICOM), all checked before any work.
+def label_targets(
+    cases: Mapping[str, Sequence[Path]], output: Path, protect: Sequence[Path] = (), output_format: str = "auto"
+) -> dict[str, Path]:
+    """Case -> where its label map goes (`medseg.io.label_path_for` by ``output_format``: ``auto`` the input's
+    format, NIfTI for DICOM; ``nifti``; ``dicom-seg`` a ``.dcm`` DICOM-SEG), all checked before any work.
 
     Raises:
         MedsegError: ``output`` is a file; a target that would overwrite an input (or a ``protect`` file), that
-            is a folder, or that two cases share; a format medseg cannot write.
+            is a folder, or that two cases share; a format medseg cannot write; ``dicom-seg`` for a case that is
+            not one DICOM input.
     """
     output = Path(output)
     if output.exists() and not output.is_dir():
@@ -72,7 +79,11 @@ def label_targets(cases: Mapping[str, Sequence[Path]], output: Path, protect: Se
     targets: dict[str, Path] = {}
     seen: dict[Path, str] = {}
     for case, files in cases.items():
-        target = label_path_for(files[0], output, case)
+        if output_format == "dicom-seg" and len(files) > 1:
+            raise MedsegError(
+                f"DICOM-SEG output takes one DICOM input per case, case {case} has {len(files)}", files[0]
+            )
+        target = label_path_for(files[0], output, case, output_format)
         format_of(target)
         if target.resolve() in inputs:
             raise MedsegError(f"refusing to overwrite an input file {target} (choose another -o)", files[0])
@@ -95,6 +106,9 @@ def predict_folder(
     protect: Sequence[Path] = (),
     save_probabilities: bool = False,
     on_case: Callable[[], None] | None = None,
+    output_format: str = "auto",
+    segment_names: Mapping[int, str] | None = None,
+    algorithm_name: str = "medseg",
 ) -> dict[str, Path]:
     """Segment every case with ``predict`` and write its label map into ``output`` (all or nothing).
 
@@ -107,25 +121,44 @@ def predict_folder(
         save_probabilities: also write ``output/probabilities/<case>.npz`` (``probabilities`` float16 ``(K,
             *spatial)``, ``label_values``).
         on_case: called after each case (progress).
+        output_format: ``auto``, ``nifti`` or ``dicom-seg`` (`label_targets`); a DICOM-SEG references the case's
+            DICOM series, algorithm type AUTOMATIC.
+        segment_names: label value -> name, for DICOM-SEG segments (default ``label 1``, ``label 2``...).
+        algorithm_name: the algorithm a DICOM-SEG names.
 
     Returns:
         case -> the written label map.
 
     Raises:
-        MedsegError: as `label_targets`; a case the engine refuses, named by its file (nothing is written).
+        MedsegError: as `label_targets`; a case the engine refuses, named by its file; with ``dicom-seg``, a
+            series without the attributes a SEG needs (`medseg.io.dicom_source.read_source`). Nothing is written.
     """
     output = Path(output)
-    targets = label_targets(cases, output, protect)
+    targets = label_targets(cases, output, protect, output_format)
     load_case = load_channels if load_case is None else load_case
     kept = tuple(p for files in cases.values() for p in files) + tuple(protect)
     for files in cases.values():  # every input is read and checked before any work (and read again below)
+        if check is not None or output_format == "dicom-seg":
+            image = load_case(files)
         if check is not None:
-            _named(check, load_case(files), files[0])
+            _named(check, image, files[0])
+        if output_format == "dicom-seg":
+            check_grid(image, read_source(files[0]), files[0])
     with staging(output) as folder:
         for case, files in cases.items():
             result = _named(predict, load_case(files), files[0])
             try:
-                save(result.labels, folder / targets[case].name, protect=kept)
+                if output_format == "dicom-seg":
+                    save_dicom_seg(
+                        result.labels,
+                        folder / targets[case].name,
+                        files[0],
+                        segment_names=segment_names,
+                        algorithm_name=algorithm_name,
+                        protect=kept,
+                    )
+                else:
+                    save(result.labels, folder / targets[case].name, protect=kept)
             except MedsegError as error:  # named by where it was going, not the hidden folder
                 raise MedsegError(error.problem, targets[case]) from None
             if save_probabilities and result.probabilities is not None:
