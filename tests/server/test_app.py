@@ -7,7 +7,6 @@ import gzip
 import io
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -33,6 +32,7 @@ from medseg.server.app import create_app  # noqa: E402
 from medseg.server.flywheel import Flywheel  # noqa: E402
 from medseg.server.responses import decode_labels  # noqa: E402
 from medseg.server.workspace import Workspace  # noqa: E402
+from served import served  # noqa: E402
 
 SIDE = 64
 SQUARES = {"img0": (16, 20), "img1": (20, 14), "img2": (12, 24)}  # (row, column) of each 24-pixel square's corner
@@ -147,8 +147,25 @@ def test_list_meta_and_image_bytes_round_trip(client: TestClient, workspace: Wor
 
     assert client.get("/api/task").json() == {"labels": {"background": 0, "foreground": 1}}
     page = client.get("/")
-    assert page.status_code == 200 and "ws" in page.text and "/openapi.json" in page.text
+    assert page.status_code == 200 and "<title>medseg: ws</title>" in page.text and "/static/workbench.js" in page.text
+    script = client.get("/static/workbench.js")
+    assert script.status_code == 200 and "javascript" in script.headers["content-type"] and len(script.content) > 1e5
     assert "/api/sessions/{session_id}/prompts" in client.get("/openapi.json").json()["paths"]
+
+
+def test_display_bytes_give_rgb_as_rgb24_in_the_same_geometry(
+    tmp_path: Path, prompt_engine: Any, incontext: Any
+) -> None:
+    root = tmp_path / "rgb"
+    rgb = np.random.default_rng(0).integers(0, 255, (20, 30, 3), dtype=np.uint8)
+    save(Image(rgb, Geometry((0.5, 0.25), (3.0, -2.0), (1.0, 0.0, 0.0, 1.0)), channels=3), root / "photo.png")
+    client = make_client(Workspace(root), prompt_engine, incontext)
+    vector = nib.Nifti1Image.from_bytes(gzip.decompress(client.get("/api/images/photo").content))
+    shown = nib.Nifti1Image.from_bytes(gzip.decompress(client.get("/api/images/photo?display=true").content))
+    assert shown.header["datatype"] == 128 and shown.shape[:2] == (30, 20)  # NIfTI's RGB24, x first
+    np.testing.assert_allclose(shown.affine, vector.affine)
+    pixels = np.asarray(shown.dataobj)[..., 0]
+    np.testing.assert_array_equal(np.stack([pixels["R"], pixels["G"], pixels["B"]], -1).transpose(1, 0, 2), rgb)
 
 
 def test_box_then_click_then_save_then_incontext_draft(client: TestClient, workspace: Workspace) -> None:
@@ -410,27 +427,10 @@ def test_training_starts_and_cancels(workspace: Workspace, prompt_engine: Any, i
 
 
 # ---- the real server ---------------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    root = make_workspace(tmp_path / "served")
-    port = free_port()
-    command = [sys.executable, "-m", "medseg.cli", "serve", str(root), "--port", str(port), "--token", "t0k"]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ})
-    try:
-        yield f"http://127.0.0.1:{port}", process
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    with served(make_workspace(tmp_path / "served"), token="t0k", wait=False) as (url, process):
+        yield url, process
 
 
 def test_real_server_answers(server: tuple[str, subprocess.Popen[bytes]]) -> None:

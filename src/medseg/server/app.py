@@ -29,6 +29,7 @@ import numpy as np
 from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
 from medseg import __version__
@@ -51,6 +52,7 @@ from medseg.server.uploads import parse_label_map
 from medseg.server.workspace import UnknownImage, Workspace
 
 MIB = 1024 * 1024
+STATIC = Path(__file__).parent / "static"  # the page: index.html, workbench.css and the built workbench.js
 EXPORTS_DIR = "exports"  # under the workspace's .medseg/
 _EXPORT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
@@ -117,14 +119,12 @@ def create_app(
     # ---- pages -----------------------------------------------------------------------------------------
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def home() -> str:
-        name = html.escape(workspace.root.name)
-        count = len(workspace.entries())
-        return (
-            f"<!doctype html><html><head><meta charset='utf-8'><title>medseg: {name}</title></head><body>"
-            f"<h1>medseg workbench: {name}</h1><p>{count} image(s), {len(workspace.done())} annotated.</p>"
-            "<p>The annotation page is not here yet; the API is described at "
-            "<a href='/openapi.json'>/openapi.json</a>.</p></body></html>"
+        page = (STATIC / "index.html").read_text(encoding="utf-8")
+        return page.replace(
+            "<title>medseg workbench</title>", f"<title>medseg: {html.escape(workspace.root.name)}</title>"
         )
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     # ---- images ----------------------------------------------------------------------------------------
     @app.get("/api/images")
@@ -163,10 +163,10 @@ def create_app(
         }
 
     @app.get("/api/images/{image_id}", response_class=Response, responses={200: {"content": {NIFTI: {}}}})
-    def image_bytes(image_id: str) -> Response:
-        """The image as ``.nii.gz`` bytes in its geometry."""
+    def image_bytes(image_id: str, display: bool = False) -> Response:
+        """The image as ``.nii.gz`` bytes in its geometry (``display``: 8-bit RGB as NIfTI RGB24, for viewers)."""
         image = workspace.image(image_id)
-        return nifti_response(image, f"{image_id}.nii.gz")
+        return nifti_response(image, f"{image_id}.nii.gz", rgb24=display)
 
     @app.get("/api/images/{image_id}/label", response_class=Response, responses={200: {"content": {NIFTI: {}}}})
     def label_bytes(image_id: str) -> Response:

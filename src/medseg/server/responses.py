@@ -11,6 +11,7 @@ import zlib
 from pathlib import Path
 from typing import Any
 
+import nibabel as nib
 import numpy as np
 from fastapi import Request
 from fastapi.responses import Response
@@ -37,16 +38,31 @@ def cross_site(request: Request, has_token: bool) -> str | None:
     return None
 
 
-def nifti_bytes(image: Image) -> bytes:
+_RGB24 = np.dtype([("R", "u1"), ("G", "u1"), ("B", "u1")])
+
+
+def nifti_bytes(image: Image, rgb24: bool = False) -> bytes:
+    """``.nii.gz`` bytes of ``image`` in its geometry; with ``rgb24``, 8-bit RGB as NIfTI's RGB24 datatype (what
+    viewers show in colour; readers such as SimpleITK then see a single-slice volume) instead of ITK's vector."""
     with tempfile.TemporaryDirectory(prefix="medseg-serve-") as folder:
         path = save(image, Path(folder) / "image.nii.gz")
+        if rgb24 and image.channels == 3 and image.array.dtype == np.uint8:
+            vector = nib.Nifti1Image.from_filename(path)  # x, y[, z], 1, 3: ITK's vector layout
+            header: Any = vector.header
+            data = np.asarray(vector.dataobj)
+            rgb = np.ascontiguousarray(data.reshape(*data.shape[:3], 3)).view(_RGB24)[..., 0]
+            colour = nib.Nifti1Image(rgb, None)
+            colour.header.set_qform(*header.get_qform(coded=True))
+            colour.header.set_sform(*header.get_sform(coded=True))
+            colour.header.set_xyzt_units(*header.get_xyzt_units())
+            nib.save(colour, path)
         return path.read_bytes()
 
 
-def nifti_response(image: Image, filename: str, headers: dict[str, str] | None = None) -> Response:
+def nifti_response(image: Image, filename: str, headers: dict[str, str] | None = None, rgb24: bool = False) -> Response:
     safe = re.sub(r"[^A-Za-z0-9._-]", "_", filename)
     extra = {"Content-Disposition": f'attachment; filename="{safe}"', **(headers or {})}
-    return Response(nifti_bytes(image), media_type=NIFTI, headers=extra)
+    return Response(nifti_bytes(image, rgb24), media_type=NIFTI, headers=extra)
 
 
 def mask_response(session: Session, labels: np.ndarray, format: str) -> Any:
