@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import fixtures as fx
 from medseg.data import open_dataset
 from medseg.errors import MedsegError
 from medseg.io import Geometry, Image, load, save
@@ -356,3 +357,66 @@ def test_a_labels_folder_leading_out_of_the_workspace_is_not_written(tmp_path: P
     with pytest.raises(MedsegError, match="leads out of the workspace"):
         Workspace(tmp_path / "ws").save_label("a", square_labels())
     assert not any((tmp_path / "elsewhere").iterdir())
+
+
+# ---- DICOM series: a DICOM-SEG beside the label map --------------------------------------------------------
+def make_dicom_workspace(root: Path) -> tuple[Path, fx.DicomSeries]:
+    """A workspace holding one CT series (sub-folder ``ct``, 4 slices of 10 x 12) and a PNG, labels liver 1,
+    tumour 2."""
+    series = fx.write_dicom_series(root / "ct", n_slices=4, rows=10, cols=12)
+    save(flat(), root / "a.png")
+    (root / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "liver": 1, "tumour": 2}}))
+    return root, series
+
+
+def series_labels() -> np.ndarray:
+    labels = np.zeros((4, 10, 12), np.uint8)
+    labels[1:3, 2:6, 3:8] = 1
+    labels[2, 7:9, 1:3] = 2
+    return labels
+
+
+def test_a_dicom_series_label_map_is_also_saved_as_a_dicom_seg(tmp_path: Path) -> None:
+    root, series = make_dicom_workspace(tmp_path / "ws")
+    workspace = Workspace(root)
+    assert list(workspace.entries()) == ["a", "ct"]
+    path = workspace.save_label("ct", series_labels())
+    assert path == root / "labelsTr" / "ct.nii.gz"  # training reads this one
+    seg_path = workspace.dicom_seg_path("ct")
+    assert seg_path == root / "dicom-seg" / "ct.dcm" and seg_path.is_file()
+    seg, image = load(seg_path), workspace.image("ct")
+    np.testing.assert_array_equal(seg.array, series_labels())
+    assert seg.geometry.matches(image.geometry)
+    assert seg.meta["segment_names"] == {1: "liver", 2: "tumour"}
+    assert seg.meta["referenced_series_instance_uid"] == series.series_uid
+    np.testing.assert_array_equal(load(path).array, series_labels())
+    assert list(workspace.entries()) == ["a", "ct"]  # dicom-seg/ is not an image
+    assert no_temporary_files(root / "dicom-seg") and no_temporary_files(root / "labelsTr")
+    assert workspace.dicom_seg_path("a") is None  # a PNG gets none
+    workspace.save_label("a", square_labels())
+    assert sorted(p.name for p in (root / "dicom-seg").iterdir()) == ["ct.dcm"]
+
+
+def test_a_workspace_without_dicom_seg_writes_none(tmp_path: Path) -> None:
+    root, _ = make_dicom_workspace(tmp_path / "ws")
+    workspace = Workspace(root, dicom_seg=False)
+    assert workspace.dicom_seg_path("ct") is None
+    workspace.save_label("ct", series_labels())
+    assert not (root / "dicom-seg").exists() and (root / "labelsTr" / "ct.nii.gz").is_file()
+
+
+def test_a_series_a_seg_cannot_reference_saves_nothing(tmp_path: Path) -> None:
+    import pydicom
+
+    root, series = make_dicom_workspace(tmp_path / "ws")
+    workspace = Workspace(root)
+    workspace.image("ct")  # read (and kept) before the header loses an attribute
+    broken = series.files[1]
+    ds = pydicom.dcmread(broken)
+    del ds.FrameOfReferenceUID
+    ds.save_as(broken)
+    with pytest.raises(MedsegError, match=r"no FrameOfReferenceUID.*--no-dicom-seg") as info:
+        workspace.save_label("ct", series_labels())
+    assert str(info.value).startswith(str(broken)) and "\n" not in str(info.value)
+    assert not (root / "labelsTr" / "ct.nii.gz").exists() and not (root / "dicom-seg" / "ct.dcm").exists()
+    assert workspace.status("ct") == "todo"

@@ -32,6 +32,9 @@ def serve(
     embedding_cache: int = typer.Option(
         64, "--embedding-cache", min=1, help="Image embeddings (2D images or slices) kept, 4 MB each."
     ),
+    dicom_seg: bool = typer.Option(
+        True, "--dicom-seg/--no-dicom-seg", help="Also save a DICOM series' label map as dicom-seg/<id>.dcm."
+    ),
 ) -> None:
     """Serve WORKSPACE for annotation: prompts (LiteMedSAM), in-context drafts from the finished images, a
     specialist trained in the background, export as an nnU-Net dataset. The API is described at /openapi.json."""
@@ -47,7 +50,7 @@ def serve(
     from medseg.server.flywheel import Flywheel
     from medseg.server.workspace import Workspace
 
-    space = Workspace(workspace)
+    space = Workspace(workspace, dicom_seg=dicom_seg)
     prompt_engine = PromptEngine.from_pretrained(device=device)
     prompt_engine.predictor.cache_size = embedding_cache  # the bulk of the server's memory: 4 MB an embedding
     incontext = None if no_incontext else InContextEngine.from_pretrained("probe", device=device)

@@ -1,5 +1,7 @@
 """A workspace: a folder of images to annotate, their finished label maps in ``labelsTr/``, medseg's state in
-``.medseg/`` (drafts, the specialist's runs).
+``.medseg/`` (drafts, the specialist's runs). A DICOM series' finished label map is also written as a DICOM-SEG
+referencing the series, ``dicom-seg/<id>.dcm`` (``labelsTr/`` keeps the NIfTI label map that training reads;
+nnU-Net's ``labelsTr`` holds one file ending).
 
 Layouts: images directly in the folder (files in any format medseg reads, DICOM series as sub-folders), or
 nnU-Net's raw layout (``imagesTr/`` beside ``labelsTr/``). An image's id is its case name (``_0000`` dropped).
@@ -23,11 +25,12 @@ from medseg.data.cases import load_channels
 from medseg.engine.run_files import write_json
 from medseg.errors import MedsegError
 from medseg.inference.folders import cases_of
-from medseg.io import Image, label_path_for, load, save
+from medseg.io import Image, label_path_for, load, save, save_dicom_seg
 from medseg.io.formats import is_image_file, split_extension
 
 LABELS_DIR = "labelsTr"
 STATE_DIR = ".medseg"
+DICOM_SEG_DIR = "dicom-seg"
 DEFAULT_LABELS = {"background": 0, "foreground": 1}
 
 
@@ -46,11 +49,13 @@ class ImageEntry:
 class Workspace:
     """The images of ``root`` and their annotations; safe to share between threads.
 
+    ``dicom_seg``: a DICOM series' finished label map is also saved as a DICOM-SEG (`dicom_seg_path`).
+
     Raises:
         MedsegError: ``root`` is not a folder, or its ``dataset.json`` is unreadable.
     """
 
-    def __init__(self, root: str | Path, cache_images: int = 8) -> None:
+    def __init__(self, root: str | Path, cache_images: int = 8, dicom_seg: bool = True) -> None:
         self.root = Path(root).resolve()
         if not self.root.is_dir():
             raise MedsegError("not a folder (a workspace is a folder of images)" if self.root.exists()
@@ -59,6 +64,8 @@ class Workspace:
         self.images_dir = images_dir if images_dir.is_dir() else self.root
         self.labels_dir = self.root / LABELS_DIR
         self.state_dir = self.root / STATE_DIR
+        self.dicom_seg_dir = self.root / DICOM_SEG_DIR
+        self.dicom_seg = dicom_seg
         self.labels = _task_labels(self.root / "dataset.json")
         self._cache: OrderedDict[str, Image] = OrderedDict()
         self._cache_size = cache_images
@@ -78,7 +85,7 @@ class Workspace:
         return found
 
     def _list(self) -> dict[str, ImageEntry]:
-        skip = {self.labels_dir, self.state_dir, self.root / "imagesTr"}
+        skip = {self.labels_dir, self.state_dir, self.dicom_seg_dir, self.root / "imagesTr"}
         cases = cases_of(self.images_dir) if any(self._candidates()) else {}
         found: dict[str, ImageEntry] = {}
         for case, files in sorted(cases.items()):
@@ -90,7 +97,7 @@ class Workspace:
         return found
 
     def _candidates(self) -> list[Path]:
-        skip = {LABELS_DIR, STATE_DIR, "imagesTr"}
+        skip = {LABELS_DIR, STATE_DIR, DICOM_SEG_DIR, "imagesTr"}
         return [
             p
             for p in self.images_dir.iterdir()
@@ -138,6 +145,21 @@ class Workspace:
             MedsegError: ``labelsTr`` or the label file is a symlink leading out of the workspace.
         """
         path = _label_path(self.entry(image_id), self.labels_dir)
+        if not self._inside(path):
+            raise MedsegError("leads out of the workspace (a symlink); the workbench writes only inside it", path)
+        return path
+
+    def dicom_seg_path(self, image_id: str) -> Path | None:
+        """Where the DICOM-SEG of ``image_id``'s finished label map goes (``dicom-seg/<id>.dcm``); None for an
+        image that is not a DICOM series, or when the workspace writes none (``dicom_seg=False``).
+
+        Raises:
+            UnknownImage: not listed. MedsegError: the path leads out of the workspace (a symlink).
+        """
+        files = self.entry(image_id).files
+        if not self.dicom_seg or len(files) != 1 or not files[0].is_dir():
+            return None
+        path = self.dicom_seg_dir / f"{image_id}.dcm"
         if not self._inside(path):
             raise MedsegError("leads out of the workspace (a symlink); the workbench writes only inside it", path)
         return path
@@ -193,18 +215,45 @@ class Workspace:
         return array.astype(np.uint8)  # task values are at most 255 (_task_labels)
 
     def save_label(self, image_id: str, labels: np.ndarray) -> Path:
-        """Write the finished label map of ``image_id`` atomically, in the image's geometry; drop its draft.
+        """Write the finished label map of ``image_id`` atomically, in the image's geometry; drop its draft. For a
+        DICOM series, first its DICOM-SEG (`dicom_seg_path`; SEMIAUTOMATIC, segments named by the task's labels).
 
         Raises:
-            MedsegError: as `check_label`, or the file cannot be written.
+            MedsegError: as `check_label`; a DICOM series a SEG cannot reference (missing attributes, another
+                grid; nothing is written then); a file cannot be written.
         """
         array = self.check_label(image_id, labels)
         image = self.image(image_id)
         target = self.label_path(image_id)
+        seg_target = self.dicom_seg_path(image_id)
+        files = self.entry(image_id).files
         with self._lock:
-            save(image.with_array(array), target, protect=self.entry(image_id).files)
+            if seg_target is not None:
+                self._save_dicom_seg(image.with_array(array), seg_target, files[0])
+            try:
+                save(image.with_array(array), target, protect=files)
+            except MedsegError:
+                if seg_target is not None:  # no SEG newer than the label map it was made with
+                    seg_target.unlink(missing_ok=True)
+                raise
             self.draft_path(image_id).unlink(missing_ok=True)
         return target
+
+    def _save_dicom_seg(self, label: Image, target: Path, series: Path) -> None:
+        names = {value: name for name, value in self.labels.items() if value != 0}
+        try:
+            save_dicom_seg(
+                label,
+                target,
+                series,
+                segment_names=names,
+                algorithm_type="SEMIAUTOMATIC",
+                algorithm_name="medseg workbench",
+                series_description="medseg workbench annotation",
+            )
+        except MedsegError as error:
+            hint = "; serve with --no-dicom-seg to save the label map without a DICOM-SEG"
+            raise MedsegError(error.problem + hint, error.path) from None
 
     def save_draft(self, image_id: str, labels: np.ndarray, engine: str) -> Path:
         """Keep a draft (and the name of the engine that made it) in ``.medseg/drafts``."""
