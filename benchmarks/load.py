@@ -26,8 +26,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -37,8 +35,10 @@ from typing import Any
 
 import numpy as np
 
+from medseg.errors import MedsegError
 from medseg.io import load
 from medseg.io.formats import split_extension
+from medseg.server.background import served
 
 EMBEDDING_MB = 4.0  # one LiteMedSAM embedding: 256 x 64 x 64 float32
 
@@ -71,6 +71,8 @@ def main() -> None:
             case = split_extension(file)[0].removesuffix("_0000")
             targets.append((case, _foreground(args.dataset / "labelsTr", case, file)))
         run(args, workspace, targets)
+    except MedsegError as error:  # the server did not start
+        raise SystemExit(str(error)) from None
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
@@ -90,14 +92,9 @@ def _foreground(labels_dir: Path, case: str, image_file: Path) -> np.ndarray:
 def run(args: argparse.Namespace, workspace: Path, targets: list[tuple[str, np.ndarray]]) -> None:
     import httpx
 
-    port = _free_port()
-    command = [sys.executable, "-m", "medseg.cli", "serve", str(workspace), "--port", str(port),
-               "--train-after", "0", "--no-incontext", "--embedding-cache", str(args.embedding_cache),
+    options = ["--train-after", "0", "--no-incontext", "--embedding-cache", str(args.embedding_cache),
                "--session-limit", str(max(16, args.clients))]  # fmt: skip
-    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        _wait_up(httpx, url, server)
+    with served(workspace, *options) as (url, server):
         start_rss = _memory_mb(server.pid, "VmRSS")
         latencies: list[float] = []
         errors: list[str] = []
@@ -134,13 +131,6 @@ def run(args: argparse.Namespace, workspace: Path, targets: list[tuple[str, np.n
             thread.join()
         wall = time.perf_counter() - began
         peak = _memory_mb(server.pid, "VmHWM")
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
     cap = args.embedding_cache * EMBEDDING_MB + _model_mb()
     ms = np.asarray(latencies) * 1000.0
     rows_out = [
@@ -163,27 +153,6 @@ def run(args: argparse.Namespace, workspace: Path, targets: list[tuple[str, np.n
         print(f"| {name.ljust(width)} | {value} |")
     if errors or peak > args.max_rss_mb:
         sys.exit(1)
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def _wait_up(httpx: Any, url: str, server: subprocess.Popen[bytes], timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        if server.poll() is not None:
-            message = server.stderr.read().decode(errors="replace") if server.stderr else ""
-            raise SystemExit(f"medseg serve exited {server.returncode}: {message.strip()[-500:]}")
-        try:
-            httpx.get(f"{url}/api/images", timeout=5).raise_for_status()
-            return
-        except httpx.TransportError:
-            if time.monotonic() > deadline:
-                raise SystemExit(f"medseg serve did not answer within {timeout:.0f} s") from None
-            time.sleep(0.5)
 
 
 def _memory_mb(pid: int, field: str) -> float:

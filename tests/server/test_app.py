@@ -29,10 +29,10 @@ from fastapi.testclient import TestClient  # noqa: E402
 from medseg.errors import MedsegError  # noqa: E402
 from medseg.io import Geometry, Image, load, save  # noqa: E402
 from medseg.server.app import create_app  # noqa: E402
+from medseg.server.background import served  # noqa: E402
 from medseg.server.flywheel import Flywheel  # noqa: E402
 from medseg.server.responses import decode_labels  # noqa: E402
 from medseg.server.workspace import Workspace  # noqa: E402
-from served import served  # noqa: E402
 
 SIDE = 64
 SQUARES = {"img0": (16, 20), "img1": (20, 14), "img2": (12, 24)}  # (row, column) of each 24-pixel square's corner
@@ -429,7 +429,7 @@ def test_training_starts_and_cancels(workspace: Workspace, prompt_engine: Any, i
 # ---- the real server ---------------------------------------------------------------------------------------
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    with served(make_workspace(tmp_path / "served"), token="t0k", wait=False) as (url, process):
+    with served(make_workspace(tmp_path / "served"), token="t0k", wait=0, quiet=False) as (url, process):
         yield url, process
 
 

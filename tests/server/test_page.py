@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from medseg.io import Geometry, Image, load, save
-from served import served
+from medseg.server.background import served
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 _missing = [
