@@ -122,7 +122,7 @@ async function refreshFlywheel() {
       ["specialist", `${t.state}${t.run ? ` (${t.run})` : ""}`],
       ["epochs", t.state === "idle" ? "–" : String(t.epochs_done)],
       ["Dice specialist / in-context", `${dice(t.specialist_dice)} / ${dice(t.incontext_dice)}`],
-      ["trains after", `${f.train_after} images`],
+      ["trains after", f.train_after > 0 ? `${f.train_after} images` : "never (--train-after 0)"],
     ];
     for (const [k, v] of rows) {
       const dt = document.createElement("dt");
@@ -450,7 +450,9 @@ async function main() {
     if (!state.meta) return;
     const v = mmToVoxel(state.meta, location.mm).map(Math.round);
     const where = state.meta.ndim === 3 ? `x ${v[0]}, y ${v[1]}, slice ${v[2]} / ${state.shape[0] - 1}` : `x ${v[0]}, y ${v[1]}`;
-    $("location").textContent = `${where}  (${location.string || ""})`;
+    const value = location.values && location.values[0] ? location.values[0].value : null;
+    const shown = typeof value === "number" ? ` = ${Number(value.toPrecision(5))}` : "";
+    $("location").textContent = `${where}${shown}`;
   };
   nv.onDragRelease = onDragRelease;
   nv.onMouseUp = () => setTimeout(onDrawingDone, 0);
