@@ -16,7 +16,7 @@ Protocol:
 
 Prints one table (per dataset: images, median size, median open seconds, median first-box seconds, median / p90
 / max seconds of the later prompts, share of later prompts under 1 s) and, with ``--screenshots DIR``, saves the
-page after the last prompt of each dataset's first image. Run from the repository root, alone on the machine::
+page after the last prompt of each dataset's first image (volumes in the multiplanar view). Run from the repository root, alone on the machine::
 
     python benchmarks/page.py --images 4 --clicks 2
 """
@@ -93,7 +93,9 @@ def run_dataset(browser: Any, args: argparse.Namespace, dataset: Path) -> dict[s
                 times["later"].extend(seconds[1:])
                 if index == 0 and args.screenshots:
                     args.screenshots.mkdir(parents=True, exist_ok=True)
+                    page.keyboard.press("4" if truth.ndim == 3 else "1")  # volumes: multiplanar
                     page.screenshot(path=args.screenshots / f"page-{dataset.name}.png")
+                    page.keyboard.press("1")
             page.close()
     finally:
         shutil.rmtree(folder, ignore_errors=True)

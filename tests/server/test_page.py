@@ -208,6 +208,10 @@ def test_box_3d_box_click_and_save_on_a_volume(page: Any, workspace: Path, shots
     cz, cy, cx = BALL_CENTRE
     page.evaluate("(v) => medseg.showVoxel(v)", [cx, cy, cz])
     page.wait_for_function(f"document.getElementById('location').textContent.includes('slice {cz} ')")
+    page.keyboard.press("ArrowUp")  # the volume's own slices, one by one
+    page.wait_for_function(f"document.getElementById('location').textContent.includes('slice {cz + 1} ')")
+    page.keyboard.press("ArrowDown")
+    page.wait_for_function(f"document.getElementById('location').textContent.includes('slice {cz} ')")
     page.keyboard.press("b")
     ry, rx = int(BALL_RADII[1]) + 3, int(BALL_RADII[2]) + 3
     start, before = updates(page), mask(page)  # empty, or the in-context draft from the 2D image's annotation

@@ -343,7 +343,19 @@ function setRange(end) {
   if (z !== null) $(end === 0 ? "z-from" : "z-to").value = String(z);
 }
 
+function stepSlice(step) {
+  if (!state.meta || state.meta.ndim !== 3) return;
+  const mm = state.location ? state.location.mm : nv.frac2mm(nv.scene.crosshairPos);
+  const v = mmToVoxel(state.meta, mm).map(Math.round);
+  v[2] = Math.max(0, Math.min(state.shape[0] - 1, v[2] + step));
+  showVoxel(v);
+}
+
 const SHORTCUTS = {
+  ArrowUp: () => stepSlice(1),
+  ArrowDown: () => stepSlice(-1),
+  PageUp: () => stepSlice(5),
+  PageDown: () => stepSlice(-5),
   s: () => save(false),
   Enter: () => save(true),
   "[": () => setRange(0),
@@ -437,6 +449,7 @@ function buildControls() {
   const help = $("shortcuts");
   const lines = Object.values(TOOLS).map((t) => `${t.key.toUpperCase()}: ${t.title}`);
   lines.push("Ctrl+Z / Ctrl+Y: undo / redo", "S: save, Enter: save and next", "1–4: axial, coronal, sagittal, multiplanar");
+  lines.push("Arrow up / down, Page up / down: next / previous slice (by 1 / 5)");
   lines.push("W: next window preset, L: next label", "[ ]: 3D box slice range from / to the current slice");
   lines.push("Shift+click: negative click; in box mode Alt+click / Shift+click: positive / negative click");
   help.replaceChildren(...lines.map((text) => Object.assign(document.createElement("li"), { textContent: text })));
