@@ -271,6 +271,7 @@ function onPointerUp(event) {
 async function onDrawingDone() {
   if (!["brush", "eraser"].includes(state.tool) || !state.session || !nv.drawBitmap) return;
   const labels = fromBitmap(nv.drawBitmap, nv.back.permRAS, nv.back.hdr.dims);
+  if (state.mask && labels.every((v, i) => v === state.mask[i])) return; // a click that drew nothing
   if (await putLabels(labels, state.tool === "brush" ? "brush stroke" : "eraser stroke")) state.redo = [];
 }
 
