@@ -103,6 +103,7 @@ def write_dicom_series(
     seed: int = 0,
     orientation: tuple[float, ...] = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0),
     instance_numbers: list[int] | None = None,
+    pixels: np.ndarray | None = None,
 ) -> DicomSeries:
     """Write a CT series (CT Image Storage, explicit VR little endian), one file per slice.
 
@@ -111,7 +112,7 @@ def write_dicom_series(
     ``1000 + 100*k + 10*(row % 10) + col % 10`` (so every slice is recognisable). The files are written in a
     shuffled order (``write_order``), with names that do not sort in slice order, and ``InstanceNumber``
     follows the writing order (or ``instance_numbers[i]`` for the i-th file written), not the position: only
-    the positions give the order.
+    the positions give the order. ``pixels`` (uint16, ``(n_slices, rows, cols)``) replaces the raw values.
     """
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, CTImageStorage, ExplicitVRLittleEndian, generate_uid
@@ -126,6 +127,8 @@ def write_dicom_series(
     frame_uid = generate_uid()
     r, c = np.indices((rows, cols))
     raw = np.stack([1000 + 100 * k + 10 * (r % 10) + c % 10 for k in range(n_slices)]).astype(np.uint16)
+    if pixels is not None:
+        raw = np.asarray(pixels, np.uint16).reshape(n_slices, rows, cols)
     normal = np.cross(orientation[:3], orientation[3:6])
     positions = [tuple(float(v) for v in np.asarray(origin) + k * slice_step * normal) for k in range(n_slices)]
     files: list[Path | None] = [None] * n_slices

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from fixtures import write_dicom_series
 from medseg.io import Geometry, Image, load, save
 from medseg.server.background import served
 
@@ -41,6 +42,7 @@ VOLUME = (12, 64, 64)
 BALL_CENTRE, BALL_RADII = (6, 30, 36), (3.5, 12, 11)  # (z, y, x) of the volume's ellipsoid and its semi-axes
 # x mirrored, anisotropic spacing, an origin away from 0: a page that ignored the geometry would miss the ball
 BALL_GEOMETRY = Geometry((0.9, 0.8, 2.5), (40.0, -20.0, 5.0), (-1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))
+SERIES, SERIES_BLOCK = (8, 48, 48), (slice(2, 6), slice(14, 34), slice(10, 30))  # a CT series with a bright block
 CHROMIUM_FLAGS = [
     "--no-sandbox", "--use-angle=swiftshader", "--enable-unsafe-swiftshader", "--disable-background-networking",
     "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic",
@@ -70,6 +72,10 @@ def make_workspace(root: Path) -> Path:
     volume = (100 + rng.normal(0, 10, VOLUME) + 600 * ball()).astype(np.int16)
     save(Image(volume, BALL_GEOMETRY), root / "ball.nii.gz")
     (root / "broken.nii.gz").write_bytes(b"\x1f\x8b not a NIfTI at all" * 10)
+    block = np.zeros(SERIES, np.uint16)
+    block[SERIES_BLOCK] = 60  # 0 HU around 120 HU (slope 2, intercept -1024): seen through a soft-tissue window
+    write_dicom_series(root / "ct", n_slices=SERIES[0], rows=SERIES[1], cols=SERIES[2], pixels=512 + block,
+                       write_order=[5, 2, 7, 0, 3, 6, 1, 4])  # fmt: skip
     (root / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "lesion": 1}}))
     return root
 
@@ -248,6 +254,37 @@ def test_box_3d_box_click_and_save_on_a_volume(page: Any, workspace: Path, shots
     saved = load(workspace / "labelsTr" / "ball.nii.gz")
     assert saved.geometry.matches(BALL_GEOMETRY)
     np.testing.assert_array_equal(saved.array, shown)
+
+
+def test_a_dicom_series_saves_a_dicom_seg_that_highdicom_reads(page: Any, workspace: Path, shots: Path) -> None:
+    import highdicom as hd
+    import httpx
+
+    open_image(page, "ct")
+    zs, ys, xs = SERIES_BLOCK
+    z = (zs.start + zs.stop) // 2
+    page.evaluate("(v) => medseg.showVoxel(v)", [(xs.start + xs.stop) / 2, (ys.start + ys.stop) / 2, z])
+    page.keyboard.press("b")
+    start = updates(page)
+    drag(page, screen(page, (xs.start - 2, ys.start - 2, z)), screen(page, (xs.stop + 1, ys.stop + 1, z)))
+    prompted(page, start)
+    block = np.zeros(SERIES, bool)
+    block[SERIES_BLOCK] = True
+    page.screenshot(path=shots / "dicom-box.png")
+    assert dice(mask(page)[z] == 1, block[z]) > 0.8
+    page.keyboard.press("s")
+    page.wait_for_function("document.body.dataset.saved === 'labelsTr/ct.nii.gz'", timeout=60_000)
+    assert "dicom-seg/ct.dcm" in status(page)[0]
+    label = load(workspace / "labelsTr" / "ct.nii.gz")
+    seg = load(workspace / "dicom-seg" / "ct.dcm")  # medseg reads the SEG back on the series' grid
+    np.testing.assert_array_equal(seg.array, label.array)
+    assert seg.geometry.matches(load(workspace / "ct").geometry)
+    read = hd.seg.segread(workspace / "dicom-seg" / "ct.dcm")
+    assert read.SegmentSequence[0].SegmentLabel == "lesion"
+    link = page.get_attribute("#download-seg", "href")
+    assert page.is_visible("#download-seg") and link.endswith("/api/images/ct/dicom-seg?token=t0k")
+    downloaded = httpx.get(page.url.split("/?")[0] + link, timeout=30)
+    assert downloaded.status_code == 200 and downloaded.content == (workspace / "dicom-seg" / "ct.dcm").read_bytes()
 
 
 def test_a_file_the_viewer_cannot_show_gets_one_clear_line(page: Any, workspace: Path) -> None:

@@ -15,7 +15,7 @@ import fixtures as fx
 from medseg.data import open_dataset
 from medseg.errors import MedsegError
 from medseg.io import Geometry, Image, load, save
-from medseg.server.workspace import UnknownImage, Workspace
+from medseg.server.workspace import UnknownImage, Workspace, _task_modality
 
 SIDE = 16
 VOLUME = (4, 10, 12)
@@ -420,3 +420,14 @@ def test_a_series_a_seg_cannot_reference_saves_nothing(tmp_path: Path) -> None:
     assert str(info.value).startswith(str(broken)) and "\n" not in str(info.value)
     assert not (root / "labelsTr" / "ct.nii.gz").exists() and not (root / "dicom-seg" / "ct.dcm").exists()
     assert workspace.status("ct") == "todo"
+
+
+@pytest.mark.parametrize(
+    ("info", "modality"),
+    [({"modality": "MRI"}, "MRI"), ({"modality": {"0": "CT"}}, "CT"), ({"channel_names": {"0": "T2"}}, "T2"),
+     ({"labels": {"background": 0, "a": 1}}, None), ([1, 2], None)],
+)  # fmt: skip
+def test_the_task_modality_comes_from_dataset_json(tmp_path: Path, info: object, modality: str | None) -> None:
+    (tmp_path / "dataset.json").write_text(json.dumps(info))
+    assert _task_modality(tmp_path / "dataset.json") == modality
+    assert _task_modality(tmp_path / "missing.json") is None

@@ -9,6 +9,11 @@ function headers(extra = {}) {
 
 export class ApiError extends Error {}
 
+/** A URL for a plain link (a download): the token travels as ?token=. */
+export function linkTo(path) {
+  return token ? `${path}${path.includes("?") ? "&" : "?"}token=${encodeURIComponent(token)}` : path;
+}
+
 async function check(response) {
   if (response.ok) return response;
   let detail = `${response.status} ${response.statusText}`;

@@ -2,7 +2,7 @@
 // (medseg serve), which holds the session's label map. Coordinates sent are voxel indices (x column, y row,
 // z = array axis 0), boxes in pixel edges.
 import { DRAG_MODE, Niivue } from "@niivue/niivue";
-import { ApiError, decodeLabels, getBytes, getJSON, npyBytes, send, sendBytes } from "./api.js";
+import { ApiError, decodeLabels, getBytes, getJSON, linkTo, npyBytes, send, sendBytes } from "./api.js";
 import { fromBitmap, mmToVoxel, nativeSliceView, toBitmap, voxelToMm } from "./geometry.js";
 
 // ITK-SNAP's first label colours: what annotators of this field are used to.
@@ -163,9 +163,11 @@ async function openImage(imageId) {
     state.shape = session.shape;
     nv.createEmptyDrawing();
     await showMask(await getJSON(`/api/sessions/${session.session_id}/labels`));
+    $("window").value = /^CT$/i.test(meta.modality || "") ? "CT soft tissue" : "auto";
     applyWindow();
     setView(meta.ndim === 3 ? "default" : "axial");
     document.body.dataset.ndim = String(meta.ndim);
+    showStatus(meta.status, meta.writes_dicom_seg);
     $("image-name").textContent = imageId;
     $("image-info").textContent = `${[...meta.shape].reverse().join(" × ")} voxels, spacing ${meta.spacing
       .map((s) => s.toPrecision(3))
@@ -294,7 +296,9 @@ async function save(next) {
   if (!saved) return;
   await refreshImages();
   refreshFlywheel();
-  say(`saved ${saved.path}${saved.training && saved.training.state === "running" ? "; the specialist trains" : ""}`);
+  const seg = saved.dicom_seg ? ` and ${saved.dicom_seg}` : "";
+  say(`saved ${saved.path}${seg}${saved.training === "running" ? "; the specialist trains" : ""}`);
+  showStatus("done", Boolean(saved.dicom_seg));
   $("draft").textContent = "finished label map";
   document.body.dataset.saved = saved.path;
   if (next) {
@@ -304,6 +308,14 @@ async function save(next) {
     if (todo) await openImage(todo);
     else say(`saved ${saved.path}; every image is done`);
   }
+}
+
+function showStatus(status, dicom) {
+  const id = encodeURIComponent(state.imageId);
+  document.body.dataset.status = status;
+  document.body.dataset.dicom = dicom ? "yes" : "no";
+  $("download-label").href = linkTo(`/api/images/${id}/label`);
+  $("download-seg").href = linkTo(`/api/images/${id}/dicom-seg`);
 }
 
 // ---- tools, views, windows ---------------------------------------------------------------------------------

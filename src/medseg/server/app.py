@@ -28,7 +28,7 @@ from typing import Any, Literal
 import numpy as np
 from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
@@ -146,7 +146,9 @@ def create_app(
     @app.get("/api/images/{image_id}/meta")
     def image_meta(image_id: str) -> dict[str, Any]:
         """Shape (numpy order ``(z, y, x)``), channels, dtype, geometry in ITK order (``spacing`` mm and
-        ``origin`` mm x first, ``direction`` row-major), status, and the kept draft's engine (or null)."""
+        ``origin`` mm x first, ``direction`` row-major), status, the kept draft's engine (or null), and whether
+        saving writes a DICOM-SEG too (``writes_dicom_seg``: a DICOM series), and the modality (DICOM's
+        Modality, else ``dataset.json``'s ``modality``; null when neither says)."""
         image = workspace.image(image_id)
         kept = workspace.draft(image_id) if workspace.status(image_id) == "draft" else None
         return {
@@ -160,6 +162,8 @@ def create_app(
             "direction": list(image.geometry.direction),
             "status": workspace.status(image_id),
             "draft_engine": kept[1] if kept is not None else None,
+            "writes_dicom_seg": workspace.dicom_seg_path(image_id) is not None,
+            "modality": image.meta.get("modality") or workspace.modality,
         }
 
     @app.get("/api/images/{image_id}", response_class=Response, responses={200: {"content": {NIFTI: {}}}})
@@ -175,6 +179,16 @@ def create_app(
             raise HTTPException(404, f"image {image_id!r} has no finished label map")
         image = workspace.image(image_id)
         return nifti_response(image.with_array(workspace.label(image_id)), f"{image_id}_label.nii.gz")
+
+    @app.get("/api/images/{image_id}/dicom-seg", response_class=Response,
+             responses={200: {"content": {"application/dicom": {}}}})  # fmt: skip
+    def dicom_seg_bytes(image_id: str) -> Response:
+        """The finished label map as a DICOM Segmentation referencing the image's series (404: not a DICOM
+        series, not done, or the workspace writes none: ``--no-dicom-seg``)."""
+        path = workspace.dicom_seg_path(image_id)
+        if path is None or not path.is_file() or workspace.status(image_id) != "done":
+            raise HTTPException(404, f"image {image_id!r} has no DICOM-SEG")
+        return FileResponse(path, media_type="application/dicom", filename=f"{image_id}.dcm")
 
     @app.get("/api/images/{image_id}/draft", response_class=Response, responses={200: {"content": {NIFTI: {}}}})
     def draft_bytes(image_id: str, fresh: bool = False) -> Response:
@@ -211,7 +225,7 @@ def create_app(
     def _save_upload(image_id: str, data: bytes, ext: str | None) -> dict[str, Any]:
         labels = parse_label_map(workspace, image_id, data, ext)
         path = flywheel.save(image_id, labels)
-        return _saved(workspace, flywheel, path)
+        return _saved(workspace, flywheel, image_id, path)
 
     @app.get("/api/task")
     def task() -> dict[str, Any]:
@@ -296,13 +310,14 @@ def create_app(
     @app.post("/api/sessions/{session_id}/save")
     def save_session(session_id: str) -> dict[str, Any]:
         """Save the session's label map as the image's finished one (atomic; it joins the support set; a
-        specialist run may start): ``{path, status, done, images, training}`` (``path`` relative to the
-        workspace, ``done`` images done, ``training`` the specialist's state). The session stays open."""
+        specialist run may start): ``{path, dicom_seg, status, done, images, training}`` (``path`` relative to
+        the workspace; ``dicom_seg`` the DICOM-SEG written beside it for a DICOM series, else null; ``done`` images
+        done, ``training`` the specialist's state). The session stays open."""
         session = sessions.get(session_id)
         with engine_lock:
             labels = session.labels.copy()
         path = flywheel.save(session.image_id, labels)
-        return _saved(workspace, flywheel, path)
+        return _saved(workspace, flywheel, session.image_id, path)
 
     # ---- the flywheel and export -----------------------------------------------------------------------
     @app.get("/api/flywheel")
@@ -436,9 +451,11 @@ def _kept_draft(workspace: Workspace, image_id: str) -> tuple[np.ndarray, str] |
         return None
 
 
-def _saved(workspace: Workspace, flywheel: Flywheel, path: Path) -> dict[str, Any]:
+def _saved(workspace: Workspace, flywheel: Flywheel, image_id: str, path: Path) -> dict[str, Any]:
+    seg = workspace.dicom_seg_path(image_id)
     return {
         "path": path.relative_to(workspace.root).as_posix(),
+        "dicom_seg": seg.relative_to(workspace.root).as_posix() if seg is not None and seg.is_file() else None,
         "status": "done",
         "done": len(workspace.done()),
         "images": len(workspace.entries()),

@@ -67,6 +67,7 @@ class Workspace:
         self.dicom_seg_dir = self.root / DICOM_SEG_DIR
         self.dicom_seg = dicom_seg
         self.labels = _task_labels(self.root / "dataset.json")
+        self.modality = _task_modality(self.root / "dataset.json")
         self._cache: OrderedDict[str, Image] = OrderedDict()
         self._cache_size = cache_images
         self._lock = threading.RLock()
@@ -343,6 +344,23 @@ def _link(source: Path, target: Path) -> None:
         import shutil
 
         shutil.copyfile(source, target)
+
+
+def _task_modality(path: Path) -> str | None:
+    """``dataset.json``'s ``modality`` (a name, or MSD's ``{"0": "CT"}``), else its first channel name (nnU-Net
+    v2's ``channel_names``), or None."""
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(info, dict):
+        return None
+    for named in (info.get("modality"), info.get("channel_names")):
+        if isinstance(named, dict) and named:
+            named = next(iter(named.values()))
+        if isinstance(named, str):
+            return named
+    return None
 
 
 def _task_labels(path: Path) -> dict[str, int]:
