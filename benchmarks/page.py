@@ -16,7 +16,8 @@ Protocol:
 
 Prints one table (per dataset: images, median size, median open seconds, median first-box seconds, median / p90
 / max seconds of the later prompts, share of later prompts under 1 s) and, with ``--screenshots DIR``, saves the
-page after the last prompt of each dataset's first image (volumes in the multiplanar view). Run from the repository root, alone on the machine::
+page after the last prompt of each dataset's first image (volumes in the multiplanar view). Run from the
+repository root, alone on the machine::
 
     python benchmarks/page.py --images 4 --clicks 2
 """
@@ -135,16 +136,27 @@ def annotate(page: Any, truth: np.ndarray, clicks: int) -> list[float]:
 
 
 def prompt(page: Any, act: Any) -> float:
+    """Seconds the page took for one prompt; NaN when it was refused (its one line goes to stderr)."""
     before = int(page.get_attribute("body", "data-updates") or 0)
+    page.evaluate("document.getElementById('status').dataset.kind = 'info'")
     act()
-    page.wait_for_function(f"Number(document.body.dataset.updates) > {before}", timeout=300_000)
+    refused = "document.getElementById('status').dataset.kind === 'error'"
+    page.wait_for_function(f"Number(document.body.dataset.updates) > {before} || {refused}", timeout=300_000)
     page.wait_for_function("!document.body.classList.contains('busy')", timeout=300_000)
+    if page.get_attribute("#status", "data-kind") == "error":
+        print(f"refused: {page.text_content('#status')}", file=sys.stderr, flush=True)
+        return float("nan")
     return float(page.evaluate("medseg.state.lastSeconds"))
 
 
 def screen(page: Any, x: float, y: float, z: int | None) -> tuple[float, float]:
+    """Page coordinates of voxel (x, y[, z]), kept 1.5 px inside the canvas: the image's edge voxels lie within a
+    pixel of the canvas's border when the image fills it, and a drag must start on the canvas."""
     where = page.evaluate("(v) => medseg.screenOf(v)", [float(x), float(y), float(z or 0)])
-    return float(where[0]), float(where[1])
+    rect = page.locator("#viewer").bounding_box()
+    inside_x = min(max(float(where[0]), rect["x"] + 1.5), rect["x"] + rect["width"] - 1.5)
+    inside_y = min(max(float(where[1]), rect["y"] + 1.5), rect["y"] + rect["height"] - 1.5)
+    return inside_x, inside_y
 
 
 def drag(page: Any, start: tuple[float, float], end: tuple[float, float]) -> None:
@@ -155,13 +167,16 @@ def drag(page: Any, start: tuple[float, float], end: tuple[float, float]) -> Non
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
-    print("| dataset | images | size (x y [z]) | open s | first box s | later: median s | p90 s | max s | under 1 s |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| dataset | images | size (x y [z]) | open s | first box s | later: median s | p90 s | max s | under 1 s "
+          "| refused |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
-        later = np.asarray(row["later"])
+        refused = int(np.isnan(row["first"]).sum() + np.isnan(row["later"]).sum())
+        first, later = np.asarray(row["first"]), np.asarray(row["later"])
+        first, later = first[~np.isnan(first)], later[~np.isnan(later)]
         print(f"| {row['dataset']} | {row['images']} | {row['size']} | {np.median(row['open']):.2f} | "
-              f"{np.median(row['first']):.2f} | {np.median(later):.2f} | {np.percentile(later, 90):.2f} | "
-              f"{later.max():.2f} | {(later < 1).mean():.0%} |")  # fmt: skip
+              f"{np.median(first):.2f} | {np.median(later):.2f} | {np.percentile(later, 90):.2f} | "
+              f"{later.max():.2f} | {(later < 1).mean():.0%} | {refused} |")  # fmt: skip
 
 
 if __name__ == "__main__":
