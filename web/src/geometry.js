@@ -54,30 +54,30 @@ function lookupTables(permRAS, dims) {
   });
 }
 
-/** The drawing bitmap (RAS order) of a label map in native order. */
-export function toBitmap(labels, permRAS, dims) {
+function reorder(data, permRAS, dims, toRAS) {
   const [xl, yl, zl] = lookupTables(permRAS, dims);
-  const out = new Uint8Array(labels.length);
+  const out = new Uint8Array(data.length);
   let j = 0;
   for (let z = 0; z < dims[3]; z++) {
     for (let y = 0; y < dims[2]; y++) {
-      for (let x = 0; x < dims[1]; x++) out[xl[x] + yl[y] + zl[z]] = labels[j++];
+      for (let x = 0; x < dims[1]; x++, j++) {
+        const ras = xl[x] + yl[y] + zl[z];
+        if (toRAS) out[ras] = data[j];
+        else out[j] = data[ras];
+      }
     }
   }
   return out;
 }
 
+/** The drawing bitmap (RAS order) of a label map in native order. */
+export function toBitmap(labels, permRAS, dims) {
+  return reorder(labels, permRAS, dims, true);
+}
+
 /** The label map in native order of a drawing bitmap (RAS order): the inverse of `toBitmap`. */
 export function fromBitmap(bitmap, permRAS, dims) {
-  const [xl, yl, zl] = lookupTables(permRAS, dims);
-  const out = new Uint8Array(bitmap.length);
-  let j = 0;
-  for (let z = 0; z < dims[3]; z++) {
-    for (let y = 0; y < dims[2]; y++) {
-      for (let x = 0; x < dims[1]; x++) out[j++] = bitmap[xl[x] + yl[y] + zl[z]];
-    }
-  }
-  return out;
+  return reorder(bitmap, permRAS, dims, false);
 }
 
 /** NiiVue RAS mm position of a continuous voxel index [x, y, z] (the inverse of `mmToVoxel`). */
