@@ -163,11 +163,21 @@ def test_box_click_brush_undo_save_on_a_2d_image(page: Any, workspace: Path, sho
     assert page.text_content("#draft") == "empty"
     centre = screen(page, (DISC_CENTRE[1], DISC_CENTRE[0]))
     page.screenshot(path=shots / "2d-open.png")
+    view = page.evaluate("medseg.nv.opts.sliceType")
+    page.mouse.click(*centre)  # the canvas has the focus: NiiVue's own hotkeys (V: next view) must stay off
+    page.keyboard.press("v")
+    page.keyboard.press("2")  # a 2D image has one view
+    assert page.evaluate("medseg.nv.opts.sliceType") == view
     page.keyboard.press("b")
     r, (cy, cx) = DISC_RADIUS + 4, DISC_CENTRE
     start = updates(page)
-    drag(page, screen(page, (cx - r, cy - r)), screen(page, (cx + r, cy + r)))
+    page.mouse.move(*screen(page, (cx - r, cy - r)))
+    page.mouse.down()
+    page.mouse.move(*screen(page, (cx + r, cy + r)), steps=6)
+    assert page.is_visible("#rubber")  # the box being dragged is drawn
+    page.mouse.up()
     prompted(page, start)
+    assert page.is_hidden("#rubber") and page.text_content("#draft") == "empty, edited"
     page.screenshot(path=shots / "2d-box.png")
     assert dice(mask(page) == 1, disc()) > 0.85
     red_before, red_after = pixel(shots / "2d-open.png", centre), pixel(shots / "2d-box.png", centre)

@@ -25,25 +25,33 @@ async function check(response) {
   throw new ApiError(detail);
 }
 
+async function call(path, init) {
+  try {
+    return await fetch(path, init);
+  } catch {
+    throw new ApiError("the medseg server does not answer (stopped?): start it again and reload the page");
+  }
+}
+
 export async function getJSON(path) {
-  return (await check(await fetch(path, { headers: headers() }))).json();
+  return (await check(await call(path, { headers: headers() }))).json();
 }
 
 export async function getBytes(path) {
-  const response = await check(await fetch(path, { headers: headers() }));
+  const response = await check(await call(path, { headers: headers() }));
   return { buffer: await response.arrayBuffer(), headers: response.headers };
 }
 
 export async function send(method, path, body) {
   const init = { method, headers: headers({ "Content-Type": "application/json" }) };
   if (body !== undefined) init.body = JSON.stringify(body);
-  const response = await check(await fetch(path, init));
+  const response = await check(await call(path, init));
   return response.status === 204 ? null : response.json();
 }
 
 export async function sendBytes(method, path, bytes) {
   const init = { method, headers: headers({ "Content-Type": "application/octet-stream" }), body: bytes };
-  return (await check(await fetch(path, init))).json();
+  return (await check(await call(path, init))).json();
 }
 
 /** A mask response's label map (zlib + base64 of uint8 in C order) as a Uint8Array. */

@@ -39,6 +39,8 @@ const nv = new Niivue({
   backColor: [0.08, 0.08, 0.1, 1], crosshairColor: [1, 1, 0, 0.5], crosshairWidth: 0.25,
   isRadiologicalConvention: true, // patient left on screen right, as clinical viewers; photos unmirrored show3Dcrosshair: false, isColorbar: false,
   dragAndDropEnabled: false, logLevel: "error",
+  // NiiVue's own hotkeys would change the view or the clip plane behind the page's back
+  viewModeHotKey: "", clipPlaneHotKey: "", cycleClipPlaneHotKey: "",
 });
 
 // ---- status line -------------------------------------------------------------------------------------------
@@ -81,6 +83,7 @@ async function refreshImages() {
       li.className = item.id === state.imageId ? "current" : "";
       li.innerHTML = `<span class="name"></span><span class="badge"></span>`;
       li.querySelector(".name").textContent = item.id;
+      li.title = `${item.id} (${item.status})`;
       li.querySelector(".badge").textContent = item.status;
       li.addEventListener("click", () => openImage(item.id));
       return li;
@@ -139,7 +142,10 @@ async function refreshFlywheel() {
 
 // ---- opening an image --------------------------------------------------------------------------------------
 async function openImage(imageId) {
-  await busy(`opening ${imageId}`, async () => {
+  const known = state.images.find((i) => i.id === imageId);
+  const drafting = $("use-draft").checked && known && known.status === "todo";
+  const what = drafting ? `opening ${imageId} (making its draft: seconds for an image, minutes for a volume)` : `opening ${imageId}`;
+  await busy(what, async () => {
     if (state.session) {
       const old = state.session.session_id;
       state.session = null;
@@ -158,7 +164,7 @@ async function openImage(imageId) {
     state.redo = [];
     $("z-from").value = "";
     $("z-to").value = "";
-    const session = await send("POST", "/api/sessions", { image_id: imageId });
+    const session = await send("POST", "/api/sessions", { image_id: imageId, use_draft: $("use-draft").checked });
     state.session = session;
     state.shape = session.shape;
     nv.createEmptyDrawing();
@@ -175,6 +181,8 @@ async function openImage(imageId) {
     const start = { label: "finished label map", draft: `draft by ${session.draft_engine}`, empty: "empty" };
     $("draft").textContent = start[session.start] + (session.draft_error ? ` (no draft: ${session.draft_error})` : "");
     $("draft").dataset.start = session.start;
+    state.startText = $("draft").textContent;
+    $("location").textContent = "";
     if (!TOOLS[state.tool] || (state.tool === "box3d" && meta.ndim !== 3)) setTool("box");
     await refreshImages();
     say(`${imageId}: ${start[session.start]}`);
@@ -193,6 +201,10 @@ async function showMask(mask) {
   document.body.dataset.labelled = labels.some((v) => v > 0) ? "yes" : "no";
 }
 
+function edited() {
+  $("draft").textContent = `${state.startText}, edited`;
+}
+
 // ---- prompts and edits -------------------------------------------------------------------------------------
 function sessionPath(suffix) {
   return `/api/sessions/${state.session.session_id}${suffix}`;
@@ -206,6 +218,7 @@ async function prompt(body, what) {
     await showMask(await send("POST", sessionPath("/prompts"), body));
     if (body.type !== "undo") state.redo = [];
     else if (before) state.redo.push(before);
+    edited();
     return true;
   });
   if (done) {
@@ -256,6 +269,17 @@ function onDragRelease(drag) {
   return prompt({ type: "box", label: state.label, box, z: ndim === 3 ? Math.round(a[2]) : null }, "box");
 }
 
+/** The box being dragged, drawn over the canvas (NiiVue's drag callback draws nothing). */
+function rubberBand(event) {
+  const band = $("rubber");
+  if (!state.pointer || !["box", "box3d"].includes(state.tool)) return;
+  const area = $("viewer").getBoundingClientRect();
+  const [x0, x1] = [state.pointer.x, event.clientX].sort((a, b) => a - b);
+  const [y0, y1] = [state.pointer.y, event.clientY].sort((a, b) => a - b);
+  Object.assign(band.style, { left: `${x0 - area.left}px`, top: `${y0 - area.top}px`, width: `${x1 - x0}px`, height: `${y1 - y0}px` });
+  band.hidden = false;
+}
+
 function onPointerUp(event) {
   const start = state.pointer;
   state.pointer = null;
@@ -274,7 +298,10 @@ async function onDrawingDone() {
   if (!["brush", "eraser"].includes(state.tool) || !state.session || !nv.drawBitmap) return;
   const labels = fromBitmap(nv.drawBitmap, nv.back.permRAS, nv.back.hdr.dims);
   if (state.mask && labels.every((v, i) => v === state.mask[i])) return; // a click that drew nothing
-  if (await putLabels(labels, state.tool === "brush" ? "brush stroke" : "eraser stroke")) state.redo = [];
+  if (await putLabels(labels, state.tool === "brush" ? "brush stroke" : "eraser stroke")) {
+    state.redo = [];
+    edited();
+  }
 }
 
 async function undo() {
@@ -334,6 +361,7 @@ function setTool(tool) {
 }
 
 function setView(view) {
+  if (state.meta && state.meta.ndim !== 3 && view !== "axial" && view !== "default") return; // 2D: one view
   const type = view === "default" ? nativeSliceView(state.meta || { spacing: [1, 1] }) : VIEWS[view];
   nv.setSliceType(type);
   for (const button of document.querySelectorAll("[data-view]")) {
@@ -455,6 +483,7 @@ function buildControls() {
     setTool(state.tool);
   });
   $("pen").addEventListener("input", () => (nv.opts.penSize = Number($("pen").value)));
+  $("opacity").addEventListener("input", () => nv.setDrawOpacity(Number($("opacity").value) / 100));
   $("undo").addEventListener("click", undo);
   $("redo").addEventListener("click", redo);
   $("save").addEventListener("click", () => save(false));
@@ -475,7 +504,7 @@ async function main() {
     state.location = location;
     if (!state.meta) return;
     const v = mmToVoxel(state.meta, location.mm).map(Math.round);
-    const where = state.meta.ndim === 3 ? `x ${v[0]}, y ${v[1]}, slice ${v[2]} / ${state.shape[0] - 1}` : `x ${v[0]}, y ${v[1]}`;
+    const where = state.meta.ndim === 3 ? `x ${v[0]}, y ${v[1]}, slice ${v[2]} (of 0–${state.shape[0] - 1})` : `x ${v[0]}, y ${v[1]}`;
     const value = location.values && location.values[0] ? location.values[0].value : null;
     const shown = typeof value === "number" ? ` = ${Number(value.toPrecision(5))}` : "";
     $("location").textContent = `${where}${shown}`;
@@ -484,9 +513,20 @@ async function main() {
   nv.onMouseUp = () => setTimeout(onDrawingDone, 0);
   nv.setDrawOpacity(0.5);
   const canvas = $("viewer");
-  canvas.addEventListener("pointerdown", (e) => (state.pointer = { x: e.clientX, y: e.clientY }));
+  canvas.addEventListener("pointerdown", (e) => {
+    state.pointer = { x: e.clientX, y: e.clientY };
+    if (e.button === 0 && ["box", "box3d"].includes(state.tool)) rubberBand(e);
+  });
+  canvas.addEventListener("pointermove", (e) => state.pointer && rubberBand(e));
+  window.addEventListener("pointerup", () => ($("rubber").hidden = true));
   canvas.addEventListener("pointerup", (e) => setTimeout(() => onPointerUp(e), 0));
-  document.addEventListener("keydown", onKey);
+  // Capture: our shortcuts run first, and NiiVue's canvas listeners (view modes, h/j/k/l crosshair moves) never
+  // see a key, so the page's state and the viewer's cannot drift apart.
+  window.addEventListener("keydown", (event) => {
+    if (event.target === canvas) event.stopPropagation();
+    onKey(event);
+  }, true);
+  window.addEventListener("keyup", (event) => event.target === canvas && event.stopPropagation(), true);
   setTool("box");
   try {
     await loadTask();

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from urllib.parse import quote
 
 import typer
 
@@ -65,7 +66,8 @@ def serve(
     out.print(f"medseg serve: {len(entries)} image(s), {len(space.done())} done, in {space.root}", soft_wrap=True)
     if not entries:
         out.print("no images medseg reads in this folder yet (images added while serving appear)", soft_wrap=True)
-    out.print(f"open {url} (API: {url}openapi.json){'; /api/ needs the token' if token else ''}; Ctrl-C stops",
+    page = f"{url}?token={quote(token)}" if token else url  # the page keeps the token for its API calls
+    out.print(f"open {page} (API: {url}openapi.json{'; /api/ needs the token' if token else ''}); Ctrl-C stops",
               soft_wrap=True)  # fmt: skip
     try:
         uvicorn.run(app, host=host, port=port, log_level="warning")

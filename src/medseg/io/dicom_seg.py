@@ -201,6 +201,7 @@ def save_dicom_seg(
     except OSError as err:
         raise MedsegError(f"cannot write ({err.strerror or err})", target) from None
     try:
+        os.fchmod(handle, 0o644)  # mkstemp makes 0600; the SEG is read like any other output
         with os.fdopen(handle, "wb") as stream:
             seg.save_as(stream, enforce_file_format=True)
         os.replace(tmp, target)
