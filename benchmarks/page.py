@@ -82,6 +82,7 @@ def run_dataset(browser: Any, args: argparse.Namespace, dataset: Path) -> dict[s
             shutil.copyfile(file, workspace / file.name)
         with served(workspace, "--train-after", "0", "--no-incontext") as (url, _):
             page = browser.new_page(viewport={"width": 1280, "height": 800})
+            page.on("dialog", lambda dialog: dialog.accept())  # "leave this image unsaved?": yes
             page.goto(url)
             page.wait_for_selector("body[data-ready=yes]", timeout=120_000)
             for index, file in enumerate(files):

@@ -40,8 +40,10 @@ pytestmark = pytest.mark.skipif(bool(_missing), reason=f"missing {', '.join(_mis
 DISC_CENTRE, DISC_RADIUS, SIDE = (40, 52), 16, 96  # (row, column) of the 2D image's bright disc
 VOLUME = (12, 64, 64)
 BALL_CENTRE, BALL_RADII = (6, 30, 36), (3.5, 12, 11)  # (z, y, x) of the volume's ellipsoid and its semi-axes
-# x mirrored, anisotropic spacing, an origin away from 0: a page that ignored the geometry would miss the ball
-BALL_GEOMETRY = Geometry((0.9, 0.8, 2.5), (40.0, -20.0, 5.0), (-1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))
+# oblique (turned 0.35 rad about z) and x mirrored, anisotropic spacing, an origin away from 0: a page that
+# ignored the geometry, or went through millimetres NiiVue shows unrotated, would miss the ball
+_C, _S = float(np.cos(0.35)), float(np.sin(0.35))
+BALL_GEOMETRY = Geometry((0.9, 0.8, 2.5), (40.0, -20.0, 5.0), (-_C, -_S, 0.0, -_S, _C, 0.0, 0.0, 0.0, 1.0))
 SERIES, SERIES_BLOCK = (8, 48, 48), (slice(2, 6), slice(14, 34), slice(10, 30))  # a CT series with a bright block
 CHROMIUM_FLAGS = [
     "--no-sandbox", "--use-angle=swiftshader", "--enable-unsafe-swiftshader", "--disable-background-networking",
@@ -232,6 +234,10 @@ def test_box_3d_box_click_and_save_on_a_volume(page: Any, workspace: Path, shots
     ry, rx = int(BALL_RADII[1]) + 3, int(BALL_RADII[2]) + 3
     start, before = updates(page), mask(page)  # empty, or the in-context draft from the 2D image's annotation
     page.screenshot(path=shots / "3d-open.png")
+    # green (a draft overlay is red), off the crosshair's lines
+    ball_green = pixel(shots / "3d-open.png", screen(page, (cx + 3, cy + 4, cz)))[1]
+    outside_green = pixel(shots / "3d-open.png", screen(page, (cx + rx + 6, cy + 4, cz)))[1]
+    assert ball_green > outside_green + 60, (ball_green, outside_green)  # the page shows the ball where it says
     drag(page, screen(page, (cx - rx, cy - ry, cz)), screen(page, (cx + rx, cy + ry, cz)))
     prompted(page, start)
     labels = mask(page)
@@ -298,8 +304,26 @@ def test_a_dicom_series_saves_a_dicom_seg_that_highdicom_reads(page: Any, worksp
 
 
 def test_a_file_the_viewer_cannot_show_gets_one_clear_line(page: Any, workspace: Path) -> None:
+    open_image(page, "disc")
+    session = page.evaluate("medseg.state.session.session_id")
     page.click("#images li[data-id='broken']")
     page.wait_for_function("document.getElementById('status').dataset.kind === 'error'", timeout=60_000)
     text, _ = status(page)
     assert "broken.nii.gz" in text and "\n" not in text, text
     assert not (workspace / "labelsTr" / "broken.nii.gz").exists()
+    # the image shown stays open with its session, and the list says which image is broken
+    assert page.text_content("#image-name") == "disc" and page.evaluate("medseg.state.session.session_id") == session
+    assert page.get_attribute("#images li[data-id='broken']", "data-status") == "error"
+
+
+def test_leaving_unsaved_edits_asks_first(page: Any) -> None:
+    open_image(page, "disc")
+    page.keyboard.press("r")
+    start = updates(page)
+    drag(page, screen(page, (60, 10)), screen(page, (80, 10)))  # an unsaved brush stroke
+    prompted(page, start)
+    asked: list[str] = []
+    page.once("dialog", lambda dialog: (asked.append(dialog.message), dialog.dismiss()))
+    page.click("#images li[data-id='ball']")
+    page.wait_for_timeout(500)
+    assert asked and "not saved" in asked[0] and page.text_content("#image-name") == "disc"

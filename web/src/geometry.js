@@ -1,23 +1,10 @@
-// Voxel <-> world coordinates, and the label map <-> NiiVue drawing bitmap.
+// The image's own voxels <-> NiiVue's, and the label map <-> NiiVue's drawing bitmap.
 //
-// The server describes an image in ITK order (x first): spacing (mm), origin (mm), direction (row-major),
-// all in LPS. NiiVue reports positions in RAS millimetres and keeps its drawing bitmap in a RAS-reoriented
-// voxel order (`permRAS`). The label map travels as numpy's C order of shape (z, y, x) = NIfTI order.
-
-/** Continuous voxel index [x, y, z] (voxel centres at integers) of a NiiVue RAS mm position. */
-export function mmToVoxel(meta, mm) {
-  const n = meta.spacing.length; // 2 for 2D images, 3 for volumes
-  const lps = [-mm[0], -mm[1], mm[2]];
-  const d = [lps[0] - meta.origin[0], lps[1] - meta.origin[1], (n === 3 ? lps[2] - meta.origin[2] : 0)];
-  // index = (D S)^-1 (p - origin), D orthonormal: D^-1 = D^T
-  const out = [0, 0, 0];
-  for (let i = 0; i < n; i++) {
-    let dot = 0;
-    for (let r = 0; r < n; r++) dot += meta.direction[r * n + i] * d[r];
-    out[i] = dot / meta.spacing[i];
-  }
-  return out;
-}
+// NiiVue shows a volume in a RAS-reoriented voxel frame (`permRAS`: axes swapped and flipped to the nearest
+// RAS; an oblique volume is shown unrotated) and keeps its drawing bitmap in that frame; positions on screen
+// are fractions of it. Everything here goes through that frame, never through millimetres (which differ
+// from the image's own for oblique volumes). The label map travels as numpy's C order of shape (z, y, x) =
+// NIfTI order, and prompts as the image's own voxel indices (x column, y row, z slice).
 
 /** Which NiiVue slice type (0 axial, 1 coronal, 2 sagittal) shows the volume's own slices (array axis 0). */
 export function nativeSliceView(meta) {
@@ -80,14 +67,35 @@ export function fromBitmap(bitmap, permRAS, dims) {
   return reorder(bitmap, permRAS, dims, false);
 }
 
-/** NiiVue RAS mm position of a continuous voxel index [x, y, z] (the inverse of `mmToVoxel`). */
-export function voxelToMm(meta, voxel) {
-  const n = meta.spacing.length;
-  const lps = [0, 0, 0];
-  for (let r = 0; r < n; r++) {
-    let sum = meta.origin[r];
-    for (let i = 0; i < n; i++) sum += meta.direction[r * n + i] * meta.spacing[i] * voxel[i];
-    lps[r] = sum;
-  }
-  return [-lps[0], -lps[1], lps[2]];
+/** For each of the image's axes (x, y, z): the RAS-frame axis it runs along, and whether it runs backwards. */
+function axisMap(permRAS, dims, dimsRAS) {
+  const strides = [1, dimsRAS[1], dimsRAS[1] * dimsRAS[2]];
+  const luts = lookupTables(permRAS, dims);
+  const map = luts.map((lut, k) => {
+    if (dims[k + 1] < 2) return null; // a 2D image's z: the RAS axis left over
+    const step = lut[1] - lut[0];
+    return { axis: strides.indexOf(Math.abs(step)), flip: step < 0 };
+  });
+  const used = map.filter(Boolean).map((m) => m.axis);
+  return map.map((m) => m || { axis: [0, 1, 2].find((a) => !used.includes(a)), flip: false });
+}
+
+/** The image's continuous voxel index [x, y, z] (voxel centres at integers) of a NiiVue fraction. */
+export function voxelOfFrac(volume, frac) {
+  const { permRAS, dimsRAS } = volume;
+  const dims = volume.hdr.dims;
+  const ras = [0, 1, 2].map((a) => frac[a] * dimsRAS[a + 1] - 0.5);
+  return axisMap(permRAS, dims, dimsRAS).map(({ axis, flip }, k) => (flip ? dims[k + 1] - 1 - ras[axis] : ras[axis]));
+}
+
+/** The NiiVue fraction of the image's voxel [x, y, z] (the inverse of `voxelOfFrac`). */
+export function fracOfVoxel(volume, voxel) {
+  const { permRAS, dimsRAS } = volume;
+  const dims = volume.hdr.dims;
+  const frac = [0.5, 0.5, 0.5];
+  axisMap(permRAS, dims, dimsRAS).forEach(({ axis, flip }, k) => {
+    const ras = flip ? dims[k + 1] - 1 - voxel[k] : voxel[k];
+    frac[axis] = (ras + 0.5) / dimsRAS[axis + 1];
+  });
+  return frac;
 }

@@ -3,7 +3,7 @@
 // z = array axis 0), boxes in pixel edges.
 import { DRAG_MODE, Niivue } from "@niivue/niivue";
 import { ApiError, decodeLabels, getBytes, getJSON, linkTo, npyBytes, send, sendBytes } from "./api.js";
-import { fromBitmap, mmToVoxel, nativeSliceView, toBitmap, voxelToMm } from "./geometry.js";
+import { fracOfVoxel, fromBitmap, nativeSliceView, toBitmap, voxelOfFrac } from "./geometry.js";
 
 // ITK-SNAP's first label colours: what annotators of this field are used to.
 const PALETTE = [
@@ -32,7 +32,7 @@ const VIEWS = { axial: 0, coronal: 1, sagittal: 2, multiplanar: 3 };
 const $ = (id) => document.getElementById(id);
 const state = {
   images: [], labels: {}, imageId: null, meta: null, session: null, shape: null, tool: "box", label: 1,
-  redo: [], busy: false, location: null, pointer: null, lastSeconds: null,
+  redo: [], busy: false, location: null, pointer: null, lastSeconds: null, dirty: false, broken: new Map(),
 };
 
 const nv = new Niivue({
@@ -56,7 +56,10 @@ function failed(error) {
 }
 
 async function busy(what, work) {
-  if (state.busy) return undefined;
+  if (state.busy) {
+    say(`wait: the last action is still running (${what} not done)`, "error");
+    return undefined;
+  }
   state.busy = true;
   document.body.classList.add("busy");
   say(`${what}…`);
@@ -84,6 +87,11 @@ async function refreshImages() {
       li.innerHTML = `<span class="name"></span><span class="badge"></span>`;
       li.querySelector(".name").textContent = item.id;
       li.title = `${item.id} (${item.status})`;
+      if (state.broken.has(item.id)) {
+        li.dataset.status = "error";
+        li.title = state.broken.get(item.id);
+        li.querySelector(".badge").textContent = "error";
+      }
       li.querySelector(".badge").textContent = item.status;
       li.addEventListener("click", () => openImage(item.id));
       return li;
@@ -142,17 +150,27 @@ async function refreshFlywheel() {
 
 // ---- opening an image --------------------------------------------------------------------------------------
 async function openImage(imageId) {
+  if (state.busy) return say("wait: the last action is still running", "error");
+  if (state.dirty && imageId !== state.imageId && !window.confirm(`Leave ${state.imageId}? Its edits are not saved.`)) {
+    return undefined;
+  }
   const known = state.images.find((i) => i.id === imageId);
   const drafting = $("use-draft").checked && known && known.status === "todo";
   const what = drafting ? `opening ${imageId} (making its draft: seconds for an image, minutes for a volume)` : `opening ${imageId}`;
-  await busy(what, async () => {
-    if (state.session) {
-      const old = state.session.session_id;
-      state.session = null;
-      send("DELETE", `/api/sessions/${old}`).catch(() => {});
+  return busy(what, async () => {
+    // Everything the new image needs first: an image that cannot be opened leaves the current one as it was.
+    let meta, buffer, session;
+    try {
+      meta = await getJSON(`/api/images/${encodeURIComponent(imageId)}/meta`);
+      ({ buffer } = await getBytes(`/api/images/${encodeURIComponent(imageId)}?display=true`));
+      session = await send("POST", "/api/sessions", { image_id: imageId, use_draft: $("use-draft").checked });
+    } catch (error) {
+      if (error instanceof ApiError) markBroken(imageId, error.message);
+      throw error;
     }
-    const meta = await getJSON(`/api/images/${encodeURIComponent(imageId)}/meta`);
-    const { buffer } = await getBytes(`/api/images/${encodeURIComponent(imageId)}?display=true`);
+    if (state.session) send("DELETE", `/api/sessions/${state.session.session_id}`).catch(() => {});
+    state.session = null;
+    state.dirty = false;
     const url = URL.createObjectURL(new Blob([buffer]));
     try {
       await nv.loadVolumes([{ url, name: `${imageId}.nii.gz` }]);
@@ -164,7 +182,6 @@ async function openImage(imageId) {
     state.redo = [];
     $("z-from").value = "";
     $("z-to").value = "";
-    const session = await send("POST", "/api/sessions", { image_id: imageId, use_draft: $("use-draft").checked });
     state.session = session;
     state.shape = session.shape;
     nv.createEmptyDrawing();
@@ -203,6 +220,18 @@ async function showMask(mask) {
 
 function edited() {
   $("draft").textContent = `${state.startText}, edited`;
+  state.dirty = true;
+}
+
+/** An image that could not be opened: marked in the list with its reason, skipped by "save and next". */
+function markBroken(imageId, reason) {
+  state.broken.set(imageId, reason);
+  const item = document.querySelector(`#images li[data-id="${CSS.escape(imageId)}"]`);
+  if (item) {
+    item.dataset.status = "error";
+    item.title = reason;
+    item.querySelector(".badge").textContent = "error";
+  }
 }
 
 // ---- prompts and edits -------------------------------------------------------------------------------------
@@ -237,17 +266,49 @@ async function putLabels(labels, what) {
   });
 }
 
-function currentSlice() {
-  if (state.meta.ndim !== 3) return null;
-  const mm = state.location ? state.location.mm : nv.frac2mm(nv.scene.crosshairPos);
-  const z = Math.round(mmToVoxel(state.meta, mm)[2]);
-  return Math.max(0, Math.min(state.shape[0] - 1, z));
+function crosshairVoxel() {
+  return voxelOfFrac(nv.back, nv.scene.crosshairPos).map(Math.round);
 }
 
-function onDragRelease(drag) {
-  if (!state.session || !["box", "box3d"].includes(state.tool)) return;
-  const a = mmToVoxel(state.meta, drag.mmStart);
-  const b = mmToVoxel(state.meta, drag.mmEnd);
+function currentSlice() {
+  if (state.meta.ndim !== 3) return null;
+  return Math.max(0, Math.min(state.shape[0] - 1, crosshairVoxel()[2]));
+}
+
+/** The tile (a 2D view) under canvas point `at` (device pixels), or null (margins, the 3D rendering). */
+function tileAt(at) {
+  return (nv.screenSlices || []).find((tile) => {
+    const [l, t, w, h] = tile.leftTopWidthHeight;
+    return tile.axCorSag <= 2 && at[0] >= l && at[0] <= l + w && at[1] >= t && at[1] <= t + h;
+  }) || null;
+}
+
+/** The image's voxel [x, y, z] under a pointer event, clamped into `tile` (for a box) or null off the image. */
+function voxelAt(event, tile = null) {
+  const rect = $("viewer").getBoundingClientRect();
+  const dpr = nv.uiData.dpr || window.devicePixelRatio || 1;
+  let at = [(event.clientX - rect.left) * dpr, (event.clientY - rect.top) * dpr];
+  if (tile) {
+    const [l, t, w, h] = tile.leftTopWidthHeight;
+    at = [Math.min(Math.max(at[0], l + 0.01), l + w - 0.01), Math.min(Math.max(at[1], t + 0.01), t + h - 0.01)];
+  } else if (!tileAt(at)) return null;
+  const frac = nv.canvasPos2frac(at);
+  if (!frac || frac[0] < 0) return null;
+  const voxel = voxelOfFrac(nv.back, frac);
+  const inside = voxel.every((v, k) => v > -0.5 && v < nv.back.hdr.dims[k + 1] - 0.5);
+  return inside || tile ? voxel.map((v, k) => Math.min(Math.max(v, -0.5), nv.back.hdr.dims[k + 1] - 0.5)) : null;
+}
+
+function onBox(down, up) {
+  if (!state.session || !["box", "box3d"].includes(state.tool)) return undefined;
+  const rect = $("viewer").getBoundingClientRect();
+  const dpr = nv.uiData.dpr || window.devicePixelRatio || 1;
+  const tile = tileAt([(down.clientX - rect.left) * dpr, (down.clientY - rect.top) * dpr])
+    || tileAt([(up.clientX - rect.left) * dpr, (up.clientY - rect.top) * dpr]);
+  if (!tile) return say("draw boxes on the image", "error");
+  const a = voxelAt(down, tile); // a corner off the image is clipped to it
+  const b = voxelAt(up, tile);
+  if (!a || !b) return say("draw boxes on the image", "error");
   const ndim = state.meta.ndim;
   if (ndim === 3 && Math.abs(a[2] - b[2]) > 0.5) {
     const view = ["axial", "coronal", "sagittal"][nativeSliceView(state.meta)];
@@ -257,16 +318,18 @@ function onDragRelease(drag) {
   const [y0, y1] = [Math.min(a[1], b[1]), Math.max(a[1], b[1])].map(Math.round);
   const box = [x0, y0, x1 + 1, y1 + 1];
   if (x1 - x0 < 1 && y1 - y0 < 1) return undefined; // a click, not a box
+  const z = Math.round(a[2]);
   if (state.tool === "box3d") {
     if (ndim !== 3) return say("a 3D box is for volumes", "error");
-    const z = Math.round(a[2]);
-    const typed = [$("z-from").value, $("z-to").value].map((v) => (v === "" ? z : Number(v)));
-    const [from, to] = typed.map((v) => (Number.isInteger(v) ? Math.max(0, Math.min(state.shape[0] - 1, v)) : z));
-    const [z0, z1] = [Math.min(from, to, z), Math.max(from, to, z)];
+    const typed = [$("z-from").value, $("z-to").value].map((v) => (v.trim() === "" ? null : Number(v)));
+    if (typed.some((v) => v !== null && !Number.isInteger(v))) return say("the 3D box's slices are whole numbers", "error");
+    const last = state.shape[0] - 1;
+    const [from, to] = typed.map((v) => (v === null ? z : Math.max(0, Math.min(last, v))));
+    const [z0, z1] = [Math.min(from, to), Math.max(from, to)];
     return prompt({ type: "box3d", label: state.label, box: [box[0], box[1], z0, box[2], box[3], z1] },
       `3D box on slices ${z0}–${z1}`);
   }
-  return prompt({ type: "box", label: state.label, box, z: ndim === 3 ? Math.round(a[2]) : null }, "box");
+  return prompt({ type: "box", label: state.label, box, z: ndim === 3 ? z : null }, "box");
 }
 
 /** The box being dragged, drawn over the canvas (NiiVue's drag callback draws nothing). */
@@ -284,10 +347,18 @@ function onPointerUp(event) {
   const start = state.pointer;
   state.pointer = null;
   if (!start || !state.session || event.button !== 0) return;
-  if (Math.hypot(event.clientX - start.x, event.clientY - start.y) > 4) return;
-  if (!["positive", "negative", "box"].includes(state.tool) || !state.location) return;
+  const moved = Math.hypot(event.clientX - start.x, event.clientY - start.y) > 4;
+  if (moved) {
+    if (["box", "box3d"].includes(state.tool)) onBox(start.event, event);
+    return;
+  }
+  if (!["positive", "negative", "box"].includes(state.tool)) return;
   if (state.tool === "box" && !event.shiftKey && !event.altKey) return; // plain clicks in box mode move the crosshair
-  const v = mmToVoxel(state.meta, state.location.mm);
+  const v = voxelAt(event);
+  if (!v) {
+    say("clicks go on the image", "error");
+    return;
+  }
   const positive = state.tool === "positive" ? !event.shiftKey : state.tool === "box" ? event.altKey : false;
   const z = state.meta.ndim === 3 ? Math.round(v[2]) : null;
   prompt({ type: "click", label: state.label, x: v[0], y: v[1], positive, z },
@@ -326,12 +397,13 @@ async function save(next) {
   const seg = saved.dicom_seg ? ` and ${saved.dicom_seg}` : "";
   say(`saved ${saved.path}${seg}${saved.training === "running" ? "; the specialist trains" : ""}`);
   showStatus("done", Boolean(saved.dicom_seg));
+  state.dirty = false;
   $("draft").textContent = "finished label map";
   document.body.dataset.saved = saved.path;
   if (next) {
     const order = state.images.map((i) => i.id);
     const after = order.slice(order.indexOf(state.imageId) + 1).concat(order);
-    const todo = after.find((id) => state.images.find((i) => i.id === id).status !== "done");
+    const todo = after.find((id) => state.images.find((i) => i.id === id).status !== "done" && !state.broken.has(id));
     if (todo) await openImage(todo);
     else say(`saved ${saved.path}; every image is done`);
   }
@@ -386,8 +458,7 @@ function setRange(end) {
 
 function stepSlice(step) {
   if (!state.meta || state.meta.ndim !== 3) return;
-  const mm = state.location ? state.location.mm : nv.frac2mm(nv.scene.crosshairPos);
-  const v = mmToVoxel(state.meta, mm).map(Math.round);
+  const v = crosshairVoxel();
   v[2] = Math.max(0, Math.min(state.shape[0] - 1, v[2] + step));
   showVoxel(v);
 }
@@ -445,7 +516,7 @@ function onKey(event) {
 
 /** Page (CSS pixel) coordinates of voxel [x, y, z] in the view showing it, or null when no tile shows it. */
 function screenOf(voxel) {
-  const frac = nv.mm2frac(voxelToMm(state.meta, voxel));
+  const frac = fracOfVoxel(nv.back, voxel);
   const position = nv.frac2canvasPos(frac);
   if (!position) return null;
   const rect = $("viewer").getBoundingClientRect();
@@ -455,7 +526,7 @@ function screenOf(voxel) {
 
 /** Move the crosshair (and so the slices shown) to voxel [x, y, z]. */
 function showVoxel(voxel) {
-  nv.scene.crosshairPos = nv.mm2frac(voxelToMm(state.meta, voxel));
+  nv.scene.crosshairPos = fracOfVoxel(nv.back, voxel);
   nv.drawScene();
   nv.createOnLocationChange();
 }
@@ -503,23 +574,27 @@ async function main() {
   nv.onLocationChange = (location) => {
     state.location = location;
     if (!state.meta) return;
-    const v = mmToVoxel(state.meta, location.mm).map(Math.round);
+    const v = voxelOfFrac(nv.back, location.frac).map(Math.round);
     const where = state.meta.ndim === 3 ? `x ${v[0]}, y ${v[1]}, slice ${v[2]} (of 0–${state.shape[0] - 1})` : `x ${v[0]}, y ${v[1]}`;
     const value = location.values && location.values[0] ? location.values[0].value : null;
     const shown = typeof value === "number" ? ` = ${Number(value.toPrecision(5))}` : "";
     $("location").textContent = `${where}${shown}`;
   };
-  nv.onDragRelease = onDragRelease;
   nv.onMouseUp = () => setTimeout(onDrawingDone, 0);
   nv.setDrawOpacity(0.5);
   const canvas = $("viewer");
   canvas.addEventListener("pointerdown", (e) => {
-    state.pointer = { x: e.clientX, y: e.clientY };
+    state.pointer = { x: e.clientX, y: e.clientY, event: e };
     if (e.button === 0 && ["box", "box3d"].includes(state.tool)) rubberBand(e);
   });
   canvas.addEventListener("pointermove", (e) => state.pointer && rubberBand(e));
-  window.addEventListener("pointerup", () => ($("rubber").hidden = true));
-  canvas.addEventListener("pointerup", (e) => setTimeout(() => onPointerUp(e), 0));
+  // Capture phase: seen before NiiVue's handlers (which may stop it), and wherever the button is released
+  // (a box may end off the canvas); a press elsewhere forgets a press on the canvas whose release was missed.
+  window.addEventListener("pointerup", (e) => {
+    $("rubber").hidden = true;
+    setTimeout(() => onPointerUp(e), 0);
+  }, true);
+  window.addEventListener("pointerdown", (e) => e.target !== canvas && (state.pointer = null), true);
   // Capture: our shortcuts run first, and NiiVue's canvas listeners (view modes, h/j/k/l crosshair moves) never
   // see a key, so the page's state and the viewer's cannot drift apart.
   window.addEventListener("keydown", (event) => {
