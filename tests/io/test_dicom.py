@@ -136,3 +136,16 @@ def test_series_with_a_missing_slice_is_an_error(tmp_path):
     with pytest.raises(MedsegError, match="not evenly spaced") as info:
         load(folder)
     assert str(info.value).startswith(str(folder))
+
+
+@pytest.mark.parametrize("without", ["one", "all"])
+def test_series_slices_without_a_position_are_an_error(tmp_path, without):
+    folder = tmp_path / "ct"
+    series = fx.write_dicom_series(folder, n_slices=5, suffix=".dcm")
+    for file in series.files[2:3] if without == "one" else series.files:
+        ds = pydicom.dcmread(file)
+        del ds.ImagePositionPatient
+        ds.save_as(file)
+    with pytest.raises(MedsegError, match="has no ImagePositionPatient") as info:
+        load(folder)
+    assert str(info.value).startswith(str(folder)) and "\n" not in str(info.value)

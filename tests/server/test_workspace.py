@@ -431,3 +431,26 @@ def test_the_task_modality_comes_from_dataset_json(tmp_path: Path, info: object,
     (tmp_path / "dataset.json").write_text(json.dumps(info))
     assert _task_modality(tmp_path / "dataset.json") == modality
     assert _task_modality(tmp_path / "missing.json") is None
+
+
+def test_a_label_map_that_cannot_be_written_leaves_the_previous_seg(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import medseg.server.workspace as workspace_module
+
+    root, _ = make_dicom_workspace(tmp_path / "ws")
+    workspace = Workspace(root)
+    workspace.save_label("ct", series_labels())
+    seg_path, label_path = root / "dicom-seg" / "ct.dcm", root / "labelsTr" / "ct.nii.gz"
+    seg_before, label_before = seg_path.read_bytes(), label_path.read_bytes()
+
+    def full_disk(image: Image, path: Path, **options: object) -> Path:
+        raise MedsegError("cannot write (No space left on device)", path)
+
+    monkeypatch.setattr(workspace_module, "save", full_disk)
+    changed = series_labels()
+    changed[0] = 0
+    with pytest.raises(MedsegError, match="No space left"):
+        workspace.save_label("ct", changed)
+    assert seg_path.read_bytes() == seg_before and label_path.read_bytes() == label_before
+    assert sorted(p.name for p in (root / "dicom-seg").iterdir()) == ["ct.dcm"]  # no backup left behind

@@ -119,11 +119,14 @@ def save(image: Image, path: str | Path, *, key: str | None = None, protect: tup
         raise MedsegError("writing MRC is not supported; write .nii.gz", target)
     if image.is_label_map() and fmt not in LOSSLESS_LABEL_FORMATS:
         raise MedsegError(f"{fmt.upper()} is lossy and would corrupt a label map; use .png or .nii.gz", target)
-    target.parent.mkdir(parents=True, exist_ok=True)
     # Write under the final name in a hidden folder next to the target, then move into place: .mhd and
     # .nhdr headers name their data file, which must be moved too (first, so the header never dangles).
     stem = split_extension(target)[0]
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{stem}.", suffix=".tmp", dir=target.parent))
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp_dir = Path(tempfile.mkdtemp(prefix=f".{stem}.", suffix=".tmp", dir=target.parent))
+    except OSError as err:  # a read-only folder, a full disk
+        raise MedsegError(f"cannot write ({err.strerror or err})", target) from None
     tmp = tmp_dir / target.name
     try:
         _write(image, tmp, fmt, key)

@@ -161,8 +161,16 @@ def read_dicom_series(folder: Path) -> Image:
 
 
 def _check_slice_spacing(reader: sitk.ImageSeriesReader, count: int, folder: Path) -> None:
-    """Slices must be evenly spaced along their normal: a gap means missing files and a wrong z spacing."""
-    if count < 3 or not all(reader.HasMetaDataKey(i, "0020|0032") for i in range(count)):
+    """Slices must have a position (else their order and the z spacing are guesses) and be evenly spaced along
+    their normal (a gap means missing files and a wrong z spacing)."""
+    if count < 2:
+        return
+    unplaced = [i for i in range(count) if not reader.HasMetaDataKey(i, "0020|0032")]
+    if unplaced:
+        name = Path(reader.GetFileNames()[unplaced[0]]).name
+        raise MedsegError(f"slice file {name!r} has no ImagePositionPatient (0020,0032): the slices' order and "
+                          f"spacing are unknown ({len(unplaced)} of {count} slices lack it)", folder)  # fmt: skip
+    if count < 3:
         return
     try:
         cosines = np.array([float(v) for v in reader.GetMetaData(0, "0020|0037").split("\\")])

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -229,14 +230,25 @@ class Workspace:
         seg_target = self.dicom_seg_path(image_id)
         files = self.entry(image_id).files
         with self._lock:
-            if seg_target is not None:
-                self._save_dicom_seg(image.with_array(array), seg_target, files[0])
+            # The SEG and the label map change together or not at all: the previous SEG is kept aside until the
+            # label map is written, and put back if it is not.
+            previous = None
+            if seg_target is not None and seg_target.is_file():
+                previous = seg_target.with_name(f".{seg_target.name}.previous")
+                shutil.copy2(seg_target, previous)
             try:
+                if seg_target is not None:
+                    self._save_dicom_seg(image.with_array(array), seg_target, files[0])
                 save(image.with_array(array), target, protect=files)
             except MedsegError:
-                if seg_target is not None:  # no SEG newer than the label map it was made with
+                if seg_target is not None and previous is not None:
+                    os.replace(previous, seg_target)
+                elif seg_target is not None:  # no SEG newer than the label map it was made with
                     seg_target.unlink(missing_ok=True)
                 raise
+            finally:
+                if previous is not None:
+                    previous.unlink(missing_ok=True)
             self.draft_path(image_id).unlink(missing_ok=True)
         return target
 
