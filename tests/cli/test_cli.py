@@ -205,3 +205,15 @@ def test_info_and_evaluate_take_a_dicom_seg(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
     assert summary["cases"] == 1 and summary["labels"]["1"]["dice"]["mean"] == 1.0
+
+
+def test_prompt_never_writes_into_its_input_series(tmp_path: Path) -> None:
+    from fixtures import write_dicom_series
+
+    series = write_dicom_series(tmp_path / "ct", n_slices=4, rows=10, cols=12)
+    before = sorted(p.name for p in series.folder.iterdir())
+    inside = _run("prompt", series.folder, "--box", "1,1,8,8", "--slice", "1", "-o", series.folder)
+    _one_error_line(inside, "input DICOM series folder")
+    a_slice = _run("prompt", series.folder, "--box", "1,1,8,8", "--slice", "1", "-o", series.files[0])
+    _one_error_line(a_slice, "is a file without an extension")
+    assert sorted(p.name for p in series.folder.iterdir()) == before

@@ -10,6 +10,17 @@ const PALETTE = [
   [255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 0], [0, 255, 255], [255, 0, 255], [255, 239, 213],
   [0, 0, 205], [205, 133, 63], [210, 180, 140], [102, 205, 170], [0, 0, 128], [0, 139, 139], [46, 139, 87],
 ];
+/** ITK-SNAP's colours for the first labels, then hues a golden angle apart (no two labels alike). */
+function labelColour(value) {
+  if (value <= PALETTE.length) return PALETTE[value - 1];
+  const hue = (value * 137.508) % 360;
+  const f = (n) => {
+    const k = (n + hue / 30) % 12;
+    return Math.round(255 * (0.55 - 0.45 * Math.max(-1, Math.min(k - 3, 9 - k, 1))));
+  };
+  return [f(0), f(8), f(4)];
+}
+
 const WINDOWS = {
   auto: null, // NiiVue's robust range
   "CT soft tissue": [400, 40],
@@ -110,7 +121,7 @@ async function loadTask() {
   const select = $("label");
   select.replaceChildren();
   for (const [name, value] of Object.entries(state.labels)) {
-    const [r, g, b] = PALETTE[(value - 1) % PALETTE.length];
+    const [r, g, b] = labelColour(value);
     R.push(r); G.push(g); B.push(b); A.push(255); I.push(value); names.push(name);
     const option = document.createElement("option");
     option.value = String(value);

@@ -63,8 +63,12 @@ def prompt(
     if output.suffix:
         target = output
         check_output_format(output_format, target, input_path)
+    elif output.is_file():  # e.g. a DICOM slice without extension: not a folder to write into
+        raise MedsegError("is a file without an extension: give a label map file (e.g. out.nii.gz) or a folder", output)
     else:
         target = label_path_for(input_path, output, case_of(input_path), output_format)
+    if input_path.is_dir() and target.resolve().is_relative_to(input_path.resolve()):
+        raise MedsegError("refusing to write into the input DICOM series folder: choose another output", target)
     dicom_seg = format_of(target) == "dicom"  # an unknown output extension fails before any work
     image = load(input_path)
     try:
