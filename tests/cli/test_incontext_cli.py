@@ -14,7 +14,7 @@ import torch
 from cli_helpers import assert_one_error_line
 from cli_helpers import run_cli as _run
 from dataset_builders import make_nnunet_2d_shapes, make_nnunet_3d
-from medseg.io import load
+from medseg.io import load, save
 from medseg.models.incontext import UniverSeg
 
 
@@ -226,6 +226,13 @@ def test_a_dicom_series_query_gives_a_dicom_seg(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert [p.name for p in (tmp_path / "auto").iterdir()] == ["ct.nii.gz"]
     np.testing.assert_array_equal(load(tmp_path / "auto" / "ct.nii.gz").array, seg.array)
+    # a query folder holding the series as a sub-folder, beside a volume: both are queries, as for predict
+    save(load(support / "imagesTr" / "case_000_0000.nii.gz"), tmp_path / "query" / "vol.nii.gz")
+    both = ("incontext", "--support", support, "--query", tmp_path / "query", "--weights", weights)
+    result = _run(*both, "-o", tmp_path / "both")
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (tmp_path / "both").iterdir()) == ["ct.nii.gz", "vol.nii.gz"]
+    np.testing.assert_array_equal(load(tmp_path / "both" / "ct.nii.gz").array, seg.array)
 
 
 def test_dicom_seg_for_a_query_that_is_not_dicom_is_refused_before_any_work(tmp_path: Path) -> None:

@@ -138,8 +138,9 @@ def incontext(
 
 
 def _query_cases(query: Path, output: Path, support: Path) -> dict[str, list[Path]]:
-    """Case -> [its file]: the query file, the image files of a query folder, or the query folder itself when it
-    holds files but none with an extension medseg reads, and no folders (a DICOM series, as ``medseg predict``).
+    """Case -> [its file]: the query file; the image files and DICOM series sub-folders of a query folder; or the
+    query folder itself when it holds files but none with an extension medseg reads, and no folders (a DICOM
+    series), as ``medseg predict``.
 
     Raises:
         MedsegError: no such query, ``output`` is the query's folder or inside ``support``, no images, a second
@@ -159,6 +160,8 @@ def _query_cases(query: Path, output: Path, support: Path) -> dict[str, list[Pat
     visible = [] if query.is_file() else [p for p in query.iterdir() if not p.name.startswith(".")]
     if not files and visible and not any(p.is_dir() for p in visible):
         files = [query]  # a DICOM series folder (slices named without a known extension): one volume
+    elif query.is_dir():  # DICOM series sub-folders are one volume each, as for `medseg predict`
+        files += sorted(p for p in visible if p.is_dir() and p.resolve() != output.resolve())
     if not files:
         raise MedsegError("no images in this folder", query)
     for f in files:  # nnU-Net's case_0001 beside case_0000 is a second channel, which these engines do not take
