@@ -14,7 +14,7 @@ from fixtures import write_dicom_series
 from medseg.errors import MedsegError
 from medseg.inference.engines import Segmentation
 from medseg.inference.folders import cases_of, label_targets, predict_folder
-from medseg.io import Geometry, Image, load, save
+from medseg.io import Geometry, Image, load, save, save_dicom_seg
 
 GEOMETRY_3D = Geometry((0.8, 0.7, 2.5), (-20.0, 15.5, 40.0), (-1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))
 
@@ -282,3 +282,15 @@ def test_predict_folder_writes_dicom_segs_all_or_nothing(tmp_path: Path) -> None
     assert seg.geometry.matches(image.geometry) and seg.meta["segment_names"] == {1: "bright"}
     assert pydicom.dcmread(targets["ct_a"]).SegmentSequence[0].SegmentAlgorithmName == "threshold"
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["ct_a.dcm"]  # no staging folder left
+
+
+def test_a_dicom_seg_is_not_segmented_as_an_image(tmp_path: Path) -> None:
+    series = write_dicom_series(tmp_path / "ct", n_slices=3, rows=8, cols=8)
+    image = load(series.folder)
+    labels = np.zeros(image.shape, np.uint8)
+    labels[1, 2:5, 2:5] = 1
+    seg = save_dicom_seg(image.with_array(labels), tmp_path / "in" / "seg.dcm", series.folder)
+    out = tmp_path / "out"
+    with pytest.raises(MedsegError, match="is a DICOM-SEG") as caught:
+        predict_folder(threshold, cases_of(seg), out)
+    assert caught.value.path == seg and not out.exists()

@@ -56,6 +56,11 @@ def cases_of(input_path: Path) -> dict[str, list[Path]]:
     return cases
 
 
+def _not_a_segmentation(image: Image, path: Path) -> None:
+    if image.meta.get("format") == "dicom-seg":
+        raise MedsegError("is a DICOM-SEG (a label map), not an image to segment", path)
+
+
 def label_targets(
     cases: Mapping[str, Sequence[Path]], output: Path, protect: Sequence[Path] = (), output_format: str = "auto"
 ) -> dict[str, Path]:
@@ -140,13 +145,17 @@ def predict_folder(
     for files in cases.values():  # every input is read and checked before any work (and read again below)
         if check is not None or output_format == "dicom-seg":
             image = load_case(files)
+        if check is not None or output_format == "dicom-seg":
+            _not_a_segmentation(image, files[0])
         if check is not None:
             _named(check, image, files[0])
         if output_format == "dicom-seg":
             check_grid(image, read_source(files[0]), files[0])
     with staging(output) as folder:
         for case, files in cases.items():
-            result = _named(predict, load_case(files), files[0])
+            image = load_case(files)
+            _not_a_segmentation(image, files[0])
+            result = _named(predict, image, files[0])
             try:
                 if output_format == "dicom-seg":
                     save_dicom_seg(
