@@ -160,7 +160,7 @@ def test_cli_bad_inputs_write_nothing(tmp_path: Path) -> None:
     base = ["prompt", str(tmp_path / "disk.png"), "-o", str(tmp_path / "o.png")]
     for extra, fragment in [
         (["--box", "100,30,40,90"], "inverted"),
-        (["--box", "0,0,500,90"], "outside"),
+        (["--box", "300,0,500,90"], "outside"),  # wholly outside (one crossing the border is clipped)
         (["--box", "1,2,3"], "needs 4 numbers"),
         (["--box3d", "0,0,0,5,5,1"], "3D box"),
         (["--point", "1,2,5"], "label 1 or 0"),
@@ -385,3 +385,32 @@ def test_cli_dicom_series_in_dicom_seg_out(tmp_path: Path) -> None:
     result = runner.invoke(app, ["prompt", str(series.folder), *box, "-o", str(tmp_path / "named.dcm")])
     assert result.exit_code == 0, result.output
     np.testing.assert_array_equal(load(tmp_path / "named.dcm").array, seg.array)
+
+
+def test_boxes_crossing_the_border_are_clipped_and_boxes_outside_left_for_validate() -> None:
+    from medseg.inference.prompt_session import clip_to_image
+
+    flat = Image(np.zeros((10, 12), np.float32))
+    clipped, notes = clip_to_image(flat, Prompts(boxes=[(-3, 2, 5, 20), (1, 1, 4, 4), (20, 0, 30, 5)]))
+    assert clipped.boxes == [(0.0, 2.0, 5.0, 10.0), (1.0, 1.0, 4.0, 4.0), (20.0, 0.0, 30.0, 5.0)]
+    assert len(notes) == 1 and "clipped to (0, 2, 5, 10)" in notes[0]
+    with pytest.raises(MedsegError, match="outside the image"):  # wholly outside: refused as before
+        validate(flat, clipped)
+    vol = Image(np.zeros((5, 10, 12), np.float32))
+    clipped, notes = clip_to_image(vol, Prompts(boxes3d=[(-2, 0, -1, 5, 5, 9), (0, 0, 3, 5, 5, 1)]))
+    assert clipped.boxes3d == [(0.0, 0.0, 0.0, 5.0, 5.0, 4.0), (0.0, 0.0, 3.0, 5.0, 5.0, 1.0)]  # inverted: kept
+    assert len(notes) == 1
+
+
+def test_prompt_clips_a_box_past_the_edge_and_says_so(tmp_path: Path) -> None:
+    image, disk = _disk_image(centre=(60, 30))  # the disk near the left edge
+    save(Image(image), tmp_path / "in.png")
+    result = CliRunner().invoke(app, ["prompt", str(tmp_path / "in.png"), "--box", "-20,30,60,90",
+                                      "-o", str(tmp_path / "out.png")])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "note: box (-20, 30, 60, 90) crosses the image's border: clipped to (0, 30, 60, 90)" in result.stderr
+    assert dice(load(tmp_path / "out.png").array == 1, disk) > 0.85
+    outside = CliRunner().invoke(app, ["prompt", str(tmp_path / "in.png"), "--box", "200,30,260,90",
+                                       "-o", str(tmp_path / "none.png")])  # fmt: skip
+    assert outside.exit_code == 2 and "outside the image" in outside.stderr
+    assert not (tmp_path / "none.png").exists()

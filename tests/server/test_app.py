@@ -317,7 +317,7 @@ def test_bad_prompts_are_422_in_one_line(client: TestClient) -> None:
     nan = b'{"type": "box", "box": [NaN, 0, 10, 10]}'
     one_line(client.post(prompts, content=nan, headers=as_json), 422, "finite")
     one_line(client.post(prompts, content=b"{not json", headers=as_json), 422)
-    one_line(client.post(prompts, json={"type": "box", "box": [10, 10, 200, 20]}), 422)
+    one_line(client.post(prompts, json={"type": "box", "box": [100, 10, 200, 20]}), 422, "outside")
     one_line(client.post(prompts, json={"type": "box", "box": [10, 10, 20, 20], "z": 3}), 422, "2D")
     one_line(client.post(prompts, json={"type": "box3d", "box": [1, 1, 0, 9, 9, 0]}), 422, "volumes")
     one_line(client.post(prompts, json={"type": "click", "x": 5, "y": 5, "positive": False}), 422, "negative click")

@@ -98,7 +98,7 @@ def test_prompts_that_do_not_fit_are_refused_before_the_model() -> None:
     with pytest.raises(MedsegError, match="a scribble needs at least one point"):
         flat.scribble(1, [])
     with pytest.raises(MedsegError, match="outside the image"):
-        flat.box(1, (10.0, 10.0, 80.0, 80.0))
+        flat.box(1, (200.0, 10.0, 210.0, 80.0))  # wholly outside (one crossing the border is clipped)
     with pytest.raises(MedsegError, match="nothing to undo"):
         flat.undo()
 
@@ -188,7 +188,7 @@ def test_a_refused_prompt_leaves_later_prompts_working(engine: PromptEngine) -> 
     with pytest.raises(MedsegError, match="a negative click needs an object"):
         session.click(1, 5, 5, positive=False)
     with pytest.raises(MedsegError, match="outside the image"):
-        session.box(1, (10.0, 10.0, 80.0, 80.0))
+        session.box(1, (200.0, 10.0, 210.0, 80.0))
     assert session.interactions == 0 and not session.labels.any()
     session.click(1, 32, 28)  # were the negative click kept, this positive one would come second and be refused
     assert session.interactions == 1 and session._objects[(1, None)].point_labels == [1]
@@ -201,7 +201,7 @@ def test_a_refused_prompt_leaves_later_prompts_working(engine: PromptEngine) -> 
     labels = session.click(1, 30, 30)  # were the click outside the image kept, every later click would be refused
     assert dice(labels == 1, square_mask()) > 0.8 and session.interactions == 3
     with pytest.raises(MedsegError, match="outside the image"):
-        session.box(1, (-5.0, 0.0, 30.0, 30.0))
+        session.box(1, (-50.0, 0.0, -5.0, 30.0))
     labels = session.click(1, 5, 5, positive=False)  # with the accepted box, not the refused one
     assert dice(labels == 1, square_mask()) > 0.8 and session.interactions == 4
 

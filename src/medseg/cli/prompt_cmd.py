@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import typer
 
 from medseg.cli.common import OUTPUT_FORMAT_HELP, check_device, out, progress_bar, user_errors
+from medseg.cli.common import err as stderr
 from medseg.errors import MedsegError
 
 if TYPE_CHECKING:
@@ -41,7 +42,7 @@ def prompt(
     series in, -o x.dcm or --output-format dicom-seg: a DICOM-SEG (SEMIAUTOMATIC) referencing the series.
     """
     from medseg.inference.prompt_predictor import PromptPredictor
-    from medseg.inference.prompt_session import Prompts, segment, validate
+    from medseg.inference.prompt_session import Prompts, clip_to_image, segment, validate
     from medseg.io import case_of, format_of, label_path_for, load, save, save_dicom_seg
     from medseg.io.dicom_source import check_grid, read_source
     from medseg.io.formats import check_output_format
@@ -71,6 +72,9 @@ def prompt(
         raise MedsegError("refusing to write into the input DICOM series folder: choose another output", target)
     dicom_seg = format_of(target) == "dicom"  # an unknown output extension fails before any work
     image = load(input_path)
+    prompts, notes = clip_to_image(image, prompts)
+    for note in notes:  # a box dragged past the edge means the part inside
+        stderr.print(f"medseg: note: {note}", soft_wrap=True)
     try:
         validate(image, prompts)
     except MedsegError as err:

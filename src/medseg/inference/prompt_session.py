@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -83,6 +83,7 @@ def segment_logits(
     Raises:
         MedsegError: prompts that do not fit the image (see `validate`).
     """
+    prompts = clip_to_image(image, prompts)[0]
     validate(image, prompts)
     shown = normalize(image, intensity_preset(image, preset)).array.astype(np.float32)
     keyed = _KeyedPredictor(predictor, key) if key is not None else predictor
@@ -112,6 +113,47 @@ class _KeyedPredictor:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._predictor, name)
+
+
+def clip_to_image(image: Image, prompts: Prompts) -> tuple[Prompts, list[str]]:
+    """``prompts`` with the boxes that cross the image's border clipped to it, and one note per clipped box.
+
+    A box partly outside the image means the part inside (as a viewer's box dragged past the edge); a box wholly
+    outside, inverted, empty or not finite is left as it is, for `validate` to refuse. A 3D box's slice range is
+    clipped to the volume's slices the same way.
+    """
+    height, width = image.shape[-2:]
+    depth = image.shape[0] if image.ndim == 3 else 1
+    notes: list[str] = []
+
+    def shown(box: Sequence[float]) -> str:
+        return "(" + ", ".join(f"{float(v):g}" for v in box) + ")"
+
+    boxes = []
+    for box in prompts.boxes:
+        clipped = _clip_box(box, width, height)
+        if clipped != tuple(float(v) for v in box):
+            notes.append(f"box {shown(box)} crosses the image's border: clipped to {shown(clipped)}")
+        boxes.append(clipped)
+    boxes3d = []
+    for box3 in prompts.boxes3d if image.ndim == 3 else ():  # on a 2D image, validate refuses them
+        x0, y0, z0, x1, y1, z1 = (float(v) for v in box3)
+        (cx0, cy0, cx1, cy1), (cz0, cz1) = _clip_box((x0, y0, x1, y1), width, height), (z0, z1)
+        if np.isfinite([z0, z1]).all() and z0 <= z1 and z1 >= 0 and z0 <= depth - 1:
+            cz0, cz1 = max(z0, 0.0), min(z1, float(depth - 1))
+        clipped3 = (cx0, cy0, cz0, cx1, cy1, cz1)
+        if clipped3 != (x0, y0, z0, x1, y1, z1):
+            notes.append(f"3D box {shown(box3)} crosses the volume's border: clipped to {shown(clipped3)}")
+        boxes3d.append(clipped3)
+    return replace(prompts, boxes=boxes, boxes3d=boxes3d if image.ndim == 3 else prompts.boxes3d), notes
+
+
+def _clip_box(box: Sequence[float], width: int, height: int) -> tuple[float, float, float, float]:
+    x0, y0, x1, y1 = (float(v) for v in box)
+    inside = np.isfinite([x0, y0, x1, y1]).all() and x0 < x1 and y0 < y1
+    if not inside or x1 <= 0 or y1 <= 0 or x0 >= width or y0 >= height:
+        return x0, y0, x1, y1  # wholly outside or not a box: validate refuses it
+    return max(x0, 0.0), max(y0, 0.0), min(x1, float(width)), min(y1, float(height))
 
 
 def validate(image: Image, prompts: Prompts) -> None:
