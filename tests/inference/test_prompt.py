@@ -76,6 +76,8 @@ def test_helpers() -> None:
     ct = Image(np.array([[-1000.0, 400.0], [0.0, 40.0]]))
     assert intensity_preset(ct, None).name == "ct:soft_tissue"
     assert intensity_preset(Image(np.array([[0.0, 1.0], [2.0, 3.0]])), None).name == "percentile"
+    grey = Image(np.array([[0, 10], [200, 255]], np.uint8))
+    assert intensity_preset(grey, None).name == "none"  # 8-bit grey: the model's min-max, as LiteMedSAM's training
 
 
 @pytest.fixture(scope="module")

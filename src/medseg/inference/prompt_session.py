@@ -33,8 +33,9 @@ def intensity_preset(image: Image, preset: str | None) -> IntensityPreset:
     """The preset to display-normalise ``image`` for prompting.
 
     ``preset`` names one (``ct:soft_tissue``, ``ct:lung``, ``ct:brain``, ``ct:bone``, ``mr``,
-    ``percentile``, ``rgb``, ``none``); None picks: RGB -> rgb; DICOM modality CT, or values from
-    below -500 to above 300 (Hounsfield units) -> ``ct:soft_tissue``; else 0.5-99.5 percentile
+    ``percentile``, ``rgb``, ``none``); None picks: RGB -> rgb; 8-bit grey -> ``none`` (the model's own
+    min-max scaling, as LiteMedSAM's training images: MedSAM's ``pre_grey_rgb.py``); DICOM modality CT, or
+    values from below -500 to above 300 (Hounsfield units) -> ``ct:soft_tissue``; else 0.5-99.5 percentile
     clipping to [0, 1] (MedSAM's convention for MR and other modalities).
     """
     if preset is not None:
@@ -42,6 +43,8 @@ def intensity_preset(image: Image, preset: str | None) -> IntensityPreset:
     if image.channels == 3:
         return IntensityPreset("rgb")
     array = image.array
+    if array.dtype == np.uint8:  # 8-bit grey display images: min-max scaled by the model, as LiteMedSAM was trained
+        return IntensityPreset("none")
     is_ct = str(image.meta.get("modality", "")).upper() == "CT" or (
         array.dtype.kind in "if" and float(array.min()) <= _HU_MIN and float(array.max()) >= _HU_MAX
     )
