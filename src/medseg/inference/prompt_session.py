@@ -138,25 +138,36 @@ def clip_to_image(image: Image, prompts: Prompts) -> tuple[Prompts, list[str]]:
         if clipped != tuple(float(v) for v in box):
             notes.append(f"box {shown(box)} crosses the image's border: clipped to {shown(clipped)}")
         boxes.append(clipped)
+    if image.ndim != 3:  # 3D boxes on a 2D image: validate refuses them
+        return replace(prompts, boxes=boxes), notes
     boxes3d = []
-    for box3 in prompts.boxes3d if image.ndim == 3 else ():  # on a 2D image, validate refuses them
+    for box3 in prompts.boxes3d:
         x0, y0, z0, x1, y1, z1 = (float(v) for v in box3)
-        (cx0, cy0, cx1, cy1), (cz0, cz1) = _clip_box((x0, y0, x1, y1), width, height), (z0, z1)
-        if np.isfinite([z0, z1]).all() and z0 <= z1 and z1 >= 0 and z0 <= depth - 1:
-            cz0, cz1 = max(z0, 0.0), min(z1, float(depth - 1))
+        cx0, cy0, cx1, cy1 = _clip_box((x0, y0, x1, y1), width, height)
+        cz0, cz1 = _clip_span(z0, z1, depth - 1, inclusive=True) or (z0, z1)
         clipped3 = (cx0, cy0, cz0, cx1, cy1, cz1)
         if clipped3 != (x0, y0, z0, x1, y1, z1):
             notes.append(f"3D box {shown(box3)} crosses the volume's border: clipped to {shown(clipped3)}")
         boxes3d.append(clipped3)
-    return replace(prompts, boxes=boxes, boxes3d=boxes3d if image.ndim == 3 else prompts.boxes3d), notes
+    return replace(prompts, boxes=boxes, boxes3d=boxes3d), notes
 
 
 def _clip_box(box: Sequence[float], width: int, height: int) -> tuple[float, float, float, float]:
     x0, y0, x1, y1 = (float(v) for v in box)
-    inside = np.isfinite([x0, y0, x1, y1]).all() and x0 < x1 and y0 < y1
-    if not inside or x1 <= 0 or y1 <= 0 or x0 >= width or y0 >= height:
+    xs, ys = _clip_span(x0, x1, width), _clip_span(y0, y1, height)
+    if xs is None or ys is None:
         return x0, y0, x1, y1  # wholly outside or not a box: validate refuses it
-    return max(x0, 0.0), max(y0, 0.0), min(x1, float(width)), min(y1, float(height))
+    return xs[0], ys[0], xs[1], ys[1]
+
+
+def _clip_span(lo: float, hi: float, end: float, inclusive: bool = False) -> tuple[float, float] | None:
+    """``(lo, hi)`` clipped to ``[0, end]`` (edges; ``inclusive``: indices up to ``end``), or None when it is not
+    finite, inverted, empty or wholly outside."""
+    inverted = lo > hi if inclusive else lo >= hi
+    outside = (hi < 0 or lo > end) if inclusive else (hi <= 0 or lo >= end)
+    if not np.isfinite([lo, hi]).all() or inverted or outside:
+        return None
+    return max(lo, 0.0), min(hi, float(end))
 
 
 def validate(image: Image, prompts: Prompts) -> None:

@@ -5,10 +5,12 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import IO
 
 import httpx
 
@@ -33,7 +35,8 @@ def served(
         options: further ``medseg serve`` options, e.g. ``"--train-after", "0"``.
         token: the API token (``--token``).
         wait: seconds to wait for the server to answer (0: yield at once).
-        quiet: discard the server's output (else it is piped: ``process.stdout``).
+        quiet: keep the server's output to itself, shown only if it exits early (else it is piped:
+            ``process.stdout``).
 
     Raises:
         MedsegError: the server exited, or did not answer within ``wait`` seconds.
@@ -41,16 +44,22 @@ def served(
     port = free_port()
     command = [sys.executable, "-m", "medseg.cli", "serve", str(root), "--port", str(port), *options]
     command += ["--token", token] if token else []
-    output = subprocess.DEVNULL if quiet else subprocess.PIPE
-    process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT if not quiet else subprocess.PIPE)
-    url = f"http://127.0.0.1:{port}"
+    # quiet: the output goes to a file (an unread pipe would block a talkative server), read back if it fails
+    with tempfile.TemporaryFile() as log_file:
+        yield from _run(command, f"http://127.0.0.1:{port}", log_file if quiet else None, root, wait)
+
+
+def _run(
+    command: list[str], url: str, log: IO[bytes] | None, root: str | Path, wait: float
+) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    output = log if log is not None else subprocess.PIPE
+    process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + wait
         while wait:
             if process.poll() is not None:
-                stream = process.stderr if quiet else process.stdout
-                said = stream.read().decode(errors="replace").strip() if stream else ""
-                raise MedsegError(f"medseg serve exited {process.returncode}: {said[-400:]}", Path(root))
+                said = _output(process, log)[-400:]
+                raise MedsegError(f"medseg serve exited {process.returncode}: {said}", Path(root))
             try:
                 httpx.get(f"{url}/", timeout=5)
                 break
@@ -66,3 +75,11 @@ def served(
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+def _output(process: subprocess.Popen[bytes], log: IO[bytes] | None) -> str:
+    """What a server that has exited printed (from its log file, or its pipe)."""
+    if log is not None:
+        log.seek(0)
+    stream = log if log is not None else process.stdout
+    return stream.read().decode(errors="replace").strip() if stream is not None else ""
