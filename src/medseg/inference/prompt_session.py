@@ -30,25 +30,32 @@ class Prompts:
 
 
 def intensity_preset(image: Image, preset: str | None) -> IntensityPreset:
-    """The preset to display-normalise ``image`` for prompting.
+    """The preset to display-normalise ``image`` for prompting, as LiteMedSAM's training images were made.
 
     ``preset`` names one (``ct:soft_tissue``, ``ct:lung``, ``ct:brain``, ``ct:bone``, ``mr``,
-    ``percentile``, ``rgb``, ``none``); None picks: RGB -> rgb; 8-bit grey -> ``none`` (the model's own
-    min-max scaling, as LiteMedSAM's training images: MedSAM's ``pre_grey_rgb.py``); DICOM modality CT, or
-    values from below -500 to above 300 (Hounsfield units) -> ``ct:soft_tissue``; else 0.5-99.5 percentile
-    clipping to [0, 1] (MedSAM's convention for MR and other modalities).
+    ``percentile``, ``rgb``, ``none``); None picks by the rule of MedSAM's preprocessing scripts:
+
+    - RGB -> ``rgb``; a 2D grey image of integers (8- or 16-bit) -> ``none``: the model's own min-max
+      scaling (``pre_grey_rgb.py`` min-max scales such images to 8 bits);
+    - CT (DICOM Modality CT, or values from below -500 to above 300, Hounsfield units) -> ``ct:soft_tissue``
+      (``pre_CT_MR.py`` windows CT);
+    - anything else (MR and other volumes, float images) -> ``mr``: clipped at the 0.5 / 99.5 percentiles of
+      the non-zero voxels and scaled to [0, 1], so a zero background stays 0 (``pre_CT_MR.py``'s non-CT
+      branch); all voxels count when none is above zero.
     """
     if preset is not None:
         return IntensityPreset(preset, mode="unit") if preset in ("mr", "percentile") else IntensityPreset(preset)
     if image.channels == 3:
         return IntensityPreset("rgb")
     array = image.array
-    if array.dtype == np.uint8:  # 8-bit grey display images: min-max scaled by the model, as LiteMedSAM was trained
-        return IntensityPreset("none")
     is_ct = str(image.meta.get("modality", "")).upper() == "CT" or (
         array.dtype.kind in "if" and float(array.min()) <= _HU_MIN and float(array.max()) >= _HU_MAX
     )
-    return IntensityPreset("ct:soft_tissue") if is_ct else IntensityPreset("percentile", mode="unit")
+    if is_ct:
+        return IntensityPreset("ct:soft_tissue")
+    if image.ndim == 2 and array.dtype.kind in "iub":  # 2D display images: min-max scaled by the model
+        return IntensityPreset("none")
+    return IntensityPreset("mr", mode="unit")
 
 
 def segment(
