@@ -7,6 +7,7 @@ import pytest
 
 from medseg.errors import MedsegError
 from medseg.preprocessing import ResizeRecord, resize_and_pad, undo_resize_and_pad
+from medseg.preprocessing.resize import area_resize, area_weights
 
 
 def test_tall_image_resized_region_and_zero_padding() -> None:
@@ -99,3 +100,29 @@ def test_errors() -> None:
         undo_resize_and_pad(np.zeros((128, 128)), record)
     with pytest.raises(MedsegError):
         undo_resize_and_pad(np.zeros((2, 256, 256), np.uint8), record, is_label=True)
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [(224, 224), (215, 256), (512, 512), (512, 600), (50, 37), (300, 199), (37, 50, 3), (600, 512, 3), (2, 300)],
+)
+def test_area_resize_equals_opencv_inter_area(shape: tuple[int, ...]) -> None:
+    cv2 = pytest.importorskip("cv2")
+    image = np.random.default_rng(sum(shape)).integers(0, 256, shape).astype(np.uint8)
+    scale = 256 / max(shape[:2])
+    size = (max(1, int(shape[0] * scale + 0.5)), max(1, int(shape[1] * scale + 0.5)))
+    expected = cv2.resize(image, (size[1], size[0]), interpolation=cv2.INTER_AREA)
+    ours = area_resize(image, size)
+    assert ours.shape == expected.shape
+    # 8-bit: OpenCV's own rounding (a rare tie may round the other way when shrinking by a non-integer factor)
+    assert np.abs(ours - expected).max() <= 1 and (ours != expected).mean() < 1e-3
+    floats = cv2.resize(image.astype(np.float32), (size[1], size[0]), interpolation=cv2.INTER_AREA)
+    np.testing.assert_allclose(area_resize(image.astype(np.float32), size), floats, atol=1e-3)
+
+
+def test_area_weights_average_what_each_output_pixel_covers() -> None:
+    np.testing.assert_allclose(area_weights(4, 2), [[0.5, 0.5, 0, 0], [0, 0, 0.5, 0.5]])
+    np.testing.assert_allclose(area_weights(3, 2), [[2 / 3, 1 / 3, 0], [0, 1 / 3, 2 / 3]])
+    assert np.allclose(area_weights(5, 9).sum(axis=1), 1.0)
+    with pytest.raises(MedsegError, match="sizes must be"):
+        area_weights(0, 3)

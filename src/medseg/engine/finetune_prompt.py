@@ -30,10 +30,9 @@ from medseg.data.check import require_valid
 from medseg.errors import MedsegError
 from medseg.inference.click_simulation import interior_point, next_click
 from medseg.inference.prompt_predictor import PromptPredictor
-from medseg.inference.prompt_session import intensity_preset
+from medseg.inference.prompt_session import model_input
 from medseg.io import as_label_array, load
 from medseg.models.promptable.segmenter import PromptableSegmenter
-from medseg.preprocessing import normalize
 
 LOW_RES = 256  # the mask decoder's output size
 
@@ -213,7 +212,7 @@ def _objects(cases: list[Any], predictor: PromptPredictor, modality: str) -> _Ob
     for case in cases:
         image, label = load(case.images[0]), as_label_array(load(case.label))
         image.meta.setdefault("modality", modality)
-        shown = normalize(image, intensity_preset(image, None)).array.astype(np.float32)
+        shown = model_input(image)
         slices = [(shown, label)] if image.ndim == 2 else [(shown[z], label[z]) for z in range(label.shape[0])]
         for picture, truth in slices:
             present = [int(v) for v in np.unique(truth) if v != 0]

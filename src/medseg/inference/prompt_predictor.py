@@ -24,6 +24,7 @@ from medseg.errors import MedsegError
 from medseg.models.promptable.fast_decoder import CachedImageDecoder
 from medseg.models.promptable.registry import SamSpec, load
 from medseg.models.promptable.segmenter import PromptableSegmenter
+from medseg.preprocessing.resize import area_resize
 from medseg.runtime import tune_allocator
 
 _IMAGENET_MEAN = torch.tensor([123.675, 116.28, 103.53]).view(3, 1, 1)
@@ -174,7 +175,10 @@ class PromptPredictor:
             scale = size / max(height, width)
             # at least one pixel: a 2 x 4000 strip still has a row in the 256 frame
             new_h, new_w = max(1, int(height * scale + 0.5)), max(1, int(width * scale + 0.5))
-        resized = F.interpolate(chw[None], (new_h, new_w), mode="bilinear", antialias=True, align_corners=False)[0]
+        if self.spec.interpolation == "area":
+            resized = _area_resized(array, (new_h, new_w))
+        else:
+            resized = F.interpolate(chw[None], (new_h, new_w), mode="bilinear", antialias=True, align_corners=False)[0]
         low, high = resized.min(), resized.max()
         unit = (resized - low) / torch.clamp(high - low, min=1e-8)
         if self.spec.intensity == "imagenet":
@@ -272,6 +276,9 @@ class PromptPredictor:
         if low_res.shape[-2:] != (size, size):  # 256 -> 1024 for SAM/MedSAM; LiteMedSAM's is 256 already
             frame = F.interpolate(low_res, (size, size), mode="bilinear", align_corners=False)
         frame = frame[..., : self._resized[0], : self._resized[1]]
+        if self.spec.interpolation == "area":  # as LiteMedSAM's script: probabilities resized, then > 0.5
+            probabilities = F.interpolate(torch.sigmoid(frame), self._input_size, mode="bilinear", align_corners=False)
+            return torch.logit(probabilities[:, 0].double(), eps=1e-12).float()
         return F.interpolate(frame, self._input_size, mode="bilinear", align_corners=False)[:, 0]
 
     def _scale(self) -> torch.Tensor:
@@ -286,6 +293,11 @@ class PromptPredictor:
             raise MedsegError("empty list of boxes")
         for box in array:
             check_box(box, self._input_size)
+        if self.spec.interpolation == "area":  # LiteMedSAM's script: int(coordinate * S / longest side)
+            ratio = self.spec.image_size / max(self._input_size)
+            frame = np.floor(array * ratio)
+            frame[:, 2:] = np.maximum(frame[:, 2:], frame[:, :2] + 1)  # a box thinner than a frame pixel keeps one
+            return torch.from_numpy(frame).float().view(-1, 4)
         scaled = torch.from_numpy(array).float().view(-1, 2, 2) * self._scale()
         return scaled.view(-1, 4)
 
@@ -313,6 +325,16 @@ class PromptPredictor:
             check_point(point, self._input_size)
         scaled = torch.from_numpy(coords).float() * self._scale()
         return scaled[None].expand(count, -1, -1), torch.from_numpy(flags)[None].expand(count, -1)
+
+
+def _area_resized(array: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
+    """``(3, h, w)`` float32: `area_resize` of ``(H, W)`` / ``(H, W, 3)``, on 8-bit pixels when the values are
+    whole numbers in 0..255 (so OpenCV's 8-bit rounding applies, as LiteMedSAM's script resizes uint8 images)."""
+    values = np.asarray(array)
+    if values.dtype != np.uint8 and values.min() >= 0 and values.max() <= 255 and (np.mod(values, 1) == 0).all():
+        values = values.astype(np.uint8)
+    resized = torch.from_numpy(area_resize(values, size).astype(np.float32))
+    return resized[None].expand(3, -1, -1) if resized.ndim == 2 else resized.permute(2, 0, 1)
 
 
 def _numbers(values: object, width: int, what: str, layout: str) -> np.ndarray:

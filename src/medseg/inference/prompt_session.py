@@ -58,6 +58,27 @@ def intensity_preset(image: Image, preset: str | None) -> IntensityPreset:
     return IntensityPreset("mr", mode="unit")
 
 
+def model_input(image: Image, preset: str | None = None) -> np.ndarray:
+    """``image``'s pixels as LiteMedSAM's training images were stored: 8-bit levels (float32, 0..255).
+
+    `intensity_preset` chooses the normalisation; its [0, 1] output is scaled to 0..255 and truncated to whole
+    levels (``np.uint8`` of MedSAM's ``pre_CT_MR.py``); with ``none``, values already in 0..255 are truncated
+    as they are, others min-max scaled to 0..255 first (``pre_grey_rgb.py``). Shape as ``image.array``.
+
+    Raises:
+        MedsegError: an unknown preset.
+    """
+    chosen = intensity_preset(image, preset)
+    shown = normalize(image, chosen).array.astype(np.float64)
+    if chosen.name == "none":
+        low, high = (float(shown.min()), float(shown.max())) if shown.size else (0.0, 0.0)
+        if low < 0 or high > 255:
+            shown = (shown - low) / max(high - low, 1e-12) * 255.0
+    else:
+        shown = np.clip(shown, 0.0, 1.0) * 255.0
+    return np.floor(shown + 1e-6).astype(np.float32)  # the epsilon keeps k/255 * 255 at k despite rounding
+
+
 def segment(
     predictor: PromptPredictor,
     image: Image,
@@ -95,7 +116,7 @@ def segment_logits(
     """
     prompts = clip_to_image(image, prompts)[0]
     validate(image, prompts)
-    shown = normalize(image, intensity_preset(image, preset)).array.astype(np.float32)
+    shown = model_input(image, preset)
     keyed = _KeyedPredictor(predictor, key) if key is not None else predictor
     if image.ndim == 2:
         return _segment_2d(keyed, shown, prompts)

@@ -107,3 +107,80 @@ def _interpolate(chw: np.ndarray, size: tuple[int, int], is_label: bool) -> np.n
         return t[0].numpy().copy()
     resized = F.interpolate(t, size=size, mode="bilinear", align_corners=False, antialias=True)
     return resized[0].numpy()
+
+
+def area_weights(size_in: int, size_out: int) -> np.ndarray:
+    """``(size_out, size_in)`` float64 weights of OpenCV's ``INTER_AREA`` along one axis (rows sum to 1).
+
+    What LiteMedSAM's inference script resizes with (``cv2.resize(..., interpolation=cv2.INTER_AREA)``), so
+    medseg can feed the model the same pixels without OpenCV. Shrinking: each output pixel averages the input
+    pixels it covers, weighted by the covered fraction (OpenCV's ``resizeArea``). Enlarging: OpenCV's
+    area-aware linear taps, ``fx = (d + 1) - (s + 1) / scale`` kept only when positive, so an output pixel
+    copies its input pixel except where it straddles two (OpenCV's ``resize`` with ``INTER_AREA``). A resize
+    of an image is ``W_y @ image @ W_x.T``. (Both axes must shrink for OpenCV's area path; with one axis
+    enlarged OpenCV takes the linear taps for both, as `area_resize` does.)
+
+    Raises:
+        MedsegError: a size below 1.
+    """
+    return _area_weights(size_in, size_out, shrink=size_out <= size_in)
+
+
+def area_resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """``(y, x)`` or ``(y, x, C)`` resized to ``size = (y, x)`` as ``cv2.resize(..., INTER_AREA)`` does, float64.
+
+    A ``uint8`` image comes back with OpenCV's 8-bit rounding (integer values; its fixed-point taps when
+    enlarging), so LiteMedSAM sees the pixels its reference pipeline gives it; other dtypes are resized in
+    floating point (`area_weights`).
+
+    Raises:
+        MedsegError: not 2D/3D or a size below 1.
+    """
+    a = np.asarray(image)
+    if a.ndim not in (2, 3):
+        raise MedsegError(f"expected a (y, x) or (y, x, C) image, got shape {a.shape}")
+    shrink = size[0] <= a.shape[0] and size[1] <= a.shape[1]
+    rows = _area_weights(a.shape[0], size[0], shrink)
+    cols = _area_weights(a.shape[1], size[1], shrink)
+    if a.dtype != np.uint8:
+        return _separable(rows, a.astype(np.float64), cols)
+    if shrink:
+        exact = _separable(rows, a.astype(np.float64), cols)
+        integer_factor = a.shape[0] % size[0] == 0 and a.shape[1] % size[1] == 0
+        return np.floor(exact + 0.5) if integer_factor else np.rint(exact)  # OpenCV's fast path rounds half up
+    # OpenCV's 8-bit linear taps: 11-bit coefficients, a row pass in integers, then each column tap of the
+    # row sums >> 4, times its coefficient >> 16, summed, rounded by (+2) >> 2.
+    coef_rows = np.rint(rows * 2048).astype(np.int64)
+    coef_cols = np.rint(cols * 2048).astype(np.int64)
+    passed = np.moveaxis(np.tensordot(coef_cols, a.astype(np.int64), axes=([1], [1])), 0, 1) >> 4
+    out = np.empty((size[0], size[1], *a.shape[2:]), np.int64)
+    for y in range(size[0]):
+        taps = np.flatnonzero(coef_rows[y])
+        out[y] = (sum(((passed[i] * coef_rows[y, i]) >> 16) for i in taps) + 2) >> 2
+    return out.astype(np.float64)
+
+
+def _separable(rows: np.ndarray, image: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """``rows @ image @ cols.T`` on each channel of a ``(y, x)`` or ``(y, x, C)`` array."""
+    by_rows = np.tensordot(rows, image, axes=([1], [0]))  # (Y, x, ...)
+    return np.moveaxis(np.tensordot(cols, by_rows, axes=([1], [1])), 0, 1)  # (Y, X, ...)
+
+
+def _area_weights(size_in: int, size_out: int, shrink: bool) -> np.ndarray:
+    if size_in < 1 or size_out < 1:
+        raise MedsegError(f"sizes must be >= 1, got {size_in} -> {size_out}")
+    weights = np.zeros((size_out, size_in))
+    scale = size_in / size_out  # input pixels per output pixel
+    if shrink:
+        for d in range(size_out):
+            start, end = d * scale, min((d + 1) * scale, size_in)
+            for s in range(int(np.floor(start)), int(np.ceil(end))):
+                weights[d, s] = (min(end, s + 1) - max(start, s)) / (end - start)
+        return weights
+    for d in range(size_out):
+        s = int(np.floor(d * scale))
+        fx = (d + 1) - (s + 1) / scale
+        fx = 0.0 if fx <= 0 else fx - np.floor(fx)
+        weights[d, min(s, size_in - 1)] += 1.0 - fx
+        weights[d, min(s + 1, size_in - 1)] += fx
+    return weights

@@ -19,9 +19,8 @@ import numpy as np
 
 from medseg.errors import MedsegError
 from medseg.inference.engines import PromptEngine
-from medseg.inference.prompt_session import Prompts, intensity_preset
+from medseg.inference.prompt_session import Prompts, model_input
 from medseg.io import Image
-from medseg.preprocessing import normalize
 
 BOX_MARGIN = 0.05  # a box widened to take a click outside it reaches this fraction of the image beyond the click
 SCRIBBLE_POINTS = 6  # a scribble is thinned to this many clicks (SAM-family decoders take a few points)
@@ -173,8 +172,7 @@ class Session:
     def _shown(self) -> np.ndarray:
         """The volume as the prompt engine sees it (`intensity_preset`), computed once."""
         if self._normalised is None:
-            shown = normalize(self.image, intensity_preset(self.image, None))
-            self._normalised = shown.array.astype(np.float32)
+            self._normalised = model_input(self.image)
         return self._normalised
 
     def _predict(self, prompts: Prompts) -> np.ndarray:

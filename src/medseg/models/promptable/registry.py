@@ -36,13 +36,16 @@ class SamSpec:
     resize: str  # "longest_side" (keep aspect, pad bottom/right) or "square" (stretch to S x S)
     intensity: str  # "unit" (min-max to [0, 1]) or "imagenet" (0-255 minus mean, over std)
     encoder: str  # "tinyvit" or "vit_b"
+    # "bilinear", or "area": LiteMedSAM's inference script (OpenCV INTER_AREA on 8-bit pixels, boxes truncated to
+    # whole pixels of the model frame, probabilities resized back to the image and thresholded at 0.5)
+    interpolation: str = "bilinear"
 
 
 SPECS: dict[str, SamSpec] = {
-    "lite_medsam": SamSpec("lite_medsam", 256, "longest_side", "unit", "tinyvit"),
+    "lite_medsam": SamSpec("lite_medsam", 256, "longest_side", "unit", "tinyvit", "area"),
     "medsam_vit_b": SamSpec("medsam_vit_b", 1024, "square", "unit", "vit_b"),
     "sam_vit_b": SamSpec("sam_vit_b", 1024, "longest_side", "imagenet", "vit_b"),
-    "lite_medsam_interactive": SamSpec("lite_medsam_interactive", 256, "longest_side", "unit", "tinyvit"),
+    "lite_medsam_interactive": SamSpec("lite_medsam_interactive", 256, "longest_side", "unit", "tinyvit", "area"),
 }
 INTERACTIVE_HEAD = Path(__file__).parent / "weights" / "lite_medsam_interactive_head.pt"
 HEAD_PREFIXES = ("prompt_encoder.", "mask_decoder.")
