@@ -71,6 +71,10 @@ from medseg.metrics import dice, score_masks
 from medseg.models.promptable.registry import has_interactive_head
 from medseg.preprocessing import normalize
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _prompt_pipeline import METHODS, Slices, agreement_2d, agreement_volume, score_structure
+from _volumes import Structure, missing, structures
+
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE_SCRIPT = Path(__file__).resolve().parent / "_reference_lite_medsam.py"
 SEED = 0
@@ -96,6 +100,9 @@ class Settings:
     finetune_dataset: str | None
     finetune_minutes: float
     quick: bool
+    mricron: Path | None = None
+    agreement_images: int = 10
+    agreement_slices: int = 5
 
 
 @dataclass
@@ -485,6 +492,111 @@ def section_3d(predictor: PromptPredictor, settings: Settings, log: Console) -> 
     return section
 
 
+def section_agreement(predictor: PromptPredictor, settings: Settings, log: Console) -> Section:
+    section = Section(
+        "7 the whole pipeline against LiteMedSAM's own (reference Python)",
+        ["dataset", "label", "n", "reference Dice", "medseg Dice", "agreement mean", "agreement min", "target"],
+        notes=[
+            "7: raw image and tight ground-truth boxes in, masks out: medseg (segment_logits: its intensity rule, "
+            "resizing and box scaling) and LiteMedSAM's pipeline (benchmarks/_reference_pipeline.py: pre_grey_rgb / "
+            "pre_CT_MR, the inference script's resizing, box scaling and thresholding, the official model) in "
+            "--reference-python; agreement = Dice between the two masks. 3D sources: a tight box on up to "
+            f"{settings.agreement_slices} evenly spaced slices of each structure. Target: agreement >= 0.99 on "
+            "every row and medseg >= reference - 0.005."
+        ],
+        raw=[],
+    )
+    if not settings.reference_python:
+        section.rows.append(["-", "not run (no --reference-python)"])
+        return section
+    python = settings.reference_python
+
+    def add(dataset: str, label: str, scores: list[tuple[float, float, float]]) -> None:
+        ours, theirs, agree = (np.array(column) for column in zip(*scores, strict=True))
+        met = agree.min() >= 0.99 and ours.mean() >= theirs.mean() - 0.005
+        numbers = {"dataset": dataset, "label": label, "n": len(agree), "reference": theirs.mean()}
+        numbers |= {"medseg": ours.mean(), "agreement_mean": agree.mean(), "agreement_min": agree.min()}
+        section.raw.append(numbers)
+        section.rows.append(
+            [
+                *(dataset, label, str(len(agree)), fmt(theirs.mean()), fmt(ours.mean())),
+                *(fmt(agree.mean(), 4), fmt(agree.min(), 4), "met" if met else "NOT met"),
+            ]
+        )
+
+    for dataset in datasets_of(settings.data, 2):
+        drawn = draw_cases(dataset, settings.agreement_images)
+        log.log(f"agreement: {dataset.name}, {len(drawn)} images")
+        names = dataset.label_names()
+        per_label = agreement_2d(predictor, drawn, dataset.foreground_labels(), python, THREADS)
+        for value in sorted(per_label):
+            add(dataset.name, f"{value} {names.get(value, value)}", per_label[value])
+    groups: dict[tuple[str, str], list[Structure]] = defaultdict(list)
+    for structure in structures(settings.data, settings.volumes, settings.mricron):
+        groups[(structure.source, structure.group)].append(structure)
+    for (source, group), members in groups.items():
+        log.log(f"agreement: {source} {group}, {len(members)} structures")
+        scores = []
+        for case in dict.fromkeys(m.case if source != "Colin27 AAL" else "" for m in members):
+            same = [m for m in members if case in ("", m.case)]
+            scores += agreement_volume(predictor, same, settings.agreement_slices, python, THREADS)
+        add(source, group, scores)
+    return section
+
+
+def section_volumes(predictor: PromptPredictor, settings: Settings, log: Console) -> Section:
+    methods = ["box per slice (b)", *METHODS]
+    section = Section(
+        "8 3D from one box",
+        ["source", "structure", "n", *methods, "medseg / (b)", ">= (a)", "empty kept"],
+        notes=[
+            "8: one 3D box = the structure's ground-truth 3D bounding box; (a) projected box = its x/y extent on "
+            "every slice of its z range; (b) a tight ground-truth box on every slice holding the structure; "
+            "LiteMedSAM 3D scheme = the reference script's propagation (middle slice, then the neighbour's mask "
+            "box + 3 px), with medseg's model and inputs; medseg 3D box = medseg prompt --box3d "
+            "(prompt_session.segment_logits). 3D Dice per structure, mean per row. empty kept = slices inside the "
+            "box without the structure that medseg left empty / all such slices. Targets: medseg >= (a) on every "
+            "row, >= 0.98 x (b) on average. Missing sources: " + ("; ".join(missing(settings.mricron)) or "none") + "."
+        ],
+        raw=[],
+    )
+    predictor.cache_size = 512
+    rows: list[dict[str, Any]] = []
+    current: tuple[str, str] | None = None
+    volume: Slices | None = None
+    for structure in structures(settings.data, settings.volumes, settings.mricron):
+        key = (structure.source, structure.case if structure.source != "Colin27 AAL" else "")
+        if key != current or volume is None:
+            predictor.clear_cache()
+            current, volume = key, Slices(predictor, structure.image, "/".join(key))
+        row = score_structure(predictor, structure, volume)
+        log.log(
+            f"3D: {structure.source} {structure.group} {structure.case}: "
+            + ", ".join(f"{k} {v:.3f}" for k, v in row.items() if isinstance(v, float))
+        )
+        rows.append(row)
+    predictor.clear_cache()
+    predictor.cache_size = 0
+    section.raw = rows
+    ratios = []
+    for source, group in dict.fromkeys((r["source"], r["group"]) for r in rows):
+        members = [r for r in rows if (r["source"], r["group"]) == (source, group)]
+        means = {m: mean([r[m] for r in members]) for m in methods}
+        ratio = means["medseg 3D box"] / means["box per slice (b)"]
+        ratios.append(ratio)
+        empty = sum(r["empty slices"] for r in members)
+        kept = sum(r["empty kept"] for r in members)
+        section.rows.append(
+            [
+                *(source, group, str(len(members)), *(fmt(means[m]) for m in methods), fmt(ratio)),
+                *("yes" if means["medseg 3D box"] >= means["projected box (a)"] else "NO", f"{kept}/{empty}"),
+            ]
+        )
+    if rows:
+        section.rows.append(["all rows", "mean", str(len(rows)), *[""] * len(methods), fmt(mean(ratios)), "", ""])
+    return section
+
+
 def section_latency(measured: Pass2D) -> Section:
     embed = statistics.median(measured.embed_s) if measured.embed_s else float("nan")
     timed = measured.decoder_times
@@ -787,6 +899,12 @@ def parse(argv: list[str] | None) -> tuple[Settings, argparse.Namespace]:
     parser.add_argument("--finetune-minutes", type=float, default=5.0, help="time budget of the fine-tuning")
     parser.add_argument("--json", type=Path, help="write the raw numbers here")
     parser.add_argument("--quick", action="store_true", help="tiny numbers for a smoke run")
+    parser.add_argument("--mricron", type=Path, help="folder of mricron-data's templates (aal.nii.gz, ch2.nii.gz)")
+    parser.add_argument("--agreement-images", type=int, default=10, help="images per 2D dataset for section 7")
+    parser.add_argument("--agreement-slices", type=int, default=5, help="slices per 3D structure for section 7")
+    parser.add_argument(
+        "--only", choices=("agreement", "volumes", "pipeline"), help="just section 7, 8, or both (pipeline)"
+    )
     args = parser.parse_args(argv)
     settings = Settings(
         data=args.data.resolve(),
@@ -799,6 +917,9 @@ def parse(argv: list[str] | None) -> tuple[Settings, argparse.Namespace]:
         finetune_dataset=args.finetune_dataset,
         finetune_minutes=0.5 if args.quick else args.finetune_minutes,
         quick=args.quick,
+        mricron=args.mricron,
+        agreement_images=1 if args.quick else args.agreement_images,
+        agreement_slices=1 if args.quick else args.agreement_slices,
     )
     return settings, args
 
@@ -820,12 +941,24 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     predictor = PromptPredictor.from_checkpoint()
     predictor.set_image(np.zeros((64, 64), np.float32) + np.arange(64, dtype=np.float32))  # warm-up
-    interactive = PromptPredictor.from_checkpoint(name="lite_medsam_interactive") if has_interactive_head() else None
-    measured = run_2d(predictor, interactive, settings, log)
-    sections = [section_boxes(measured), section_clicks(measured), section_3d(predictor, settings, log)]
-    sections.append(section_latency(measured))  # peak memory before the reference subprocess
-    sections.append(section_reference(predictor, measured, settings, log))
-    sections.append(section_finetune(settings, log))
+    measured = Pass2D()
+    if args.only is not None:
+        sections = []
+        if args.only in ("agreement", "pipeline"):
+            sections.append(section_agreement(predictor, settings, log))
+        if args.only in ("volumes", "pipeline"):
+            sections.append(section_volumes(predictor, settings, log))
+    else:
+        interactive = (
+            PromptPredictor.from_checkpoint(name="lite_medsam_interactive") if has_interactive_head() else None
+        )
+        measured = run_2d(predictor, interactive, settings, log)
+        sections = [section_boxes(measured), section_clicks(measured), section_3d(predictor, settings, log)]
+        sections.append(section_latency(measured))  # peak memory before the reference subprocess
+        sections.append(section_reference(predictor, measured, settings, log))
+        sections.append(section_finetune(settings, log))
+        sections.append(section_agreement(predictor, settings, log))
+        sections.append(section_volumes(predictor, settings, log))
     seconds = time.perf_counter() - started
     console.print(f"command: {command}")
     console.print(f"machine: {machine}")

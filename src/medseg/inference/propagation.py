@@ -2,11 +2,19 @@
 
 The start slice is segmented from the user's box; each next slice (up, then down) is prompted by the
 bounding box of its neighbour's mask. This is the MedSAM / LiteMedSAM 3D inference scheme (Ma et al.
-2024; CVPR 2024 "MedSAM on laptop" baseline): with a 3D box, propagation covers the box's slices and
-stops early only at an empty mask. A box-prompted SAM returns a blob even where nothing is, so for a
-prompt without a z extent (a 2D box or clicks on one slice) medseg adds a heuristic stop rule: the
-object ends where its mask no longer stands out from its surroundings (its contrast with a ring
-around it falls below `MIN_RELATIVE_CONTRAST` of the start slice's), or where the mask is empty.
+2024; CVPR 2024 "MedSAM on laptop" baseline), with two changes that keep it from drifting:
+
+- the neighbour's box is widened by `MARGIN_PIXELS` of the model's frame plus `MARGIN_FRACTION` of its
+  size (the reference widens by 3 pixels; LiteMedSAM was trained on boxes jittered by up to 5 pixels,
+  and an object that grows from one slice to the next needs room), and kept inside the user's 3D box;
+- a slice whose prompt gives an empty mask is retried with the user's box (the object was lost, not
+  ended), and the next slice continues from the last mask found.
+
+With a 3D box, propagation covers the box's slices. A box-prompted SAM returns a blob even where
+nothing is, so for a prompt without a z extent (a 2D box or clicks on one slice) medseg adds a
+heuristic stop rule: the object ends where its mask no longer stands out from its surroundings (its
+contrast with a ring around it falls below `MIN_RELATIVE_CONTRAST` of the start slice's), or where the
+mask is empty.
 """
 
 from __future__ import annotations
@@ -22,6 +30,9 @@ from medseg.inference.prompt_predictor import PromptPredictor, clip_to_box
 
 # A slice's object must keep this fraction of the start slice's inside-vs-ring contrast.
 MIN_RELATIVE_CONTRAST = 0.3
+# The neighbour's mask box is widened by this many pixels of the model's frame plus this fraction of its size.
+MARGIN_PIXELS = 5.0
+MARGIN_FRACTION = 0.1
 _RING_PIXELS = 3
 
 
@@ -89,18 +100,43 @@ def propagate(
         previous = start > 0
         z = prompt.start_slice + step
         while low <= z <= high:
-            current = clip_to_box(_segment_slice(predictor, slices, z, bounding_box(previous), None), inside)
+            box = widened(bounding_box(previous), predictor, slices.shape[1:3], inside)
+            current = clip_to_box(_segment_slice(predictor, slices, z, box, None), inside)
             if not (current > 0).any() and prompt.z_range is not None and prompt.box is not None:
-                # Inside a 3D box, a lost object is retried once with the user's box.
+                # Inside a 3D box, a lost object is retried with the user's box.
                 current = clip_to_box(_segment_slice(predictor, slices, z, prompt.box, None), inside)
             if on_slice is not None:
                 on_slice(z)
-            previous = current > 0
-            if not previous.any() or (prompt.z_range is None and _faded(slices[z], previous, reference)):
+            found = current > 0
+            if prompt.z_range is None and (not found.any() or _faded(slices[z], found, reference)):
                 break
             logits[z] = current
+            if found.any():
+                previous = found
             z += step
     return logits
+
+
+def widened(
+    box: tuple[float, float, float, float],
+    predictor: PromptPredictor,
+    shape: tuple[int, ...],
+    inside: tuple[float, float, float, float] | None,
+) -> tuple[float, float, float, float]:
+    """``box`` widened by `MARGIN_PIXELS` model-frame pixels plus `MARGIN_FRACTION` of its larger side, within
+    the image ``shape`` ``(H, W)`` and the box ``inside`` (when given)."""
+    height, width = shape[:2]
+    frame = getattr(predictor, "spec", None)
+    pixels = max(height, width) / frame.image_size if frame is not None else 1.0  # image pixels per frame pixel
+    x0, y0, x1, y1 = box
+    margin = MARGIN_PIXELS * pixels + MARGIN_FRACTION * max(x1 - x0, y1 - y0)
+    limit = inside if inside is not None else (0.0, 0.0, float(width), float(height))
+    return (
+        max(x0 - margin, limit[0], 0.0),
+        max(y0 - margin, limit[1], 0.0),
+        min(x1 + margin, limit[2], float(width)),
+        min(y1 + margin, limit[3], float(height)),
+    )
 
 
 def contrast(image: np.ndarray, mask: np.ndarray) -> float:
