@@ -10,6 +10,7 @@ them read with zero origin and identity direction.
 from __future__ import annotations
 
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -17,13 +18,26 @@ import numpy as np
 
 from medseg.errors import MedsegError
 from medseg.io.image import Geometry, Image
+from medseg.io.limits import check_voxels
 
 # Keys tried, in order, when the caller names none: an image first, then label maps.
 NPZ_DEFAULT_KEYS = ("imgs", "img", "image", "arr_0", "segs", "gts")
 
 
+def _check_npy_header(stream: Any, path: Path) -> None:
+    """Check the shape an .npy header declares (an npz member: after inflating the header only)."""
+    from numpy.lib import format as npy_format
+
+    version = npy_format.read_magic(stream)
+    read_header = npy_format.read_array_header_1_0 if version == (1, 0) else npy_format.read_array_header_2_0
+    shape = read_header(stream)[0]
+    check_voxels(shape, path)
+
+
 def read_npy(path: Path) -> Image:
     try:
+        with open(path, "rb") as f:
+            _check_npy_header(f, path)
         array = np.load(path, allow_pickle=False)
     except MedsegError:
         raise
@@ -41,6 +55,8 @@ def read_npz(path: Path, key: str | None = None) -> Image:
             if chosen is None or chosen not in keys:
                 wanted = f"key '{key}'" if key else f"one of {', '.join(NPZ_DEFAULT_KEYS)}"
                 raise MedsegError(f"npz holds {keys}, not {wanted}", path)
+            with zipfile.ZipFile(path) as archive, archive.open(f"{chosen}.npy") as member:
+                _check_npy_header(member, path)
             array = npz[chosen]
             geometry_arrays = {k: npz[k] for k in ("spacing", "origin", "direction") if k in keys}
     except MedsegError:
@@ -86,6 +102,9 @@ def read_mrc(path: Path) -> Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # mrcfile warns, then raises, on damaged files
+            with mrcfile.open(path, header_only=True) as header_only:
+                header = header_only.header
+                check_voxels((int(header.nx), int(header.ny), int(header.nz)), path)
             mrc_file = mrcfile.open(path)
         with mrc_file as mrc:
             if mrc.data is None:

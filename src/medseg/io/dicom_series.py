@@ -1,0 +1,222 @@
+"""What a DICOM folder holds, from its headers (pydicom; pixels not read), checked before GDCM reads the voxels.
+
+`list_series` describes each series of a folder (number, description, modality, slice count) for the error a
+folder of several series gets and for ``--series``; `check_series` refuses a series that would be read wrong:
+a declared size over the voxel limit, a position that is not a number, a gap or a duplicate slice (naming the
+files on each side), slices sheared against their normal (gantry tilt, with the angle); it says whether the
+rescaled values need a float array (RescaleSlope/Intercept not integers, or differing between slices).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medseg.errors import MedsegError
+from medseg.io.limits import check_voxels
+
+# Slices sheared against their normal by more than this (degrees) are a tilted gantry, not rounding.
+MAX_TILT_DEGREES = 0.1
+# A step between neighbouring slices may differ from the typical one by this much (mm, and relative).
+_SPACING_ATOL_MM = 0.01
+_SPACING_RTOL = 0.01
+
+
+@dataclass(frozen=True)
+class SeriesSummary:
+    """One series of a folder: what a user needs to pick it."""
+
+    uid: str
+    number: str
+    description: str
+    modality: str
+    files: tuple[Path, ...]
+
+    def describe(self, uid: bool = False) -> str:
+        """``#3 'T1 AX' (MR, 24 files)``, with ``uid``: ``#3 'T1 AX' (MR, 24 files, UID 1.2.3)``."""
+        number = f"#{self.number}" if self.number else "(no number)"
+        extra = f", UID {self.uid}" if uid else ""
+        return f"{number} '{self.description}' ({self.modality or '?'}, {len(self.files)} files{extra})"
+
+
+def _header(path: Path, **kwargs: Any) -> Any:
+    import pydicom
+
+    return pydicom.dcmread(path, stop_before_pixels=True, force=False, **kwargs)
+
+
+def list_series(files: list[Path]) -> list[SeriesSummary]:
+    """The series among ``files`` (unreadable files skipped), in order of series number."""
+    from pydicom.errors import InvalidDicomError
+
+    groups: dict[str, list[tuple[Path, Any]]] = {}
+    for f in files:
+        try:
+            ds = _header(f, specific_tags=["SeriesInstanceUID", "SeriesNumber", "SeriesDescription", "Modality"])
+        except (InvalidDicomError, OSError, ValueError, EOFError, AttributeError, TypeError):
+            continue
+        uid = str(ds.get("SeriesInstanceUID", "") or "")
+        if uid:  # else damaged: reported as not readable
+            groups.setdefault(uid, []).append((f, ds))
+    summaries = []
+    for uid, members in groups.items():
+        ds = members[0][1]
+        summaries.append(
+            SeriesSummary(
+                uid=uid,
+                number=str(ds.get("SeriesNumber", "") or ""),
+                description=str(ds.get("SeriesDescription", "") or ""),
+                modality=str(ds.get("Modality", "") or ""),
+                files=tuple(f for f, _ in members),
+            )
+        )
+
+    def order(s: SeriesSummary) -> tuple[float, str]:
+        try:
+            return (float(s.number), s.uid)
+        except ValueError:
+            return (math.inf, s.uid)
+
+    return sorted(summaries, key=order)
+
+
+def choose_series(summaries: list[SeriesSummary], wanted: str | None, folder: Path) -> SeriesSummary:
+    """The series ``wanted`` names (its SeriesNumber or SeriesInstanceUID), or the only one.
+
+    Raises:
+        MedsegError: several series and none chosen (they are listed), or ``wanted`` names none of them.
+    """
+    if not summaries:
+        raise MedsegError("folder holds no readable DICOM series", folder)
+    numbers = [s.number for s in summaries]
+    ambiguous = len(set(numbers)) < len(numbers) or "" in numbers  # then only the UID picks one
+    listing = "; ".join(s.describe(uid=ambiguous) for s in summaries)
+    how = "--series UID" if ambiguous else "--series NUMBER"
+    if wanted is None:
+        if len(summaries) == 1:
+            return summaries[0]
+        raise MedsegError(
+            f"folder holds {len(summaries)} DICOM series: {listing}; choose one with {how} "
+            "(series are never merged)",
+            folder,
+        )
+    matches = [s for s in summaries if wanted.strip() in (s.number, s.uid)]
+    if len(matches) != 1:
+        how = "no" if not matches else f"{len(matches)}"
+        raise MedsegError(f"--series {wanted}: {how} series match (the folder holds: {listing})", folder)
+    return matches[0]
+
+
+def _numbers(ds: Any, keyword: str, count: int, path: Path) -> np.ndarray:
+    """A numeric multi-valued attribute, refused when it is absent, short or not numbers."""
+    from pydicom.tag import Tag
+
+    element = ds.get(Tag(keyword))
+    if element is None or element.value in (None, ""):
+        raise MedsegError(f"slice has no {keyword}: the slices' order and spacing are unknown", path)
+    raw = element.value
+    values = [raw] if isinstance(raw, (str, bytes, float, int)) else list(raw)
+    try:
+        numbers = np.array([float(v.decode() if isinstance(v, bytes) else v) for v in values], dtype=float)
+    except (TypeError, ValueError):
+        shown = "\\".join(str(v) for v in values)[:60]
+        raise MedsegError(f"{keyword} {shown!r} is not {count} numbers", path) from None
+    if numbers.size != count or not np.all(np.isfinite(numbers)):
+        raise MedsegError(f"{keyword} {numbers.tolist()} is not {count} finite numbers", path)
+    return numbers
+
+
+@dataclass(frozen=True)
+class SeriesCheck:
+    """What `check_series` found: whether values need floats, and the rescale seen."""
+
+    float_values: bool
+    rescale: str
+
+
+def check_series(files: list[Path], folder: Path) -> SeriesCheck:
+    """Check the headers of one series' ``files`` (in any order) before its voxels are read.
+
+    Raises:
+        MedsegError: a declared size over the voxel limit; a slice without ImagePositionPatient, or one whose
+            position or orientation is not numbers; two slices at one position (two echoes or a duplicate);
+            a gap (the files on each side and the spacing found are named); slices sheared against their
+            normal (gantry tilt: the angle in degrees); slices of different orientation.
+    """
+    headers = [_header(f) for f in files]
+    first = headers[0]
+    frames = sum(int(ds.get("NumberOfFrames", 1) or 1) for ds in headers)
+    check_voxels((int(first.get("Columns", 0) or 0), int(first.get("Rows", 0) or 0), frames), folder)
+    rescale = _rescale(headers, files)
+    if len(files) < 2:
+        return rescale
+    unplaced = [f for f, ds in zip(files, headers, strict=True) if ds.get("ImagePositionPatient") in (None, "")]
+    if unplaced:
+        raise MedsegError(
+            f"slice file {unplaced[0].name!r} has no ImagePositionPatient (0020,0032): the slices' order and "
+            f"spacing are unknown ({len(unplaced)} of {len(files)} slices lack it)",
+            folder,
+        )
+    positions = np.stack([_numbers(ds, "ImagePositionPatient", 3, f) for f, ds in zip(files, headers, strict=True)])
+    cosines = _numbers(first, "ImageOrientationPatient", 6, files[0])
+    for f, ds in zip(files, headers, strict=True):
+        if not np.allclose(_numbers(ds, "ImageOrientationPatient", 6, f), cosines, atol=1e-3):
+            raise MedsegError(f"ImageOrientationPatient differs from that of {files[0].name} (one series, one grid)", f)
+    normal = np.cross(cosines[:3], cosines[3:6])
+    along = positions @ normal
+    order = np.argsort(along, kind="stable")
+    ordered = [files[i] for i in order]
+    steps = np.diff(along[order])
+    duplicate = int(np.argmin(steps))
+    if steps[duplicate] < _SPACING_ATOL_MM:
+        a, b = headers[order[duplicate]], headers[order[duplicate + 1]]
+        echoes = (a.get("EchoNumbers"), b.get("EchoNumbers"))
+        what = f"two echoes (EchoNumbers {echoes[0]} and {echoes[1]})" if echoes[0] != echoes[1] else "two slices"
+        raise MedsegError(
+            f"{what} at one position ({ordered[duplicate].name} and {ordered[duplicate + 1].name}, "
+            f"{along[order][duplicate]:.4g} mm along the normal): split them into one folder each",
+            folder,
+        )
+    if len(files) >= 2:
+        shift = positions[order[-1]] - positions[order[0]]
+        cos_angle = min(1.0, abs(float(shift @ normal)) / float(np.linalg.norm(shift)))
+        tilt = math.degrees(math.acos(cos_angle))
+        if tilt > MAX_TILT_DEGREES:
+            declared = first.get("GantryDetectorTilt")
+            said = f", GantryDetectorTilt {declared}" if declared not in (None, "") else ""
+            raise MedsegError(
+                f"slices are sheared {tilt:.2f} degrees against their normal (gantry tilt{said}): read as a stack "
+                "they would be misplaced; medseg does not resample tilted series: convert with dcm2niix, "
+                "which corrects the tilt, and read its NIfTI",
+                folder,
+            )
+    if len(files) >= 3:
+        typical = float(np.median(steps))
+        worst = int(np.argmax(np.abs(steps - typical)))
+        if abs(steps[worst] - typical) > max(_SPACING_ATOL_MM, _SPACING_RTOL * typical):
+            missing = round(steps[worst] / typical) - 1
+            guess = f"{missing} missing slice{'s' if missing != 1 else ''}?" if missing >= 1 else "uneven slices?"
+            raise MedsegError(
+                f"DICOM slices are not evenly spaced: {steps[worst]:.4g} mm between {ordered[worst].name} and "
+                f"{ordered[worst + 1].name} where the others are {typical:.4g} mm apart ({guess})",
+                folder,
+            )
+    return rescale
+
+
+def _rescale(headers: list[Any], files: list[Path]) -> SeriesCheck:
+    """Whether the rescaled values need floats: a slope or intercept that is not an integer, or several
+    (ITK sizes the array by the first slice's and would round the others' values)."""
+    pairs = set()
+    for f, ds in zip(files, headers, strict=True):
+        try:
+            pairs.add((float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0)))
+        except (TypeError, ValueError):
+            raise MedsegError("RescaleSlope or RescaleIntercept is not a number", f) from None
+    fractional = any(s != round(s) or i != round(i) for s, i in pairs)
+    shown = f"{len(pairs)} different slope/intercept pairs" if len(pairs) > 1 else "one slope/intercept"
+    return SeriesCheck(float_values=fractional or len(pairs) > 1, rescale=shown)
