@@ -12,8 +12,26 @@ from medseg.errors import MedsegError
 
 # File systems whose files are made by the kernel: writing a label map there is never meant.
 _VIRTUAL_FILE_SYSTEMS = frozenset(
-    {"proc", "sysfs", "devtmpfs", "devpts", "cgroup", "cgroup2", "debugfs", "securityfs", "tracefs", "configfs",
-     "pstore", "bpf", "fusectl", "mqueue", "binfmt_misc", "efivarfs", "hugetlbfs", "autofs"}  # fmt: skip
+    [
+        "proc",
+        "sysfs",
+        "devtmpfs",
+        "devpts",
+        "cgroup",
+        "cgroup2",
+        "debugfs",
+        "securityfs",
+        "tracefs",
+        "configfs",
+        "pstore",
+        "bpf",
+        "fusectl",
+        "mqueue",
+        "binfmt_misc",
+        "efivarfs",
+        "hugetlbfs",
+        "autofs",
+    ]
 )
 _VIRTUAL_PREFIXES = ("/proc", "/sys")
 

@@ -1,8 +1,8 @@
 """2D raster images: PNG, JPEG, BMP, GIF through Pillow; TIFF through tifffile.
 
-Grey images give ``(y, x)``, RGB ``(y, x, 3)`` (alpha dropped, ``meta["alpha"]`` says whether it was opaque), palette PNGs their palette
-*indices* (the usual way label maps are stored as palette images). Spacing is 1 mm: these formats
-carry no trustworthy physical spacing.
+Grey images give ``(y, x)``, RGB ``(y, x, 3)`` (alpha dropped, ``meta["alpha"]`` says whether it was
+opaque), palette PNGs their palette *indices* (the usual way label maps are stored as palette images).
+Spacing is 1 mm: these formats carry no trustworthy physical spacing.
 """
 
 from __future__ import annotations
