@@ -30,8 +30,10 @@ def predict(
     from medseg.inference.engines import SpecialistEngine
     from medseg.inference.folders import cases_of, label_targets, predict_folder
     from medseg.io.formats import check_output_format
+    from medseg.io.paths import check_output
 
     check_output_format(output_format)
+    check_output(output)
     if save_probabilities and (output / "probabilities").exists() and not (output / "probabilities").is_dir():
         raise MedsegError("is a file; --save-probabilities writes a folder there", output / "probabilities")
     cases = cases_of(input_path)

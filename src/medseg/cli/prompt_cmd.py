@@ -46,6 +46,7 @@ def prompt(
     from medseg.io import case_of, format_of, label_path_for, load, save, save_dicom_seg
     from medseg.io.dicom_source import check_grid, read_source
     from medseg.io.formats import check_output_format
+    from medseg.io.paths import check_output
     from medseg.models.promptable.registry import has_interactive_head
 
     check_output_format(output_format)
@@ -68,6 +69,7 @@ def prompt(
         raise MedsegError("is a file without an extension: give a label map file (e.g. out.nii.gz) or a folder", output)
     else:
         target = label_path_for(input_path, output, case_of(input_path), output_format)
+    check_output(target, folder=False)
     if input_path.is_dir() and target.resolve().is_relative_to(input_path.resolve()):
         raise MedsegError("refusing to write into the input DICOM series folder: choose another output", target)
     dicom_seg = format_of(target) == "dicom"  # an unknown output extension fails before any work

@@ -22,6 +22,7 @@ from typing import Any
 
 from medseg.errors import MedsegError
 from medseg.io.formats import is_image_file, split_channel, split_extension
+from medseg.io.paths import link_problem
 
 _MASK_SUFFIXES = ("", "_mask", "_seg", "_label", "_labels", "_gt")
 
@@ -67,7 +68,7 @@ def open_dataset(root: str | Path) -> Dataset:
     """
     path = Path(root)
     if not path.is_dir():
-        raise MedsegError("no such dataset folder", path)
+        raise MedsegError(link_problem(path) or "no such dataset folder", path)
     info = read_dataset_json(path / "dataset.json") if (path / "dataset.json").exists() else {}
     if (path / "imagesTr").is_dir():
         dataset = _open_nnunet(path, info)

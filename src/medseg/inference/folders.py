@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -190,10 +191,48 @@ def _named(call: Callable[[Image], _T], image: Image, path: Path) -> _T:
         raise MedsegError(error.problem, error.path or path) from None
 
 
+STAGING_PREFIX = ".medseg-staging."
+# A staging folder that names no process (made before the pid was part of its name) is taken for a killed
+# run's once it has been left alone this long.
+_UNNAMED_STAGING_AGE_S = 3600.0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale_staging(output: Path) -> list[Path]:
+    """Remove the staging folders in ``output`` that killed runs left: those whose process (named in the folder's
+    name, ``.medseg-staging.<pid>.<random>``) has ended. Folders of runs still going are kept. Returns the removed.
+    """
+    removed: list[Path] = []
+    if not output.is_dir():
+        return removed
+    for entry in output.iterdir():
+        if not entry.name.startswith(STAGING_PREFIX) or not entry.is_dir() or entry.is_symlink():
+            continue
+        pid_text = entry.name[len(STAGING_PREFIX) :].split(".")[0]
+        if pid_text.isdigit():
+            stale = int(pid_text) != os.getpid() and not _alive(int(pid_text))
+        else:
+            stale = time.time() - entry.stat().st_mtime > _UNNAMED_STAGING_AGE_S
+        if stale:
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+    return removed
+
+
 @contextmanager
 def staging(output: Path) -> Iterator[Path]:
     """A hidden folder in ``output`` (created if needed) whose files and folders are moved into ``output`` when
     the block ends normally; on an error it goes, and so does ``output`` if this made it and it is left empty.
+    Staging folders of earlier runs that were killed (`remove_stale_staging`) are removed first.
 
     Raises:
         MedsegError: ``output`` cannot be written.
@@ -201,7 +240,8 @@ def staging(output: Path) -> Iterator[Path]:
     made = not output.exists()
     try:
         output.mkdir(parents=True, exist_ok=True)
-        folder = Path(tempfile.mkdtemp(prefix=".medseg-staging.", dir=output))
+        remove_stale_staging(output)
+        folder = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}.", dir=output))
     except OSError as error:
         raise MedsegError(f"cannot write here ({error.strerror})", output) from None
     try:

@@ -100,8 +100,7 @@ def choose_series(summaries: list[SeriesSummary], wanted: str | None, folder: Pa
         if len(summaries) == 1:
             return summaries[0]
         raise MedsegError(
-            f"folder holds {len(summaries)} DICOM series: {listing}; choose one with {how} "
-            "(series are never merged)",
+            f"folder holds {len(summaries)} DICOM series: {listing}; choose one with {how} (series are never merged)",
             folder,
         )
     matches = [s for s in summaries if wanted.strip() in (s.number, s.uid)]

@@ -106,7 +106,7 @@ def check_output(path: Path, *, folder: bool = True) -> None:
         raise MedsegError(f"cannot write here: {resolved} is a kernel file system ({kind or 'virtual'})", path)
     if existing == absolute and not existing.is_dir():
         if folder:
-            raise MedsegError("exists and is not a folder", path)
+            raise MedsegError("is a file; -o needs a folder", path)
         existing = existing.parent
     elif not existing.is_dir():
         raise MedsegError(f"cannot write here: {existing} is a file, not a folder", path)
