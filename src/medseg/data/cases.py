@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from medseg.data.dataset import Case
+from medseg.data.label_files import read_label
 from medseg.errors import MedsegError
 from medseg.io import Image, as_label_array, load
 
@@ -42,7 +43,7 @@ def load_case(case: Case) -> tuple[Image, np.ndarray | None]:
     image = load_channels(case.images)
     if case.label is None:
         return image, None
-    label = as_label_array(load(case.label))
+    label = as_label_array(read_label(case.label, image, case.declared_labels))
     if label.shape != image.shape:
         raise MedsegError(f"label map has shape {label.shape}, the image {image.shape}", case.label)
     return image, label

@@ -16,7 +16,7 @@ Folder pairs::
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ class Case:
     name: str
     images: tuple[Path, ...]
     label: Path | None
+    declared_labels: tuple[int, ...] = ()  # the dataset's label values (dataset.json), for reading the label
 
 
 @dataclass
@@ -80,6 +81,8 @@ def open_dataset(root: str | Path) -> Dataset:
     dataset.name = str(info.get("name", path.resolve().name))
     dataset.modality = str(info.get("modality", ""))
     dataset.labels = {name: value for value, name in label_names_of(info).items()}
+    declared = tuple(sorted(dataset.labels.values()))
+    dataset.cases = [replace(case, declared_labels=declared) for case in dataset.cases]
     dataset.channel_names = {str(k): str(v) for k, v in info.get("channel_names", {}).items()}
     dataset.declared_cases = info.get("numTraining")
     return dataset

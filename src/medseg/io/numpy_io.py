@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from medseg.errors import MedsegError
+from medseg.errors import MedsegError, notice
 from medseg.io.image import Geometry, Image
 from medseg.io.limits import check_voxels
 
@@ -125,6 +125,9 @@ def read_mrc(path: Path) -> Image:
 def _wrap(array: np.ndarray, geometry_arrays: dict[str, Any], meta: dict[str, Any], path: Path) -> Image:
     if array.dtype.kind not in "biuf":
         raise MedsegError(f"unsupported array dtype {array.dtype}", path)
+    if array.ndim == 3 and array.shape[-1] == 1 and np.size(geometry_arrays.get("spacing", ())) != 3:
+        notice(f"array of shape {array.shape} read as 2D {array.shape[:2]} (a trailing axis of size 1)", path)
+        array = array[..., 0]
     channels = 3 if array.ndim == 3 and array.shape[-1] == 3 and array.shape[0] > 3 else 1
     spatial = array.ndim - (1 if channels > 1 else 0)
     if spatial not in (2, 3):
