@@ -20,6 +20,9 @@ def predict(
     save_probabilities: bool = typer.Option(False, "--save-probabilities", help="Also write probabilities/<case>.npz."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or mps."),
     output_format: str = typer.Option("auto", "--output-format", help=OUTPUT_FORMAT_HELP),
+    series: str | None = typer.Option(
+        None, "--series", help="Of a DICOM folder holding several series: its SeriesNumber or SeriesInstanceUID."
+    ),
 ) -> None:
     """Segment a file or a folder with a model from 'medseg train'.
 
@@ -47,7 +50,7 @@ def predict(
             lambda image: engine.predict(image, probabilities=save_probabilities, mirror=mirror),
             cases,
             output,
-            load_case=load_channels,
+            load_case=lambda files: load_channels(files, series=series),
             check=engine.check,
             save_probabilities=save_probabilities,
             on_case=advance,

@@ -34,6 +34,9 @@ def prompt(
     preset: str | None = typer.Option(None, "--preset", help="Intensity preset, e.g. ct:soft_tissue, ct:lung, mr."),
     device: str = typer.Option("cpu", "--device", help="Where the model runs: cpu, cuda or mps."),
     output_format: str = typer.Option("auto", "--output-format", help=OUTPUT_FORMAT_HELP),
+    series: str | None = typer.Option(
+        None, "--series", help="Of a DICOM folder holding several series: its SeriesNumber or SeriesInstanceUID."
+    ),
 ) -> None:
     """Segment objects from prompts with a MedSAM-family model; the label map keeps the input's geometry.
 
@@ -73,7 +76,7 @@ def prompt(
     if input_path.is_dir() and target.resolve().is_relative_to(input_path.resolve()):
         raise MedsegError("refusing to write into the input DICOM series folder: choose another output", target)
     dicom_seg = format_of(target) == "dicom"  # an unknown output extension fails before any work
-    image = load(input_path)
+    image = load(input_path, series=series)
     prompts, notes = clip_to_image(image, prompts)
     for note in notes:  # a box dragged past the edge means the part inside
         stderr.print(f"medseg: note: {note}", soft_wrap=True)

@@ -114,11 +114,13 @@ def _numbers(ds: Any, keyword: str, count: int, path: Path) -> np.ndarray:
     """A numeric multi-valued attribute, refused when it is absent, short or not numbers."""
     from pydicom.tag import Tag
 
-    element = ds.get(Tag(keyword))
-    if element is None or element.value in (None, ""):
+    element = ds.get_item(Tag(keyword))  # unconverted where possible: pydicom raises on a DS that is no number
+    if element is None or element.value in (None, "", b""):
         raise MedsegError(f"slice has no {keyword}: the slices' order and spacing are unknown", path)
     raw = element.value
-    values = [raw] if isinstance(raw, (str, bytes, float, int)) else list(raw)
+    if isinstance(raw, bytes):
+        raw = raw.decode("latin-1").strip(" \0").split("\\")
+    values = [raw] if isinstance(raw, (str, float, int)) else list(raw)
     try:
         numbers = np.array([float(v.decode() if isinstance(v, bytes) else v) for v in values], dtype=float)
     except (TypeError, ValueError):
@@ -153,7 +155,7 @@ def check_series(files: list[Path], folder: Path) -> SeriesCheck:
     rescale = _rescale(headers, files)
     if len(files) < 2:
         return rescale
-    unplaced = [f for f, ds in zip(files, headers, strict=True) if ds.get("ImagePositionPatient") in (None, "")]
+    unplaced = [f for f, ds in zip(files, headers, strict=True) if "ImagePositionPatient" not in ds]
     if unplaced:
         raise MedsegError(
             f"slice file {unplaced[0].name!r} has no ImagePositionPatient (0020,0032): the slices' order and "

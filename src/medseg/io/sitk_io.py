@@ -217,23 +217,31 @@ def _read_nifti(path: Path, frame: int | None = None) -> Image:
     if index is not None:  # the spatial part of ITK's 4D geometry
         d = np.asarray(direction).reshape(4, 4)[:3, :3]
         spacing, origin, direction = spacing[:3], origin[:3], tuple(d.ravel().tolist())
-    meta.update(_nifti_transform(nii, path))
     geometry = Geometry(tuple(spacing), tuple(origin), tuple(direction))
+    meta.update(_nifti_transform(nii, geometry))
     return Image(array, geometry, meta=meta)
 
 
-def _nifti_transform(nii: Any, path: Path) -> dict[str, Any]:
-    """Which of the header's transforms places the voxels, and whether sform and qform disagree (ITK, like
-    nibabel, takes the sform when its code is set, else the qform)."""
+def _nifti_transform(nii: Any, geometry: Geometry) -> dict[str, Any]:
+    """Which of the header's transforms places the voxels (the one ITK's reading matches), and whether sform
+    and qform disagree: tools differ in which they prefer (nibabel the sform, ITK often the qform)."""
     header = nii.header
-    sform_code, qform_code = int(header["sform_code"]), int(header["qform_code"])
-    used = "sform" if sform_code > 0 else ("qform" if qform_code > 0 else "none (pixel dimensions only)")
+    codes = {"sform": int(header["sform_code"]), "qform": int(header["qform_code"])}
+    d = len(geometry.spacing)
+    itk = np.eye(4)
+    itk[:d, :d] = geometry.direction_matrix() * np.asarray(geometry.spacing)[None, :]
+    itk[:d, 3] = geometry.origin
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0])  # NIfTI's RAS+ to ITK's LPS
+    forms = {name: lps @ (header.get_sform() if name == "sform" else header.get_qform()) for name in codes}
+    matching = [n for n in ("sform", "qform") if codes[n] > 0 and np.allclose(forms[n][:d], itk[:d], atol=1e-3)]
+    used = matching[0] if matching else ("none (pixel dimensions only)" if not any(codes.values()) else "?")
     out: dict[str, Any] = {"nifti_transform": used}
-    if sform_code > 0 and qform_code > 0:
-        sform, qform = header.get_sform(), header.get_qform()
-        worst = float(np.max(np.abs(sform - qform)))
+    if codes["sform"] > 0 and codes["qform"] > 0:
+        worst = float(np.max(np.abs(forms["sform"] - forms["qform"])))
         if worst > 1e-3:
-            out["nifti_transform_conflict"] = f"sform and qform differ by up to {worst:.4g} mm; the sform is used"
+            out["nifti_transform_conflict"] = (
+                f"sform and qform differ by up to {worst:.4g} mm; the {used} is used (as ITK reads it)"
+            )
     return out
 
 
