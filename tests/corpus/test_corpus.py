@@ -21,24 +21,25 @@ import pytest
 import fixtures as fx
 from cli_helpers import assert_one_error_line, run_cli
 from corpus import makers
+from corpus.probe import LIMIT, read_in_subprocess
 from medseg.errors import MedsegError, MedsegNotice
 from medseg.io import load
 
 # case (test name without ``test_``) -> the public thread it was made from
 SOURCES: dict[str, str] = {
-    "nifti_header_claims_1e9_voxels": "https://github.com/Project-MONAI/MONAI/issues/1846",
-    "nifti_header_claims_1e9_voxels_over_a_high_limit": "https://github.com/Project-MONAI/MONAI/issues/1846",
+    "nifti_header_claims_1e9_voxels": "https://github.com/SimpleITK/SimpleITK/issues/696",
+    "nifti_header_claims_1e9_voxels_over_a_high_limit": "https://github.com/SimpleITK/SimpleITK/issues/696",
     "gzip_bomb_nifti": "https://github.com/wasserth/TotalSegmentator/issues/240",
     "gzip_bomb_behind_a_small_header": "https://github.com/wasserth/TotalSegmentator/issues/240",
-    "nifti_extension_bomb": "https://github.com/wasserth/TotalSegmentator/issues/13",
+    "nifti_extension_bomb": "https://github.com/wasserth/TotalSegmentator/issues/89",
     "dicom_rows_60000": "https://github.com/SimpleITK/SimpleITK/issues/696",
     "dicom_100000_frames": "https://github.com/Slicer/Slicer/issues/6773",
     "dicom_series_rows_30000": "https://github.com/SimpleITK/SimpleITK/issues/696",
-    "png_bomb_refused_by_medseg": "https://github.com/python-pillow/Pillow/issues/5218",
+    "png_bomb_refused_by_medseg": "https://github.com/mittagessen/kraken/issues/299",
     "png_bomb_refused_by_pillow": "https://github.com/python-pillow/Pillow/issues/5218",
     "nrrd_header_huge": "https://github.com/wasserth/TotalSegmentator/issues/89",
     "mha_header_huge": "https://github.com/wasserth/TotalSegmentator/issues/89",
-    "npy_header_huge": "https://github.com/bowang-lab/MedSAM/issues/398",
+    "npy_header_huge": "https://github.com/wasserth/TotalSegmentator/issues/240",
     "output_on_proc": "https://github.com/MIC-DKFZ/nnUNet/issues/1130",
     "output_symlink_loop": "https://github.com/MIC-DKFZ/nnUNet/issues/964",
     "input_symlink_loop": "https://github.com/MIC-DKFZ/nnUNet/issues/964",
@@ -66,36 +67,13 @@ SOURCES: dict[str, str] = {
 }
 # What reading a hostile file may add to the process's peak resident memory.
 MAX_GROWTH_MB = 100
-_LIMIT = "1e8"  # MEDSEG_MAX_VOXELS for the hostile reads (the default follows the machine's memory)
-
-_PROBE = """
-import json, resource, sys
-import nibabel, numpy, pydicom, SimpleITK, PIL.Image, PIL.PngImagePlugin, tifffile, mrcfile
-from medseg.errors import MedsegError
-from medseg.io import load
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-try:
-    image = load(sys.argv[1])
-    outcome = "read " + str(image.shape)
-except MedsegError as error:
-    outcome = "error " + str(error)
-after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps({"outcome": outcome, "before_mb": before / 1024, "peak_mb": after / 1024}))
-"""
 
 
-def measure(path: Path, limit: str = _LIMIT) -> dict[str, object]:
-    """Read ``path`` in a fresh interpreter: its outcome and peak memory (MB) before and after the read."""
-    import medseg
-
-    env = {**os.environ, "MEDSEG_MAX_VOXELS": limit, "PYTHONPATH": str(Path(medseg.__file__).parents[1])}
-    done = subprocess.run(
-        [sys.executable, "-c", _PROBE, str(path)], capture_output=True, text=True, env=env, timeout=120, check=False
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
-    growth = result["peak_mb"] - result["before_mb"]
-    print(f"{path.name}: {result['outcome'][:100]} | peak {result['peak_mb']:.0f} MB, read added {growth:.0f} MB")
+def measure(path: Path, limit: str = LIMIT) -> dict[str, object]:
+    """`probe.read_in_subprocess`, printed, with the read's growth of peak memory held under `MAX_GROWTH_MB`."""
+    result = read_in_subprocess(path, limit)
+    growth = float(result["peak_mb"]) - float(result["before_mb"])  # type: ignore[arg-type]
+    print(f"{path.name}: {str(result['outcome'])[:100]} | peak {result['peak_mb']:.0f} MB, read added {growth:.0f} MB")
     assert growth < MAX_GROWTH_MB, result
     return result
 

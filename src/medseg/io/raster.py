@@ -105,7 +105,7 @@ def _read_pillow(path: Path) -> tuple[np.ndarray, str]:
             else:
                 array = np.asarray(pil)
     except PILImage.DecompressionBombError as err:
-        raise MedsegError(f"refused as a decompression bomb ({str(err).split(' could')[0][:160]})", path) from None
+        raise MedsegError(f"refused as a decompression bomb ({str(err).split(', could')[0][:160]})", path) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise MedsegError(f"cannot read image ({err.__class__.__name__}: {str(err)[:160]})", path) from None
     return array, mode
