@@ -23,6 +23,7 @@ def predict(
     series: str | None = typer.Option(
         None, "--series", help="Of a DICOM folder holding several series: its SeriesNumber or SeriesInstanceUID."
     ),
+    frame: int | None = typer.Option(None, "--frame", help="Of a 4D input (time series, cine): the volume to use."),
 ) -> None:
     """Segment a file or a folder with a model from 'medseg train'.
 
@@ -50,7 +51,7 @@ def predict(
             lambda image: engine.predict(image, probabilities=save_probabilities, mirror=mirror),
             cases,
             output,
-            load_case=lambda files: load_channels(files, series=series),
+            load_case=lambda files: load_channels(files, series=series, frame=frame),
             check=engine.check,
             save_probabilities=save_probabilities,
             on_case=advance,

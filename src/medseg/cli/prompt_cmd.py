@@ -37,6 +37,7 @@ def prompt(
     series: str | None = typer.Option(
         None, "--series", help="Of a DICOM folder holding several series: its SeriesNumber or SeriesInstanceUID."
     ),
+    frame: int | None = typer.Option(None, "--frame", help="Of a 4D input (time series, cine): the volume to use."),
 ) -> None:
     """Segment objects from prompts with a MedSAM-family model; the label map keeps the input's geometry.
 
@@ -76,7 +77,7 @@ def prompt(
     if input_path.is_dir() and target.resolve().is_relative_to(input_path.resolve()):
         raise MedsegError("refusing to write into the input DICOM series folder: choose another output", target)
     dicom_seg = format_of(target) == "dicom"  # an unknown output extension fails before any work
-    image = load(input_path, series=series)
+    image = load(input_path, series=series, frame=frame)
     prompts, notes = clip_to_image(image, prompts)
     for note in notes:  # a box dragged past the edge means the part inside
         stderr.print(f"medseg: note: {note}", soft_wrap=True)

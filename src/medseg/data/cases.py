@@ -13,16 +13,16 @@ from medseg.errors import MedsegError
 from medseg.io import Image, as_label_array, load
 
 
-def load_channels(files: Sequence[str | Path], series: str | None = None) -> Image:
+def load_channels(files: Sequence[str | Path], series: str | None = None, frame: int | None = None) -> Image:
     """Stack the channel files of one case (``_0000``, ``_0001``, ...) into one image, channels last.
 
     An RGB file contributes three channels. Geometry and meta come from the first file; ``series`` picks one
-    series of a DICOM folder holding several (`medseg.io.load`).
+    series of a DICOM folder holding several, ``frame`` one volume of 4D files (`medseg.io.load`).
 
     Raises:
         MedsegError: a file is unreadable or the files are on different grids.
     """
-    images = [load(path, series=series) for path in files]
+    images = [load(path, series=series, frame=frame) for path in files]
     first = images[0]
     if len(images) == 1:
         return first
