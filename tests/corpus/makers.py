@@ -395,3 +395,31 @@ def png_image_12x16(folder: Path) -> Path:
     path = folder / "image.png"
     PILImage.fromarray((np.arange(12 * 16) % 251).astype(np.uint8).reshape(12, 16)).save(path)
     return path
+
+
+def enhanced_ct_shuffled_frames(folder: Path, duplicate: bool = False) -> tuple[Path, Path]:
+    """A Legacy Converted Enhanced CT (one multi-frame file, made by highdicom from a 5-slice series) whose
+    frames are stored out of position order, each placed by its Plane Position Sequence; with ``duplicate``,
+    a sixth frame repeats the first position (a second time point). Returns (file, the source series folder)."""
+    import logging
+
+    import pydicom
+    from highdicom import UID
+    from highdicom.legacy import LegacyConvertedEnhancedCTImage
+
+    series = fx.write_dicom_series(folder / "source", n_slices=5, suffix=".dcm")
+    datasets = [pydicom.dcmread(f) for f in series.files]
+    logging.getLogger("highdicom").setLevel(logging.ERROR)  # FrameType is not derivable from legacy CT
+    converted = LegacyConvertedEnhancedCTImage(
+        datasets, series_instance_uid=UID(), series_number=9, sop_instance_uid=UID(), instance_number=1
+    )
+    path = folder / "enhanced.dcm"
+    converted.save_as(path)
+    ds = pydicom.dcmread(path)
+    order = [2, 0, 4, 1, 3] + ([0] if duplicate else [])
+    pixels = ds.pixel_array[order]
+    ds.PerFrameFunctionalGroupsSequence = [ds.PerFrameFunctionalGroupsSequence[i] for i in order]
+    ds.NumberOfFrames = len(order)
+    ds.PixelData = pixels.tobytes()
+    ds.save_as(path)
+    return path, series.folder

@@ -64,6 +64,8 @@ SOURCES: dict[str, str] = {
     "info_alpha_not_opaque": "https://github.com/YavorGIvanov/sam.cpp/issues/12",
     "info_sform_qform_disagree": "https://github.com/MIC-DKFZ/nnUNet/issues/1956",
     "truncated_nifti": "https://github.com/wasserth/TotalSegmentator/issues/105",
+    "enhanced_ct_frames_placed_by_position": "https://github.com/Slicer/Slicer/issues/6773",
+    "enhanced_ct_two_time_points_refused": "https://github.com/horosproject/horos/issues/543",
 }
 # What reading a hostile file may add to the process's peak resident memory.
 MAX_GROWTH_MB = 100
@@ -277,6 +279,23 @@ def test_ct_series_has_no_labels_table(tmp_path: Path) -> None:
     result = run_cli("info", makers.ct_series_few_values(tmp_path))
     assert result.exit_code == 0, result.output
     assert "labels" not in result.stdout.split("dtype")[1]
+
+
+def test_enhanced_ct_frames_placed_by_position(tmp_path: Path) -> None:
+    """Frames stored out of order are sorted by their own positions; spacing from them, not 1 mm."""
+    path, source = makers.enhanced_ct_shuffled_frames(tmp_path)
+    enhanced, series = load(path), load(source)
+    assert enhanced.geometry.matches(series.geometry), enhanced.geometry.describe_difference(series.geometry)
+    np.testing.assert_array_equal(enhanced.array, series.array)
+    folder = tmp_path / "one_file"
+    folder.mkdir()
+    path.rename(folder / path.name)  # a folder holding only the enhanced file reads the same
+    np.testing.assert_array_equal(load(folder).array, series.array)
+
+
+def test_enhanced_ct_two_time_points_refused(tmp_path: Path) -> None:
+    path, _ = makers.enhanced_ct_shuffled_frames(tmp_path, duplicate=True)
+    assert "two slices at one position (frame" in load_error(path)
 
 
 # ---- label files --------------------------------------------------------------------------------------------

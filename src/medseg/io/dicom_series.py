@@ -110,7 +110,7 @@ def choose_series(summaries: list[SeriesSummary], wanted: str | None, folder: Pa
     return matches[0]
 
 
-def _numbers(ds: Any, keyword: str, count: int, path: Path) -> np.ndarray:
+def attribute_numbers(ds: Any, keyword: str, count: int, path: Path) -> np.ndarray:
     """A numeric multi-valued attribute, refused when it is absent, short or not numbers."""
     from pydicom.tag import Tag
 
@@ -162,51 +162,80 @@ def check_series(files: list[Path], folder: Path) -> SeriesCheck:
             f"spacing are unknown ({len(unplaced)} of {len(files)} slices lack it)",
             folder,
         )
-    positions = np.stack([_numbers(ds, "ImagePositionPatient", 3, f) for f, ds in zip(files, headers, strict=True)])
-    cosines = _numbers(first, "ImageOrientationPatient", 6, files[0])
+    positions = np.stack(
+        [attribute_numbers(ds, "ImagePositionPatient", 3, f) for f, ds in zip(files, headers, strict=True)]
+    )
+    cosines = attribute_numbers(first, "ImageOrientationPatient", 6, files[0])
     for f, ds in zip(files, headers, strict=True):
-        if not np.allclose(_numbers(ds, "ImageOrientationPatient", 6, f), cosines, atol=1e-3):
+        if not np.allclose(attribute_numbers(ds, "ImageOrientationPatient", 6, f), cosines, atol=1e-3):
             raise MedsegError(f"ImageOrientationPatient differs from that of {files[0].name} (one series, one grid)", f)
+    echoes = [ds.get("EchoNumbers") for ds in headers]
+    check_stack(positions, cosines, [f.name for f in files], folder, echoes, first.get("GantryDetectorTilt"))
+    return rescale
+
+
+def check_stack(
+    positions: np.ndarray,
+    cosines: np.ndarray,
+    names: list[str],
+    where: Path,
+    echoes: list[Any] | None = None,
+    declared_tilt: Any = None,
+) -> np.ndarray:
+    """The order of slices (or frames) along their normal, after checking that they make one evenly spaced,
+    orthogonal stack.
+
+    Args:
+        positions: ``(N, 3)`` ImagePositionPatient of each slice, mm.
+        cosines: the six ImageOrientationPatient values they share.
+        names: what to call each slice in messages (file names, ``frame 3``).
+        where: the file or folder errors name.
+        echoes: each slice's EchoNumbers (to say "two echoes" for two slices at one position).
+        declared_tilt: GantryDetectorTilt, quoted in the tilt message.
+
+    Raises:
+        MedsegError: two slices at one position; slices sheared against their normal (gantry tilt, with the
+            angle); a gap or uneven steps (the slices on each side and the spacing found are named).
+    """
     normal = np.cross(cosines[:3], cosines[3:6])
     along = positions @ normal
     order = np.argsort(along, kind="stable")
-    ordered = [files[i] for i in order]
+    if len(names) < 2:
+        return order
+    ordered = [names[i] for i in order]
     steps = np.diff(along[order])
     duplicate = int(np.argmin(steps))
     if steps[duplicate] < _SPACING_ATOL_MM:
-        a, b = headers[order[duplicate]], headers[order[duplicate + 1]]
-        echoes = (a.get("EchoNumbers"), b.get("EchoNumbers"))
-        what = f"two echoes (EchoNumbers {echoes[0]} and {echoes[1]})" if echoes[0] != echoes[1] else "two slices"
+        pair = (echoes[order[duplicate]], echoes[order[duplicate + 1]]) if echoes else (None, None)
+        what = f"two echoes (EchoNumbers {pair[0]} and {pair[1]})" if pair[0] != pair[1] else "two slices"
         raise MedsegError(
-            f"{what} at one position ({ordered[duplicate].name} and {ordered[duplicate + 1].name}, "
+            f"{what} at one position ({ordered[duplicate]} and {ordered[duplicate + 1]}, "
             f"{along[order][duplicate]:.4g} mm along the normal): split them into one folder each",
-            folder,
+            where,
         )
-    if len(files) >= 2:
-        shift = positions[order[-1]] - positions[order[0]]
-        cos_angle = min(1.0, abs(float(shift @ normal)) / float(np.linalg.norm(shift)))
-        tilt = math.degrees(math.acos(cos_angle))
-        if tilt > MAX_TILT_DEGREES:
-            declared = first.get("GantryDetectorTilt")
-            said = f", GantryDetectorTilt {declared}" if declared not in (None, "") else ""
-            raise MedsegError(
-                f"slices are sheared {tilt:.2f} degrees against their normal (gantry tilt{said}): read as a stack "
-                "they would be misplaced; medseg does not resample tilted series: convert with dcm2niix, "
-                "which corrects the tilt, and read its NIfTI",
-                folder,
-            )
-    if len(files) >= 3:
+    shift = positions[order[-1]] - positions[order[0]]
+    cos_angle = min(1.0, abs(float(shift @ normal)) / float(np.linalg.norm(shift)))
+    tilt = math.degrees(math.acos(cos_angle))
+    if tilt > MAX_TILT_DEGREES:
+        said = f", GantryDetectorTilt {declared_tilt}" if declared_tilt not in (None, "") else ""
+        raise MedsegError(
+            f"slices are sheared {tilt:.2f} degrees against their normal (gantry tilt{said}): read as a stack "
+            "they would be misplaced; medseg does not resample tilted series: convert with dcm2niix, "
+            "which corrects the tilt, and read its NIfTI",
+            where,
+        )
+    if len(names) >= 3:
         typical = float(np.median(steps))
         worst = int(np.argmax(np.abs(steps - typical)))
         if abs(steps[worst] - typical) > max(_SPACING_ATOL_MM, _SPACING_RTOL * typical):
             missing = round(steps[worst] / typical) - 1
             guess = f"{missing} missing slice{'s' if missing != 1 else ''}?" if missing >= 1 else "uneven slices?"
             raise MedsegError(
-                f"DICOM slices are not evenly spaced: {steps[worst]:.4g} mm between {ordered[worst].name} and "
-                f"{ordered[worst + 1].name} where the others are {typical:.4g} mm apart ({guess})",
-                folder,
+                f"DICOM slices are not evenly spaced: {steps[worst]:.4g} mm between {ordered[worst]} and "
+                f"{ordered[worst + 1]} where the others are {typical:.4g} mm apart ({guess})",
+                where,
             )
-    return rescale
+    return order
 
 
 def _rescale(headers: list[Any], files: list[Path]) -> SeriesCheck:

@@ -9,6 +9,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from medseg.errors import MedsegError
+from medseg.io.dicom_multiframe import is_enhanced_multiframe, read_multiframe
 from medseg.io.dicom_series import check_series, choose_series, list_series
 from medseg.io.dicom_source import dicom_files
 from medseg.io.image import Geometry, Image
@@ -60,6 +61,8 @@ def read_file(path: Path, fmt: str, frame: int | None = None) -> Image:
     """
     if fmt == "nifti":
         return _read_nifti(path, frame)
+    if fmt == "dicom" and is_enhanced_multiframe(path):  # GDCM would stack its frames in file order
+        return read_multiframe(path)
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     with captured_stderr() as printed:
@@ -269,6 +272,17 @@ def read_dicom_series(folder: Path, series: str | None = None) -> Image:
     chosen = choose_series(summaries, series, folder)
     if chosen.uid not in series_ids:
         raise MedsegError(f"series {chosen.describe()} holds no image GDCM can read", folder)
+    multiframe = [f for f in chosen.files if is_enhanced_multiframe(f)]
+    if multiframe and len(chosen.files) == 1:
+        image = read_multiframe(chosen.files[0])
+        image.meta["path"] = image.meta["dicom_source"] = str(folder)
+        return image
+    if multiframe:
+        raise MedsegError(
+            f"series {chosen.describe()} holds {len(multiframe)} multi-frame files among {len(chosen.files)} "
+            "(several stacks or time points?): read one file at a time",
+            folder,
+        )
     # GDCM orders the files by their position along the slice normal.
     with captured_stderr():
         files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), chosen.uid)
