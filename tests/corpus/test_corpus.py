@@ -23,7 +23,7 @@ from cli_helpers import assert_one_error_line, run_cli
 from corpus import makers
 from corpus.probe import LIMIT, read_in_subprocess
 from medseg.errors import MedsegError, MedsegNotice
-from medseg.io import load
+from medseg.io import Image, load, save
 
 # case (test name without ``test_``) -> the public thread it was made from
 SOURCES: dict[str, str] = {
@@ -56,6 +56,7 @@ SOURCES: dict[str, str] = {
     "mask_0_255_hint": "https://github.com/MIC-DKFZ/nnUNet/issues/1777",
     "jpeg_mask_refused": "https://github.com/MIC-DKFZ/nnUNet/issues/2404",
     "jpeg_mask_binarised_with_two_labels": "https://github.com/MIC-DKFZ/nnUNet/issues/1678",
+    "jpeg_ground_truth_not_scored": "https://github.com/MIC-DKFZ/nnUNet/issues/2404",
     "one_slice_label_for_2d_image": "https://github.com/MIC-DKFZ/nnUNet/pull/797",
     "npy_mask_h_w_1": "https://github.com/MIC-DKFZ/nnUNet/pull/797",
     "info_4d_cine": "https://github.com/MIC-DKFZ/nnUNet/issues/858",
@@ -362,6 +363,17 @@ def test_jpeg_mask_binarised_with_two_labels(tmp_path: Path) -> None:
         _, label = load_case(open_dataset(root).cases[0])
     assert label is not None and sorted(np.unique(label).tolist()) == [0, 1]
     assert int(label.sum()) == 16 * 14  # the square drawn, edges and all
+
+
+def test_jpeg_ground_truth_not_scored(tmp_path: Path) -> None:
+    """Scored, every grey value at the mask's edges would be a class of its own."""
+    (tmp_path / "gt").mkdir()
+    (tmp_path / "pred").mkdir()
+    mask = makers.mask_jpeg(tmp_path / "gt")
+    save(Image((load(mask).array > 127).astype(np.uint8)), tmp_path / "pred" / "mask.png")
+    result = run_cli("evaluate", tmp_path / "pred", tmp_path / "gt", "-o", tmp_path / "eval")
+    assert_one_error_line(result, "mask.jpg", "lossy", "re-export it as PNG")
+    assert not (tmp_path / "eval").exists()
 
 
 def test_one_slice_label_for_2d_image(tmp_path: Path) -> None:
