@@ -84,7 +84,7 @@ def read_file(path: Path, fmt: str, frame: int | None = None) -> Image:
         except RuntimeError as err:
             raise MedsegError(f"cannot read {fmt} file ({_reason(err, printed)})", path) from None
     meta: dict[str, Any] = {"format": fmt, "path": str(path)}
-    if len(size) == 4:
+    if len(size) == 4 and size[3] > 1:
         meta.update(frames=size[3], frame=_frame_index(size, frame, path))
     if fmt == "dicom":
         meta["dicom_source"] = str(path)  # what a DICOM-SEG of a label map on this grid references
@@ -105,6 +105,8 @@ class FourDimensionalError(MedsegError):
 
 
 def _frame_index(size: tuple[int, ...], frame: int | None, path: Path) -> int:
+    if frame is None and size[3] == 1:  # a 3D volume stored with a time axis of one
+        return 0
     if frame is None:
         raise FourDimensionalError(size, path)
     if not -size[3] <= frame < size[3]:
@@ -196,7 +198,8 @@ def _read_nifti(path: Path, frame: int | None = None) -> Image:
     index = None
     if ndim == 4:
         index = _frame_index(size, frame, path)
-        meta.update(frames=size[3], frame=index)
+        if size[3] > 1:
+            meta.update(frames=size[3], frame=index)
     if reader.GetNumberOfComponents() > 1:  # vector pixels: SimpleITK reads them as channels
         if index is not None:
             reader.SetExtractIndex((0, 0, 0, index))
