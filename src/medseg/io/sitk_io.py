@@ -136,6 +136,9 @@ def _check_nifti_header(path: Path) -> None:
             if len(raw) < 348:
                 raise MedsegError(f"file is truncated or corrupt (header of {len(raw)} bytes)", path)
             klass = nib.Nifti2Header if raw[:4] in (b"\x1c\x02\x00\x00", b"\x00\x00\x02\x1c") else nib.Nifti1Header
+            magic = raw[4:8] if klass is nib.Nifti2Header else raw[344:348]
+            if magic[:3] not in (b"n+1", b"ni1", b"n+2", b"ni2"):
+                return  # not NIfTI: ITK's header reader (348 bytes) names the problem
             size = klass.template_dtype.itemsize
             header = klass(raw[:size], check=False)
             shape = tuple(int(d) for d in header.get_data_shape())
@@ -161,7 +164,7 @@ def _check_nifti_header(path: Path) -> None:
                     position += esize
     except MedsegError:
         raise
-    except (OSError, EOFError, ValueError) as err:
+    except Exception as err:  # gzip, zlib and nibabel raise many types for damaged headers
         detail = str(err).splitlines()[0][:120] if str(err) else type(err).__name__
         raise MedsegError(f"file is truncated or corrupt ({detail})", path) from None
     if not compressed:
