@@ -146,7 +146,7 @@ def check_series(files: list[Path], folder: Path) -> SeriesCheck:
         MedsegError: a declared size over the voxel limit; a slice without ImagePositionPatient, or one whose
             position or orientation is not numbers; two slices at one position (two echoes or a duplicate);
             a gap (the files on each side and the spacing found are named); slices sheared against their
-            normal (gantry tilt: the angle in degrees); slices of different orientation.
+            normal (gantry tilt: the angle in degrees); slices of different size or orientation.
     """
     headers = [_header(f) for f in files]
     first = headers[0]
@@ -155,6 +155,12 @@ def check_series(files: list[Path], folder: Path) -> SeriesCheck:
     rescale = _rescale(headers, files)
     if len(files) < 2:
         return rescale
+    size = (first.get("Rows"), first.get("Columns"))
+    odd = next((f for f, ds in zip(files, headers, strict=True) if (ds.get("Rows"), ds.get("Columns")) != size), None)
+    if odd is not None:  # e.g. a localizer filed with the series
+        raise MedsegError(
+            f"slice size differs from that of {files[0].name} ({size[0]} x {size[1]}): one series, one grid", odd
+        )
     unplaced = [f for f, ds in zip(files, headers, strict=True) if "ImagePositionPatient" not in ds]
     if unplaced:
         raise MedsegError(
