@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import warnings
@@ -210,11 +211,14 @@ def test_killed_run_staging_removed(tmp_path: Path) -> None:
 
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     out = tmp_path / "out"
-    left = out / f".medseg-staging.{int(gone.stdout)}.x1y2"  # what a kill -9 during predict leaves
+    host = socket.gethostname().replace(".", "_")
+    left = out / f".medseg-staging.{int(gone.stdout)}@{host}.x1y2"  # what a kill -9 during predict leaves
     (left / "probabilities").mkdir(parents=True)
     (left / "case.png").write_bytes(b"partial")
-    live = out / f".medseg-staging.{os.getpid()}.keep"  # a run still going (this process) keeps its folder
+    live = out / f".medseg-staging.{os.getpid()}@{host}.keep"  # a run still going (this process) keeps its folder
     live.mkdir()
+    elsewhere = out / f".medseg-staging.{int(gone.stdout)}@another_host.abcd"  # its pid cannot be checked here
+    elsewhere.mkdir()
     (tmp_path / "in").mkdir()
     image = makers.png_image_12x16(tmp_path / "in")
 
@@ -223,7 +227,7 @@ def test_killed_run_staging_removed(tmp_path: Path) -> None:
         return Segmentation(img.with_array(labels), [1], "threshold")
 
     predict_folder(predict, cases_of(image.parent), out)
-    assert not left.exists() and live.exists()
+    assert not left.exists() and live.exists() and elsewhere.exists()
     assert (out / "image.png").is_file()
 
 
