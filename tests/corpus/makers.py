@@ -220,20 +220,40 @@ def series_per_slice_rescale(folder: Path) -> Path:
     return series.folder
 
 
-def series_gantry_tilt(folder: Path) -> Path:
-    """An axial CT series whose slice positions shift 0.53 mm in y per 2.5 mm slice (a 12 degree gantry tilt)."""
+def series_gantry_tilt(folder: Path, degrees: float = 12.0) -> Path:
+    """An axial CT series of 6 slices 2.5 mm apart whose positions shift 2.5 tan(``degrees``) mm in y per slice
+    (a tilted gantry); every pixel holds ``tilt_phantom`` of its physical position (x, y), rounded."""
     import pydicom
 
-    series = fx.write_dicom_series(folder / "tilt", n_slices=5, suffix=".dcm")
-    shift = 2.5 * np.tan(np.radians(12.0))
+    n, rows, columns, origin, spacing = 6, 16, 16, np.array([-40.0, -35.5, 112.0]), (0.7, 0.6)
+    shift = 2.5 * np.tan(np.radians(degrees))
+    r, c = np.indices((rows, columns))
+    pixels = []
+    for k in range(n):
+        corner = origin + np.array([0.0, k * shift, k * 2.5])
+        points = (
+            corner
+            + c[..., None] * spacing[1] * np.array([1.0, 0, 0])
+            + r[..., None] * spacing[0] * np.array([0, 1.0, 0])
+        )
+        pixels.append(np.round(tilt_phantom(points)))
+    series = fx.write_dicom_series(
+        folder / "tilt", n_slices=n, pixels=np.array(pixels), slope=1.0, intercept=0.0, suffix=".dcm",
+        origin=tuple(origin), pixel_spacing=spacing,
+    )  # fmt: skip
     for f in series.files:
         ds = pydicom.dcmread(f)
         x, y, z = (float(v) for v in ds.ImagePositionPatient)
-        k = round((z - series.positions[0][2]) / 2.5)
+        k = round((z - origin[2]) / 2.5)
         ds.ImagePositionPatient = [f"{x:.6f}", f"{y + k * shift:.6f}", f"{z:.6f}"]
-        ds.GantryDetectorTilt = "12"
+        ds.GantryDetectorTilt = f"{degrees:g}"
         ds.save_as(f)
     return series.folder
+
+
+def tilt_phantom(points: np.ndarray) -> np.ndarray:
+    """A value linear in physical x and y (mm), so that linear interpolation reproduces it exactly."""
+    return 5000 + 20 * points[..., 0] + 7 * points[..., 1]
 
 
 def series_text_position(folder: Path) -> Path:

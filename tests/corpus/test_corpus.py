@@ -48,7 +48,8 @@ SOURCES: dict[str, str] = {
     "two_series_listed_and_chosen": "https://github.com/SimpleITK/SimpleITK/issues/581",
     "missing_slice_names_neighbours": "https://github.com/moloney/dcmstack/issues/55",
     "per_slice_rescale_reads_float": "https://github.com/innolitics/dicom-numpy/issues/1",
-    "gantry_tilt_refused_with_angle": "https://github.com/Slicer/Slicer/issues/4409",
+    "gantry_tilt_resampled_onto_an_orthogonal_grid": "https://github.com/Slicer/Slicer/issues/4409",
+    "gantry_tilt_uneven_refused": "https://github.com/rordenlab/dcm2niix/issues/253",
     "text_position_refused": "https://github.com/moloney/dcmstack/issues/63",
     "two_echoes_named": "https://github.com/SimpleITK/SimpleITK/issues/1809",
     "ct_series_has_no_labels_table": "https://github.com/MIC-DKFZ/nnUNet/issues/1007",
@@ -265,9 +266,43 @@ def test_per_slice_rescale_reads_float(tmp_path: Path) -> None:
         np.testing.assert_allclose(image.array[k], expected, rtol=1e-6)
 
 
-def test_gantry_tilt_refused_with_angle(tmp_path: Path) -> None:
-    text = load_error(makers.series_gantry_tilt(tmp_path))
-    assert "12.00 degrees" in text and "gantry tilt" in text and "dcm2niix" in text
+@pytest.mark.parametrize("degrees", [12.0, -20.0])
+def test_gantry_tilt_resampled_onto_an_orthogonal_grid(tmp_path: Path, degrees: float) -> None:
+    """Each voxel of the resampled volume holds the phantom's value at its own physical point (within the
+    rounding of the stored and the resampled values), on a grid wide enough for every slice, with a notice."""
+    folder = makers.series_gantry_tilt(tmp_path, degrees)
+    with pytest.warns(MedsegNotice, match=f"sheared {abs(degrees):.2f} degrees"):
+        image = load(folder)
+    assert image.geometry.orientation() == "LPS" and image.shape[1] > 16
+    assert "resampled" in image.meta["gantry_tilt"] and "dicom_source" not in image.meta
+    index = np.indices(image.shape).reshape(3, -1).T  # (k, row, column)
+    affine = image.geometry.affine()
+    points = index @ affine[:3, :3].T + affine[:3, 3]
+    shift = 2.5 * np.tan(np.radians(degrees))
+    source_row = (points[:, 1] - (-35.5 + index[:, 0] * shift)) / 0.7
+    source_column = (points[:, 0] + 40.0) / 0.6
+    inside = (source_row >= 0) & (source_row <= 15) & (source_column >= 0) & (source_column <= 15)
+    assert inside.sum() >= 6 * 15 * 15  # the acquired slices land on the new grid
+    error = np.abs(image.array.reshape(-1)[inside] - makers.tilt_phantom(points[inside]))
+    assert error.max() <= 1.0, error.max()
+    with pytest.warns(MedsegNotice):
+        result = run_cli("info", folder)
+    assert result.exit_code == 0 and "gantry tilt" in result.stdout, result.output
+
+
+def test_gantry_tilt_uneven_refused(tmp_path: Path) -> None:
+    import pydicom
+
+    folder = makers.series_gantry_tilt(tmp_path)
+    last = max(folder.iterdir(), key=lambda f: float(pydicom.dcmread(f).ImagePositionPatient[2]))
+    ds = pydicom.dcmread(last)
+    ds.ImagePositionPatient = [
+        ds.ImagePositionPatient[0],
+        float(ds.ImagePositionPatient[1]) + 2.0,
+        ds.ImagePositionPatient[2],
+    ]
+    ds.save_as(last)
+    assert "not a gantry tilt medseg can correct" in load_error(folder)
 
 
 def test_text_position_refused(tmp_path: Path) -> None:

@@ -60,7 +60,8 @@ def info(
     if "frames" in image.meta:
         shown = f"frame {image.meta['frame']} shown" + ("" if frame is not None else "; --frame picks another")
         rows.append(("frames", f"{image.meta['frames']} (4D; {shown})"))
-    for key in ("modality", "series_description", "dicom_files", "rescale", "npz_key", "alpha", "nifti_transform"):
+    keys = ("modality", "series_description", "dicom_files", "rescale", "gantry_tilt", "npz_key", "alpha")
+    for key in (*keys, "nifti_transform"):
         if key in image.meta:
             rows.append((key.replace("_", " "), str(image.meta[key])))
     if "nifti_transform_conflict" in image.meta:

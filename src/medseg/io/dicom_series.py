@@ -3,20 +3,22 @@
 `list_series` describes each series of a folder (number, description, modality, slice count) for the error a
 folder of several series gets and for ``--series``; `check_series` refuses a series that would be read wrong:
 a declared size over the voxel limit, a position that is not a number, a gap or a duplicate slice (naming the
-files on each side), slices sheared against their normal (gantry tilt, with the angle); it says whether the
-rescaled values need a float array (RescaleSlope/Intercept not integers, or differing between slices).
+files on each side), slices sheared by uneven amounts; it says whether the rescaled values need a float array
+(RescaleSlope/Intercept not integers, or differing between slices) and describes a gantry tilt (`Tilt`), which
+`correct_tilt` resamples onto an orthogonal grid (`check_stack` refuses tilts where no correction follows).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from medseg.errors import MedsegError
+from medseg.io.image import Geometry
 from medseg.io.limits import check_voxels
 
 # Slices sheared against their normal by more than this (degrees) are a tilted gantry, not rounding.
@@ -132,21 +134,43 @@ def attribute_numbers(ds: Any, keyword: str, count: int, path: Path) -> np.ndarr
 
 
 @dataclass(frozen=True)
+class Tilt:
+    """Slices sheared against their normal (a tilted gantry): each slice ``k`` (in position order) lies
+    ``k * shift_pixels`` (rows, columns) off an orthogonal stack; ``degrees`` is the tilt angle; ``first`` the
+    first slice's position; ``geometry`` the orthogonal grid `correct_tilt` resamples onto."""
+
+    degrees: float
+    shift_pixels: tuple[float, float]
+    first: tuple[float, float, float]
+    geometry: Geometry
+
+
+def _canvas(depth: int, shift: tuple[float, float]) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Where the first slice's corner lands on the corrected canvas (rows, columns), and how much the canvas
+    grows, for ``depth`` slices each ``shift`` pixels further."""
+    total = (shift[0] * (depth - 1), shift[1] * (depth - 1))
+    low = (math.floor(min(0.0, total[0])), math.floor(min(0.0, total[1])))
+    return (-low[0], -low[1]), (math.ceil(abs(total[0])) + 1, math.ceil(abs(total[1])) + 1)
+
+
+@dataclass(frozen=True)
 class SeriesCheck:
-    """What `check_series` found: whether values need floats, and the rescale seen."""
+    """What `check_series` found: whether values need floats, the rescale seen, a gantry tilt (None if none)."""
 
     float_values: bool
     rescale: str
+    tilt: Tilt | None = None
 
 
 def check_series(files: list[Path], folder: Path) -> SeriesCheck:
-    """Check the headers of one series' ``files`` (in any order) before its voxels are read.
+    """Check the headers of one series' ``files`` (in any order) before its voxels are read; the result says
+    whether values need floats and describes a gantry tilt (slices sheared evenly against their normal).
 
     Raises:
         MedsegError: a declared size over the voxel limit; a slice without ImagePositionPatient, or one whose
             position or orientation is not numbers; two slices at one position (two echoes or a duplicate);
-            a gap (the files on each side and the spacing found are named); slices sheared against their
-            normal (gantry tilt: the angle in degrees); slices of different size or orientation.
+            a gap (the files on each side and the spacing found are named); slices sheared by uneven amounts;
+            slices of different size or orientation.
     """
     headers = [_header(f) for f in files]
     first = headers[0]
@@ -176,8 +200,42 @@ def check_series(files: list[Path], folder: Path) -> SeriesCheck:
         if not np.allclose(attribute_numbers(ds, "ImageOrientationPatient", 6, f), cosines, atol=1e-3):
             raise MedsegError(f"ImageOrientationPatient differs from that of {files[0].name} (one series, one grid)", f)
     echoes = [ds.get("EchoNumbers") for ds in headers]
-    check_stack(positions, cosines, [f.name for f in files], folder, echoes, first.get("GantryDetectorTilt"))
-    return rescale
+    order = check_stack(positions, cosines, [f.name for f in files], folder, echoes, tilt_allowed=True)
+    tilt = _tilt(positions[order], cosines, attribute_numbers(first, "PixelSpacing", 2, files[0]), folder)
+    return replace(rescale, tilt=tilt)
+
+
+def _tilt(positions: np.ndarray, cosines: np.ndarray, pixel_spacing: np.ndarray, where: Path) -> Tilt | None:
+    """The gantry tilt of slices in position order (None when they are orthogonal).
+
+    Raises:
+        MedsegError: the slices' in-plane offsets do not grow evenly from slice to slice (not one tilt).
+    """
+    normal = np.cross(cosines[:3], cosines[3:6])
+    step = (positions[-1] - positions[0]) / (len(positions) - 1)
+    degrees = math.degrees(math.acos(min(1.0, abs(float(step @ normal)) / float(np.linalg.norm(step)))))
+    if degrees <= MAX_TILT_DEGREES:
+        return None
+    expected = positions[0] + np.arange(len(positions))[:, None] * step
+    worst = float(np.max(np.linalg.norm(positions - expected, axis=1)))
+    if worst > max(_SPACING_ATOL_MM, _SPACING_RTOL * abs(float(step @ normal))):
+        raise MedsegError(
+            f"slices are sheared against their normal by uneven amounts (up to {worst:.3g} mm off one tilt): "
+            "not a gantry tilt medseg can correct",
+            where,
+        )
+    lateral = step - (step @ normal) * normal
+    # ImageOrientationPatient: the row direction (columns grow along it) first, then the column direction (rows);
+    # PixelSpacing: between rows, then between columns
+    dy, dx = float(pixel_spacing[0]), float(pixel_spacing[1])
+    shift = (float(lateral @ cosines[3:6]) / dy, float(lateral @ cosines[:3]) / dx)
+    corner, _ = _canvas(len(positions), shift)
+    origin = positions[0] - corner[0] * dy * cosines[3:6] - corner[1] * dx * cosines[:3]
+    direction = np.stack([cosines[:3], cosines[3:6], normal], axis=1)
+    geometry = Geometry(
+        (dx, dy, float(step @ normal)), tuple(float(v) for v in origin), tuple(float(v) for v in direction.ravel())
+    )
+    return Tilt(degrees, shift, (float(positions[0][0]), float(positions[0][1]), float(positions[0][2])), geometry)
 
 
 def check_stack(
@@ -187,6 +245,7 @@ def check_stack(
     where: Path,
     echoes: list[Any] | None = None,
     declared_tilt: Any = None,
+    tilt_allowed: bool = False,
 ) -> np.ndarray:
     """The order of slices (or frames) along their normal, after checking that they make one evenly spaced,
     orthogonal stack.
@@ -198,6 +257,7 @@ def check_stack(
         where: the file or folder errors name.
         echoes: each slice's EchoNumbers (to say "two echoes" for two slices at one position).
         declared_tilt: GantryDetectorTilt, quoted in the tilt message.
+        tilt_allowed: let slices sheared against their normal pass (the caller corrects the tilt).
 
     Raises:
         MedsegError: two slices at one position; slices sheared against their normal (gantry tilt, with the
@@ -222,12 +282,12 @@ def check_stack(
     shift = positions[order[-1]] - positions[order[0]]
     cos_angle = min(1.0, abs(float(shift @ normal)) / float(np.linalg.norm(shift)))
     tilt = math.degrees(math.acos(cos_angle))
-    if tilt > MAX_TILT_DEGREES:
+    if tilt > MAX_TILT_DEGREES and not tilt_allowed:
         said = f", GantryDetectorTilt {declared_tilt}" if declared_tilt not in (None, "") else ""
         raise MedsegError(
             f"slices are sheared {tilt:.2f} degrees against their normal (gantry tilt{said}): read as a stack "
-            "they would be misplaced; medseg does not resample tilted series: convert with dcm2niix, "
-            "which corrects the tilt, and read its NIfTI",
+            "they would be misplaced; medseg corrects a tilt only in a series of single-frame files: convert "
+            "this one with dcm2niix, which corrects it, and read its NIfTI",
             where,
         )
     if len(names) >= 3:
@@ -256,3 +316,26 @@ def _rescale(headers: list[Any], files: list[Path]) -> SeriesCheck:
     fractional = any(s != round(s) or i != round(i) for s, i in pairs)
     shown = f"{len(pairs)} different slope/intercept pairs" if len(pairs) > 1 else "one slope/intercept"
     return SeriesCheck(float_values=fractional or len(pairs) > 1, rescale=shown)
+
+
+def correct_tilt(array: np.ndarray, tilt: Tilt) -> np.ndarray:
+    """Resample a tilted stack (``(z, y, x)``, slices in position order) onto ``tilt.geometry``, an orthogonal
+    grid, as dcm2niix does: slice ``k`` moved in plane by ``k * shift_pixels`` (linear interpolation) onto a
+    canvas wide enough for every slice; outside the acquired slices, the volume's minimum. Integer values are
+    rounded back to their type."""
+    from scipy.ndimage import shift as shift_image
+
+    depth, rows, columns = array.shape
+    corner, grow = _canvas(depth, tilt.shift_pixels)
+    fill = float(array.min())
+    out = np.full((depth, rows + grow[0], columns + grow[1]), fill, dtype=np.float32)
+    canvas = np.empty(out.shape[1:], dtype=np.float32)
+    for k in range(depth):
+        canvas.fill(fill)
+        canvas[:rows, :columns] = array[k]
+        offset = (k * tilt.shift_pixels[0] + corner[0], k * tilt.shift_pixels[1] + corner[1])
+        out[k] = shift_image(canvas, offset, order=1, mode="constant", cval=fill)
+    if array.dtype.kind in "iu":
+        info = np.iinfo(array.dtype)
+        return np.clip(np.round(out), info.min, info.max).astype(array.dtype)
+    return out.astype(array.dtype, copy=False)

@@ -8,9 +8,9 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
-from medseg.errors import MedsegError
+from medseg.errors import MedsegError, notice
 from medseg.io.dicom_multiframe import is_enhanced_multiframe, read_multiframe
-from medseg.io.dicom_series import check_series, choose_series, list_series
+from medseg.io.dicom_series import check_series, choose_series, correct_tilt, list_series
 from medseg.io.dicom_source import dicom_files
 from medseg.io.image import Geometry, Image
 from medseg.io.limits import check_voxels
@@ -320,7 +320,20 @@ def read_dicom_series(folder: Path, series: str | None = None) -> Image:
             meta[name] = reader.GetMetaData(0, key).strip()
     if len(files) == 1 and img.GetDimension() == 3 and img.GetSize()[2] == 1:
         img = img[:, :, 0]
-    return from_sitk(img, meta)
+    if checked.tilt is None:
+        return from_sitk(img, meta)
+    tilt = checked.tilt
+    if not np.allclose(img.GetOrigin(), tilt.first, atol=1e-3):  # GDCM's slice order is not the positions'
+        raise MedsegError("tilted series whose slice order GDCM and medseg disagree on: not corrected", folder)
+    array = correct_tilt(sitk.GetArrayFromImage(img), tilt)
+    meta["gantry_tilt"] = f"{tilt.degrees:.2f} degrees, resampled onto an orthogonal grid (linear, as dcm2niix)"
+    notice(
+        f"slices sheared {tilt.degrees:.2f} degrees against their normal (gantry tilt): resampled onto an "
+        "orthogonal grid (linear interpolation, as dcm2niix does); label maps are on that grid",
+        folder,
+    )
+    meta.pop("dicom_source")  # a DICOM-SEG cannot reference the acquired slices from the resampled grid
+    return Image(array, tilt.geometry, meta=meta)
 
 
 def write(image: Image, path: Path) -> None:
