@@ -15,3 +15,15 @@ class MedsegError(Exception):
         self.problem = problem
         self.path = None if path is None else Path(path)
         super().__init__(problem if path is None else f"{path}: {problem}")
+
+
+class MedsegNotice(UserWarning):
+    """Something medseg did to an input on the user's behalf (rounded near-integer labels, dropped an axis of
+    size 1): a `warnings` category, which the CLI prints as one ``medseg: note: <path>: <what>`` line."""
+
+
+def notice(what: str, path: str | Path | None = None) -> None:
+    """Tell the user (through `warnings`, category `MedsegNotice`) what was done to an input and why."""
+    import warnings
+
+    warnings.warn(MedsegNotice(what if path is None else f"{path}: {what}"), stacklevel=2)

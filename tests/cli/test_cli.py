@@ -112,17 +112,23 @@ def test_info_bad_files(tmp_path: Path, name: str, content: bytes | None, fragme
 
 
 def test_info_nan_and_4d(tmp_path: Path) -> None:
+    """Issue 22: NaN voxels are counted without failing; a 4D file shows its frame count and one frame."""
     import SimpleITK as sitk
 
     nan = np.zeros((3, 4, 5), np.float32)
     nan[0, 0, 0] = np.nan
     save(Image(nan), tmp_path / "nan.nii.gz")
     result = _run("info", tmp_path / "nan.nii.gz")
-    _one_error_line(result, "nan.nii.gz", "NaN")
-    sitk.WriteImage(
-        sitk.GetImageFromArray(np.zeros((2, 3, 4, 5), np.float32), isVector=False), str(tmp_path / "t.nii.gz")
-    )
-    _one_error_line(_run("info", tmp_path / "t.nii.gz"), "t.nii.gz", "4D")
+    assert result.exit_code == 0, result.output
+    assert "1 voxels (1 NaN, 0 inf" in result.stdout
+    volumes = np.stack([np.full((3, 4, 5), t, np.float32) for t in range(2)])
+    sitk.WriteImage(sitk.GetImageFromArray(volumes, isVector=False), str(tmp_path / "t.nii.gz"))
+    result = _run("info", tmp_path / "t.nii.gz")
+    assert result.exit_code == 0, result.output
+    assert "2 (4D; frame 0 shown" in result.stdout and "max 0," in result.stdout
+    result = _run("info", tmp_path / "t.nii.gz", "--frame", "1")
+    assert result.exit_code == 0 and "min 1, max 1" in result.stdout, result.output
+    _one_error_line(_run("info", tmp_path / "t.nii.gz", "--frame", "2"), "t.nii.gz", "out of range")
 
 
 def test_dataset_check_clean_and_broken(tmp_path: Path) -> None:

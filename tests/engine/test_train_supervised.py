@@ -62,6 +62,17 @@ def test_resume_continues_the_same_run(dataset: Path, tmp_path: Path) -> None:
         train(TrainOptions(dataset, out, epochs=3, resume=True))  # nothing left to do: no epoch at learning rate 0
 
 
+def test_resume_of_a_run_finished_by_its_time_budget_trains_no_more(dataset: Path, tmp_path: Path) -> None:
+    """Issue 22: the loop stops when another epoch would pass --minutes; --resume with a budget that one more
+    epoch would pass applies the same rule instead of training one epoch more."""
+    out = tmp_path / "run"
+    first = train(TrainOptions(dataset, out, plan=_small_plan(dataset, iterations=2), epochs=1))
+    budget_min = 1.5 * first.training_seconds / 60  # one epoch spent, a second would pass it
+    with pytest.raises(MedsegError, match="already trained 1 epochs"):
+        train(TrainOptions(dataset, out, epochs=50, minutes=budget_min, resume=True))
+    assert len(json.loads((out / "train.json").read_text())["history"]) == 1
+
+
 @pytest.mark.parametrize("model", ["vnet", "transunet"])
 def test_other_models_train(dataset: Path, tmp_path: Path, model: str) -> None:
     result = train(TrainOptions(dataset, tmp_path / model, plan=_small_plan(dataset, model, iterations=2), epochs=1))

@@ -149,3 +149,15 @@ def test_series_slices_without_a_position_are_an_error(tmp_path, without):
     with pytest.raises(MedsegError, match="has no ImagePositionPatient") as info:
         load(folder)
     assert str(info.value).startswith(str(folder)) and "\n" not in str(info.value)
+
+
+def test_series_with_a_slice_of_another_size_is_an_error(tmp_path):
+    """A localizer filed with its series: refused naming the odd file (issue 22)."""
+    series = fx.write_dicom_series(tmp_path / "ct", n_slices=4, suffix=".dcm")
+    ds = pydicom.dcmread(series.files[1])
+    ds.Rows, ds.Columns = 8, 8
+    ds.PixelData = np.zeros((8, 8), np.uint16).tobytes()
+    ds.save_as(series.files[1])
+    with pytest.raises(MedsegError, match="slice size differs") as info:
+        load(series.folder)
+    assert series.files[1].name in str(info.value) and "\n" not in str(info.value)

@@ -76,6 +76,7 @@ def _parse_labels(text: str | None, names: dict[int, str], json_path: Path | Non
 
 def _check_output(output: Path, inputs: tuple[Path, ...]) -> None:
     from medseg.evaluation.report import OUTPUT_NAMES
+    from medseg.io.paths import check_output
 
     target = output.resolve()
     written = {target / name for name in OUTPUT_NAMES}
@@ -88,6 +89,7 @@ def _check_output(output: Path, inputs: tuple[Path, ...]) -> None:
             raise MedsegError(f"output folder is inside the input folder {p}; choose another -o", output)
     if output.exists() and not output.is_dir():
         raise MedsegError("output exists and is not a folder", output)
+    check_output(output)
 
 
 def _image_finder(images: Path | None, gt: Path) -> Callable[[str], Path | None] | None:

@@ -39,8 +39,10 @@ def finetune_prompt(
     from rich.table import Table
 
     from medseg.engine.finetune_prompt import FinetuneConfig, finetune
+    from medseg.io.paths import check_output
 
     cpu_only(device, "finetune-prompt")
+    check_output(output)
     config = FinetuneConfig(
         epochs=epochs, minutes=minutes, lr=lr, batch_size=batch_size, box_jitter=box_jitter,
         val_fraction=val_fraction, seed=seed, max_cases=max_cases, train_encoder=train_encoder, clicks=clicks,

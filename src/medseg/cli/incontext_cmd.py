@@ -67,11 +67,13 @@ def incontext(
     from medseg.inference.incontext_predictor import check_ensemble_options
     from medseg.io import Image, load
     from medseg.io.formats import check_output_format
+    from medseg.io.paths import check_output
     from medseg.runtime import check_device
 
     check_output_format(output_format)
     if output.exists() and not output.is_dir():
         raise MedsegError("exists and is not a folder", output)
+    check_output(output)
     check_ensemble_options(ensemble, subset_size, neighbours)
     check_device(device)
     if subset_size is not None and ensemble < 2:

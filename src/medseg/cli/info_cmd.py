@@ -23,14 +23,24 @@ def info(
     as_label: bool | None = typer.Option(
         None, "--label/--image", help="Treat as label map / image (default: guessed from the values)."
     ),
+    frame: int | None = typer.Option(None, "--frame", help="Of a 4D file (time series, cine): the volume to show."),
+    series: str | None = typer.Option(
+        None, "--series", help="Of a DICOM folder holding several series: its SeriesNumber or SeriesInstanceUID."
+    ),
 ) -> None:
-    """Print shape, spacing, orientation, intensity range and, for label maps, labels with volumes."""
+    """Print shape, spacing, orientation, intensity range and, for label maps, labels with volumes.
+
+    A 4D file shows its frame count and one frame (the first, or --frame); NaN/inf voxels are counted."""
     import numpy as np
     from rich.table import Table
 
     from medseg.io import load
+    from medseg.io.sitk_io import FourDimensionalError
 
-    image = load(path)
+    try:
+        image = load(path, frame=frame, series=series)
+    except FourDimensionalError:
+        image = load(path, frame=0, series=series)
     g = image.geometry
     table = Table(show_header=False, box=None, pad_edge=False)
     table.add_column(style="bold", no_wrap=True)
@@ -47,9 +57,15 @@ def info(
         ("orientation", f"{g.orientation()} (direction {_fmt(g.direction, '{:.4g}')})"),
         ("dtype", str(image.array.dtype)),
     ]
-    for key in ("modality", "series_description", "dicom_files", "npz_key"):
+    if "frames" in image.meta:
+        shown = f"frame {image.meta['frame']} shown" + ("" if frame is not None else "; --frame picks another")
+        rows.append(("frames", f"{image.meta['frames']} (4D; {shown})"))
+    keys = ("modality", "series_description", "dicom_files", "rescale", "gantry_tilt", "npz_key", "alpha")
+    for key in (*keys, "nifti_transform"):
         if key in image.meta:
             rows.append((key.replace("_", " "), str(image.meta[key])))
+    if "nifti_transform_conflict" in image.meta:
+        rows.append(("warning", str(image.meta["nifti_transform_conflict"])))
     array = image.array.astype(np.uint8) if image.array.dtype == np.bool_ else image.array
     finite = np.isfinite(array) if array.dtype.kind == "f" else None
     n_bad = 0 if finite is None else int((~finite).sum())
@@ -64,19 +80,20 @@ def info(
             )
         )
     if n_bad:
-        rows.append(("NaN/inf", f"{n_bad} voxels"))
+        nan = int(np.isnan(array).sum())
+        rows.append(("NaN/inf", f"{n_bad} voxels ({nan} NaN, {n_bad - nan} inf; left out of the intensities)"))
     for key, value in rows:
         table.add_row(key, value)
     out.print(table)
     uniques = np.unique(values) if array.dtype.kind in "biuf" and image.channels == 1 else np.array([])
     integral = uniques.size > 0 and bool(np.all(uniques == np.round(uniques))) and uniques.min() >= 0
-    is_label = as_label if as_label is not None else image.is_label_map()
+    # a scanner's series (CT, PT, MR, ...) is an image whatever its values; a DICOM-SEG is a label map
+    scan = image.meta.get("format") == "dicom" and str(image.meta.get("modality", "")).upper() not in ("", "SEG")
+    is_label = as_label if as_label is not None else (image.is_label_map() and not scan)
     if is_label:
         if not integral:
             fail(f"{path}: values are not non-negative integers, so this is not a label map")
         _print_labels(image, uniques, path)
-    if n_bad:
-        fail(f"{path}: image holds {n_bad} NaN/inf values")
 
 
 def _print_labels(image: Image, uniques: np.ndarray, path: Path) -> None:

@@ -55,6 +55,25 @@ def _root(
     """Medical image segmentation toolkit."""
 
 
+def _show_notices() -> None:
+    """`medseg.errors.MedsegNotice` warnings become ``medseg: note: ...`` lines on stderr (each once)."""
+    import sys
+    import warnings
+
+    from medseg.errors import MedsegNotice
+
+    shown = warnings.showwarning
+
+    def show(message: Warning | str, category: type[Warning], *args: object, **kwargs: object) -> None:
+        if issubclass(category, MedsegNotice):
+            sys.stderr.write(f"medseg: note: {message}\n")
+        else:
+            shown(message, category, *args, **kwargs)  # type: ignore[arg-type]
+
+    warnings.showwarning = show
+    warnings.simplefilter("default", MedsegNotice)
+
+
 def main() -> None:
     """Console-script entry: usage errors too become one ``medseg: error:`` line with exit status 2."""
     import sys
@@ -64,6 +83,7 @@ def main() -> None:
     from medseg.runtime import tune_allocator
 
     tune_allocator()  # before the first tensor: freed memory is reused, not unmapped (see medseg.runtime)
+    _show_notices()
     try:
         code = app(standalone_mode=False)
     except TyperException as err:  # bad options or arguments (typer's click exceptions)

@@ -22,10 +22,14 @@ def plan(
     """Choose spacing, patch, batch size, normalisation and network depth from the data (nnU-Net's rules)."""
     from medseg.data import open_dataset
     from medseg.data.check import require_valid
+    from medseg.io.paths import check_output, link_problem
     from medseg.planning import fingerprint_dataset, make_plan, write_plan
 
     if output.exists() and not output.is_dir():
         raise MedsegError("is a file; -o needs a folder", output)
+    check_output(output)
+    if link_problem(dataset):  # named before resolve() below trips over it
+        raise MedsegError(str(link_problem(dataset)), dataset)
     if output.resolve() == dataset.resolve() or dataset.resolve() in output.resolve().parents:
         raise MedsegError("the plan folder must not be inside the dataset", output)
     data = open_dataset(dataset)

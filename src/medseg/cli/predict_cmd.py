@@ -20,6 +20,10 @@ def predict(
     save_probabilities: bool = typer.Option(False, "--save-probabilities", help="Also write probabilities/<case>.npz."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or mps."),
     output_format: str = typer.Option("auto", "--output-format", help=OUTPUT_FORMAT_HELP),
+    series: str | None = typer.Option(
+        None, "--series", help="Of a DICOM folder holding several series: its SeriesNumber or SeriesInstanceUID."
+    ),
+    frame: int | None = typer.Option(None, "--frame", help="Of a 4D input (time series, cine): the volume to use."),
 ) -> None:
     """Segment a file or a folder with a model from 'medseg train'.
 
@@ -30,8 +34,10 @@ def predict(
     from medseg.inference.engines import SpecialistEngine
     from medseg.inference.folders import cases_of, label_targets, predict_folder
     from medseg.io.formats import check_output_format
+    from medseg.io.paths import check_output
 
     check_output_format(output_format)
+    check_output(output)
     if save_probabilities and (output / "probabilities").exists() and not (output / "probabilities").is_dir():
         raise MedsegError("is a file; --save-probabilities writes a folder there", output / "probabilities")
     cases = cases_of(input_path)
@@ -45,7 +51,7 @@ def predict(
             lambda image: engine.predict(image, probabilities=save_probabilities, mirror=mirror),
             cases,
             output,
-            load_case=load_channels,
+            load_case=lambda files: load_channels(files, series=series, frame=frame),
             check=engine.check,
             save_probabilities=save_probabilities,
             on_case=advance,

@@ -34,6 +34,10 @@ def prompt(
     preset: str | None = typer.Option(None, "--preset", help="Intensity preset, e.g. ct:soft_tissue, ct:lung, mr."),
     device: str = typer.Option("cpu", "--device", help="Where the model runs: cpu, cuda or mps."),
     output_format: str = typer.Option("auto", "--output-format", help=OUTPUT_FORMAT_HELP),
+    series: str | None = typer.Option(
+        None, "--series", help="Of a DICOM folder holding several series: its SeriesNumber or SeriesInstanceUID."
+    ),
+    frame: int | None = typer.Option(None, "--frame", help="Of a 4D input (time series, cine): the volume to use."),
 ) -> None:
     """Segment objects from prompts with a MedSAM-family model; the label map keeps the input's geometry.
 
@@ -46,6 +50,7 @@ def prompt(
     from medseg.io import case_of, format_of, label_path_for, load, save, save_dicom_seg
     from medseg.io.dicom_source import check_grid, read_source
     from medseg.io.formats import check_output_format
+    from medseg.io.paths import check_output
     from medseg.models.promptable.registry import has_interactive_head
 
     check_output_format(output_format)
@@ -68,10 +73,11 @@ def prompt(
         raise MedsegError("is a file without an extension: give a label map file (e.g. out.nii.gz) or a folder", output)
     else:
         target = label_path_for(input_path, output, case_of(input_path), output_format)
+    check_output(target, folder=False)
     if input_path.is_dir() and target.resolve().is_relative_to(input_path.resolve()):
         raise MedsegError("refusing to write into the input DICOM series folder: choose another output", target)
     dicom_seg = format_of(target) == "dicom"  # an unknown output extension fails before any work
-    image = load(input_path)
+    image = load(input_path, series=series, frame=frame)
     prompts, notes = clip_to_image(image, prompts)
     for note in notes:  # a box dragged past the edge means the part inside
         stderr.print(f"medseg: note: {note}", soft_wrap=True)

@@ -44,9 +44,11 @@ def train(
     """
     from medseg.engine.supervised import TrainOptions
     from medseg.engine.supervised import train as run_training
+    from medseg.io.paths import check_output
     from medseg.planning import read_plan
 
     check_device(device, allow_auto=True)
+    check_output(output)
     names = None
     if val_cases is not None:
         if val_cases.is_dir():

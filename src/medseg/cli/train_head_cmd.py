@@ -24,12 +24,14 @@ def train_matching_head(
     from medseg.engine.incontext.train_head import HeadTrainConfig
     from medseg.engine.incontext.train_head import train_matching_head as run
     from medseg.errors import MedsegError
+    from medseg.io.paths import check_output
 
     cpu_only(device, "train-matching-head")
     if steps < 1 or images_per_dataset < 2:
         raise MedsegError("--steps must be at least 1 and --images-per-dataset at least 2")
     if output.exists() and not output.is_dir():
         raise MedsegError("exists and is not a folder", output)
+    check_output(output)
     for folder in datasets:
         if not folder.is_dir():
             raise MedsegError("no such dataset folder", folder)

@@ -29,8 +29,10 @@ def train_incontext(
     """Train a UniverSeg-style network on episodes drawn from labelled datasets (in-context learning)."""
     from medseg.engine.incontext import InContextTrainConfig
     from medseg.engine.incontext import train_incontext as run
+    from medseg.io.paths import check_output
 
     cpu_only(device, "train-incontext")
+    check_output(output)
     data: dict[str, Any] = {}
     if config_file is not None:
         if not config_file.is_file():

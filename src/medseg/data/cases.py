@@ -8,19 +8,21 @@ from pathlib import Path
 import numpy as np
 
 from medseg.data.dataset import Case
+from medseg.data.label_files import read_label
 from medseg.errors import MedsegError
 from medseg.io import Image, as_label_array, load
 
 
-def load_channels(files: Sequence[str | Path]) -> Image:
+def load_channels(files: Sequence[str | Path], series: str | None = None, frame: int | None = None) -> Image:
     """Stack the channel files of one case (``_0000``, ``_0001``, ...) into one image, channels last.
 
-    An RGB file contributes three channels. Geometry and meta come from the first file.
+    An RGB file contributes three channels. Geometry and meta come from the first file; ``series`` picks one
+    series of a DICOM folder holding several, ``frame`` one volume of 4D files (`medseg.io.load`).
 
     Raises:
         MedsegError: a file is unreadable or the files are on different grids.
     """
-    images = [load(path) for path in files]
+    images = [load(path, series=series, frame=frame) for path in files]
     first = images[0]
     if len(images) == 1:
         return first
@@ -42,7 +44,7 @@ def load_case(case: Case) -> tuple[Image, np.ndarray | None]:
     image = load_channels(case.images)
     if case.label is None:
         return image, None
-    label = as_label_array(load(case.label))
+    label = as_label_array(read_label(case.label, image, case.declared_labels))
     if label.shape != image.shape:
         raise MedsegError(f"label map has shape {label.shape}, the image {image.shape}", case.label)
     return image, label

@@ -10,8 +10,10 @@ from pathlib import Path
 import numpy as np
 
 from medseg.data.dataset import Case, Dataset
+from medseg.data.label_files import label_value_problem, read_label
 from medseg.errors import MedsegError
 from medseg.io import Image, load
+from medseg.io.image import label_array
 
 
 @dataclass(frozen=True)
@@ -88,7 +90,7 @@ def _check_case(case: Case, dataset: Dataset, declared: set[int], report: CheckR
         yield Problem(case.name, case.images[0], "no label file for this image")
         return
     try:
-        label = load(case.label)
+        label = read_label(case.label, images[0] if images else None, declared)
     except MedsegError as err:
         yield Problem(case.name, case.label, err.problem)
         return
@@ -126,15 +128,17 @@ def _label_problems(label: Image, declared: set[int], report: CheckReport) -> It
         if not np.isfinite(array).all():
             yield "label map holds NaN/inf values"
             return
-        if not np.array_equal(array, np.round(array)):
-            yield "label map holds non-integer values"
+        try:
+            array = label_array(array, label.meta.get("path"))  # near-integers rounded, with a notice
+        except MedsegError as err:
+            yield err.problem
             return
     values, counts = np.unique(array, return_counts=True)
     report.label_voxels.update({int(v): int(c) for v, c in zip(values, counts, strict=True)})
     if declared:
-        unknown = sorted(int(v) for v in values if int(v) not in declared)
-        if unknown:
-            yield f"label values {unknown} are not declared in dataset.json (declared: {sorted(declared)})"
+        problem = label_value_problem(values.tolist(), declared)
+        if problem:
+            yield problem
     elif values.min() < 0:
         yield f"label map holds negative values (min {values.min()})"
 

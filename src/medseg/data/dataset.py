@@ -16,12 +16,13 @@ Folder pairs::
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from medseg.errors import MedsegError
 from medseg.io.formats import is_image_file, split_channel, split_extension
+from medseg.io.paths import link_problem
 
 _MASK_SUFFIXES = ("", "_mask", "_seg", "_label", "_labels", "_gt")
 
@@ -33,6 +34,7 @@ class Case:
     name: str
     images: tuple[Path, ...]
     label: Path | None
+    declared_labels: tuple[int, ...] = ()  # the dataset's label values (dataset.json), for reading the label
 
 
 @dataclass
@@ -67,7 +69,7 @@ def open_dataset(root: str | Path) -> Dataset:
     """
     path = Path(root)
     if not path.is_dir():
-        raise MedsegError("no such dataset folder", path)
+        raise MedsegError(link_problem(path) or "no such dataset folder", path)
     info = read_dataset_json(path / "dataset.json") if (path / "dataset.json").exists() else {}
     if (path / "imagesTr").is_dir():
         dataset = _open_nnunet(path, info)
@@ -79,6 +81,8 @@ def open_dataset(root: str | Path) -> Dataset:
     dataset.name = str(info.get("name", path.resolve().name))
     dataset.modality = str(info.get("modality", ""))
     dataset.labels = {name: value for value, name in label_names_of(info).items()}
+    declared = tuple(sorted(dataset.labels.values()))
+    dataset.cases = [replace(case, declared_labels=declared) for case in dataset.cases]
     dataset.channel_names = {str(k): str(v) for k, v in info.get("channel_names", {}).items()}
     dataset.declared_cases = info.get("numTraining")
     return dataset

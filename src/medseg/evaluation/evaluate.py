@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from medseg.data.label_files import LOSSY_LABEL_FORMATS
 from medseg.errors import MedsegError
 from medseg.evaluation.pairing import CasePair
 from medseg.io import Image, as_label_array, load
@@ -65,10 +66,17 @@ def load_pair(pair: CasePair) -> tuple[Image, np.ndarray, np.ndarray]:
     """Read one pair as label arrays; the ground-truth `Image` is returned for its geometry.
 
     Raises:
-        MedsegError: unreadable files, non-label content, different shape or geometry.
+        MedsegError: unreadable files, a lossy (JPEG) label map, non-label content, different shape or geometry.
     """
     gt = load(pair.gt, key=_npz_key(pair.gt, "gts"))
     pred = load(pair.pred, key=_npz_key(pair.pred, "segs"))
+    for image, path in ((gt, pair.gt), (pred, pair.pred)):
+        if image.meta.get("format") in LOSSY_LABEL_FORMATS:  # every edge's grey value would score as a class
+            raise MedsegError(
+                f"a {str(image.meta['format']).upper()} label map is lossy (compression adds grey values at every "
+                "edge): re-export it as PNG",
+                path,
+            )
     pred_array, gt_array = as_label_array(pred), as_label_array(gt)
     if pred.shape != gt.shape:
         raise MedsegError(f"shape {pred.shape} differs from ground truth {pair.gt} shape {gt.shape}", pair.pred)

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import tempfile
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -190,10 +192,55 @@ def _named(call: Callable[[Image], _T], image: Image, path: Path) -> _T:
         raise MedsegError(error.problem, error.path or path) from None
 
 
+STAGING_PREFIX = ".medseg-staging."
+# A staging folder whose process cannot be checked (made on another machine sharing the folder, or before the
+# pid was part of the name) is taken for a killed run's once it has been left alone this long.
+_UNCHECKED_STAGING_AGE_S = 3600.0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _staging_owner() -> str:
+    """``<pid>@<host>``: who a staging folder belongs to (the host keeps a shared folder's pids apart)."""
+    return f"{os.getpid()}@{socket.gethostname().replace('.', '_')}"
+
+
+def remove_stale_staging(output: Path) -> list[Path]:
+    """Remove the staging folders in ``output`` that killed runs left: those of this machine whose process (in
+    the folder's name, ``.medseg-staging.<pid>@<host>.<random>``) has ended, and any other left untouched for an
+    hour. Folders of runs still going are kept. Returns the removed.
+    """
+    removed: list[Path] = []
+    if not output.is_dir():
+        return removed
+    host = _staging_owner().split("@", 1)[1]
+    for entry in output.iterdir():
+        if not entry.name.startswith(STAGING_PREFIX) or not entry.is_dir() or entry.is_symlink():
+            continue
+        pid_text, _, rest = entry.name[len(STAGING_PREFIX) :].partition("@")
+        if pid_text.isdigit() and rest.rsplit(".", 1)[0] == host:
+            stale = int(pid_text) != os.getpid() and not _alive(int(pid_text))
+        else:
+            stale = time.time() - entry.stat().st_mtime > _UNCHECKED_STAGING_AGE_S
+        if stale:
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+    return removed
+
+
 @contextmanager
 def staging(output: Path) -> Iterator[Path]:
     """A hidden folder in ``output`` (created if needed) whose files and folders are moved into ``output`` when
     the block ends normally; on an error it goes, and so does ``output`` if this made it and it is left empty.
+    Staging folders of earlier runs that were killed (`remove_stale_staging`) are removed first.
 
     Raises:
         MedsegError: ``output`` cannot be written.
@@ -201,7 +248,8 @@ def staging(output: Path) -> Iterator[Path]:
     made = not output.exists()
     try:
         output.mkdir(parents=True, exist_ok=True)
-        folder = Path(tempfile.mkdtemp(prefix=".medseg-staging.", dir=output))
+        remove_stale_staging(output)
+        folder = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{_staging_owner()}.", dir=output))
     except OSError as error:
         raise MedsegError(f"cannot write here ({error.strerror})", output) from None
     try:

@@ -11,9 +11,10 @@ from medseg.errors import MedsegError
 from medseg.io import dicom_seg, dicom_source, numpy_io, raster, sitk_io
 from medseg.io.formats import LOSSLESS_LABEL_FORMATS, RASTER_FORMATS, format_of, split_extension
 from medseg.io.image import Image
+from medseg.io.paths import check_exists
 
 
-def load(path: str | Path, *, key: str | None = None) -> Image:
+def load(path: str | Path, *, key: str | None = None, frame: int | None = None, series: str | None = None) -> Image:
     """Read an image or label map with its geometry.
 
     Args:
@@ -21,36 +22,40 @@ def load(path: str | Path, *, key: str | None = None) -> Image:
             .npy/.npz, .mrc) or a folder holding one DICOM series. A DICOM-SEG file (or a folder holding
             only one) reads as its label map (`medseg.io.dicom_seg.read_dicom_seg`).
         key: for .npz files, the array to read (default: ``imgs``, then ``segs``, ``gts``, ...).
+        frame: of a 4D NIfTI, NRRD or MetaImage file (a time series, cine), the volume to read (from 0).
+        series: of a DICOM folder holding several series, the one to read: its SeriesNumber or
+            SeriesInstanceUID (`medseg.io.sitk_io.read_dicom_series`).
 
     Returns:
         An `Image`; ``meta["format"]`` and ``meta["path"]`` record the source; a DICOM image's
         ``meta["dicom_source"]`` (its series folder or file) stays with label maps made by `Image.with_array`.
 
     Raises:
-        MedsegError: missing/unreadable/truncated file, unknown extension, 4D or empty image, a DICOM-SEG
-            beside the series in its folder.
+        MedsegError: missing/unreadable/truncated file, a symbolic link loop, unknown extension, an empty image,
+            a 4D image without ``frame`` (`medseg.io.sitk_io.FourDimensionalError`), a declared size over
+            `medseg.io.limits.max_voxels` (checked before reading the voxels), a DICOM-SEG beside the series in
+            its folder, several DICOM series without ``series``.
     """
     p = Path(path)
-    if not p.exists():
-        raise MedsegError("no such file or folder", p)
+    check_exists(p)
     if not os.access(p, os.R_OK | (os.X_OK if p.is_dir() else 0)):
         raise MedsegError("permission denied", p)
     try:
-        return _load(p, key)
+        return _load(p, key, frame, series)
     except OSError as err:  # e.g. an unreadable file inside a DICOM folder, or an I/O error
         raise MedsegError(f"cannot read ({err.strerror or err})", p) from None
 
 
-def _load(p: Path, key: str | None) -> Image:
+def _load(p: Path, key: str | None, frame: int | None = None, series: str | None = None) -> Image:
     fmt = format_of(p)
     if p.is_file() and p.stat().st_size == 0:
         raise MedsegError("file is empty (0 bytes)", p)
     if fmt == "dicom" and p.is_dir():
-        return _read_dicom_folder(p)
+        return _read_dicom_folder(p, series)
     if fmt == "dicom" and dicom_source.is_segmentation(p):
         return dicom_seg.read_dicom_seg(p)
     if fmt in ("nifti", "nrrd", "metaimage", "dicom"):
-        return sitk_io.read_file(p, fmt)
+        return sitk_io.read_file(p, fmt, frame)
     if fmt in RASTER_FORMATS:
         return raster.read(p, fmt)
     if fmt == "npy":
@@ -60,13 +65,13 @@ def _load(p: Path, key: str | None) -> Image:
     return numpy_io.read_mrc(p)
 
 
-def _read_dicom_folder(folder: Path) -> Image:
+def _read_dicom_folder(folder: Path, series: str | None = None) -> Image:
     """A DICOM series, or the label map of the one DICOM-SEG file a folder holds."""
     files = dicom_source.dicom_files(folder)
     if len(files) == 1 and dicom_source.is_segmentation(files[0]):
         return dicom_seg.read_dicom_seg(files[0])
     try:
-        return sitk_io.read_dicom_series(folder)
+        return sitk_io.read_dicom_series(folder, series)
     except MedsegError:  # a SEG beside its series makes two series: say so
         segs = [f.name for f in files if dicom_source.is_segmentation(f)]
         if not segs:

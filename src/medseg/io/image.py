@@ -18,13 +18,16 @@ from typing import Any
 
 import numpy as np
 
-from medseg.errors import MedsegError
+from medseg.errors import MedsegError, notice
 
 # Geometry read back from a file is compared with this tolerance (mm and direction cosines):
 # NIfTI stores geometry in float32, so exact equality fails across formats.
 GEOMETRY_ATOL = 1e-4
 # An integer single-channel image with at most this many distinct values is taken for a label map.
 MAX_LABELS = 64
+# Float label values this close to an integer are float rounding (resampling, a float32 round trip) and are
+# rounded, with a notice; farther ones make the file an image, not a label map.
+LABEL_ROUNDING_TOLERANCE = 1e-3
 
 
 @dataclass(frozen=True)
@@ -170,7 +173,8 @@ class Image:
 def as_label_array(image: Image) -> np.ndarray:
     """The integer label map of a single-channel image.
 
-    Float arrays are accepted when every value is integral (NIfTI labels are often stored as float).
+    Float arrays are accepted when every value is within `LABEL_ROUNDING_TOLERANCE` of an integer (NIfTI
+    labels are often stored as float); values that are not exact integers are rounded, with a notice.
 
     Raises:
         MedsegError: several channels, NaN/inf, non-integer or negative values.
@@ -182,10 +186,12 @@ def as_label_array(image: Image) -> np.ndarray:
 
 
 def label_array(array: np.ndarray, where: str | Path | None = None) -> np.ndarray:
-    """``array`` as an integer label map (bool -> uint8; integral floats -> int64); ``where`` names it in errors.
+    """``array`` as an integer label map (bool -> uint8; floats within `LABEL_ROUNDING_TOLERANCE` of integers ->
+    rounded int64, with a `medseg.errors.MedsegNotice` when any was not exact); ``where`` names it in errors.
 
     Raises:
-        MedsegError: not an array, NaN/inf, non-integer, negative values or a non-numeric dtype.
+        MedsegError: not an array, NaN/inf, values farther from integers than the tolerance, negative values or a
+            non-numeric dtype.
     """
     if not isinstance(array, np.ndarray):
         raise MedsegError(f"a label map must be a numpy array, not {type(array).__name__}", where)
@@ -195,9 +201,17 @@ def label_array(array: np.ndarray, where: str | Path | None = None) -> np.ndarra
         finite = np.isfinite(array)
         if not finite.all():
             raise MedsegError(f"label map holds {int((~finite).sum())} NaN/inf values", where)
-        if not np.array_equal(array, np.round(array)):
-            raise MedsegError("label map holds non-integer values (is this an image, not a label map?)", where)
-        array = array.astype(np.int64)
+        rounded = np.round(array)
+        if not np.array_equal(array, rounded):
+            off = float(np.max(np.abs(array - rounded)))
+            if off > LABEL_ROUNDING_TOLERANCE:
+                raise MedsegError(
+                    f"label map holds non-integer values (up to {off:.3g} from an integer; is this an image, "
+                    "not a label map?)",
+                    where,
+                )
+            notice(f"float label values within {off:.2g} of integers were rounded", where)
+        array = rounded.astype(np.int64)
     elif array.dtype.kind not in "iu":
         raise MedsegError(f"label map has unsupported dtype {array.dtype}", where)
     if array.dtype.kind == "i" and array.min() < 0:

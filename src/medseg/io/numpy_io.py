@@ -10,20 +10,34 @@ them read with zero origin and identity direction.
 from __future__ import annotations
 
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from medseg.errors import MedsegError
+from medseg.errors import MedsegError, notice
 from medseg.io.image import Geometry, Image
+from medseg.io.limits import check_voxels
 
 # Keys tried, in order, when the caller names none: an image first, then label maps.
 NPZ_DEFAULT_KEYS = ("imgs", "img", "image", "arr_0", "segs", "gts")
 
 
+def _check_npy_header(stream: Any, path: Path) -> None:
+    """Check the shape an .npy header declares (an npz member: after inflating the header only)."""
+    from numpy.lib import format as npy_format
+
+    version = npy_format.read_magic(stream)
+    read_header = npy_format.read_array_header_1_0 if version == (1, 0) else npy_format.read_array_header_2_0
+    shape = read_header(stream)[0]
+    check_voxels(shape, path)
+
+
 def read_npy(path: Path) -> Image:
     try:
+        with open(path, "rb") as f:
+            _check_npy_header(f, path)
         array = np.load(path, allow_pickle=False)
     except MedsegError:
         raise
@@ -41,6 +55,8 @@ def read_npz(path: Path, key: str | None = None) -> Image:
             if chosen is None or chosen not in keys:
                 wanted = f"key '{key}'" if key else f"one of {', '.join(NPZ_DEFAULT_KEYS)}"
                 raise MedsegError(f"npz holds {keys}, not {wanted}", path)
+            with zipfile.ZipFile(path) as archive, archive.open(f"{chosen}.npy") as member:
+                _check_npy_header(member, path)
             array = npz[chosen]
             geometry_arrays = {k: npz[k] for k in ("spacing", "origin", "direction") if k in keys}
     except MedsegError:
@@ -86,6 +102,9 @@ def read_mrc(path: Path) -> Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # mrcfile warns, then raises, on damaged files
+            with mrcfile.open(path, header_only=True) as header_only:
+                header = header_only.header
+                check_voxels((int(header.nx), int(header.ny), int(header.nz)), path)
             mrc_file = mrcfile.open(path)
         with mrc_file as mrc:
             if mrc.data is None:
@@ -106,6 +125,9 @@ def read_mrc(path: Path) -> Image:
 def _wrap(array: np.ndarray, geometry_arrays: dict[str, Any], meta: dict[str, Any], path: Path) -> Image:
     if array.dtype.kind not in "biuf":
         raise MedsegError(f"unsupported array dtype {array.dtype}", path)
+    if array.ndim == 3 and array.shape[-1] == 1 and np.size(geometry_arrays.get("spacing", ())) != 3:
+        notice(f"array of shape {array.shape} read as 2D {array.shape[:2]} (a trailing axis of size 1)", path)
+        array = array[..., 0]
     channels = 3 if array.ndim == 3 and array.shape[-1] == 3 and array.shape[0] > 3 else 1
     spatial = array.ndim - (1 if channels > 1 else 0)
     if spatial not in (2, 3):

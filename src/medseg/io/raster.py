@@ -1,8 +1,8 @@
 """2D raster images: PNG, JPEG, BMP, GIF through Pillow; TIFF through tifffile.
 
-Grey images give ``(y, x)``, RGB ``(y, x, 3)`` (alpha dropped), palette PNGs their palette
-*indices* (the usual way label maps are stored as palette images). Spacing is 1 mm: these formats
-carry no trustworthy physical spacing.
+Grey images give ``(y, x)``, RGB ``(y, x, 3)`` (alpha dropped, ``meta["alpha"]`` says whether it was
+opaque), palette PNGs their palette *indices* (the usual way label maps are stored as palette images).
+Spacing is 1 mm: these formats carry no trustworthy physical spacing.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import numpy as np
 
 from medseg.errors import MedsegError
 from medseg.io.image import Image
+from medseg.io.limits import check_voxels
 
 
 def read(path: Path, fmt: str) -> Image:
@@ -24,7 +25,11 @@ def read(path: Path, fmt: str) -> Image:
     else:
         array, meta["mode"] = _read_pillow(path)
     if array.ndim == 3 and array.shape[-1] in (2, 4) and fmt != "tiff":
-        array = array[..., : array.shape[-1] - 1]  # drop alpha
+        alpha = array[..., -1]
+        opaque = int(np.iinfo(alpha.dtype).max) if alpha.dtype.kind in "iu" else 1
+        seen = int(np.count_nonzero(alpha != opaque))
+        meta["alpha"] = "dropped; it was opaque" if not seen else f"dropped; {seen} pixels were not opaque"
+        array = array[..., : array.shape[-1] - 1]
     channels = 1
     if array.ndim == 3 and array.shape[-1] == 1:
         array = array[..., 0]
@@ -70,15 +75,25 @@ def write(image: Image, path: Path, fmt: str) -> None:
 
 
 def _read_pillow(path: Path) -> tuple[np.ndarray, str]:
+    import warnings
+
     from PIL import Image as PILImage
     from PIL import UnidentifiedImageError
 
     try:
-        with PILImage.open(path) as pil:
+        with warnings.catch_warnings():
+            # medseg's own limit (checked below, before decoding) replaces Pillow's bomb warning; Pillow's
+            # DecompressionBombError (twice its own limit) is still turned into the one-line error
+            warnings.simplefilter("ignore", PILImage.DecompressionBombWarning)
+            pil_file = PILImage.open(path)
+        with pil_file as pil:
             mode = pil.mode
+            check_voxels((*pil.size, len(pil.getbands())), path)
             if getattr(pil, "n_frames", 1) > 1:
                 raise MedsegError(f"animated/multi-frame {pil.format} is not supported", path)
-            pil.load()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", PILImage.DecompressionBombWarning)
+                pil.load()
             if mode in ("P", "PA"):
                 array = np.asarray(pil.convert("P") if mode == "PA" else pil)  # palette indices
             elif mode in ("CMYK", "YCbCr", "HSV", "LAB"):
@@ -89,6 +104,8 @@ def _read_pillow(path: Path) -> tuple[np.ndarray, str]:
                 array = np.asarray(pil).astype(np.uint16)
             else:
                 array = np.asarray(pil)
+    except PILImage.DecompressionBombError as err:
+        raise MedsegError(f"refused as a decompression bomb ({str(err).split(', could')[0][:160]})", path) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise MedsegError(f"cannot read image ({err.__class__.__name__}: {str(err)[:160]})", path) from None
     return array, mode
@@ -98,6 +115,10 @@ def _read_tiff(path: Path) -> np.ndarray:
     import tifffile
 
     try:
-        return np.asarray(tifffile.imread(path))
+        with tifffile.TiffFile(path) as tif:
+            check_voxels(tif.series[0].shape if tif.series else (), path)
+            return np.asarray(tif.asarray())
+    except MedsegError:
+        raise
     except Exception as err:  # tifffile raises many exception types for broken files
         raise MedsegError(f"cannot read TIFF ({err.__class__.__name__}: {str(err)[:160]})", path) from None

@@ -34,6 +34,7 @@ from medseg.engine.supervised.data import PatchSampler, PreparedCase, prepare_ca
 from medseg.engine.supervised.split import make_split
 from medseg.errors import MedsegError
 from medseg.inference.sliding_window import predict_probabilities
+from medseg.io.paths import check_exists, check_output
 from medseg.metrics.surface import dice
 from medseg.models.supervised import MODEL_NAMES, build_network
 from medseg.planning import Plan, check_plan_fits, fingerprint_dataset, make_plan, read_plan, write_plan
@@ -169,7 +170,9 @@ def _train(
             raise MedsegError(message, checkpoint_path) from None
         before = saved["state"]
         budget = options.minutes * 60 if options.minutes is not None else math.inf
-        if before["epoch"] >= plan.training.epochs or before["training_seconds"] >= budget:
+        last_epoch_s = float(before["history"][-1].get("seconds", 0.0)) if before.get("history") else 0.0
+        # the rule the loop stops by: another epoch as long as the last one would pass the budget
+        if before["epoch"] >= plan.training.epochs or before["training_seconds"] + last_epoch_s > budget:
             done = f"{before['epoch']} epochs and {before['training_seconds'] / 60:.1f} min"
             raise MedsegError(f"the run has already trained {done}; give more --epochs or --minutes to continue", out)
     if ctx.main:
@@ -281,6 +284,8 @@ def _train(
 def _check_output(out: Path, dataset: Path) -> None:
     if out.exists() and not out.is_dir():
         raise MedsegError("is a file; -o needs a folder", out)
+    check_exists(dataset)  # a symbolic link loop is named before resolve() trips over it
+    check_output(out)
     resolved, data = out.resolve(), dataset.resolve()
     if resolved == data or data in resolved.parents:
         raise MedsegError("the model folder must not be inside the dataset (it would be read as data)", out)
