@@ -438,3 +438,48 @@ def test_prompt_clips_a_box_past_the_edge_and_says_so(tmp_path: Path) -> None:
                                        "-o", str(tmp_path / "none.png")])  # fmt: skip
     assert outside.exit_code == 2 and "outside the image" in outside.stderr
     assert not (tmp_path / "none.png").exists()
+
+
+class _ScriptedPredictor:
+    """Stands in for a PromptPredictor in `propagate`: the mask of slice z is the object's pixels inside the box
+    prompted (none on ``lost`` slices), and every (z, box) prompt is recorded."""
+
+    def __init__(self, objects: np.ndarray, lost: set[int]) -> None:
+        from medseg.models.promptable.registry import spec_for
+
+        self.objects, self.lost, self.spec = objects, lost, spec_for("lite_medsam")
+        self.z = -1
+        self.prompts: list[tuple[int, tuple[float, ...]]] = []
+
+    def set_image(self, image: np.ndarray, key: object = None) -> None:
+        self.z = int(key)  # type: ignore[call-overload]
+
+    def predict(self, boxes: list[list[float]]):  # type: ignore[no-untyped-def]
+        from medseg.inference.prompt_predictor import PromptResult
+
+        x0, y0, x1, y1 = (round(v) for v in boxes[0])
+        self.prompts.append((self.z, tuple(boxes[0])))
+        mask = np.zeros(self.objects.shape[1:], bool)
+        if self.z not in self.lost:
+            mask[y0:y1, x0:x1] = self.objects[self.z, y0:y1, x0:x1]
+        logits = np.where(mask, 5.0, -5.0).astype(np.float32)[None]
+        return PromptResult(mask[None], logits, np.ones(1, np.float32), torch.zeros(1, 1, 256, 256))
+
+
+def test_propagation_widens_the_neighbours_box_and_goes_on_past_a_lost_slice_inside_a_3d_box() -> None:
+    from medseg.inference.propagation import MARGIN_FRACTION, MARGIN_PIXELS, VolumePrompt, propagate
+
+    objects = np.zeros((7, 256, 256), bool)
+    for z in range(7):  # a square that grows by 8 pixels a slice upwards
+        objects[z, 100 - 4 * z : 120 + 4 * z, 100 - 4 * z : 120 + 4 * z] = True
+    predictor = _ScriptedPredictor(objects, lost={5})
+    box3d = (60.0, 60.0, 0, 160.0, 160.0, 6)
+    logits = propagate(predictor, np.zeros((7, 256, 256), np.float32), VolumePrompt.from_box3d(box3d))  # type: ignore[arg-type]
+    found = logits > 0
+    assert not found[5].any()  # the lost slice stays empty ...
+    assert found[6].sum() == objects[6].sum()  # ... and the next one continues from slice 4's mask
+    assert (found[[0, 1, 2, 3, 4]] == objects[[0, 1, 2, 3, 4]]).all()  # growth is followed: the box has room
+    first_up = next(box for z, box in predictor.prompts if z == 4)  # slice 4 from slice 3's mask (88..132)
+    margin = MARGIN_PIXELS + MARGIN_FRACTION * 44
+    assert first_up == pytest.approx((88 - margin, 88 - margin, 132 + margin, 132 + margin))
+    assert all(60 <= v <= 160 for _, box in predictor.prompts for v in box)  # always inside the user's box
