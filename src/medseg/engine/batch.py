@@ -254,7 +254,7 @@ def _on_ray(
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False
         context.print_on_execution_start = False
-        logging.getLogger("ray.data").setLevel(logging.WARNING)
+        logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "progress bars disabled"
         blocks = math.ceil(len(items) / cases_per_block(len(items), size))
         dataset = ray.data.from_items(items, override_num_blocks=blocks).map_batches(
             _RayCases,
