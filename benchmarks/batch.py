@@ -9,11 +9,11 @@ Protocol:
 - Models: ``medseg plan`` on 10 cases of each dataset, with seeded untrained weights (throughput does not depend
   on what the weights learned); ``--model-2d`` / ``--model-3d`` take trained model folders instead.
 - Each configuration runs in a fresh Python process (imports, model loads and Ray's start included in its wall
-  time) into its own empty output folder: the plain loop (``predict_batch`` in one process, torch on one thread:
-  the CPU budget of one Ray worker), local Ray with 1 and 2 workers (one CPU and one torch thread each; the local
-  Ray is started and stopped by the run), and a two-node Ray cluster on loopback: ``ray start --head`` and a
-  second ``ray start --address`` node, one CPU each, each with its own temporary folder, stopped by their process
-  ids at the end; the driver connects by address and runs 2 workers.
+  time) into its own empty output folder: the plain loop (``predict_batch`` in one process, torch on one thread
+  and ``OMP_NUM_THREADS=1``: what Ray gives a worker of one CPU), local Ray with 1 and 2 workers (one CPU each;
+  the local Ray is started and stopped by the run), and a two-node Ray cluster on loopback: ``ray start --head``
+  and a second ``ray start --address`` node, one CPU each, each with its own temporary folder, stopped by their
+  process ids at the end; the driver connects by address and runs 2 workers.
 - Reported per configuration: wall seconds, cases per second over the wall time, cases per second in steady state
   (from the row of the first 10% of cases to the last row: Ray's start and the actors' model loads left out),
   Ray's overhead against the plain loop for the same CPUs (1 worker against the plain loop), and the peak
@@ -240,19 +240,23 @@ def main() -> None:
         for config in chosen:
             address = None
             if "nodes" in config:
-                address = start_cluster(root / "cluster", nodes)
+                # a short folder: Ray's Unix sockets live under it, and their paths may not pass 107 characters
+                cluster = Path(tempfile.mkdtemp(prefix="medseg-ray."))
+                address = start_cluster(cluster, nodes)
             for name, inputs, model in sets:
-                spec = {"model": str(model), "inputs": str(inputs), "output": str(root / "out" / f"{name}-{config}")}
+                spec: dict[str, Any] = {"model": str(model), "inputs": str(inputs)}
+                spec["output"] = str(root / "out" / f"{name}-{config}")
                 if config != "plain loop":
                     spec.update(ray=True, workers=1 if "1 worker" in config else 2, address=address)
                     spec.update(env={"RAY_AUTH_MODE": "token"} if address else {})
-                else:
-                    spec.update(ray=False)
+                else:  # one thread for torch and for numpy's and scipy's libraries, as Ray gives a 1-CPU worker
+                    spec.update(ray=False, env={"OMP_NUM_THREADS": "1"})
                 results[name, config] = measure(spec)
                 print(f"{name}, {config}: {results[name, config]}", file=sys.stderr, flush=True)
             if nodes:
                 stop_cluster(nodes)
                 nodes = []
+                shutil.rmtree(cluster, ignore_errors=True)
         print_table(sets, chosen, results)
     finally:
         stop_cluster(nodes)

@@ -16,6 +16,7 @@ case once.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -165,7 +166,10 @@ def predict_batch(
     started = time.perf_counter()
     if use_ray:
         _import_ray()
-    output = Path(output)
+    # absolute paths: Ray's workers run in other folders, on other machines
+    options = dataclasses.replace(options, model_dir=os.path.abspath(options.model_dir))
+    output = Path(os.path.abspath(output))
+    cases = {case: [Path(os.path.abspath(f)) for f in files] for case, files in cases.items()}
     targets = label_targets(cases, output, output_format=options.output_format)
     model = options.model()
     worker = CaseWorker(options, output)  # the plain loop's worker; with Ray it only proves the model loads
@@ -254,6 +258,7 @@ def _on_ray(
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False
         context.print_on_execution_start = False
+        logging.getLogger("ray.data").setLevel(logging.WARNING)  # no INFO lines per dataset run
         logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "progress bars disabled"
         blocks = math.ceil(len(items) / cases_per_block(len(items), size))
         dataset = ray.data.from_items(items, override_num_blocks=blocks).map_batches(
