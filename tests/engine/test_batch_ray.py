@@ -77,7 +77,7 @@ def test_a_killed_worker_has_its_cases_done_again(local_ray: Any, tmp_path: Path
     assert killed, "no Ray worker was found to kill"
     assert (result.done, result.failed) == (24, 0)
     for copy in (tmp_path / "ray").glob("*x?.png"):  # a copy's label map is its original's
-        assert copy.read_bytes() == (tmp_path / "ray" / f"{copy.name[:-7]}.png").read_bytes()
+        assert copy.read_bytes() == (tmp_path / "ray" / f"{copy.name[:-6]}.png").read_bytes()
     assert not list((tmp_path / "ray").glob(".medseg-staging.*"))
     recorded = [r["path"] for r in rows(tmp_path / "ray")]
     assert sorted(recorded) == sorted({r for r in recorded}) and len(recorded) == 24
