@@ -43,7 +43,8 @@ from typing import Any
 
 import numpy as np
 
-CONFIGS = ("plain loop", "Ray, 1 worker", "Ray, 2 workers", "Ray, 2 nodes x 1 worker")
+# name -> Ray workers (0: the plain loop)
+CONFIGS = {"plain loop": 0, "Ray, 1 worker": 1, "Ray, 2 workers": 2, "Ray, 2 nodes x 1 worker": 2}
 
 
 def make_images(data: Path, folder: Path, count: int) -> None:
@@ -225,7 +226,7 @@ def main() -> None:
     if args.one:
         print(json.dumps(run_one(json.loads(args.one))))
         return
-    chosen = [CONFIGS[int(i)] for i in args.configs.split(",")]
+    chosen = [list(CONFIGS)[int(i)] for i in args.configs.split(",")]
     root = Path(tempfile.mkdtemp(prefix="medseg-batch-bench."))
     nodes: list[subprocess.Popen[bytes]] = []
     try:
@@ -247,7 +248,7 @@ def main() -> None:
                 spec: dict[str, Any] = {"model": str(model), "inputs": str(inputs)}
                 spec["output"] = str(root / "out" / f"{name}-{config}")
                 if config != "plain loop":
-                    spec.update(ray=True, workers=1 if "1 worker" in config else 2, address=address)
+                    spec.update(ray=True, workers=CONFIGS[config], address=address)
                     spec.update(env={"RAY_AUTH_MODE": "token"} if address else {})
                 else:  # one thread for torch and for numpy's and scipy's libraries, as Ray gives a 1-CPU worker
                     spec.update(ray=False, env={"OMP_NUM_THREADS": "1"})
