@@ -31,7 +31,9 @@ def predict(
         help="Case by case: each label map written when done, OUT/manifest.csv, a bad case a failed row (exit 1), "
         "a second run skips what is done.",
     ),
-    use_ray: bool = typer.Option(False, "--ray", help="As --batch, on Ray (the ray extra of medseg); a local Ray by default."),
+    use_ray: bool = typer.Option(
+        False, "--ray", help="As --batch, on Ray (the ray extra of medseg); a local Ray by default."
+    ),
     ray_address: str | None = typer.Option(
         None, "--ray-address", help="A running Ray cluster (ray start --head prints it; 'auto'); implies --ray."
     ),
