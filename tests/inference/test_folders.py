@@ -294,3 +294,32 @@ def test_a_dicom_seg_is_not_segmented_as_an_image(tmp_path: Path) -> None:
     with pytest.raises(MedsegError, match="is a DICOM-SEG") as caught:
         predict_folder(threshold, cases_of(seg), out)
     assert caught.value.path == seg and not out.exists()
+
+
+def test_cases_of_a_glob_and_of_lists_of_paths(tmp_path: Path) -> None:
+    inputs = write_inputs(tmp_path / "in")
+    save(Image(bright_square((12, 12))), tmp_path / "in" / "two_0000.png")
+    save(Image(bright_square((12, 12))), tmp_path / "in" / "two_0001.png")
+    assert cases_of(str(tmp_path / "in" / "*.png")) == {
+        "flat": [inputs["flat"]],
+        "two": [tmp_path / "in" / "two_0000.png", tmp_path / "in" / "two_0001.png"],
+    }
+    (tmp_path / "cases.txt").write_text(f"# two cases\nin/vol.nii.gz\n\n{inputs['flat']}\n")
+    assert cases_of(tmp_path / "cases.txt") == {"vol": [tmp_path / "in" / "vol.nii.gz"], "flat": [inputs["flat"]]}
+    (tmp_path / "cases.csv").write_text("id,path\n1,in/vol.nii.gz\n")
+    assert cases_of(tmp_path / "cases.csv") == {"vol": [tmp_path / "in" / "vol.nii.gz"]}
+
+
+def test_cases_of_refuses_a_pattern_without_match_a_missing_listed_path_and_a_case_twice(tmp_path: Path) -> None:
+    write_inputs(tmp_path / "a")
+    write_inputs(tmp_path / "b")
+    with pytest.raises(MedsegError, match="matches no file"):
+        cases_of(str(tmp_path / "*.nii.gz"))
+    (tmp_path / "list.txt").write_text("a/vol.nii.gz\na/gone.png\n")
+    with pytest.raises(MedsegError, match=r"gone\.png, which does not exist"):
+        cases_of(tmp_path / "list.txt")
+    (tmp_path / "empty.txt").write_text("# nothing\n")
+    with pytest.raises(MedsegError, match="empty"):
+        cases_of(tmp_path / "empty.txt")
+    with pytest.raises(MedsegError, match="are both case flat"):
+        cases_of(str(tmp_path / "*" / "flat.png"))

@@ -63,3 +63,42 @@ def progress_bar(description: str, total: int) -> Iterator[Callable[..., None]]:
     with Progress(*columns, console=err, transient=True, disable=disable) as progress:
         task = progress.add_task(description, total=total)
         yield lambda *_: progress.advance(task)
+
+
+@contextmanager
+def case_progress(description: str, total: int, every: float = 30.0) -> Iterator[Callable[[bool], None]]:
+    """Progress of a batch run on stderr, called with ``failed`` per case: a bar with cases done, failed and
+    the rate on a terminal; elsewhere (a log file, a cluster's job output) one line every ``every`` seconds."""
+    import time
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    started = last = time.perf_counter()
+    counts = {"done": 0, "failed": 0}
+    tty = sys.stderr.isatty()
+
+    def line() -> str:
+        rate = (counts["done"] + counts["failed"]) / max(time.perf_counter() - started, 1e-9)
+        return f"{counts['done'] + counts['failed']}/{total} cases, {counts['failed']} failed, {rate:.2f} cases/s"
+
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[failed]} failed"),
+        TextColumn("{task.fields[rate]} cases/s"),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=err, transient=True, disable=not tty or total <= 1) as progress:
+        task = progress.add_task(description, total=total, failed=0, rate="-")
+
+        def advance(failed: bool) -> None:
+            nonlocal last
+            counts["failed" if failed else "done"] += 1
+            rate = (counts["done"] + counts["failed"]) / max(time.perf_counter() - started, 1e-9)
+            progress.update(task, advance=1, failed=counts["failed"], rate=f"{rate:.2f}")
+            if not tty and time.perf_counter() - last >= every:
+                err.print(f"{description}: {line()}", markup=False, soft_wrap=True)
+                last = time.perf_counter()
+
+        yield advance

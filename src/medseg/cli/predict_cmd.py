@@ -1,4 +1,5 @@
-"""``medseg predict MODEL_DIR INPUT -o OUT``: segment a file or a folder with a trained supervised model."""
+"""``medseg predict MODEL_DIR INPUTS -o OUT``: segment a file, a folder, a glob or a list of paths with a trained
+supervised model; all or nothing by default, case by case with a manifest (``--batch``), on Ray (``--ray``)."""
 
 from __future__ import annotations
 
@@ -7,14 +8,18 @@ from pathlib import Path
 
 import typer
 
-from medseg.cli.common import OUTPUT_FORMAT_HELP, out, progress_bar, user_errors
+from medseg.cli.common import OUTPUT_FORMAT_HELP, case_progress, err, out, progress_bar, user_errors
 from medseg.errors import MedsegError
 
 
 @user_errors
 def predict(
     model_dir: Path = typer.Argument(..., help="Folder written by 'medseg train'."),
-    input_path: Path = typer.Argument(..., metavar="INPUT", help="An image, a DICOM series folder, or a folder."),
+    input_path: Path = typer.Argument(
+        ...,
+        metavar="INPUTS",
+        help="An image, a DICOM series folder, a folder, a glob ('scans/*.nii.gz', quoted) or a .txt/.csv list.",
+    ),
     output: Path = typer.Option(..., "-o", "--output", help="Output folder (label maps named by case)."),
     mirror: bool = typer.Option(False, "--mirror", help="Mirroring test-time augmentation (2^n passes)."),
     save_probabilities: bool = typer.Option(False, "--save-probabilities", help="Also write probabilities/<case>.npz."),
@@ -24,12 +29,30 @@ def predict(
         None, "--series", help="Of a DICOM folder holding several series: its SeriesNumber or SeriesInstanceUID."
     ),
     frame: int | None = typer.Option(None, "--frame", help="Of a 4D input (time series, cine): the volume to use."),
+    batch: bool = typer.Option(
+        False,
+        "--batch",
+        help="Case by case: each label map written when done, OUT/manifest.csv, a bad case a failed row (exit 1), "
+        "a second run skips what is done.",
+    ),
+    use_ray: bool = typer.Option(
+        False, "--ray", help="As --batch, on Ray (the ray extra of medseg); a local Ray by default."
+    ),
+    ray_address: str | None = typer.Option(
+        None, "--ray-address", help="A running Ray cluster (ray start --head prints it; 'auto'); implies --ray."
+    ),
+    workers: int | None = typer.Option(None, "--workers", min=1, help="Ray workers, one CPU each (default all)."),
 ) -> None:
     """Segment a file or a folder with a model from 'medseg train'.
 
     Label maps in each input's geometry and format (NIfTI for DICOM/MRC input, PNG for JPEG; --output-format
     dicom-seg: a DICOM-SEG per DICOM series, segments named by the model's labels); a folder's files are
-    grouped into cases by their _0000, _0001 channel suffixes."""
+    grouped into cases by their _0000, _0001 channel suffixes.
+
+    --batch and --ray write each case when it is done and record it in OUT/manifest.csv (path, output, status,
+    seconds, error, model); a case that fails is a row, the run goes on; a second run skips the cases done with
+    the same model. Exit status: 0 every case done, 1 some failed (counted on stderr), 2 nothing done (an error
+    in the command, the model or OUT)."""
     from medseg.data.cases import load_channels
     from medseg.inference.engines import SpecialistEngine
     from medseg.inference.folders import cases_of, label_targets, predict_folder
@@ -41,6 +64,14 @@ def predict(
     if save_probabilities and (output / "probabilities").exists() and not (output / "probabilities").is_dir():
         raise MedsegError("is a file; --save-probabilities writes a folder there", output / "probabilities")
     cases = cases_of(input_path)
+    use_ray = use_ray or ray_address is not None
+    if workers is not None and not use_ray:
+        raise MedsegError("--workers sets the Ray workers: add --ray")
+    if batch or use_ray:
+        _predict_batch(
+            model_dir, cases, output, use_ray, ray_address, workers, mirror, save_probabilities, device, output_format
+        )
+        return
     if output_format != "auto":  # a non-DICOM input for dicom-seg is refused before the model loads
         label_targets(cases, output, output_format=output_format)
     engine = SpecialistEngine.from_pretrained(model_dir, device)
@@ -61,3 +92,46 @@ def predict(
         )
     seconds = time.perf_counter() - started
     out.print(f"{len(cases)} label map(s) in {output} ({seconds / max(len(cases), 1):.2f} s per case)", soft_wrap=True)
+
+
+def _predict_batch(
+    model_dir: Path,
+    cases: dict[str, list[Path]],
+    output: Path,
+    use_ray: bool,
+    ray_address: str | None,
+    workers: int | None,
+    mirror: bool,
+    save_probabilities: bool,
+    device: str,
+    output_format: str,
+) -> None:
+    from medseg.engine.batch import BatchOptions, predict_batch
+    from medseg.engine.manifest import FAILED, MANIFEST
+
+    options = BatchOptions(str(model_dir), device, mirror, save_probabilities, output_format)
+    with case_progress("predicting", len(cases)) as advance:
+        result = predict_batch(
+            options,
+            cases,
+            output,
+            use_ray=use_ray,
+            ray_address=ray_address,
+            workers=workers,
+            on_row=lambda row: advance(row.status == FAILED),
+        )
+    ran = result.done + result.failed
+    rate = f", {ran / result.seconds:.2f} cases/s" if ran and result.seconds > 0 else ""
+    skipped = f", {result.skipped} done before" if result.skipped else ""
+    out.print(
+        f"{result.done} label map(s) in {output}, {result.failed} failed{skipped} of {len(cases)} case(s)"
+        f" ({result.seconds:.1f} s{rate}); {output / MANIFEST}",
+        soft_wrap=True,
+    )
+    if result.failed:
+        err.print(
+            f"medseg: {result.failed} of {len(cases)} case(s) failed: their errors are in {output / MANIFEST}",
+            markup=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(1)

@@ -8,6 +8,9 @@ a refused case leaves no partial output and overwrites no earlier one.
 
 from __future__ import annotations
 
+import csv
+import glob
+import io
 import os
 import shutil
 import socket
@@ -31,16 +34,27 @@ from medseg.io.formats import is_image_file, split_channel, split_extension
 _T = TypeVar("_T")
 
 
-def cases_of(input_path: Path) -> dict[str, list[Path]]:
-    """Cases of an input, case name -> its files: one file; one DICOM series folder; or a folder of files
-    (channels grouped by their ``_0000`` suffixes) and of DICOM series sub-folders.
+def cases_of(input_path: Path | str) -> dict[str, list[Path]]:
+    """Cases of an input, case name -> its files: one file; one DICOM series folder; a folder of files
+    (channels grouped by their ``_0000`` suffixes) and of DICOM series sub-folders; a glob (``scans/*.nii.gz``);
+    or a list of paths, a ``.txt`` file (one a line, ``#`` comments) or a ``.csv`` file (its ``path`` column,
+    else its first), relative paths taken from the list's folder.
 
     Raises:
-        MedsegError: no such file or folder.
+        MedsegError: no such file or folder; a glob that matches nothing; a list that is empty or names a
+            missing path; two listed files of one case name in different folders.
     """
+    text = str(input_path)
     input_path = Path(input_path)
+    if not input_path.exists() and any(char in text for char in "*?["):
+        matches = sorted(Path(p) for p in glob.glob(text, recursive=True) if not Path(p).name.startswith("."))
+        if not matches:
+            raise MedsegError("the pattern matches no file or folder", input_path)
+        return _grouped(matches, input_path)
     if not input_path.exists():
         raise MedsegError("no such file or folder", input_path)
+    if input_path.is_file() and input_path.suffix.lower() in (".txt", ".csv"):
+        return _grouped(_listed(input_path), input_path)
     if input_path.is_file():
         return {case_of(input_path): [input_path]}
     entries = sorted(p for p in input_path.iterdir() if not p.name.startswith("."))
@@ -58,7 +72,43 @@ def cases_of(input_path: Path) -> dict[str, list[Path]]:
     return cases
 
 
-def _not_a_segmentation(image: Image, path: Path) -> None:
+def _listed(listing: Path) -> list[Path]:
+    """The paths a ``.txt`` or ``.csv`` list names, in its order, relative ones from the list's folder."""
+    try:
+        text = listing.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as error:
+        raise MedsegError(f"cannot read the list of inputs ({type(error).__name__})", listing) from None
+    if listing.suffix.lower() == ".csv":
+        rows = [row for row in csv.reader(io.StringIO(text)) if row and any(cell.strip() for cell in row)]
+        header = [cell.strip().lower() for cell in rows[0]] if rows else []
+        column = header.index("path") if "path" in header else 0
+        names = [row[column].strip() for row in rows[1 if "path" in header else 0 :] if len(row) > column]
+    else:
+        names = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    if not names:
+        raise MedsegError("the list of inputs is empty", listing)
+    paths = [Path(name) if Path(name).is_absolute() else listing.parent / name for name in names if name]
+    for path in paths:
+        if not path.exists():
+            raise MedsegError(f"lists {path}, which does not exist", listing)
+    return paths
+
+
+def _grouped(paths: Sequence[Path], source: Path) -> dict[str, list[Path]]:
+    """Files grouped into cases as in a folder (channel suffixes), folders as DICOM series; each path once."""
+    cases: dict[str, list[Path]] = {}
+    for path in dict.fromkeys(paths):
+        split = None if path.is_dir() else split_channel(split_extension(path)[0])
+        case = path.name if path.is_dir() else (split[0] if split else split_extension(path)[0])
+        files = cases.setdefault(case, [])
+        if files and (path.is_dir() or files[0].is_dir() or files[0].parent.resolve() != path.parent.resolve()):
+            raise MedsegError(f"{files[0]} and {path} are both case {case} (their label maps would collide)", source)
+        files.append(path)
+    return cases
+
+
+def not_a_segmentation(image: Image, path: Path) -> None:
+    """Raise MedsegError naming ``path`` when ``image`` is a DICOM-SEG (a label map, not an image to segment)."""
     if image.meta.get("format") == "dicom-seg":
         raise MedsegError("is a DICOM-SEG (a label map), not an image to segment", path)
 
@@ -148,7 +198,7 @@ def predict_folder(
         if check is not None or output_format == "dicom-seg":
             image = load_case(files)
         if check is not None or output_format == "dicom-seg":
-            _not_a_segmentation(image, files[0])
+            not_a_segmentation(image, files[0])
         if check is not None:
             _named(check, image, files[0])
         if output_format == "dicom-seg":
@@ -156,32 +206,64 @@ def predict_folder(
     with staging(output) as folder:
         for case, files in cases.items():
             image = load_case(files)
-            _not_a_segmentation(image, files[0])
+            not_a_segmentation(image, files[0])
             result = _named(predict, image, files[0])
-            try:
-                if output_format == "dicom-seg":
-                    save_dicom_seg(
-                        result.labels,
-                        folder / targets[case].name,
-                        files[0],
-                        segment_names=segment_names,
-                        algorithm_name=algorithm_name,
-                        protect=kept,
-                    )
-                else:
-                    save(result.labels, folder / targets[case].name, protect=kept)
-            except MedsegError as error:  # named by where it was going, not the hidden folder
-                raise MedsegError(error.problem, targets[case]) from None
-            if save_probabilities and result.probabilities is not None:
-                (folder / "probabilities").mkdir(exist_ok=True)
-                np.savez_compressed(
-                    folder / "probabilities" / f"{case}.npz",
-                    probabilities=result.probabilities.astype(np.float16),
-                    label_values=np.asarray(result.label_values),
-                )
+            write_prediction(
+                result,
+                folder,
+                targets[case],
+                files,
+                protect=kept,
+                probabilities_name=f"{case}.npz" if save_probabilities else None,
+                output_format=output_format,
+                segment_names=segment_names,
+                algorithm_name=algorithm_name,
+            )
             if on_case is not None:
                 on_case()
     return targets
+
+
+def write_prediction(
+    result: Segmentation,
+    folder: Path,
+    target: Path,
+    files: Sequence[Path],
+    *,
+    protect: Sequence[Path] = (),
+    probabilities_name: str | None = None,
+    output_format: str = "auto",
+    segment_names: Mapping[int, str] | None = None,
+    algorithm_name: str = "medseg",
+) -> None:
+    """Write one case's label map into ``folder`` under ``target``'s name (a DICOM-SEG referencing ``files[0]``
+    for ``dicom-seg``), and with ``probabilities_name`` its probabilities as
+    ``folder/probabilities/<probabilities_name>`` (see `predict_folder`).
+
+    Raises:
+        MedsegError: the label map cannot be written, named by ``target``.
+    """
+    try:
+        if output_format == "dicom-seg":
+            save_dicom_seg(
+                result.labels,
+                folder / target.name,
+                files[0],
+                segment_names=segment_names,
+                algorithm_name=algorithm_name,
+                protect=tuple(protect),
+            )
+        else:
+            save(result.labels, folder / target.name, protect=tuple(protect))
+    except MedsegError as error:  # named by where it was going, not the hidden folder
+        raise MedsegError(error.problem, target) from None
+    if probabilities_name is not None and result.probabilities is not None:
+        (folder / "probabilities").mkdir(exist_ok=True)
+        np.savez_compressed(
+            folder / "probabilities" / probabilities_name,
+            probabilities=result.probabilities.astype(np.float16),
+            label_values=np.asarray(result.label_values),
+        )
 
 
 def _named(call: Callable[[Image], _T], image: Image, path: Path) -> _T:

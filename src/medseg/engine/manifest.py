@@ -1,0 +1,93 @@
+"""``OUT/manifest.csv`` of a batch prediction: one row per input case, and the model hash that makes a run resumable.
+
+Columns: ``path`` (the case's input files, absolute, ``;`` between channels), ``output`` (its label map,
+absolute), ``status`` (``done`` or ``failed``), ``seconds`` (wall time of the case on its worker), ``error`` (the
+one-line reason of a failed case, else empty) and ``model`` (`model_hash` of what predicted it). The file is
+always replaced whole and atomically, so a reader never sees half a row and no input is listed twice.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from medseg.engine.run_files import atomic_write
+from medseg.errors import MedsegError
+
+MANIFEST = "manifest.csv"
+COLUMNS = ("path", "output", "status", "seconds", "error", "model")
+DONE, FAILED = "done", "failed"
+
+
+@dataclass(frozen=True)
+class Row:
+    """One case of a batch run (see the module's columns)."""
+
+    path: str
+    output: str
+    status: str
+    seconds: float
+    error: str
+    model: str
+
+
+def case_key(files: Sequence[Path]) -> str:
+    """The ``path`` column of a case: its files made absolute (not resolved: a link stays the name given)."""
+    return ";".join(os.path.abspath(f) for f in files)
+
+
+def model_hash(model_dir: Path, **options: object) -> str:
+    """16 hex digits of SHA-256 over the model folder's ``plan.json`` and ``model.pt`` bytes and the ``options``
+    that change the outputs (e.g. ``mirror``, ``output_format``), so a resumed run redoes cases of another model.
+
+    Raises:
+        MedsegError: a file cannot be read.
+    """
+    digest = hashlib.sha256()
+    for name in ("plan.json", "model.pt"):
+        path = Path(model_dir) / name
+        try:
+            with open(path, "rb") as f:
+                while chunk := f.read(1 << 20):
+                    digest.update(chunk)
+        except OSError as error:
+            raise MedsegError(f"cannot read ({error.strerror})", path) from None
+        digest.update(b"\0")
+    digest.update(repr(sorted(options.items())).encode())
+    return digest.hexdigest()[:16]
+
+
+def read_manifest(path: Path) -> dict[str, Row]:
+    """``path`` column -> row of an existing manifest (empty when there is none; the last row of a path wins).
+
+    Raises:
+        MedsegError: the file is not a medseg manifest (other columns, unreadable).
+    """
+    if not path.exists():
+        return {}
+    try:
+        reader = csv.DictReader(io.StringIO(path.read_text(encoding="utf-8")))
+        if tuple(reader.fieldnames or ()) != COLUMNS:
+            raise MedsegError(f"is not a medseg manifest (columns {', '.join(COLUMNS)}); choose another -o", path)
+        return {
+            r["path"]: Row(r["path"], r["output"], r["status"], float(r["seconds"] or 0), r["error"], r["model"])
+            for r in reader
+        }
+    except (OSError, UnicodeDecodeError, ValueError, csv.Error) as error:
+        problem = f"cannot read the manifest ({type(error).__name__}); move it away to start over"
+        raise MedsegError(problem, path) from None
+
+
+def write_manifest(path: Path, rows: Iterable[Row]) -> None:
+    """Replace ``path`` with ``rows`` (atomically)."""
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(COLUMNS)
+    for row in rows:
+        writer.writerow((row.path, row.output, row.status, f"{row.seconds:.3f}", row.error, row.model))
+    atomic_write(path, lambda f: f.write(text.getvalue().encode("utf-8")))

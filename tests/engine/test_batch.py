@@ -1,0 +1,108 @@
+"""``medseg predict --batch`` (`medseg.engine.batch` in this process) and its manifest: the same label maps as a plain
+``medseg predict``, a bad file a failed row that does not stop the run, a second run that skips what is done, and
+the one-line refusals. The model is planned on a tiny dataset and given seeded untrained weights (no training)."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from batch_helpers import assert_same_label_maps, make_model
+from cli_helpers import assert_one_error_line, run_cli
+from medseg.engine.batch import BatchOptions, predict_batch
+from medseg.engine.manifest import COLUMNS, model_hash
+from medseg.inference.folders import cases_of
+from medseg.io import Image, save
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    """(inputs: the 6 cases, a broken PNG and a 3D volume; the model; label maps of a plain ``medseg predict``
+    of the 6 good cases)."""
+    root = tmp_path_factory.mktemp("batch")
+    images, model_dir = make_model(root)
+    assert run_cli("predict", model_dir, images, "-o", root / "plain").exit_code == 0
+    inputs = root / "inputs"
+    inputs.mkdir()
+    for path in images.iterdir():
+        (inputs / path.name).write_bytes(path.read_bytes())
+    (inputs / "broken.png").write_bytes(b"not a png")
+    save(Image(np.zeros((4, 8, 8), np.int16)), inputs / "volume.nii.gz")
+    return inputs, model_dir, root / "plain"
+
+
+def manifest(folder: Path) -> list[dict[str, str]]:
+    with open(folder / "manifest.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_batch_writes_the_same_label_maps_and_records_a_bad_file_as_a_failed_row(
+    model: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    inputs, model_dir, plain = model
+    result = run_cli("predict", model_dir, inputs, "-o", tmp_path / "out", "--batch")
+    assert result.exit_code == 1, result.output
+    assert "2 of 8 case(s) failed" in result.stderr
+    assert_same_label_maps(plain, tmp_path / "out")
+    rows = manifest(tmp_path / "out")
+    assert list(rows[0]) == list(COLUMNS)
+    assert sorted(Path(r["path"]).name for r in rows) == sorted(p.name for p in inputs.iterdir())
+    failed = {Path(r["path"]).name: r["error"] for r in rows if r["status"] == "failed"}
+    assert set(failed) == {"broken.png", "volume.nii.gz"}
+    assert "broken.png: cannot read image" in failed["broken.png"]
+    assert "3D image" in failed["volume.nii.gz"] and "\n" not in failed["volume.nii.gz"]
+    assert {r["model"] for r in rows} == {
+        model_hash(model_dir, mirror=False, save_probabilities=False, output_format="auto")
+    }
+    assert all(Path(r["output"]).is_file() for r in rows if r["status"] == "done")
+
+
+def test_a_second_run_skips_what_is_done_and_redoes_the_rest(model: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    inputs, model_dir, plain = model
+    cases = {c: f for c, f in cases_of(inputs).items() if c in ("case_000", "case_001", "case_002")}
+    options = BatchOptions(str(model_dir))
+    first = predict_batch(options, cases, tmp_path / "out")
+    assert (first.done, first.failed, first.skipped) == (3, 0, 0)
+    (tmp_path / "out" / "case_002.png").unlink()  # as if the first run had been killed before this case
+    again = predict_batch(options, cases, tmp_path / "out")
+    assert (again.done, again.failed, again.skipped) == (1, 0, 2)
+    for name in ("case_000.png", "case_001.png", "case_002.png"):
+        assert (tmp_path / "out" / name).read_bytes() == (plain / name).read_bytes()
+    assert len(manifest(tmp_path / "out")) == 3
+    other = tmp_path / "other_model"
+    shutil.copytree(model_dir, other)
+    (other / "plan.json").write_text((other / "plan.json").read_text() + "\n")  # another plan: another hash
+    redone = predict_batch(BatchOptions(str(other)), cases, tmp_path / "out")
+    assert (redone.done, redone.skipped) == (3, 0)
+    assert {r["model"] for r in manifest(tmp_path / "out")} == {BatchOptions(str(other)).model()}
+    assert BatchOptions(str(other), mirror=True).model() != BatchOptions(str(other)).model()
+
+
+def test_a_glob_and_a_list_of_paths_are_inputs(model: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    inputs, model_dir, plain = model
+    listing = tmp_path / "cases.csv"
+    listing.write_text("id,path\n" + "".join(f"{i},{p}\n" for i, p in enumerate(sorted(inputs.glob("case_*")))))
+    assert run_cli("predict", model_dir, listing, "-o", tmp_path / "listed", "--batch").exit_code == 0
+    assert_same_label_maps(plain, tmp_path / "listed")
+    assert run_cli("predict", model_dir, str(inputs / "case_*.png"), "-o", tmp_path / "globbed").exit_code == 0
+    assert_same_label_maps(plain, tmp_path / "globbed")
+
+
+def test_refusals_are_one_line_before_any_work(
+    model: tuple[Path, Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    inputs, model_dir, _ = model
+    out = tmp_path / "out"
+    assert_one_error_line(run_cli("predict", model_dir, inputs, "-o", out, "--workers", "2"), "--ray")
+    out.mkdir()
+    (out / "manifest.csv").write_text("a,b\n1,2\n")
+    assert_one_error_line(run_cli("predict", model_dir, inputs, "-o", out, "--batch"), "not a medseg manifest")
+    assert_one_error_line(run_cli("predict", model_dir, str(tmp_path / "*.png"), "-o", out), "matches no file")
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
+    assert_one_error_line(run_cli("predict", model_dir, inputs, "-o", tmp_path / "r", "--ray"), "medseg[ray]")
+    assert not (tmp_path / "r").exists()
