@@ -483,3 +483,28 @@ def test_propagation_widens_the_neighbours_box_and_goes_on_past_a_lost_slice_ins
     margin = MARGIN_PIXELS + MARGIN_FRACTION * 44
     assert first_up == pytest.approx((88 - margin, 88 - margin, 132 + margin, 132 + margin))
     assert all(60 <= v <= 160 for _, box in predictor.prompts for v in box)  # always inside the user's box
+
+
+@needs_weights
+def test_threads_sharing_one_predictor_get_the_masks_of_serial_calls(predictor) -> None:  # type: ignore[no-untyped-def]
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = np.random.default_rng(3)
+    images, boxes = [], []
+    for k in range(4):  # disks of different sizes and places on images of different shapes
+        height, width = 90 + 10 * k, 120 - 8 * k
+        yy, xx = np.mgrid[:height, :width]
+        cy, cx, r = 30 + 5 * k, 40 + 6 * k, 12 + 3 * k
+        disk = (yy - cy) ** 2 + (xx - cx) ** 2 <= r**2
+        images.append((disk * 180 + rng.normal(40, 8, disk.shape)).clip(0, 255).astype(np.uint8))
+        boxes.append([cx - r - 2, cy - r - 2, cx + r + 2, cy + r + 2])
+
+    def segment_one(k: int) -> np.ndarray:
+        predictor.set_image(images[k])
+        return predictor.predict(boxes=[boxes[k]]).masks[0]
+
+    serial = [segment_one(k) for k in range(4)]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        threaded = list(pool.map(segment_one, [k % 4 for k in range(16)]))
+    for k, mask in enumerate(threaded):
+        assert mask.shape == serial[k % 4].shape and (mask == serial[k % 4]).all()

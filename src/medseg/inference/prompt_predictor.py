@@ -12,6 +12,7 @@ Coordinates everywhere are pixels of the input image: ``x`` is the column, ``y``
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -45,6 +46,20 @@ class PromptResult:
     low_res_logits: torch.Tensor
 
 
+@dataclass
+class _ImageState:
+    """One thread's current image in a `PromptPredictor`."""
+
+    embedding: torch.Tensor | None = None
+    decoder: CachedImageDecoder | None = None  # built on the first predict after set_image
+    input_size: tuple[int, int] = (0, 0)  # (H, W) of the image given to set_image
+    resized: tuple[int, int] = (0, 0)  # (h, w) inside the S x S model frame
+    # (embedding, box, clicks, result) of the last predict_with_clicks, which a next click continues
+    click_memo: tuple[torch.Tensor | None, list[float] | None, list[tuple[float, float, int]], PromptResult] | None = (
+        None
+    )
+
+
 class PromptPredictor:
     """Cache one image's embedding, then predict masks from prompts.
 
@@ -68,14 +83,16 @@ class PromptPredictor:
         self.spec = spec
         self.cache_size = cache_size  # embeddings kept by key (4 MB each; least recently used dropped first)
         self._cache: dict[object, tuple[torch.Tensor, tuple[int, int], tuple[int, int]]] = {}
-        self._embedding: torch.Tensor | None = None
-        self._decoder: CachedImageDecoder | None = None  # built on the first predict after set_image
-        # (embedding, box, clicks, result) of the last predict_with_clicks, which a next click continues
-        self._click_memo: (
-            tuple[torch.Tensor | None, list[float] | None, list[tuple[float, float, int]], PromptResult] | None
-        ) = None
-        self._input_size: tuple[int, int] = (0, 0)  # (H, W) of the image given to set_image
-        self._resized: tuple[int, int] = (0, 0)  # (h, w) inside the S x S model frame
+        self._cache_lock = threading.Lock()
+        self._local = threading.local()  # the current image of each thread (`_ImageState`)
+
+    @property
+    def _state(self) -> _ImageState:
+        """This thread's current image: threads that share a predictor share its weights and cache, not its image."""
+        state: _ImageState | None = getattr(self._local, "state", None)
+        if state is None:
+            state = self._local.state = _ImageState()
+        return state
 
     @classmethod
     def from_checkpoint(
@@ -89,16 +106,17 @@ class PromptPredictor:
     @property
     def image_size(self) -> tuple[int, int]:
         """(H, W) of the current image."""
-        return self._input_size
+        return self._state.input_size
 
     def clear_cache(self) -> None:
         """Forget the embeddings kept by key (call before working on another image or volume)."""
-        self._cache.clear()
+        with self._cache_lock:
+            self._cache.clear()
 
     @property
     def resized_size(self) -> tuple[int, int]:
         """(h, w) the current image occupies inside the model's S x S input (the rest is padding)."""
-        return self._resized
+        return self._state.resized
 
     def set_image(self, image: np.ndarray, key: object = None) -> None:
         """Compute and keep the embedding of a 2D image ``(H, W)`` or ``(H, W, 3)``.
@@ -110,24 +128,30 @@ class PromptPredictor:
         Raises:
             MedsegError: not 2D grey or 3-channel, empty, or not finite; an unhashable key.
         """
-        self._decoder = None
+        state = self._state
+        state.decoder = None
         try:
-            cached = key is not None and key in self._cache
+            hash(key)
         except TypeError:  # an unhashable key
             raise MedsegError(
                 f"set_image key must be hashable (e.g. a slice index), got {type(key).__name__}"
             ) from None
-        if cached:  # least recently used first: a hit moves to the end
-            self._embedding, self._input_size, self._resized = self._cache[key] = self._cache.pop(key)
+        with self._cache_lock:
+            hit = self._cache.pop(key, None) if key is not None else None
+            if hit is not None:  # least recently used first: a hit moves to the end
+                self._cache[key] = hit
+        if hit is not None:
+            state.embedding, state.input_size, state.resized = hit
             return
         tensor, input_size, resized = self.prepare(image)
         with torch.inference_mode():
-            self._embedding = self._encode(tensor[None].to(self.device))
-        self._input_size, self._resized = input_size, resized
+            embedding = self._encode(tensor[None].to(self.device))
+        state.embedding, state.input_size, state.resized = embedding, input_size, resized
         if key is not None and self.cache_size > 0:
-            if len(self._cache) >= self.cache_size:
-                self._cache.pop(next(iter(self._cache)))
-            self._cache[key] = (self._embedding, self._input_size, self._resized)
+            with self._cache_lock:
+                while self._cache and len(self._cache) >= self.cache_size:
+                    self._cache.pop(next(iter(self._cache)))
+                self._cache[key] = (embedding, input_size, resized)
 
     @property
     def decoder(self) -> CachedImageDecoder:
@@ -136,11 +160,11 @@ class PromptPredictor:
         Raises:
             MedsegError: no image set.
         """
-        if self._embedding is None:
+        if self._state.embedding is None:
             raise MedsegError("call set_image before predict")
-        if self._decoder is None:
-            self._decoder = self.model.image_decoder(self._embedding)
-        return self._decoder
+        if self._state.decoder is None:
+            self._state.decoder = self.model.image_decoder(self._state.embedding)
+        return self._state.decoder
 
     def preprocess(self, image: np.ndarray) -> torch.Tensor:
         """``(H, W[, 3])`` array -> ``(3, S, S)`` tensor in the checkpoint's input convention.
@@ -248,8 +272,13 @@ class PromptPredictor:
         call's continues from it (an interactive session's next click costs one decoder pass, same result)."""
         clicks = [(float(p[0]), float(p[1]), int(k)) for p, k in zip(points, point_labels, strict=False)]
         box_key = None if box is None else [float(v) for v in box]
-        memo = self._click_memo
-        if memo is not None and memo[0] is self._embedding and memo[1] == box_key and clicks[: len(memo[2])] == memo[2]:
+        memo = self._state.click_memo
+        if (
+            memo is not None
+            and memo[0] is self._state.embedding
+            and memo[1] == box_key
+            and clicks[: len(memo[2])] == memo[2]
+        ):
             result, done = memo[3], len(memo[2])
         elif box is None:
             result = self.predict(points=points[:1], point_labels=point_labels[:1], multimask_output=True)
@@ -264,7 +293,7 @@ class PromptPredictor:
                 mask_logits=result.low_res_logits,
             )
         if clicks or box is not None:
-            self._click_memo = (self._embedding, box_key, clicks, result)
+            self._state.click_memo = (self._state.embedding, box_key, clicks, result)
         if box is None:
             return result
         logits = np.stack([clip_to_box(one, box) for one in result.logits])
@@ -275,15 +304,19 @@ class PromptPredictor:
         frame = low_res
         if low_res.shape[-2:] != (size, size):  # 256 -> 1024 for SAM/MedSAM; LiteMedSAM's is 256 already
             frame = F.interpolate(low_res, (size, size), mode="bilinear", align_corners=False)
-        frame = frame[..., : self._resized[0], : self._resized[1]]
+        frame = frame[..., : self._state.resized[0], : self._state.resized[1]]
         if self.spec.interpolation == "area":  # as LiteMedSAM's script: probabilities resized, then > 0.5
-            probabilities = F.interpolate(torch.sigmoid(frame), self._input_size, mode="bilinear", align_corners=False)
+            probabilities = F.interpolate(
+                torch.sigmoid(frame), self._state.input_size, mode="bilinear", align_corners=False
+            )
             return torch.logit(probabilities[:, 0].double(), eps=1e-12).float()
-        return F.interpolate(frame, self._input_size, mode="bilinear", align_corners=False)[:, 0]
+        return F.interpolate(frame, self._state.input_size, mode="bilinear", align_corners=False)[:, 0]
 
     def _scale(self) -> torch.Tensor:
         """(sx, sy): input pixels -> model-frame pixels."""
-        return torch.tensor([self._resized[1] / self._input_size[1], self._resized[0] / self._input_size[0]])
+        return torch.tensor(
+            [self._state.resized[1] / self._state.input_size[1], self._state.resized[0] / self._state.input_size[0]]
+        )
 
     def _check_boxes(self, boxes: np.ndarray | list[list[float]] | None) -> torch.Tensor | None:
         if boxes is None:
@@ -292,9 +325,9 @@ class PromptPredictor:
         if len(array) == 0:
             raise MedsegError("empty list of boxes")
         for box in array:
-            check_box(box, self._input_size)
+            check_box(box, self._state.input_size)
         if self.spec.interpolation == "area":  # LiteMedSAM's script: int(coordinate * S / longest side)
-            ratio = self.spec.image_size / max(self._input_size)
+            ratio = self.spec.image_size / max(self._state.input_size)
             frame = np.floor(array * ratio)
             frame[:, 2:] = np.maximum(frame[:, 2:], frame[:, :2] + 1)  # a box thinner than a frame pixel keeps one
             return torch.from_numpy(frame).float().view(-1, 4)
@@ -322,7 +355,7 @@ class PromptPredictor:
             raise MedsegError(f"need one label (1 positive, 0 negative) per point; got {labels!r}")
         flags = given.astype(np.int64)
         for point in coords:
-            check_point(point, self._input_size)
+            check_point(point, self._state.input_size)
         scaled = torch.from_numpy(coords).float() * self._scale()
         return scaled[None].expand(count, -1, -1), torch.from_numpy(flags)[None].expand(count, -1)
 
