@@ -16,6 +16,7 @@ from batch_helpers import assert_same_label_maps, make_model
 from cli_helpers import assert_one_error_line, run_cli
 from medseg.engine.batch import BatchOptions, predict_batch
 from medseg.engine.manifest import COLUMNS, model_hash
+from medseg.errors import MedsegError
 from medseg.inference.folders import cases_of
 from medseg.io import Image, save
 
@@ -106,3 +107,29 @@ def test_refusals_are_one_line_before_any_work(
     monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
     assert_one_error_line(run_cli("predict", model_dir, inputs, "-o", tmp_path / "r", "--ray"), "medseg[ray]")
     assert not (tmp_path / "r").exists()
+
+
+def test_an_input_replaced_after_its_label_map_is_done_again(model: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    given, model_dir, _ = model
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for path in sorted(given.glob("*_0000.png"))[:3]:
+        shutil.copyfile(path, inputs / path.name)
+    options = BatchOptions(str(model_dir))
+    first = predict_batch(options, cases_of(inputs), tmp_path / "out")
+    assert first.done == len(cases_of(inputs))
+    replaced = sorted(inputs.iterdir())[0]
+    shutil.copyfile(sorted(inputs.iterdir())[1], replaced)  # same name, new content, newer than its label map
+    again = predict_batch(options, cases_of(inputs), tmp_path / "out")
+    assert (again.done, again.skipped) == (1, first.done - 1)
+
+
+def test_an_unreachable_ray_address_is_refused_before_anything_is_written(
+    model: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    pytest.importorskip("ray")
+    given, model_dir, _ = model
+    with pytest.raises(MedsegError, match=r"no Ray cluster answers at 127\.0\.0\.1:1"):
+        options = BatchOptions(str(model_dir))
+        predict_batch(options, cases_of(given), tmp_path / "out", use_ray=True, ray_address="127.0.0.1:1")
+    assert not (tmp_path / "out").exists()

@@ -87,3 +87,12 @@ def test_check_output(tmp_path: Path) -> None:
     for kernel in ("/proc/medseg", "/sys/medseg/out"):
         with pytest.raises(MedsegError, match="kernel file system"):
             check_output(Path(kernel))
+
+
+def test_complex_valued_images_are_refused(tmp_path: Path) -> None:
+    import nibabel as nib
+
+    path = tmp_path / "complex.nii.gz"
+    nib.save(nib.Nifti1Image(np.ones((4, 5, 6), np.complex64), np.eye(4)), path)
+    with pytest.raises(MedsegError, match="complex-valued voxels"):
+        load(path)

@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
 from medseg.cli.common import OUTPUT_FORMAT_HELP, case_progress, err, out, progress_bar, user_errors
 from medseg.errors import MedsegError
+
+if TYPE_CHECKING:
+    from medseg.engine.batch import BatchOptions
 
 
 @user_errors
@@ -68,9 +72,10 @@ def predict(
     if workers is not None and not use_ray:
         raise MedsegError("--workers sets the Ray workers: add --ray")
     if batch or use_ray:
-        _predict_batch(
-            model_dir, cases, output, use_ray, ray_address, workers, mirror, save_probabilities, device, output_format
-        )
+        from medseg.engine.batch import BatchOptions
+
+        options = BatchOptions(str(model_dir), device, mirror, save_probabilities, output_format, series, frame)
+        _predict_batch(options, cases, output, use_ray, ray_address, workers)
         return
     if output_format != "auto":  # a non-DICOM input for dicom-seg is refused before the model loads
         label_targets(cases, output, output_format=output_format)
@@ -95,21 +100,16 @@ def predict(
 
 
 def _predict_batch(
-    model_dir: Path,
+    options: BatchOptions,
     cases: dict[str, list[Path]],
     output: Path,
     use_ray: bool,
     ray_address: str | None,
     workers: int | None,
-    mirror: bool,
-    save_probabilities: bool,
-    device: str,
-    output_format: str,
 ) -> None:
-    from medseg.engine.batch import BatchOptions, predict_batch
+    from medseg.engine.batch import predict_batch
     from medseg.engine.manifest import FAILED, MANIFEST
 
-    options = BatchOptions(str(model_dir), device, mirror, save_probabilities, output_format)
     with case_progress("predicting", len(cases)) as advance:
         result = predict_batch(
             options,

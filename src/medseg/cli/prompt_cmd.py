@@ -94,8 +94,11 @@ def prompt(
         out.print("clicks without a box: using LiteMedSAM with medseg's click-trained head (lite_medsam_interactive)")
     predictor = PromptPredictor.from_checkpoint(checkpoint, model, device=device)
     depth = image.shape[0] if image.ndim == 3 else 1
+    # the slices each 3D box covers; a 2D box or clicks on a volume may reach every slice
+    planned = sum(int(b[5]) - int(b[2]) + 1 for b in prompts.boxes3d)
+    planned += depth * (len(prompts.boxes) or int(bool(prompts.points))) if image.ndim == 3 else 1
     try:
-        with progress_bar("segmenting slices", depth) as advance:
+        with progress_bar("segmenting slices", max(planned, 1)) as advance:
             labels = segment(predictor, image, prompts, preset, on_slice=advance)
     except MedsegError as err:  # the image's problems (too small, ...) name the image
         raise MedsegError(err.problem, err.path or input_path) from None

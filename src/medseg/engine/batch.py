@@ -45,6 +45,8 @@ class BatchOptions:
     mirror: bool = False
     save_probabilities: bool = False
     output_format: str = "auto"
+    series: str | None = None  # of DICOM folders holding several series (`medseg.io.load`)
+    frame: int | None = None  # of 4D inputs
 
     def model(self) -> str:
         """`model_hash` of the weights, the plan and the options that change what is written."""
@@ -53,6 +55,8 @@ class BatchOptions:
             mirror=self.mirror,
             save_probabilities=self.save_probabilities,
             output_format=self.output_format,
+            series=self.series,
+            frame=self.frame,
         )
 
 
@@ -100,7 +104,7 @@ class CaseWorker:
         paths = [Path(f) for f in files]
         target = Path(target)
         try:
-            image = load_channels(paths)
+            image = load_channels(paths, series=self.options.series, frame=self.options.frame)
             not_a_segmentation(image, paths[0])
             self.engine.check(image)
             if self.options.output_format == "dicom-seg":
@@ -166,6 +170,8 @@ def predict_batch(
     started = time.perf_counter()
     if use_ray:
         _import_ray()
+        if ray_address:
+            _check_reachable(ray_address)
     # absolute paths: Ray's workers run in other folders, on other machines
     options = dataclasses.replace(options, model_dir=os.path.abspath(options.model_dir))
     output = Path(os.path.abspath(output))
@@ -181,7 +187,7 @@ def predict_batch(
     earlier = read_manifest(manifest_path)
     keys = {case: case_key(files) for case, files in cases.items()}
     rows: dict[str, Row] = {keys[case]: earlier[keys[case]] for case in cases if keys[case] in earlier}
-    todo = [case for case in cases if not _done_before(earlier.get(keys[case]), model, targets[case])]
+    todo = [c for c in cases if not _done_before(earlier.get(keys[c]), model, targets[c], cases[c])]
     result = BatchResult(skipped=len(cases) - len(todo))
     others = [row for key, row in earlier.items() if key not in rows]  # other inputs' rows stay
     last_write = 0.0
@@ -217,14 +223,36 @@ def predict_batch(
     return result
 
 
-def _done_before(row: Row | None, model: str, target: Path) -> bool:
-    return (
-        row is not None
-        and row.status == DONE
-        and row.model == model
-        and row.output == os.path.abspath(target)
-        and target.is_file()
-    )
+def _done_before(row: Row | None, model: str, target: Path, files: Sequence[Path]) -> bool:
+    """The row says done with this model, its label map is there, and no input changed after it was written."""
+    if row is None or row.status != DONE or row.model != model or row.output != os.path.abspath(target):
+        return False
+    try:
+        written = target.stat().st_mtime_ns
+        return all(_newest_mtime(f) <= written for f in files)
+    except OSError:
+        return False
+
+
+def _newest_mtime(path: Path) -> int:
+    """A file's modification time, or a folder's (a DICOM series) newest file's, in ns."""
+    if path.is_dir():
+        return max((f.stat().st_mtime_ns for f in path.iterdir() if f.is_file()), default=path.stat().st_mtime_ns)
+    return path.stat().st_mtime_ns
+
+
+def _check_reachable(address: str) -> None:
+    """Refuse a ``host:port`` Ray address that does not answer within a few seconds (Ray itself retries for
+    minutes); ``auto`` and ``ray://`` addresses are left to Ray."""
+    import socket
+
+    host, _, port = address.rpartition(":")
+    if address == "auto" or "://" in address or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=5).close()
+    except OSError as error:
+        raise MedsegError(f"no Ray cluster answers at {address} ({error.strerror or error})") from None
 
 
 def _ordered(rows: Mapping[str, Row], keys: Mapping[str, str], others: Sequence[Row]) -> list[Row]:

@@ -7,6 +7,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import numpy as np
+
 from medseg.errors import MedsegError
 from medseg.io import dicom_seg, dicom_source, numpy_io, raster, sitk_io
 from medseg.io.formats import LOSSLESS_LABEL_FORMATS, RASTER_FORMATS, format_of, split_extension
@@ -41,9 +43,16 @@ def load(path: str | Path, *, key: str | None = None, frame: int | None = None, 
     if not os.access(p, os.R_OK | (os.X_OK if p.is_dir() else 0)):
         raise MedsegError("permission denied", p)
     try:
-        return _load(p, key, frame, series)
+        image = _load(p, key, frame, series)
     except OSError as err:  # e.g. an unreadable file inside a DICOM folder, or an I/O error
         raise MedsegError(f"cannot read ({err.strerror or err})", p) from None
+    except MemoryError:
+        raise MedsegError(
+            "not enough memory to read it (set MEDSEG_MAX_VOXELS lower to refuse such files)", p
+        ) from None
+    if np.iscomplexobj(image.array):  # e.g. MR k-space or phase data: no real intensity to segment
+        raise MedsegError(f"complex-valued voxels ({image.array.dtype}) are not supported; save the magnitude", p)
+    return image
 
 
 def _load(p: Path, key: str | None, frame: int | None = None, series: str | None = None) -> Image:
