@@ -50,13 +50,13 @@ class BatchOptions:
 
     def model(self) -> str:
         """`model_hash` of the weights, the plan and the options that change what is written."""
+        chosen = {k: v for k, v in (("series", self.series), ("frame", self.frame)) if v is not None}
         return model_hash(
             Path(self.model_dir),
             mirror=self.mirror,
             save_probabilities=self.save_probabilities,
             output_format=self.output_format,
-            series=self.series,
-            frame=self.frame,
+            **chosen,  # only when given: a run without them keeps the hash it had
         )
 
 
