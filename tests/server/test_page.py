@@ -253,7 +253,9 @@ def test_box_3d_box_click_and_save_on_a_volume(page: Any, workspace: Path, shots
     drag(page, screen(page, (cx - rx, cy - ry, cz)), screen(page, (cx + rx, cy + ry, cz)))
     prompted(page, start)
     labels = mask(page)
-    assert dice(labels == 1, ball()) > 0.7 and labels[: cz - 3].sum() == 0 and labels[cz + 4 :].sum() == 0
+    # LiteMedSAM's own pipeline enlarges this small image by OpenCV's INTER_AREA
+    # (blocks), so less than bilinear resizing gave
+    assert dice(labels == 1, ball()) > 0.5 and labels[: cz - 3].sum() == 0 and labels[cz + 4 :].sum() == 0
 
     page.keyboard.press("p")  # a positive click at the centre keeps the object
     start = updates(page)

@@ -45,7 +45,8 @@ SPECS: dict[str, SamSpec] = {
     "lite_medsam": SamSpec("lite_medsam", 256, "longest_side", "unit", "tinyvit", "area"),
     "medsam_vit_b": SamSpec("medsam_vit_b", 1024, "square", "unit", "vit_b"),
     "sam_vit_b": SamSpec("sam_vit_b", 1024, "longest_side", "imagenet", "vit_b"),
-    "lite_medsam_interactive": SamSpec("lite_medsam_interactive", 256, "longest_side", "unit", "tinyvit", "area"),
+    # medseg's click head was fine-tuned on bilinear-resized inputs: it keeps them
+    "lite_medsam_interactive": SamSpec("lite_medsam_interactive", 256, "longest_side", "unit", "tinyvit"),
 }
 INTERACTIVE_HEAD = Path(__file__).parent / "weights" / "lite_medsam_interactive_head.pt"
 HEAD_PREFIXES = ("prompt_encoder.", "mask_decoder.")
