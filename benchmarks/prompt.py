@@ -72,7 +72,7 @@ from medseg.models.promptable.registry import has_interactive_head
 from medseg.preprocessing import normalize
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _prompt_pipeline import METHODS, Slices, agreement_2d, agreement_volume, score_structure
+from _prompt_pipeline import METHODS, Slices, agreement_2d, agreement_volume, box3d, score_structure
 from _volumes import Structure, missing, structures
 
 REPO = Path(__file__).resolve().parents[1]
@@ -432,14 +432,6 @@ def _click_row(
     numbers["mean_curve"] = curves.mean(axis=0).tolist()
     section.rows.append(row)
     return numbers
-
-
-def box3d(mask: np.ndarray) -> tuple[float, float, float, float, float, float]:
-    """``x0, y0, z0, x1, y1, z1`` of a 3D mask: x/y in pixel edges (exclusive end), z inclusive."""
-    zs = np.flatnonzero(mask.any(axis=(1, 2)))
-    rows = np.flatnonzero(mask.any(axis=(0, 2)))
-    cols = np.flatnonzero(mask.any(axis=(0, 1)))
-    return (float(cols[0]), float(rows[0]), float(zs[0]), float(cols[-1] + 1), float(rows[-1] + 1), float(zs[-1]))
 
 
 def section_3d(predictor: PromptPredictor, settings: Settings, log: Console) -> Section:
