@@ -508,3 +508,23 @@ def test_threads_sharing_one_predictor_get_the_masks_of_serial_calls(predictor) 
         threaded = list(pool.map(segment_one, [k % 4 for k in range(16)]))
     for k, mask in enumerate(threaded):
         assert mask.shape == serial[k % 4].shape and (mask == serial[k % 4]).all()
+
+
+def test_propagation_keeps_only_the_slices_it_reaches_and_merges_them_as_whole_volumes_would() -> None:
+    from medseg.inference.propagation import full_logits, merge_slices, propagate_slices
+
+    objects = np.zeros((30, 256, 256), bool)
+    objects[10:16, 100:140, 100:140] = True
+    objects[12:20, 120:180, 60:110] = True
+    slices = np.zeros((30, 256, 256), np.float32)
+    first = propagate_slices(
+        _ScriptedPredictor(objects, set()), slices, VolumePrompt.from_box3d((90, 90, 10, 150, 150, 15))
+    )  # type: ignore[arg-type]
+    second = propagate_slices(
+        _ScriptedPredictor(objects, set()), slices, VolumePrompt.from_box3d((50, 110, 12, 190, 190, 19))
+    )  # type: ignore[arg-type]
+    assert sorted(first) == list(range(10, 16)) and sorted(second) == list(range(12, 20))  # the boxes' slices only
+    whole = [full_logits(one, slices.shape) for one in (first, second)]
+    assert (whole[0][:10] == -np.inf).all() and (whole[0][16:] == -np.inf).all()
+    np.testing.assert_array_equal(merge_slices([first, second], slices.shape), merge_objects(whole))
+    np.testing.assert_array_equal(merge_slices([first, second], slices.shape, [3, 300]), merge_objects(whole, [3, 300]))

@@ -9,13 +9,12 @@ from typing import Any
 import numpy as np
 
 from medseg.errors import MedsegError
+from medseg.inference.prompt_input import ModelSlices, intensity_preset, model_input
 from medseg.inference.prompt_predictor import PromptPredictor, check_box, check_point, clip_to_box
-from medseg.inference.propagation import VolumePrompt, merge_objects, propagate
+from medseg.inference.propagation import VolumePrompt, full_logits, merge_objects, merge_slices, propagate_slices
 from medseg.io import Image
-from medseg.preprocessing import IntensityPreset, normalize
 
-# Images whose values span at least this range from at most -500 are taken to be CT in HU.
-_HU_MIN, _HU_MAX = -500.0, 300.0
+__all__ = ["Prompts", "intensity_preset", "model_input", "segment", "segment_logits"]  # the first two from prompt_input
 
 
 @dataclass
@@ -27,56 +26,6 @@ class Prompts:
     points: list[tuple[float, float]] = field(default_factory=list)
     point_labels: list[int] = field(default_factory=list)
     slice_index: int | None = None
-
-
-def intensity_preset(image: Image, preset: str | None) -> IntensityPreset:
-    """The preset to display-normalise ``image`` for prompting, as LiteMedSAM's training images were made.
-
-    ``preset`` names one (``ct:soft_tissue``, ``ct:lung``, ``ct:brain``, ``ct:bone``, ``mr``,
-    ``percentile``, ``rgb``, ``none``); None picks by the rule of MedSAM's preprocessing scripts:
-
-    - RGB -> ``rgb``; a 2D grey image of integers (8- or 16-bit) -> ``none``: the model's own min-max
-      scaling (``pre_grey_rgb.py`` min-max scales such images to 8 bits);
-    - CT (DICOM Modality CT, or values from below -500 to above 300, Hounsfield units) -> ``ct:soft_tissue``
-      (``pre_CT_MR.py`` windows CT);
-    - anything else (MR and other volumes, float images) -> ``mr``: clipped at the 0.5 / 99.5 percentiles of
-      the non-zero voxels and scaled to [0, 1], so a zero background stays 0 (``pre_CT_MR.py``'s non-CT
-      branch); all voxels count when none is above zero.
-    """
-    if preset is not None:
-        return IntensityPreset(preset, mode="unit") if preset in ("mr", "percentile") else IntensityPreset(preset)
-    if image.channels == 3:
-        return IntensityPreset("rgb")
-    array = image.array
-    is_ct = str(image.meta.get("modality", "")).upper() == "CT" or (
-        array.dtype.kind in "if" and float(array.min()) <= _HU_MIN and float(array.max()) >= _HU_MAX
-    )
-    if is_ct:
-        return IntensityPreset("ct:soft_tissue")
-    if image.ndim == 2 and array.dtype.kind in "iub":  # 2D display images: min-max scaled by the model
-        return IntensityPreset("none")
-    return IntensityPreset("mr", mode="unit")
-
-
-def model_input(image: Image, preset: str | None = None) -> np.ndarray:
-    """``image``'s pixels as LiteMedSAM's training images were stored: 8-bit levels (float32, 0..255).
-
-    `intensity_preset` chooses the normalisation; its [0, 1] output is scaled to 0..255 and truncated to whole
-    levels (``np.uint8`` of MedSAM's ``pre_CT_MR.py``); with ``none``, values already in 0..255 are truncated
-    as they are, others min-max scaled to 0..255 first (``pre_grey_rgb.py``). Shape as ``image.array``.
-
-    Raises:
-        MedsegError: an unknown preset.
-    """
-    chosen = intensity_preset(image, preset)
-    shown = normalize(image, chosen).array.astype(np.float64)
-    if chosen.name == "none":
-        low, high = (float(shown.min()), float(shown.max())) if shown.size else (0.0, 0.0)
-        if low < 0 or high > 255:
-            shown = (shown - low) / max(high - low, 1e-12) * 255.0
-    else:
-        shown = np.clip(shown, 0.0, 1.0) * 255.0
-    return np.floor(shown + 1e-6).astype(np.float32)  # the epsilon keeps k/255 * 255 at k despite rounding
 
 
 def segment(
@@ -94,7 +43,10 @@ def segment(
     Raises:
         MedsegError: prompts that do not fit the image (see `validate`).
     """
-    return image.with_array(merge_objects(segment_logits(predictor, image, prompts, preset, on_slice)), channels=1)
+    if image.ndim == 2:
+        return image.with_array(merge_objects(segment_logits(predictor, image, prompts, preset)), channels=1)
+    per_slice = _volume_logits(predictor, image, prompts, preset, on_slice, None)
+    return image.with_array(merge_slices(per_slice, tuple(image.array.shape[:3])), channels=1)
 
 
 def segment_logits(
@@ -114,12 +66,28 @@ def segment_logits(
     Raises:
         MedsegError: prompts that do not fit the image (see `validate`).
     """
+    if image.ndim != 2:
+        shape = tuple(image.array.shape[:3])
+        return [full_logits(one, shape) for one in _volume_logits(predictor, image, prompts, preset, on_slice, key)]
     prompts = clip_to_image(image, prompts)[0]
     validate(image, prompts)
-    shown = model_input(image, preset)
     keyed = _KeyedPredictor(predictor, key) if key is not None else predictor
-    if image.ndim == 2:
-        return _segment_2d(keyed, shown, prompts)
+    return _segment_2d(keyed, model_input(image, preset), prompts)
+
+
+def _volume_logits(
+    predictor: PromptPredictor,
+    image: Image,
+    prompts: Prompts,
+    preset: str | None,
+    on_slice: Callable[[int], None] | None,
+    key: Hashable | None,
+) -> list[dict[int, np.ndarray]]:
+    """Each object's logits by slice (`propagate_slices`); slices are normalised as they are reached."""
+    prompts = clip_to_image(image, prompts)[0]
+    validate(image, prompts)
+    slices = ModelSlices(image, preset)
+    keyed = _KeyedPredictor(predictor, key) if key is not None else predictor
     objects = [VolumePrompt.from_box3d(b) for b in prompts.boxes3d]
     z = prompts.slice_index if prompts.slice_index is not None else 0
     pts, lbl = tuple(prompts.points), tuple(prompts.point_labels)
@@ -128,8 +96,8 @@ def segment_logits(
         objects.append(VolumePrompt(None, z, None, pts, lbl))
     if key is None:
         predictor.clear_cache()  # slice keys of an earlier volume must not match this one's
-        predictor.cache_size = shown.shape[0] if len(objects) > 1 else 0
-    return [propagate(keyed, shown, obj, on_slice) for obj in objects]  # type: ignore[arg-type]
+        predictor.cache_size = slices.shape[0] if len(objects) > 1 else 0
+    return [propagate_slices(keyed, slices, obj, on_slice) for obj in objects]  # type: ignore[arg-type]
 
 
 class _KeyedPredictor:
@@ -207,8 +175,9 @@ def validate(image: Image, prompts: Prompts) -> None:
     """
     if image.channels not in (1, 3):
         raise MedsegError(f"images with {image.channels} channels are not supported (grey or RGB only)")
-    if not np.isfinite(image.array).all():
-        raise MedsegError("image holds NaN/inf values")
+    array = image.array
+    if array.dtype.kind in "fc" and not all(np.isfinite(array[z]).all() for z in range(len(array))):
+        raise MedsegError("image holds NaN/inf values")  # checked a slice (or row) at a time: no volume-sized mask
     if not (prompts.boxes or prompts.boxes3d or prompts.points):
         raise MedsegError("give a prompt: --box, --box3d or --point")
     if prompts.points and len(prompts.boxes) + len(prompts.boxes3d) > 1:

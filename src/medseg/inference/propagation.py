@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 from scipy import ndimage
@@ -64,13 +65,34 @@ def bounding_box(mask: np.ndarray) -> tuple[float, float, float, float]:
     return float(cols[0]), float(rows[0]), float(cols[-1] + 1), float(rows[-1] + 1)
 
 
+class Slices(Protocol):
+    """A volume's slices: ``shape`` ``(Z, H, W[, C])`` and ``slices[z]`` -> ``(H, W[, C])`` (an array, or
+    slices made on demand such as `medseg.inference.prompt_input.ModelSlices`)."""
+
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+
+    def __getitem__(self, z: int, /) -> np.ndarray: ...
+
+
 def propagate(
     predictor: PromptPredictor,
-    slices: np.ndarray,
+    slices: Slices | np.ndarray,
     prompt: VolumePrompt,
     on_slice: Callable[[int], None] | None = None,
 ) -> np.ndarray:
-    """Logits ``(Z, H, W)`` float32 of one object (``-inf`` on slices not reached).
+    """Logits ``(Z, H, W)`` float32 of one object (``-inf`` on slices not reached); as `propagate_slices`."""
+    return full_logits(propagate_slices(predictor, slices, prompt, on_slice), tuple(slices.shape[:3]))
+
+
+def propagate_slices(
+    predictor: PromptPredictor,
+    slices: Slices | np.ndarray,
+    prompt: VolumePrompt,
+    on_slice: Callable[[int], None] | None = None,
+) -> dict[int, np.ndarray]:
+    """Logits ``(H, W)`` float32 of one object on each slice reached, by slice index (memory follows the
+    slices reached, not the volume).
 
     Args:
         predictor: a loaded predictor (give it ``cache_size`` to reuse slice embeddings across objects).
@@ -87,33 +109,43 @@ def propagate(
     low, high = prompt.z_range if prompt.z_range is not None else (0, depth - 1)
     if low < 0 or high >= depth:
         raise MedsegError(f"z range {low}..{high} is outside the volume's {depth} slices (0..{depth - 1})")
-    logits = np.full(slices.shape[:3], -np.inf, np.float32)
-    start = clip_to_box(_segment_slice(predictor, slices, prompt.start_slice, prompt.box, prompt), prompt.box)
+    plane = tuple(slices.shape[1:3])
+    start_pixels = slices[prompt.start_slice]
+    start = clip_to_box(_segment_slice(predictor, start_pixels, prompt.start_slice, prompt.box, prompt), prompt.box)
     inside = prompt.box if prompt.z_range is not None else None  # a 3D box bounds every slice
     if on_slice is not None:
         on_slice(prompt.start_slice)
-    logits[prompt.start_slice] = start
+    logits = {prompt.start_slice: start}
     if not (start > 0).any():
         return logits
-    reference = contrast(slices[prompt.start_slice], start > 0)
+    reference = contrast(start_pixels, start > 0)
     for step in (1, -1):
         previous = start > 0
         z = prompt.start_slice + step
         while low <= z <= high:
-            box = widened(bounding_box(previous), predictor, slices.shape[1:3], inside)
-            current = clip_to_box(_segment_slice(predictor, slices, z, box, None), inside)
+            pixels = slices[z]
+            box = widened(bounding_box(previous), predictor, plane, inside)
+            current = clip_to_box(_segment_slice(predictor, pixels, z, box, None), inside)
             if not (current > 0).any() and prompt.z_range is not None and prompt.box is not None:
                 # Inside a 3D box, a lost object is retried with the user's box.
-                current = clip_to_box(_segment_slice(predictor, slices, z, prompt.box, None), inside)
+                current = clip_to_box(_segment_slice(predictor, pixels, z, prompt.box, None), inside)
             if on_slice is not None:
                 on_slice(z)
             found = current > 0
-            if prompt.z_range is None and (not found.any() or _faded(slices[z], found, reference)):
+            if prompt.z_range is None and (not found.any() or _faded(pixels, found, reference)):
                 break
             logits[z] = current
             if found.any():
                 previous = found
             z += step
+    return logits
+
+
+def full_logits(per_slice: dict[int, np.ndarray], shape: tuple[int, ...]) -> np.ndarray:
+    """``(Z, H, W)`` float32 from `propagate_slices`' logits, ``-inf`` on the slices not in ``per_slice``."""
+    logits = np.full(shape, -np.inf, np.float32)
+    for z, one in per_slice.items():
+        logits[z] = one
     return logits
 
 
@@ -166,14 +198,27 @@ def merge_objects(object_logits: list[np.ndarray], labels: list[int] | None = No
     return out
 
 
+def merge_slices(
+    objects: list[dict[int, np.ndarray]], shape: tuple[int, ...], labels: list[int] | None = None
+) -> np.ndarray:
+    """`merge_objects` of `propagate_slices`' per-slice logits, one slice at a time: the label map ``shape``
+    ``(Z, H, W)`` without any ``(Z, H, W)`` float array."""
+    values = labels or list(range(1, len(objects) + 1))
+    out = np.zeros(shape, np.uint16 if max(values, default=0) > 255 else np.uint8)
+    empty = np.full(shape[1:], -np.inf, np.float32)
+    for z in sorted({z for one in objects for z in one}):
+        out[z] = merge_objects([one.get(z, empty) for one in objects], values)
+    return out
+
+
 def _segment_slice(
     predictor: PromptPredictor,
-    slices: np.ndarray,
+    pixels: np.ndarray,
     z: int,
     box: tuple[float, float, float, float] | None,
     clicks: VolumePrompt | None,
 ) -> np.ndarray:
-    predictor.set_image(slices[z], key=z)
+    predictor.set_image(pixels, key=z)
     if clicks is not None and clicks.points:
         points = [list(p) for p in clicks.points]
         result = predictor.predict_with_clicks(None if box is None else list(box), points, list(clicks.point_labels))

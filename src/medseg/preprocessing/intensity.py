@@ -14,6 +14,7 @@ All functions return new ``float32`` arrays; inputs are never modified.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
@@ -98,33 +99,107 @@ def mr_normalize(
         MedsegError: bad percentiles or mode, mask of another shape, empty foreground.
     """
     _check_mode(mode, lower, upper)
-    data = np.asarray(array, dtype=np.float32)
-    finite = np.isfinite(data)
-    if foreground_mask is not None:
-        mask = np.asarray(foreground_mask, dtype=bool)
-        if mask.shape != data.shape:
-            raise MedsegError(f"foreground mask shape {mask.shape} differs from image shape {data.shape}")
-        mask = mask & finite
-    else:
-        positive = (data > 0) & finite
-        mask = positive if positive.any() else finite
-    if not mask.any():
+    return _mr_map(array, foreground_mask, lower, upper, mode)(array)
+
+
+def _mr_map(
+    array: np.ndarray,
+    foreground_mask: np.ndarray | None,
+    lower: float,
+    upper: float,
+    mode: str,
+    every_finite: bool = False,
+) -> Callable[[np.ndarray], np.ndarray]:
+    """`mr_normalize`'s statistics from ``array``, as a map that applies them to ``array`` or any part of it.
+
+    The foreground (``foreground_mask``, else voxels > 0 if any, else every finite voxel; every finite voxel
+    at once with ``every_finite``) is gathered a block of ``array``'s first axis at a time, so no float copy
+    of a large volume is made (the values kept are those of the foreground only).
+    """
+    if foreground_mask is not None and np.shape(foreground_mask) != np.shape(array):
+        raise MedsegError(
+            f"foreground mask shape {np.shape(foreground_mask)} differs from image shape {np.shape(array)}"
+        )
+    values = _foreground_values(array, foreground_mask, positive=not every_finite)
+    if values is None and foreground_mask is None and not every_finite:
+        values = _foreground_values(array, None, positive=False)
+    if values is None:
         raise MedsegError("no foreground voxels to compute intensity statistics on")
-    values = data[mask].astype(np.float64)
-    lo, hi = (float(v) for v in np.percentile(values, [lower, upper]))
-    out = np.clip(data, lo, hi)
+    lo, hi = _percentile(values, lower), _percentile(values, upper)
     if mode == "unit":
-        if hi > lo:
-            out -= np.float32(lo)
-            out /= np.float32(hi - lo)
-        else:
-            out[np.isfinite(out)] = 0.0
-        return out
-    clipped = np.clip(values, lo, hi)
+
+        def unit(part: np.ndarray) -> np.ndarray:
+            out = np.clip(np.asarray(part, dtype=np.float32), lo, hi)
+            if hi > lo:
+                out -= np.float32(lo)
+                out /= np.float32(hi - lo)
+            else:
+                out[np.isfinite(out)] = 0.0
+            return out
+
+        return unit
+    clipped = np.clip(values.astype(np.float64), lo, hi)
     mean, std = float(clipped.mean()), float(clipped.std())
-    out -= np.float32(mean)
-    out /= np.float32(std if std > _STD_EPS else 1.0)
-    return out
+    del values, clipped
+
+    def zscore(part: np.ndarray) -> np.ndarray:
+        out = np.clip(np.asarray(part, dtype=np.float32), lo, hi)
+        out -= np.float32(mean)
+        out /= np.float32(std if std > _STD_EPS else 1.0)
+        return out
+
+    return zscore
+
+
+_BLOCK_VOXELS = 1 << 22  # voxels per block when gathering statistics
+
+
+def _foreground_values(array: np.ndarray, mask: np.ndarray | None, positive: bool) -> np.ndarray | None:
+    """The values (as the float32 map sees them) of the finite voxels in ``mask`` (or ``> 0`` when
+    ``positive``, or all finite ones), in C order; None when there are none. Integers of up to 16 bits keep
+    their own type (exact in float32, and 2 bytes a voxel instead of 4)."""
+    data = np.asarray(array)
+    if data.ndim == 0:
+        data = data.reshape(1)
+    own = data.dtype.kind in "biu" and data.dtype.itemsize <= 2
+    step = max(1, _BLOCK_VOXELS // max(1, data[0].size))
+    blocks = range(0, data.shape[0], step)
+
+    def kept(start: int) -> np.ndarray:
+        block = np.asarray(data[start : start + step], dtype=np.float32)
+        keep = np.isfinite(block)
+        if mask is not None:
+            keep &= np.asarray(mask[start : start + step], dtype=bool)
+        elif positive:
+            keep &= block > 0
+        return keep
+
+    # Counted first, then filled: no list of parts beside their concatenation.
+    total = sum(int(np.count_nonzero(kept(start))) for start in blocks)
+    if total == 0:
+        return None
+    values = np.empty(total, data.dtype if own else np.float32)
+    filled = 0
+    for start in blocks:
+        part = np.asarray(data[start : start + step], dtype=None if own else np.float32)[kept(start)]
+        values[filled : filled + part.size] = part
+        filled += part.size
+    return values
+
+
+def _percentile(values: np.ndarray, q: float) -> float:
+    """``np.percentile(values.astype(float64), q)`` (linear method, the same arithmetic) without the float64
+    copy: ``values`` (finite, non-empty) is partially sorted in place and only two order statistics are read."""
+    count = values.size
+    virtual = (count - 1) * (np.float64(q) / 100.0)
+    below = int(np.floor(virtual))
+    above = min(below + 1, count - 1)
+    gamma = float(virtual - below)
+    values.partition([below, above] if above != below else [below])
+    a, b = float(values[below]), float(values[above])
+    difference = b - a
+    result = b - difference * (1.0 - gamma) if gamma >= 0.5 else a + difference * gamma
+    return a if a == b else result
 
 
 def rgb_to_unit(array: np.ndarray) -> np.ndarray:
@@ -139,15 +214,20 @@ def rgb_to_unit(array: np.ndarray) -> np.ndarray:
     Raises:
         MedsegError: integer values above 65535, or float values above 255 (not an 8-bit range).
     """
+    return _rgb_map(array)(array)
+
+
+def _rgb_map(array: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+    """`rgb_to_unit`'s scale from all of ``array``, as a map for ``array`` or any part of it."""
     a = np.asarray(array)
     if a.dtype.kind == "b":
-        return a.astype(np.float32)
+        return lambda part: np.asarray(part, dtype=np.float32)
     peak = float(np.nanmax(a)) if a.size else 0.0
     integer = a.dtype.kind in "iu"
     scale = 65535 if a.dtype == np.uint16 or (integer and peak > 255) else 255 if integer or peak > 1 else 1
     if peak > scale:
         raise MedsegError(f"pixel values up to {peak:g} are not 8-bit, 16-bit or [0, 1] values")
-    return a.astype(np.float32) / np.float32(scale)
+    return lambda part: np.asarray(part).astype(np.float32) / np.float32(scale)
 
 
 @dataclass(frozen=True)
@@ -243,25 +323,39 @@ def normalize(image: Image, preset: IntensityPreset) -> Image:
     Raises:
         MedsegError: as `mr_normalize` and `rgb_to_unit`.
     """
+    if preset.name == "none":
+        return replace(image)
+    return replace(image, array=intensity_map(image, preset)(image.array))
+
+
+def intensity_map(image: Image, preset: IntensityPreset) -> Callable[[np.ndarray], np.ndarray]:
+    """What `normalize` does to ``image``, as a map: statistics (percentiles, peak) come from the whole image,
+    and the map applies them to ``image.array`` or any part of it with the same result, e.g. one slice
+    ``(H, W[, C])`` of a volume at a time, so a large volume is never copied whole.
+
+    Returns:
+        A function from an array (``image.array`` or a slab/slice of it, channels last) to ``float32``.
+
+    Raises:
+        MedsegError: as `mr_normalize` and `rgb_to_unit`.
+    """
     kind = preset.name.partition(":")[0]
     array = image.array
     if kind == "none":
-        return replace(image)
+        return lambda part: part
     if kind == "ct":
-        out = ct_window(array, *preset.window())
-    elif kind == "rgb":
-        out = rgb_to_unit(array)
-    else:
+        level, width = preset.window()
+        return lambda part: ct_window(part, level, width)
+    if kind == "rgb":
+        return _rgb_map(array)
 
-        def one(channel: np.ndarray) -> np.ndarray:
-            mask = np.isfinite(channel) if kind == "percentile" else None
-            return mr_normalize(channel, mask, lower=preset.lower, upper=preset.upper, mode=preset.mode)
+    def one(channel: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+        return _mr_map(channel, None, preset.lower, preset.upper, preset.mode, every_finite=kind == "percentile")
 
-        if image.channels > 1:
-            out = np.stack([one(array[..., c]) for c in range(image.channels)], axis=-1)
-        else:
-            out = one(array)
-    return replace(image, array=out)
+    if image.channels == 1:
+        return one(array)
+    maps = [one(array[..., c]) for c in range(image.channels)]
+    return lambda part: np.stack([m(part[..., c]) for c, m in enumerate(maps)], axis=-1)
 
 
 def preset_for_modality(modality: str, channels: int = 1) -> IntensityPreset:

@@ -19,7 +19,8 @@ import numpy as np
 
 from medseg.errors import MedsegError
 from medseg.inference.engines import PromptEngine
-from medseg.inference.prompt_session import Prompts, model_input
+from medseg.inference.prompt_input import ModelSlices
+from medseg.inference.prompt_session import Prompts
 from medseg.io import Image
 
 BOX_MARGIN = 0.05  # a box widened to take a click outside it reaches this fraction of the image beyond the click
@@ -62,7 +63,7 @@ class Session:
         self.touched = time.monotonic()
         self._objects: dict[tuple[int, int | None], _Object] = {}
         self._undo: list[np.ndarray] = []
-        self._normalised: np.ndarray | None = None
+        self._normalised: ModelSlices | None = None
 
     # ---- prompts -------------------------------------------------------------------------------------------
     def box(self, label: int, box: tuple[float, float, float, float], z: int | None = None) -> np.ndarray:
@@ -169,10 +170,10 @@ class Session:
         self._apply(label, mask, z)
         return self.labels
 
-    def _shown(self) -> np.ndarray:
-        """The volume as the prompt engine sees it (`intensity_preset`), computed once."""
+    def _shown(self) -> ModelSlices:
+        """The volume's slices as the prompt engine sees them (`intensity_preset`; statistics taken once)."""
         if self._normalised is None:
-            self._normalised = model_input(self.image)
+            self._normalised = ModelSlices(self.image)
         return self._normalised
 
     def _predict(self, prompts: Prompts) -> np.ndarray:
