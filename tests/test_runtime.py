@@ -1,4 +1,4 @@
-"""`medseg.runtime.tune_allocator`: large freed blocks are reused, not mapped afresh (fewer page faults)."""
+"""`medseg.runtime`: freed blocks reused, not mapped afresh (fewer page faults); threads follow free cores."""
 
 from __future__ import annotations
 
@@ -47,3 +47,31 @@ def test_tuned_allocator_reuses_freed_blocks() -> None:
 def test_the_user_can_keep_the_system_allocator(env: dict[str, str]) -> None:
     tuned, _ = _run("tune", **env)
     assert not tuned
+
+
+def test_thread_count_follows_the_free_cores_unless_the_user_chose_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    from medseg.errors import MedsegError
+    from medseg.runtime import choose_threads
+
+    cores = len(os.sched_getaffinity(0))
+    monkeypatch.setattr(os, "getloadavg", lambda: (cores + 3.0, 0.0, 0.0))  # every core busy
+    env: dict[str, str] = {}
+    assert choose_threads(env) == 1 and env["OMP_NUM_THREADS"] == "1"
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.1, 0.0, 0.0))  # idle
+    env = {}
+    assert choose_threads(env) == cores and env["OMP_NUM_THREADS"] == str(cores)
+    env = {"OMP_NUM_THREADS": "3"}
+    assert choose_threads(env) is None and env == {"OMP_NUM_THREADS": "3"}  # the user's setting stands
+    env = {"MEDSEG_THREADS": "2"}
+    assert choose_threads(env) == 2 and env["OMP_NUM_THREADS"] == "2"
+    with pytest.raises(MedsegError, match="MEDSEG_THREADS must be a positive whole number, not 'two'"):
+        choose_threads({"MEDSEG_THREADS": "two"})
+
+
+def test_a_bad_thread_setting_is_one_line_and_exit_2() -> None:
+    env = {**os.environ, "MEDSEG_THREADS": "0"}
+    env.pop("OMP_NUM_THREADS", None)
+    done = subprocess.run([sys.executable, "-m", "medseg", "info", "-h"], env=env, capture_output=True, text=True)
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [
+        "medseg: error: MEDSEG_THREADS must be a positive whole number, not '0'"
+    ]

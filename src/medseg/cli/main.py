@@ -80,9 +80,15 @@ def main() -> None:
 
     from typer.exceptions import TyperException
 
-    from medseg.runtime import tune_allocator
+    from medseg.errors import MedsegError
+    from medseg.runtime import choose_threads, tune_allocator
 
     tune_allocator()  # before the first tensor: freed memory is reused, not unmapped (see medseg.runtime)
+    try:
+        choose_threads()  # before torch is imported: busy cores get fewer threads
+    except MedsegError as err:
+        sys.stderr.write(f"medseg: error: {err}\n")
+        sys.exit(2)
     _show_notices()
     try:
         code = app(standalone_mode=False)
