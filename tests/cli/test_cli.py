@@ -129,6 +129,8 @@ def test_info_nan_and_4d(tmp_path: Path) -> None:
     result = _run("info", tmp_path / "t.nii.gz", "--frame", "1")
     assert result.exit_code == 0 and "min 1, max 1" in result.stdout, result.output
     _one_error_line(_run("info", tmp_path / "t.nii.gz", "--frame", "2"), "t.nii.gz", "out of range")
+    # no counting from the end: -1 is refused, naming the frames there are
+    _one_error_line(_run("info", tmp_path / "t.nii.gz", "--frame", "-1"), "t.nii.gz", "--frame -1", "numbered 0 to 1")
 
 
 def test_dataset_check_clean_and_broken(tmp_path: Path) -> None:

@@ -109,9 +109,11 @@ def _frame_index(size: tuple[int, ...], frame: int | None, path: Path) -> int:
         return 0
     if frame is None:
         raise FourDimensionalError(size, path)
-    if not -size[3] <= frame < size[3]:
-        raise MedsegError(f"--frame {frame} is out of range: the file holds {size[3]} frames", path)
-    return frame % size[3]
+    if not 0 <= frame < size[3]:  # no counting from the end: -1 is a typo as often as "the last"
+        raise MedsegError(
+            f"--frame {frame} is out of range: the file holds {size[3]} frames, numbered 0 to {size[3] - 1}", path
+        )
+    return frame
 
 
 # NIfTI header extensions (between the header and the voxels) beyond this are refused unread.
