@@ -189,6 +189,8 @@ def test_output_on_proc(tmp_path: Path) -> None:
     assert_one_error_line(result, "/proc/medseg_out", "kernel file system")
     result = run_cli("prompt", image, "--box", "1,1,5,5", "-o", "/proc/self/x.png")
     assert_one_error_line(result, "/proc/self/x.png", "kernel file system")
+    result = run_cli("prompt", image, "--box", "1,1,5,5", "-o", "/dev/full")  # a device, not a folder
+    assert_one_error_line(result, "/dev/full is a character device, not a file or folder to hold a result")
 
 
 def test_output_symlink_loop(tmp_path: Path) -> None:
