@@ -308,6 +308,11 @@ def test_cases_of_a_glob_and_of_lists_of_paths(tmp_path: Path) -> None:
     assert cases_of(tmp_path / "cases.txt") == {"vol": [tmp_path / "in" / "vol.nii.gz"], "flat": [inputs["flat"]]}
     (tmp_path / "cases.csv").write_text("id,path\n1,in/vol.nii.gz\n")
     assert cases_of(tmp_path / "cases.csv") == {"vol": [tmp_path / "in" / "vol.nii.gz"]}
+    bom = b"\xef\xbb\xbf"  # issue 22: lists saved with a UTF-8 byte order mark (Excel's "CSV UTF-8", Notepad)
+    (tmp_path / "bom.csv").write_bytes(bom + b"path,id\r\nin/vol.nii.gz,1\r\n")
+    assert cases_of(tmp_path / "bom.csv") == {"vol": [tmp_path / "in" / "vol.nii.gz"]}
+    (tmp_path / "bom.txt").write_bytes(bom + b"in/vol.nii.gz\n")
+    assert cases_of(tmp_path / "bom.txt") == {"vol": [tmp_path / "in" / "vol.nii.gz"]}
 
 
 def test_cases_of_refuses_a_pattern_without_match_a_missing_listed_path_and_a_case_twice(tmp_path: Path) -> None:
