@@ -49,6 +49,10 @@ def test_validate_rejects_prompts_that_do_not_fit() -> None:
     cases = [
         (flat, Prompts(), "give a prompt"),
         (flat, Prompts(boxes=[(8, 2, 4, 6)]), "inverted"),
+        (flat, Prompts(boxes=[(float("nan"), 2, 4, 6)]), r"box \(nan, 2, 4, 6\): nan is not a finite number"),
+        (flat, Prompts(boxes=[(0, 2, float("inf"), 6)]), "inf is not a finite number"),
+        (flat, Prompts(points=[(float("nan"), 3)], point_labels=[1]), r"point \(nan, 3\): nan is not a finite"),
+        (vol, Prompts(boxes3d=[(0, 0, 0, 5, 5, float("nan"))]), r"3D box \(0, 0, 0, 5, 5, nan\): nan is not a"),
         (flat, Prompts(boxes=[(0, 0, 13, 6)]), "outside the image"),
         (flat, Prompts(points=[(12, 3)], point_labels=[1]), "outside the image"),
         (flat, Prompts(boxes3d=[(0, 0, 0, 5, 5, 2)]), "3D box was given for a 2D image"),
@@ -186,6 +190,9 @@ def test_cli_bad_inputs_write_nothing(tmp_path: Path) -> None:
         (["--box", "100,30,40,90"], "inverted"),
         (["--box", "300,0,500,90"], "outside"),  # wholly outside (one crossing the border is clipped)
         (["--box", "1,2,3"], "needs 4 numbers"),
+        (["--box", "nan,30,100,90"], "--box 'nan,30,100,90': nan is not a finite number"),
+        (["--box3d", "0,0,0,inf,5,1"], "inf is not a finite number"),
+        (["--point", "nan,2"], "nan is not a finite number"),
         (["--box3d", "0,0,0,5,5,1"], "3D box"),
         (["--point", "1,2,5"], "label 1 or 0"),
         ([], "give a prompt"),

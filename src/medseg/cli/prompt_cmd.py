@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -115,6 +116,9 @@ def _numbers(text: str, count: int | None, option: str) -> tuple[float, ...]:
         values = tuple(float(v) for v in text.replace(" ", "").split(","))
     except ValueError:
         raise MedsegError(f"{option} '{text}' must be comma-separated numbers") from None
+    for value in values:  # float() reads 'nan' and 'inf'
+        if not math.isfinite(value):
+            raise MedsegError(f"{option} '{text}': {value:g} is not a finite number")
     if count is not None and len(values) != count:
         raise MedsegError(f"{option} '{text}' needs {count} numbers, got {len(values)}")
     return values

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from medseg.errors import MedsegError
-from medseg.inference.prompt_predictor import PromptPredictor, check_box, check_point, clip_to_box
+from medseg.inference.prompt_predictor import PromptPredictor, check_box, check_finite, check_point, clip_to_box
 from medseg.inference.propagation import VolumePrompt, merge_objects, propagate
 from medseg.io import Image
 from medseg.preprocessing import IntensityPreset, normalize
@@ -233,6 +233,7 @@ def validate(image: Image, prompts: Prompts) -> None:
         raise MedsegError(f"--slice {prompts.slice_index} is outside the volume's {depth} slices (0..{depth - 1})")
     for box3 in prompts.boxes3d:
         x0, y0, z0, x1, y1, z1 = box3
+        check_finite(box3, "3D box (" + ", ".join(f"{float(v):g}" for v in box3) + ")")
         if not (0 <= z0 <= z1 < depth):
             raise MedsegError(f"3D box {box3}: z must satisfy 0 <= z0 <= z1 < {depth}")
         if not (0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height):
