@@ -83,6 +83,8 @@ def test_helpers() -> None:
     grey = Image(np.array([[0, 10], [200, 255]], np.uint8))
     assert intensity_preset(grey, None).name == "none"  # 8-bit grey: the model's min-max, as LiteMedSAM's training
     assert intensity_preset(Image(np.array([[0, 4000]], np.uint16)), None).name == "none"  # pre_grey_rgb: min-max
+    screenshot = Image(np.array([[0, 10], [200, 255]], np.uint8), meta={"modality": "CT"})  # a secondary capture
+    assert intensity_preset(screenshot, None).name == "none"  # 8-bit levels are no HU, whatever the modality says
     assert intensity_preset(Image(np.array([[0, 1000], [4, 8]], np.int16)), None).name == "none"
     assert intensity_preset(Image(np.array([[0.0, 1.0], [2.0, 3.0]])), None).name == "mr"
 
@@ -178,6 +180,18 @@ def test_cli_png_in_png_out_and_nifti_in_nifti_out(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     out = load(tmp_path / "v" / "vol.nii.gz")
     assert out.geometry == load(tmp_path / "vol.nii.gz").geometry and (out.array == 1).any(axis=(1, 2)).all()
+
+
+def test_cli_refuses_a_ct_window_on_an_8_bit_png_before_any_work(tmp_path: Path) -> None:
+    """Issue 22: --preset ct:... on an 8-bit PNG (no Hounsfield units) is one line, before the model is read."""
+    image, _ = _disk_image()
+    save(Image(image.astype(np.uint8)), tmp_path / "disk.png")
+    args = ["prompt", str(tmp_path / "disk.png"), "--box", "40,30,100,90", "--preset", "ct:lung"]
+    args += ["--checkpoint", str(tmp_path / "absent.pth"), "-o", str(tmp_path / "o.png")]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1, result.output
+    assert f"{tmp_path / 'disk.png'}: intensity preset ct:lung is a CT window in Hounsfield units" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["disk.png"]
 
 
 @needs_weights

@@ -13,6 +13,7 @@ from medseg.inference.prompt_predictor import PromptPredictor, check_box, check_
 from medseg.inference.propagation import VolumePrompt, merge_objects, propagate
 from medseg.io import Image
 from medseg.preprocessing import IntensityPreset, normalize
+from medseg.preprocessing.intensity import holds_no_hounsfield_units
 
 # Images whose values span at least this range from at most -500 are taken to be CT in HU.
 _HU_MIN, _HU_MAX = -500.0, 300.0
@@ -38,7 +39,7 @@ def intensity_preset(image: Image, preset: str | None) -> IntensityPreset:
     - RGB -> ``rgb``; a 2D grey image of integers (8- or 16-bit) -> ``none``: the model's own min-max
       scaling (``pre_grey_rgb.py`` min-max scales such images to 8 bits);
     - CT (DICOM Modality CT, or values from below -500 to above 300, Hounsfield units) -> ``ct:soft_tissue``
-      (``pre_CT_MR.py`` windows CT);
+      (``pre_CT_MR.py`` windows CT); never 8-bit pixels, which hold no Hounsfield units;
     - anything else (MR and other volumes, float images) -> ``mr``: clipped at the 0.5 / 99.5 percentiles of
       the non-zero voxels and scaled to [0, 1], so a zero background stays 0 (``pre_CT_MR.py``'s non-CT
       branch); all voxels count when none is above zero.
@@ -48,8 +49,9 @@ def intensity_preset(image: Image, preset: str | None) -> IntensityPreset:
     if image.channels == 3:
         return IntensityPreset("rgb")
     array = image.array
-    is_ct = str(image.meta.get("modality", "")).upper() == "CT" or (
-        array.dtype.kind in "if" and float(array.min()) <= _HU_MIN and float(array.max()) >= _HU_MAX
+    is_ct = not holds_no_hounsfield_units(image) and (  # an 8-bit "CT" is a screenshot: no HU to window
+        str(image.meta.get("modality", "")).upper() == "CT"
+        or (array.dtype.kind in "if" and float(array.min()) <= _HU_MIN and float(array.max()) >= _HU_MAX)
     )
     if is_ct:
         return IntensityPreset("ct:soft_tissue")
@@ -66,7 +68,7 @@ def model_input(image: Image, preset: str | None = None) -> np.ndarray:
     as they are, others min-max scaled to 0..255 first (``pre_grey_rgb.py``). Shape as ``image.array``.
 
     Raises:
-        MedsegError: an unknown preset.
+        MedsegError: an unknown preset; a CT window on 8-bit pixels (`check_preset_fits`).
     """
     chosen = intensity_preset(image, preset)
     shown = normalize(image, chosen).array.astype(np.float64)

@@ -231,6 +231,30 @@ class IntensityPreset:
         return cls(**values)
 
 
+def holds_no_hounsfield_units(image: Image) -> bool:
+    """True for 8-bit (and boolean) pixels: a photograph, screenshot or exported PNG/JPEG, whose 0..255 levels
+    cannot be Hounsfield units (air is -1000 HU, bone above 300); CT in HU needs at least 16 bits."""
+    return image.array.dtype in (np.uint8, np.int8, np.bool_)
+
+
+def check_preset_fits(image: Image, preset: IntensityPreset) -> None:
+    """Raise unless ``preset`` can apply to ``image``: a named CT window (``ct:lung``..., in Hounsfield units) on
+    8-bit pixels cannot. A plain ``ct`` window is allowed: a plan derives its level and width from its own
+    training data's percentiles (nnU-Net's CT scheme), which are in whatever units those images hold.
+
+    Raises:
+        MedsegError: as above, naming the image's file (``meta["path"]``).
+    """
+    kind, _, window = preset.name.partition(":")
+    if kind != "ct" or not window or not holds_no_hounsfield_units(image):
+        return
+    raise MedsegError(
+        f"intensity preset {preset.name} is a CT window in Hounsfield units, but this {image.array.dtype} "
+        "image's 8-bit levels hold none: choose another preset (e.g. none or percentile)",
+        image.meta.get("path"),
+    )
+
+
 def normalize(image: Image, preset: IntensityPreset) -> Image:
     """Apply ``preset`` to ``image``'s intensities; geometry, channels and meta are kept.
 
@@ -241,8 +265,9 @@ def normalize(image: Image, preset: IntensityPreset) -> Image:
         A new `Image` with a ``float32`` array of the same shape (``"none"``: the same array).
 
     Raises:
-        MedsegError: as `mr_normalize` and `rgb_to_unit`.
+        MedsegError: as `mr_normalize`, `rgb_to_unit` and `check_preset_fits` (a named CT window on 8-bit pixels).
     """
+    check_preset_fits(image, preset)
     kind = preset.name.partition(":")[0]
     array = image.array
     if kind == "none":
