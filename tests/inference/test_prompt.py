@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from medseg.cli.main import app
 from medseg.errors import MedsegError
-from medseg.inference.prompt_session import Prompts, intensity_preset, validate
+from medseg.inference.prompt_session import Prompts, intensity_preset, model_input, validate
 from medseg.inference.propagation import VolumePrompt, bounding_box, merge_objects
 from medseg.io import Geometry, Image, load, save
 from medseg.metrics import dice
@@ -64,6 +64,8 @@ def test_validate_rejects_prompts_that_do_not_fit() -> None:
         (vol, Prompts(boxes3d=[(0, 0, 3, 5, 5, 1)]), "z must satisfy"),
         (vol, Prompts(boxes3d=[(0, 0, 0, 50, 5, 2)]), "outside the slices"),
         (Image(np.zeros((6, 6, 4), np.uint8), channels=4), Prompts(boxes=[(0, 0, 2, 2)]), "4 channels"),
+        (flat, Prompts(boxes=[(0, 0, 5, 5)]), r"image is constant \(every pixel is 0\)"),
+        (vol, Prompts(boxes3d=[(0, 0, 0, 5, 5, 2)]), r"image is constant \(every voxel is 0\)"),
     ]
     for image, prompts, fragment in cases:
         with pytest.raises(MedsegError, match=fragment):
@@ -180,6 +182,25 @@ def test_cli_png_in_png_out_and_nifti_in_nifti_out(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     out = load(tmp_path / "v" / "vol.nii.gz")
     assert out.geometry == load(tmp_path / "vol.nii.gz").geometry and (out.array == 1).any(axis=(1, 2)).all()
+
+
+def test_cli_refuses_a_constant_image_before_any_work(tmp_path: Path) -> None:
+    """Issue 22: an all-zero image is refused in one line before the model is read; nothing is written."""
+    save(Image(np.zeros((40, 50), np.uint8)), tmp_path / "zeros.png")
+    args = ["prompt", str(tmp_path / "zeros.png"), "--box", "5,5,30,30", "--checkpoint", str(tmp_path / "absent.pth")]
+    result = CliRunner().invoke(app, [*args, "-o", str(tmp_path / "o.png")])
+    assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1, result.output
+    assert f"{tmp_path / 'zeros.png'}: image is constant (every pixel is 0)" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["zeros.png"]
+
+
+def test_a_two_valued_volume_is_not_blanked_by_its_normalisation() -> None:
+    """Issue 22: the percentiles of a 0/100 volume's foreground are both 100; it once normalised to all zeros,
+    and LiteMedSAM drew the box's shape on nothing."""
+    volume = np.zeros((3, 20, 20), np.float32)
+    volume[1, 5:15, 5:15] = 100.0
+    shown = model_input(Image(volume))
+    assert shown.min() == 0 and shown.max() == 255 and np.array_equal(shown == 255, volume > 0)
 
 
 def test_cli_refuses_a_ct_window_on_an_8_bit_png_before_any_work(tmp_path: Path) -> None:
@@ -371,11 +392,11 @@ def test_thin_strip_is_segmented_and_preprocess_leaves_the_current_image_alone()
 
 @needs_weights
 def test_cli_image_problems_name_the_file(tmp_path: Path) -> None:
-    save(Image(np.full((1, 1), 7, np.uint8)), tmp_path / "dot.png")
+    save(Image(np.array([[7, 9]], np.uint8)), tmp_path / "dot.png")  # two pixels: too small, not constant
     nan = np.full((20, 30), np.nan, np.float32)
     save(Image(nan, Geometry((1.0, 1.0), (0.0, 0.0), (1.0, 0.0, 0.0, 1.0))), tmp_path / "nan.nii.gz")
     runner = CliRunner()
-    for name, box, fragment in [("dot.png", "0,0,1,1", "too small"), ("nan.nii.gz", "2,2,10,10", "NaN")]:
+    for name, box, fragment in [("dot.png", "0,0,2,1", "too small"), ("nan.nii.gz", "2,2,10,10", "NaN")]:
         result = runner.invoke(app, ["prompt", str(tmp_path / name), "--box", box, "-o", str(tmp_path / "out")])
         assert result.exit_code == 2, result.output
         assert str(tmp_path / name) in result.stderr and fragment in result.stderr, result.stderr

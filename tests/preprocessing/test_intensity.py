@@ -77,6 +77,8 @@ def test_mr_mask_and_fallbacks() -> None:
     # constant image: std guard, no NaN
     np.testing.assert_array_equal(mr_normalize(np.full(5, 7.0)), np.zeros(5))
     np.testing.assert_array_equal(mr_normalize(np.full(5, 7.0), mode="unit"), np.zeros(5))
+    # one foreground value (a two-valued image): 1 there, 0 below, not every voxel blanked to 0 (issue 22)
+    np.testing.assert_array_equal(mr_normalize(np.array([0.0, 100.0, 100.0]), mode="unit"), [0, 1, 1])
     # NaN stays NaN and is left out of the statistics
     np.testing.assert_allclose(mr_normalize(np.array([np.nan, 2.0, 4.0]), lower=0, upper=100), [np.nan, -1, 1])
 

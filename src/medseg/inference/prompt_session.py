@@ -14,6 +14,7 @@ from medseg.inference.propagation import VolumePrompt, merge_objects, propagate
 from medseg.io import Image
 from medseg.preprocessing import IntensityPreset, normalize
 from medseg.preprocessing.intensity import holds_no_hounsfield_units
+from medseg.preprocessing.statistics import constant_value
 
 # Images whose values span at least this range from at most -500 are taken to be CT in HU.
 _HU_MIN, _HU_MAX = -500.0, 300.0
@@ -119,6 +120,13 @@ def segment_logits(
     prompts = clip_to_image(image, prompts)[0]
     validate(image, prompts)
     shown = model_input(image, preset)
+    blank = constant_value(shown)
+    if blank is not None:  # the image is not constant (validate), but its normalised pixels are
+        element = "voxel" if image.ndim == 3 else "pixel"
+        raise MedsegError(
+            f"image is blank once normalised by the intensity preset {intensity_preset(image, preset).name} "
+            f"(every {element} {blank:g} of 255): there is nothing for a prompt to segment; choose another preset"
+        )
     keyed = _KeyedPredictor(predictor, key) if key is not None else predictor
     if image.ndim == 2:
         return _segment_2d(keyed, shown, prompts)
@@ -205,7 +213,8 @@ def validate(image: Image, prompts: Prompts) -> None:
 
     Raises:
         MedsegError: no prompt; a 3D box or --slice on a 2D image; a 2D box or clicks on a volume
-            without a slice; clicks with several boxes; unsupported channels; NaN/inf intensities.
+            without a slice; clicks with several boxes; unsupported channels; NaN/inf intensities; a constant
+            image (every voxel one value: nothing to segment).
     """
     if image.channels not in (1, 3):
         raise MedsegError(f"images with {image.channels} channels are not supported (grey or RGB only)")
@@ -227,6 +236,7 @@ def validate(image: Image, prompts: Prompts) -> None:
             raise MedsegError("a 3D box was given for a 2D image; use --box x0,y0,x1,y1")
         if prompts.slice_index is not None:
             raise MedsegError("--slice is for volumes; this image is 2D")
+        _refuse_constant(image)
         return
     depth = image.shape[0]
     if (prompts.boxes or prompts.points) and prompts.slice_index is None:
@@ -242,6 +252,18 @@ def validate(image: Image, prompts: Prompts) -> None:
             raise MedsegError(
                 f"3D box {box3} lies outside the slices of width {width} and height {height} or is inverted"
             )
+    _refuse_constant(image)
+
+
+def _refuse_constant(image: Image) -> None:
+    """A blank image (every voxel one value) gives a SAM-family model nothing to see: its mask would be drawn
+    from the box alone, a confident answer about nothing. Refused (MedSAM would return that mask silently)."""
+    value = constant_value(image.array)
+    if value is not None:
+        element = "voxel" if image.ndim == 3 else "pixel"
+        raise MedsegError(
+            f"image is constant (every {element} is {value:g}): there is nothing in it for a prompt to segment"
+        )
 
 
 def _segment_2d(predictor: Any, shown: np.ndarray, prompts: Prompts) -> list[np.ndarray]:

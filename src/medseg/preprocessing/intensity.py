@@ -83,7 +83,8 @@ def mr_normalize(
 
     - ``mode="zscore"``: subtract the mean and divide by the std of the *clipped* foreground (so the
       foreground ends with mean 0 and std 1; a std below 1e-8 is treated as 1);
-    - ``mode="unit"``: ``(x - lo) / (hi - lo)`` into [0, 1] (all zeros when ``hi == lo``).
+    - ``mode="unit"``: ``(x - lo) / (hi - lo)`` into [0, 1]; when ``hi == lo`` (one foreground value, as in a
+      two-valued image) 1 from ``lo`` up and 0 below it, all zeros for a constant image.
 
     Args:
         array: any shape (channels are *not* separated; see `normalize` for per-channel use).
@@ -117,8 +118,10 @@ def mr_normalize(
         if hi > lo:
             out -= np.float32(lo)
             out /= np.float32(hi - lo)
-        else:
-            out[np.isfinite(out)] = 0.0
+        else:  # one foreground value (a two-valued image): it is 1, anything below it 0, not all blanked to 0
+            below = data < np.float32(lo)
+            out[np.isfinite(out)] = 1.0 if below.any() else 0.0
+            out[below] = 0.0
         return out
     clipped = np.clip(values, lo, hi)
     mean, std = float(clipped.mean()), float(clipped.std())

@@ -135,3 +135,17 @@ def distinct(ordered: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     first = np.concatenate(starts)
     counts = np.diff(np.append(first, ordered.size))
     return ordered[first], counts
+
+
+def constant_value(array: np.ndarray) -> float | None:
+    """The one value every voxel of ``array`` holds (NaN voxels aside: an all-zero or blank image), else None
+    (also for an empty or all-NaN array). No copy: numpy's ``min`` and ``max`` (``fmin``/``fmax`` for floats)."""
+    if array.size == 0:
+        return None
+    if array.dtype.kind == "f":
+        low, high = np.fmin.reduce(array, axis=None), np.fmax.reduce(array, axis=None)
+    else:
+        low, high = array.min(), array.max()
+    if np.isnan(low) or low != high:
+        return None
+    return float(low)
