@@ -129,6 +129,8 @@ def test_info_nan_and_4d(tmp_path: Path) -> None:
     result = _run("info", tmp_path / "t.nii.gz", "--frame", "1")
     assert result.exit_code == 0 and "min 1, max 1" in result.stdout, result.output
     _one_error_line(_run("info", tmp_path / "t.nii.gz", "--frame", "2"), "t.nii.gz", "out of range")
+    # no counting from the end: -1 is refused, naming the frames there are
+    _one_error_line(_run("info", tmp_path / "t.nii.gz", "--frame", "-1"), "t.nii.gz", "--frame -1", "numbered 0 to 1")
 
 
 def test_dataset_check_clean_and_broken(tmp_path: Path) -> None:
@@ -223,3 +225,43 @@ def test_prompt_never_writes_into_its_input_series(tmp_path: Path) -> None:
     a_slice = _run("prompt", series.folder, "--box", "1,1,8,8", "--slice", "1", "-o", series.files[0])
     _one_error_line(a_slice, "is a file without an extension")
     assert sorted(p.name for p in series.folder.iterdir()) == before
+
+
+_INFO_PEAK = """
+import contextlib, io, json, sys
+import nibabel, numpy, SimpleITK, rich.table
+import medseg.cli.info_cmd, medseg.io, medseg.preprocessing.statistics
+from medseg.cli.main import app
+def peak_mb():  # VmHWM: this process's own peak (ru_maxrss after a fork also counts the parent's)
+    line = next(ln for ln in open("/proc/self/status") if ln.startswith("VmHWM:"))
+    return int(line.split()[1]) / 1024
+before = peak_mb()
+with contextlib.redirect_stdout(io.StringIO()):
+    app(["info", sys.argv[1]], standalone_mode=False)
+print(json.dumps({"before_mb": before, "peak_mb": peak_mb()}))
+"""
+
+
+def test_info_peak_memory_within_the_voxel_budget(tmp_path: Path) -> None:
+    """Issue 22: ``info`` on a float64 .nii.gz (8.4 million voxels) adds at most 24 bytes a voxel to the peak
+    (read included), under the 32 of ``MEDSEG_MAX_VOXELS``'s budget; numpy's one-call statistics took 34."""
+    import json
+    import os
+
+    import nibabel as nib
+
+    from medseg.io.limits import BYTES_PER_VOXEL_BUDGET
+
+    array = (np.arange(128 * 256 * 256, dtype=np.float64).reshape(128, 256, 256) % 1000.0) * 0.37 - 100.0
+    array[0, 0, :3] = np.nan
+    path = tmp_path / "big.nii.gz"
+    nib.save(nib.Nifti1Image(array, np.eye(4)), path)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2] / "src")}
+    done = subprocess.run(
+        [sys.executable, "-c", _INFO_PEAK, str(path)], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    per_voxel = (result["peak_mb"] - result["before_mb"]) * 2**20 / array.size
+    print(f"info on {array.size} float64 voxels: {per_voxel:.1f} bytes a voxel at the peak")
+    assert per_voxel < 24 < BYTES_PER_VOXEL_BUDGET, result

@@ -53,6 +53,7 @@ OTHER = [
     makers.nifti_with_nan,
     makers.nifti_sform_qform_disagree,
     makers.truncated_nifti,
+    makers.nifti_vox_offset_zero,
     makers.png_image_12x16,
 ]
 

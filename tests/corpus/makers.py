@@ -408,6 +408,16 @@ def truncated_nifti(folder: Path) -> Path:
     return path
 
 
+def nifti_vox_offset_zero(folder: Path, vox_offset: int = 0, compressed: bool = False) -> Path:
+    """A single-file NIfTI (6 x 7 x 8 int16, its voxels at byte 352) whose header says ``vox_offset`` 0: nibabel
+    reads the header as voxels, ITK starts at byte 348."""
+    data = np.arange(6 * 7 * 8, dtype=np.int16).reshape(6, 7, 8) + 1
+    raw = _nifti_header(data.shape, np.int16, vox_offset=vox_offset) + b"\0" * 4 + data.tobytes(order="F")
+    path = folder / f"offset{vox_offset}.nii{'.gz' if compressed else ''}"
+    path.write_bytes(gzip.compress(raw) if compressed else raw)
+    return path
+
+
 def png_image_12x16(folder: Path) -> Path:
     """A 12 x 16 grey PNG image (the image the 2D label cases belong to)."""
     from PIL import Image as PILImage

@@ -67,6 +67,7 @@ SOURCES: dict[str, str] = {
     "info_alpha_not_opaque": "https://github.com/YavorGIvanov/sam.cpp/issues/12",
     "info_sform_qform_disagree": "https://github.com/MIC-DKFZ/nnUNet/issues/1956",
     "truncated_nifti": "https://github.com/wasserth/TotalSegmentator/issues/105",
+    "nifti_vox_offset_inside_the_header": "https://github.com/epam/mriviewer/pull/249",
     "enhanced_ct_frames_placed_by_position": "https://github.com/Slicer/Slicer/issues/6773",
     "enhanced_ct_two_time_points_refused": "https://github.com/horosproject/horos/issues/543",
 }
@@ -188,6 +189,8 @@ def test_output_on_proc(tmp_path: Path) -> None:
     assert_one_error_line(result, "/proc/medseg_out", "kernel file system")
     result = run_cli("prompt", image, "--box", "1,1,5,5", "-o", "/proc/self/x.png")
     assert_one_error_line(result, "/proc/self/x.png", "kernel file system")
+    result = run_cli("prompt", image, "--box", "1,1,5,5", "-o", "/dev/full")  # a device, not a folder
+    assert_one_error_line(result, "/dev/full is a character device, not a file or folder to hold a result")
 
 
 def test_output_symlink_loop(tmp_path: Path) -> None:
@@ -475,3 +478,11 @@ def test_truncated_nifti(tmp_path: Path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert_one_error_line(run_cli("info", path), "truncated")
+
+
+@pytest.mark.parametrize(("vox_offset", "compressed"), [(0, False), (0, True), (348, False)])
+def test_nifti_vox_offset_inside_the_header(tmp_path: Path, vox_offset: int, compressed: bool) -> None:
+    """nibabel would show the header's bytes as voxels (offset 0), ITK the data shifted by 4 bytes: refused."""
+    path = makers.nifti_vox_offset_zero(tmp_path, vox_offset, compressed)
+    assert f"vox_offset {vox_offset} is invalid for a single-file NIfTI (at least 352" in load_error(path)
+    assert_one_error_line(run_cli("info", path), str(path), "readers disagree on where its voxels start")

@@ -26,6 +26,13 @@ def test_nnunet_layout_groups_channels_and_reads_dataset_json(tmp_path: Path) ->
     assert ds.modality == "CT" and ds.declared_cases == 3
 
 
+def test_dataset_json_with_a_byte_order_mark(tmp_path: Path) -> None:
+    """Issue 22: a dataset.json saved by an editor that writes a UTF-8 BOM reads as without one."""
+    root = make_nnunet_3d(tmp_path / "Dataset001_Toy", cases=1)
+    (root / "dataset.json").write_bytes(b"\xef\xbb\xbf" + (root / "dataset.json").read_bytes())
+    assert open_dataset(root).label_names() == {0: "background", 1: "a", 2: "b"}
+
+
 def test_missing_label_and_orphan_label(tmp_path: Path) -> None:
     root = make_nnunet_rgb_2d(tmp_path / "rgb")
     (root / "labelsTr" / "img0.png").rename(root / "labelsTr" / "ghost.png")

@@ -15,7 +15,7 @@ import pytest
 from batch_helpers import assert_same_label_maps, make_model
 from cli_helpers import assert_one_error_line, run_cli
 from medseg.engine.batch import BatchOptions, predict_batch
-from medseg.engine.manifest import COLUMNS, model_hash
+from medseg.engine.manifest import COLUMNS, Row, model_hash, read_manifest, write_manifest
 from medseg.errors import MedsegError
 from medseg.inference.folders import cases_of
 from medseg.io import Image, save
@@ -133,3 +133,11 @@ def test_an_unreachable_ray_address_is_refused_before_anything_is_written(
         options = BatchOptions(str(model_dir))
         predict_batch(options, cases_of(given), tmp_path / "out", use_ray=True, ray_address="127.0.0.1:1")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_manifest_saved_with_a_byte_order_mark_is_read(tmp_path: Path) -> None:
+    """Issue 22: a manifest saved by a spreadsheet as "CSV UTF-8" starts with a BOM; its rows are still read."""
+    path = tmp_path / "manifest.csv"
+    write_manifest(path, [Row("/in/a.png", "/out/a.png", "done", 1.5, "", "abc")])
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    assert read_manifest(path) == {"/in/a.png": Row("/in/a.png", "/out/a.png", "done", 1.5, "", "abc")}

@@ -41,14 +41,29 @@ def engine(recorder: Recorder) -> PromptEngine:
     return cast(PromptEngine, recorder)
 
 
+def grey(shape: tuple[int, int]) -> Image:
+    """A stand-in image the recording engine never looks at (not constant: a blank image is never refined)."""
+    return Image((np.arange(shape[0] * shape[1]) % 200).astype(np.uint8).reshape(shape))
+
+
 def dice(a: np.ndarray, b: np.ndarray) -> float:
     return float(2 * (a & b).sum() / max(int(a.sum() + b.sum()), 1))
 
 
 # ---- without a model ---------------------------------------------------------------------------------------
+def test_a_constant_image_is_not_refined() -> None:
+    """Issue 22: a blank image gives the decoder no borders to draw (the prompt engine refuses it): the draft
+    comes back as it was, and the engine is not called."""
+    labels = np.zeros((20, 20), np.uint8)
+    labels[4:9, 5:12] = 1
+    recorder = Recorder()
+    out = refine_with_decoder(engine(recorder), Image(np.zeros((20, 20), np.uint8)), labels)
+    assert np.array_equal(out, labels) and out is not labels and recorder.calls == []
+
+
 def test_empty_and_3d_label_maps_come_back_unchanged() -> None:
     recorder = Recorder()
-    image = Image(np.zeros((16, 16), np.uint8))
+    image = grey((16, 16))
     empty = np.zeros((16, 16), np.uint8)
     out = refine_with_decoder(engine(recorder), image, empty)
     assert np.array_equal(out, empty) and out is not empty
@@ -72,12 +87,12 @@ def test_more_than_max_objects_come_back_unchanged() -> None:
     assert MAX_OBJECTS == 32
     recorder = Recorder()
     many = objects_grid(MAX_OBJECTS + 1)
-    out = refine_with_decoder(engine(recorder), Image(np.zeros((40, 40), np.uint8)), many)
+    out = refine_with_decoder(engine(recorder), grey((40, 40)), many)
     assert np.array_equal(out, many) and out is not many and recorder.calls == []
 
     at_limit = objects_grid(MAX_OBJECTS)
     recorder = Recorder(np.zeros((MAX_OBJECTS, 40, 40), np.float32))
-    refine_with_decoder(engine(recorder), Image(np.zeros((40, 40), np.uint8)), at_limit)
+    refine_with_decoder(engine(recorder), grey((40, 40)), at_limit)
     assert len(recorder.calls) == 1 and len(recorder.calls[0][0].boxes) == MAX_OBJECTS
 
 
@@ -93,7 +108,7 @@ def test_boxes_specks_and_merging_hand_worked() -> None:
     maps[1, 3:5, 3:5] = 0.4  # not above 0.5: background
     maps[0, 6:8, 6:9] = 0.95  # overlaps label 4; more probable: goes to label 2
     recorder = Recorder(maps)
-    image = Image(np.zeros((20, 24), np.uint8))
+    image = grey((20, 24))
     out = refine_with_decoder(engine(recorder), image, labels, key="case 7")
 
     (prompts, key, probabilities), *rest = recorder.calls
@@ -114,7 +129,7 @@ def test_only_specks_of_no_label_are_dropped() -> None:
     labels[1:11, 1:11] = 1  # 100 pixels
     labels[15:17, 15:17] = 2  # 4 pixels, label 2's only object
     recorder = Recorder(np.zeros((2, 20, 20), np.float32))
-    out = refine_with_decoder(engine(recorder), Image(np.zeros((20, 20), np.uint8)), labels)
+    out = refine_with_decoder(engine(recorder), grey((20, 20)), labels)
     assert recorder.calls[0][0].boxes == [(1.0, 1.0, 11.0, 11.0), (15.0, 15.0, 17.0, 17.0)]
     assert not out.any()  # nothing above 0.5: every object gone
 

@@ -132,6 +132,41 @@ def test_a_prompt_engine_without_prompts_is_refused() -> None:
         engine.predict(picture(square(16, 20)), Prompts(boxes=[(1, 1, 5, 5)]))
 
 
+def test_a_constant_image_is_refused_by_the_prompt_engine_and_noted_by_the_others() -> None:
+    """Issue 22: a blank image gives a prompt model nothing to see (its mask would be the box's shape): refused,
+    before the model, as is an image its intensity preset blanks. The trained engines answer it, with a note."""
+    from medseg.errors import MedsegNotice
+    from medseg.inference.engines import SpecialistEngine
+
+    box = Prompts(boxes=[(10, 10, 40, 40)])
+    blank = Image(np.zeros((SIDE, SIDE), np.uint8), meta={"path": "blank.png"})
+    with pytest.raises(MedsegError, match=r"^image is constant \(every pixel is 0\): there is nothing in it for a"):
+        PromptEngine(_NoModel()).predict(blank, box)
+    volume = Image(np.full((3, SIDE, SIDE), -7.5, np.float32))
+    with pytest.raises(MedsegError, match=r"image is constant \(every voxel is -7.5\)"):
+        PromptEngine(_NoModel()).predict(volume, Prompts(boxes3d=[(10, 10, 0, 40, 40, 2)]))
+    bone = Image(1000.0 + picture(square(16, 20)).astype(np.float32))  # all above the brain window
+    with pytest.raises(MedsegError, match=r"blank once normalised by the intensity preset ct:brain \(every pixel 255"):
+        PromptEngine(_NoModel()).predict(bone, box, preset="ct:brain")
+
+    class Answers:
+        """A trained predictor stand-in: all background."""
+
+        def predict(self, image: Image | np.ndarray, *_: Any, **__: Any) -> Any:
+            shape = image.shape
+            zeros = np.zeros(shape, np.uint8)
+            return type("P", (), {"labels": zeros, "probabilities": np.ones((1, *shape), np.float32),
+                                  "label_values": [1]})()  # fmt: skip
+
+    note = r"blank.png: image is constant \(every pixel is 0\): its label map is the model's answer to a blank input"
+    with pytest.warns(MedsegNotice, match=note):
+        SpecialistEngine(Answers()).predict(blank)
+    incontext = InContextEngine(Answers(), "probe")
+    incontext.set_support(*supports(1))
+    with pytest.warns(MedsegNotice, match=note):
+        incontext.predict(blank)
+
+
 class _NoModel:
     """A predictor stand-in: any use of the model fails the test."""
 

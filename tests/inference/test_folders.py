@@ -308,6 +308,11 @@ def test_cases_of_a_glob_and_of_lists_of_paths(tmp_path: Path) -> None:
     assert cases_of(tmp_path / "cases.txt") == {"vol": [tmp_path / "in" / "vol.nii.gz"], "flat": [inputs["flat"]]}
     (tmp_path / "cases.csv").write_text("id,path\n1,in/vol.nii.gz\n")
     assert cases_of(tmp_path / "cases.csv") == {"vol": [tmp_path / "in" / "vol.nii.gz"]}
+    bom = b"\xef\xbb\xbf"  # issue 22: lists saved with a UTF-8 byte order mark (Excel's "CSV UTF-8", Notepad)
+    (tmp_path / "bom.csv").write_bytes(bom + b"path,id\r\nin/vol.nii.gz,1\r\n")
+    assert cases_of(tmp_path / "bom.csv") == {"vol": [tmp_path / "in" / "vol.nii.gz"]}
+    (tmp_path / "bom.txt").write_bytes(bom + b"in/vol.nii.gz\n")
+    assert cases_of(tmp_path / "bom.txt") == {"vol": [tmp_path / "in" / "vol.nii.gz"]}
 
 
 def test_cases_of_refuses_a_pattern_without_match_a_missing_listed_path_and_a_case_twice(tmp_path: Path) -> None:
@@ -323,3 +328,18 @@ def test_cases_of_refuses_a_pattern_without_match_a_missing_listed_path_and_a_ca
         cases_of(tmp_path / "empty.txt")
     with pytest.raises(MedsegError, match="are both case flat"):
         cases_of(str(tmp_path / "*" / "flat.png"))
+
+
+def test_cases_of_refuses_one_file_named_twice(tmp_path: Path) -> None:
+    """Issue 22: two spellings of one file (or a link beside its target) are not two channels."""
+    write_inputs(tmp_path / "a")
+    (tmp_path / "list.txt").write_text("a/../a/flat.png\na/flat.png\n")
+    with pytest.raises(MedsegError) as caught:
+        cases_of(tmp_path / "list.txt")
+    text = str(caught.value)
+    assert text.startswith(f"{tmp_path / 'list.txt'}: ") and "\n" not in text
+    assert "a/../a/flat.png and " in text and "are one file named twice" in text and "case flat" in text
+    save(Image(bright_square((12, 12))), tmp_path / "a" / "two_0000.png")
+    (tmp_path / "a" / "two_0001.png").symlink_to(tmp_path / "a" / "two_0000.png")
+    with pytest.raises(MedsegError, match=r"two_0000\.png and .*two_0001\.png are one file named twice"):
+        cases_of(tmp_path / "a")

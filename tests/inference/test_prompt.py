@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from medseg.cli.main import app
 from medseg.errors import MedsegError
-from medseg.inference.prompt_session import Prompts, intensity_preset, validate
+from medseg.inference.prompt_session import Prompts, intensity_preset, model_input, validate
 from medseg.inference.propagation import VolumePrompt, bounding_box, merge_objects
 from medseg.io import Geometry, Image, load, save
 from medseg.metrics import dice
@@ -49,6 +49,10 @@ def test_validate_rejects_prompts_that_do_not_fit() -> None:
     cases = [
         (flat, Prompts(), "give a prompt"),
         (flat, Prompts(boxes=[(8, 2, 4, 6)]), "inverted"),
+        (flat, Prompts(boxes=[(float("nan"), 2, 4, 6)]), r"box \(nan, 2, 4, 6\): nan is not a finite number"),
+        (flat, Prompts(boxes=[(0, 2, float("inf"), 6)]), "inf is not a finite number"),
+        (flat, Prompts(points=[(float("nan"), 3)], point_labels=[1]), r"point \(nan, 3\): nan is not a finite"),
+        (vol, Prompts(boxes3d=[(0, 0, 0, 5, 5, float("nan"))]), r"3D box \(0, 0, 0, 5, 5, nan\): nan is not a"),
         (flat, Prompts(boxes=[(0, 0, 13, 6)]), "outside the image"),
         (flat, Prompts(points=[(12, 3)], point_labels=[1]), "outside the image"),
         (flat, Prompts(boxes3d=[(0, 0, 0, 5, 5, 2)]), "3D box was given for a 2D image"),
@@ -60,6 +64,8 @@ def test_validate_rejects_prompts_that_do_not_fit() -> None:
         (vol, Prompts(boxes3d=[(0, 0, 3, 5, 5, 1)]), "z must satisfy"),
         (vol, Prompts(boxes3d=[(0, 0, 0, 50, 5, 2)]), "outside the slices"),
         (Image(np.zeros((6, 6, 4), np.uint8), channels=4), Prompts(boxes=[(0, 0, 2, 2)]), "4 channels"),
+        (flat, Prompts(boxes=[(0, 0, 5, 5)]), r"image is constant \(every pixel is 0\)"),
+        (vol, Prompts(boxes3d=[(0, 0, 0, 5, 5, 2)]), r"image is constant \(every voxel is 0\)"),
     ]
     for image, prompts, fragment in cases:
         with pytest.raises(MedsegError, match=fragment):
@@ -79,6 +85,8 @@ def test_helpers() -> None:
     grey = Image(np.array([[0, 10], [200, 255]], np.uint8))
     assert intensity_preset(grey, None).name == "none"  # 8-bit grey: the model's min-max, as LiteMedSAM's training
     assert intensity_preset(Image(np.array([[0, 4000]], np.uint16)), None).name == "none"  # pre_grey_rgb: min-max
+    screenshot = Image(np.array([[0, 10], [200, 255]], np.uint8), meta={"modality": "CT"})  # a secondary capture
+    assert intensity_preset(screenshot, None).name == "none"  # 8-bit levels are no HU, whatever the modality says
     assert intensity_preset(Image(np.array([[0, 1000], [4, 8]], np.int16)), None).name == "none"
     assert intensity_preset(Image(np.array([[0.0, 1.0], [2.0, 3.0]])), None).name == "mr"
 
@@ -176,6 +184,37 @@ def test_cli_png_in_png_out_and_nifti_in_nifti_out(tmp_path: Path) -> None:
     assert out.geometry == load(tmp_path / "vol.nii.gz").geometry and (out.array == 1).any(axis=(1, 2)).all()
 
 
+def test_cli_refuses_a_constant_image_before_any_work(tmp_path: Path) -> None:
+    """Issue 22: an all-zero image is refused in one line before the model is read; nothing is written."""
+    save(Image(np.zeros((40, 50), np.uint8)), tmp_path / "zeros.png")
+    args = ["prompt", str(tmp_path / "zeros.png"), "--box", "5,5,30,30", "--checkpoint", str(tmp_path / "absent.pth")]
+    result = CliRunner().invoke(app, [*args, "-o", str(tmp_path / "o.png")])
+    assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1, result.output
+    assert f"{tmp_path / 'zeros.png'}: image is constant (every pixel is 0)" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["zeros.png"]
+
+
+def test_a_two_valued_volume_is_not_blanked_by_its_normalisation() -> None:
+    """Issue 22: the percentiles of a 0/100 volume's foreground are both 100; it once normalised to all zeros,
+    and LiteMedSAM drew the box's shape on nothing."""
+    volume = np.zeros((3, 20, 20), np.float32)
+    volume[1, 5:15, 5:15] = 100.0
+    shown = model_input(Image(volume))
+    assert shown.min() == 0 and shown.max() == 255 and np.array_equal(shown == 255, volume > 0)
+
+
+def test_cli_refuses_a_ct_window_on_an_8_bit_png_before_any_work(tmp_path: Path) -> None:
+    """Issue 22: --preset ct:... on an 8-bit PNG (no Hounsfield units) is one line, before the model is read."""
+    image, _ = _disk_image()
+    save(Image(image.astype(np.uint8)), tmp_path / "disk.png")
+    args = ["prompt", str(tmp_path / "disk.png"), "--box", "40,30,100,90", "--preset", "ct:lung"]
+    args += ["--checkpoint", str(tmp_path / "absent.pth"), "-o", str(tmp_path / "o.png")]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1, result.output
+    assert f"{tmp_path / 'disk.png'}: intensity preset ct:lung is a CT window in Hounsfield units" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["disk.png"]
+
+
 @needs_weights
 def test_cli_bad_inputs_write_nothing(tmp_path: Path) -> None:
     image, _ = _disk_image()
@@ -186,6 +225,9 @@ def test_cli_bad_inputs_write_nothing(tmp_path: Path) -> None:
         (["--box", "100,30,40,90"], "inverted"),
         (["--box", "300,0,500,90"], "outside"),  # wholly outside (one crossing the border is clipped)
         (["--box", "1,2,3"], "needs 4 numbers"),
+        (["--box", "nan,30,100,90"], "--box 'nan,30,100,90': nan is not a finite number"),
+        (["--box3d", "0,0,0,inf,5,1"], "inf is not a finite number"),
+        (["--point", "nan,2"], "nan is not a finite number"),
         (["--box3d", "0,0,0,5,5,1"], "3D box"),
         (["--point", "1,2,5"], "label 1 or 0"),
         ([], "give a prompt"),
@@ -350,11 +392,11 @@ def test_thin_strip_is_segmented_and_preprocess_leaves_the_current_image_alone()
 
 @needs_weights
 def test_cli_image_problems_name_the_file(tmp_path: Path) -> None:
-    save(Image(np.full((1, 1), 7, np.uint8)), tmp_path / "dot.png")
+    save(Image(np.array([[7, 9]], np.uint8)), tmp_path / "dot.png")  # two pixels: too small, not constant
     nan = np.full((20, 30), np.nan, np.float32)
     save(Image(nan, Geometry((1.0, 1.0), (0.0, 0.0), (1.0, 0.0, 0.0, 1.0))), tmp_path / "nan.nii.gz")
     runner = CliRunner()
-    for name, box, fragment in [("dot.png", "0,0,1,1", "too small"), ("nan.nii.gz", "2,2,10,10", "NaN")]:
+    for name, box, fragment in [("dot.png", "0,0,2,1", "too small"), ("nan.nii.gz", "2,2,10,10", "NaN")]:
         result = runner.invoke(app, ["prompt", str(tmp_path / name), "--box", box, "-o", str(tmp_path / "out")])
         assert result.exit_code == 2, result.output
         assert str(tmp_path / name) in result.stderr and fragment in result.stderr, result.stderr

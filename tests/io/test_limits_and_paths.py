@@ -87,6 +87,13 @@ def test_check_output(tmp_path: Path) -> None:
     for kernel in ("/proc/medseg", "/sys/medseg/out"):
         with pytest.raises(MedsegError, match="kernel file system"):
             check_output(Path(kernel))
+    for device in ("/dev/full", "/dev/null"):  # devices: not a file system's folder, not a file a result stays in
+        for folder in (True, False):
+            with pytest.raises(MedsegError, match=f"{device} is a character device, not a file or folder to hold"):
+                check_output(Path(device), folder=folder)
+    os.mkfifo(tmp_path / "pipe")
+    with pytest.raises(MedsegError, match="is a named pipe"):
+        check_output(tmp_path / "pipe", folder=False)
 
 
 def test_complex_valued_images_are_refused(tmp_path: Path) -> None:

@@ -77,6 +77,8 @@ def test_mr_mask_and_fallbacks() -> None:
     # constant image: std guard, no NaN
     np.testing.assert_array_equal(mr_normalize(np.full(5, 7.0)), np.zeros(5))
     np.testing.assert_array_equal(mr_normalize(np.full(5, 7.0), mode="unit"), np.zeros(5))
+    # one foreground value (a two-valued image): 1 there, 0 below, not every voxel blanked to 0 (issue 22)
+    np.testing.assert_array_equal(mr_normalize(np.array([0.0, 100.0, 100.0]), mode="unit"), [0, 1, 1])
     # NaN stays NaN and is left out of the statistics
     np.testing.assert_allclose(mr_normalize(np.array([np.nan, 2.0, 4.0]), lower=0, upper=100), [np.nan, -1, 1])
 
@@ -153,6 +155,22 @@ def test_normalize_dispatch_keeps_geometry() -> None:
     assert normalize(ct, IntensityPreset("none")).array is ct.array
     rgb = Image(np.full((2, 2, 3), 255, np.uint8), channels=3)
     np.testing.assert_array_equal(normalize(rgb, IntensityPreset("rgb")).array, np.ones((2, 2, 3)))
+
+
+def test_a_ct_window_on_8_bit_pixels_is_refused() -> None:
+    """Issue 22: an 8-bit photo or screenshot holds no Hounsfield units; a window in HU on it is refused."""
+    photo = Image(np.array([[0, 128], [200, 255]], np.uint8), meta={"path": "photo.png"})
+    with pytest.raises(MedsegError) as caught:
+        normalize(photo, IntensityPreset("ct:lung"))
+    assert str(caught.value) == (
+        "photo.png: intensity preset ct:lung is a CT window in Hounsfield units, but this uint8 image's "
+        "8-bit levels hold none: choose another preset (e.g. none or percentile)"
+    )
+    normalize(photo, IntensityPreset("ct", level=128, width=200))  # a plan's window from its own data's percentiles
+    with pytest.raises(MedsegError, match="Hounsfield"):
+        normalize(Image(np.zeros((3, 3, 3), np.uint8), channels=3), IntensityPreset("ct:bone"))
+    normalize(photo, IntensityPreset("percentile", mode="unit"))  # other presets are fine
+    normalize(Image(np.array([[-1000, 40]], np.int16)), IntensityPreset("ct:lung"))  # 16-bit CT is fine
 
 
 def test_normalize_multichannel_mr_is_per_channel() -> None:

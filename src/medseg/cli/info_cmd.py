@@ -31,11 +31,12 @@ def info(
     """Print shape, spacing, orientation, intensity range and, for label maps, labels with volumes.
 
     A 4D file shows its frame count and one frame (the first, or --frame); NaN/inf voxels are counted."""
-    import numpy as np
     from rich.table import Table
 
     from medseg.io import load
+    from medseg.io.image import MAX_LABELS
     from medseg.io.sitk_io import FourDimensionalError
+    from medseg.preprocessing.statistics import count_distinct, distinct, percentiles, summarize
 
     try:
         image = load(path, frame=frame, series=series)
@@ -66,38 +67,37 @@ def info(
             rows.append((key.replace("_", " "), str(image.meta[key])))
     if "nifti_transform_conflict" in image.meta:
         rows.append(("warning", str(image.meta["nifti_transform_conflict"])))
-    array = image.array.astype(np.uint8) if image.array.dtype == np.bool_ else image.array
-    finite = np.isfinite(array) if array.dtype.kind == "f" else None
-    n_bad = 0 if finite is None else int((~finite).sum())
-    values = array if finite is None else array[finite]
-    if values.size:
-        p_lo, p_hi = np.percentile(values, (0.5, 99.5))
+    summary = summarize(image.array)  # in bounded memory: see medseg.preprocessing.statistics
+    if summary.count:
+        p_lo, p_hi = percentiles(summary.ordered, (0.5, 99.5))
         rows.append(
             (
                 "intensity",
-                f"min {values.min():.6g}, max {values.max():.6g}, mean {values.mean():.6g}, "
-                f"std {values.std():.6g}, p0.5 {p_lo:.6g}, p99.5 {p_hi:.6g}",
+                f"min {summary.minimum:.6g}, max {summary.maximum:.6g}, mean {summary.mean:.6g}, "
+                f"std {summary.std:.6g}, p0.5 {p_lo:.6g}, p99.5 {p_hi:.6g}",
             )
         )
-    if n_bad:
-        nan = int(np.isnan(array).sum())
-        rows.append(("NaN/inf", f"{n_bad} voxels ({nan} NaN, {n_bad - nan} inf; left out of the intensities)"))
+    if summary.nan or summary.inf:
+        n_bad = summary.nan + summary.inf
+        rows.append(("NaN/inf", f"{n_bad} voxels ({summary.nan} NaN, {summary.inf} inf; left out of the intensities)"))
     for key, value in rows:
         table.add_row(key, value)
     out.print(table)
-    uniques = np.unique(values) if array.dtype.kind in "biuf" and image.channels == 1 else np.array([])
-    integral = uniques.size > 0 and bool(np.all(uniques == np.round(uniques))) and uniques.min() >= 0
+    one_channel = image.array.dtype.kind in "biuf" and image.channels == 1
+    integral = one_channel and summary.count > 0 and summary.integral and summary.minimum >= 0
     # a scanner's series (CT, PT, MR, ...) is an image whatever its values; a DICOM-SEG is a label map
     scan = image.meta.get("format") == "dicom" and str(image.meta.get("modality", "")).upper() not in ("", "SEG")
-    is_label = as_label if as_label is not None else (image.is_label_map() and not scan)
+    looks_like_labels = (  # Image.is_label_map, from the sorted values
+        one_channel and image.array.dtype.kind in "biu" and integral and count_distinct(summary.ordered) <= MAX_LABELS
+    )
+    is_label = as_label if as_label is not None else (looks_like_labels and not scan)
     if is_label:
         if not integral:
             fail(f"{path}: values are not non-negative integers, so this is not a label map")
-        _print_labels(image, uniques, path)
+        _print_labels(image, *distinct(summary.ordered), path)
 
 
-def _print_labels(image: Image, uniques: np.ndarray, path: Path) -> None:
-    import numpy as np
+def _print_labels(image: Image, uniques: np.ndarray, counted: np.ndarray, path: Path) -> None:
     from rich.table import Table
 
     from medseg.data import find_dataset_json, label_names_of, read_dataset_json
@@ -110,7 +110,7 @@ def _print_labels(image: Image, uniques: np.ndarray, path: Path) -> None:
     table = Table(title="labels")
     for column in ("label", "name", "voxels", volume_unit):
         table.add_column(column, justify="right" if column != "name" else "left")
-    counts = {int(v): int(np.count_nonzero(image.array == v)) for v in uniques}
+    counts = {int(v): int(c) for v, c in zip(uniques, counted, strict=True)}
     for value, count in counts.items():
         size = count * image.voxel_volume_mm3
         amount = f"{size / 1000:.3f}" if image.ndim == 3 else f"{size:.1f}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -46,12 +47,13 @@ def prompt(
     series in, -o x.dcm or --output-format dicom-seg: a DICOM-SEG (SEMIAUTOMATIC) referencing the series.
     """
     from medseg.inference.prompt_predictor import PromptPredictor
-    from medseg.inference.prompt_session import Prompts, clip_to_image, segment, validate
+    from medseg.inference.prompt_session import Prompts, clip_to_image, intensity_preset, segment, validate
     from medseg.io import case_of, format_of, label_path_for, load, save, save_dicom_seg
     from medseg.io.dicom_source import check_grid, read_source
     from medseg.io.formats import check_output_format
     from medseg.io.paths import check_output
     from medseg.models.promptable.registry import has_interactive_head
+    from medseg.preprocessing import check_preset_fits
 
     check_output_format(output_format)
     check_device(device)
@@ -83,6 +85,7 @@ def prompt(
         stderr.print(f"medseg: note: {note}", soft_wrap=True)
     try:
         validate(image, prompts)
+        check_preset_fits(image, intensity_preset(image, preset))  # a CT window on an 8-bit image: no HU there
     except MedsegError as err:
         raise MedsegError(err.problem, input_path) from None
     if dicom_seg:  # the series' headers and grid, before any work
@@ -115,6 +118,9 @@ def _numbers(text: str, count: int | None, option: str) -> tuple[float, ...]:
         values = tuple(float(v) for v in text.replace(" ", "").split(","))
     except ValueError:
         raise MedsegError(f"{option} '{text}' must be comma-separated numbers") from None
+    for value in values:  # float() reads 'nan' and 'inf'
+        if not math.isfinite(value):
+            raise MedsegError(f"{option} '{text}': {value:g} is not a finite number")
     if count is not None and len(values) != count:
         raise MedsegError(f"{option} '{text}' needs {count} numbers, got {len(values)}")
     return values

@@ -56,7 +56,7 @@ def train(
         if not val_cases.is_file():
             raise MedsegError("no such file", val_cases)
         try:
-            names = [line.strip() for line in val_cases.read_text().splitlines() if line.strip()]
+            names = [line.strip() for line in val_cases.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
         except UnicodeDecodeError:
             raise MedsegError("not a text file (one case name a line)", val_cases) from None
     options = TrainOptions(

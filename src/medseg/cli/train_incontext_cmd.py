@@ -38,7 +38,7 @@ def train_incontext(
         if not config_file.is_file():
             raise MedsegError("no such file", config_file)
         try:
-            data = json.loads(config_file.read_text())
+            data = json.loads(config_file.read_text(encoding="utf-8-sig"))
         except json.JSONDecodeError as error:
             raise MedsegError(f"config is not valid JSON ({error})", config_file) from None
     if resume and (output / "config.json").is_file():

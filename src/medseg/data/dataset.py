@@ -91,7 +91,7 @@ def open_dataset(root: str | Path) -> Dataset:
 def read_dataset_json(path: Path) -> dict[str, Any]:
     """Parse ``dataset.json``; a clear error when it is not a JSON object."""
     try:
-        info = json.loads(path.read_text())
+        info = json.loads(path.read_text(encoding="utf-8-sig"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise MedsegError(f"invalid dataset.json ({err})", path) from None
     if not isinstance(info, dict):

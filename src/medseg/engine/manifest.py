@@ -71,7 +71,7 @@ def read_manifest(path: Path) -> dict[str, Row]:
     if not path.exists():
         return {}
     try:
-        reader = csv.DictReader(io.StringIO(path.read_text(encoding="utf-8")))
+        reader = csv.DictReader(io.StringIO(path.read_text(encoding="utf-8-sig")))
         if tuple(reader.fieldnames or ()) != COLUMNS:
             raise MedsegError(f"is not a medseg manifest (columns {', '.join(COLUMNS)}); choose another -o", path)
         return {

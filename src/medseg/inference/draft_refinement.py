@@ -16,6 +16,7 @@ from scipy import ndimage
 from medseg.inference.engines import PromptEngine
 from medseg.inference.prompt_session import Prompts
 from medseg.io import Image
+from medseg.preprocessing.statistics import constant_value
 
 MIN_FRACTION = 0.05  # smaller components than this share of the label's largest are dropped as specks
 MAX_OBJECTS = 32  # more objects than this (nuclei, vessel pieces): the label map is returned as it was
@@ -26,11 +27,12 @@ def refine_with_decoder(
 ) -> np.ndarray:
     """``labels`` ``(H, W)`` on the 2D ``image``'s grid, each object redrawn by the decoder from its box.
 
-    Returns ``labels`` unchanged (a copy) when it is empty, 3D, or holds more than `MAX_OBJECTS` objects.
+    Returns ``labels`` unchanged (a copy) when it is empty, 3D, or holds more than `MAX_OBJECTS` objects, or
+    when the image is constant.
     ``key`` names the image for the engine's embedding cache.
     """
-    if labels.ndim != 2 or not labels.any():
-        return labels.copy()
+    if labels.ndim != 2 or not labels.any() or constant_value(image.array) is not None:
+        return labels.copy()  # a blank image: no borders for the decoder to draw (and the engine refuses it)
     boxes: list[tuple[float, float, float, float]] = []
     values: list[int] = []
     for value in np.unique(labels[labels > 0]).tolist():

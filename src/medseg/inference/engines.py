@@ -20,9 +20,10 @@ from typing import Any
 
 import numpy as np
 
-from medseg.errors import MedsegError
+from medseg.errors import MedsegError, notice
 from medseg.io import Image
 from medseg.io.image import as_label_array, label_array
+from medseg.preprocessing.statistics import constant_value
 from medseg.runtime import check_device
 
 PROMPT_MODELS = ("lite_medsam", "medsam_vit_b", "sam_vit_b")
@@ -182,12 +183,15 @@ class InContextEngine:
         """Segment ``image`` (2D, or 3D slice by slice) with the support set's labels. ``options`` go to
         `InContextPredictor.predict` (``ensemble``, ``subset_size``, ``neighbours``, ``largest_component``).
 
+        A constant image (every voxel one value) is segmented with a `medseg.errors.notice` (`_note_if_constant`).
+
         Raises:
             MedsegError: no support set, 3D supports for a 2D image, and as `InContextPredictor.predict`.
         """
         _check_image(image)
         if self._support is None:
             raise MedsegError("set a support set first (set_support)")
+        _note_if_constant(image)
         arrays, maps, volumes = self._support
         result = self.predictor.predict(
             image.array, arrays, maps, query_is_volume=image.ndim == 3, support_are_volumes=volumes, **options
@@ -223,9 +227,12 @@ class SpecialistEngine:
     def predict(self, image: Image, *, probabilities: bool = False, mirror: bool = False) -> Segmentation:
         """Segment ``image`` (sliding windows; ``mirror``: test-time mirroring).
 
+        A constant image (every voxel one value) is segmented with a `medseg.errors.notice` (`_note_if_constant`).
+
         Raises:
             MedsegError: dimensionality or channels other than the plan's.
         """
+        _note_if_constant(image)
         prediction = self.predictor.predict(image, mirror=mirror)
         values = list(range(prediction.probabilities.shape[0]))  # background too, as nnU-Net's probabilities
         maps = prediction.probabilities if probabilities else None
@@ -235,6 +242,23 @@ class SpecialistEngine:
 def _check_image(image: object) -> None:
     if not isinstance(image, Image):
         raise MedsegError(f"engines take a medseg Image (medseg.load(path)), not {type(image).__name__}")
+
+
+def _note_if_constant(image: Image) -> None:
+    """A `medseg.errors.notice` when every voxel of ``image`` holds one value (an all-zero or blank image).
+
+    A trained model still answers a blank input (nnU-Net predicts it without a word), but its label map then
+    says nothing about the image; a folder run goes on (one blank case among many is common: a padding slice,
+    an empty export), and the note names the file. The prompt engine refuses such an image instead
+    (`medseg.inference.prompt_session.validate`): there the mask would be drawn from the box alone."""
+    value = constant_value(image.array)
+    if value is not None:
+        element = "voxel" if image.ndim == 3 else "pixel"
+        notice(
+            f"image is constant (every {element} is {value:g}): its label map is the model's answer to a blank "
+            "input, not read from the image",
+            image.meta.get("path"),
+        )
 
 
 def _prompt_builder(model: str) -> Callable[..., PromptEngine]:

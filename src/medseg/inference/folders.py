@@ -42,7 +42,8 @@ def cases_of(input_path: Path | str) -> dict[str, list[Path]]:
 
     Raises:
         MedsegError: no such file or folder; a glob that matches nothing; a list that is empty or names a
-            missing path; two listed files of one case name in different folders.
+            missing path; two listed files of one case name in different folders; one file named twice in a
+            case (two spellings, or a link and its target).
     """
     text = str(input_path)
     input_path = Path(input_path)
@@ -69,6 +70,7 @@ def cases_of(input_path: Path | str) -> dict[str, list[Path]]:
         cases.setdefault(split[0] if split else stem, []).append(path)
     for folder in series:
         cases.setdefault(folder.name, []).append(folder)
+    _each_file_once(cases, input_path)
     return cases
 
 
@@ -104,7 +106,23 @@ def _grouped(paths: Sequence[Path], source: Path) -> dict[str, list[Path]]:
         if files and (path.is_dir() or files[0].is_dir() or files[0].parent.resolve() != path.parent.resolve()):
             raise MedsegError(f"{files[0]} and {path} are both case {case} (their label maps would collide)", source)
         files.append(path)
+    _each_file_once(cases, source)
     return cases
+
+
+def _each_file_once(cases: Mapping[str, Sequence[Path]], source: Path) -> None:
+    """Raise when a case's files name one file twice (``a/../a/x.png`` and ``a/x.png``, or a link and its
+    target): they would be read as two channels of one image."""
+    for case, files in cases.items():
+        seen: dict[str, Path] = {}
+        for path in files:
+            real = os.path.realpath(path)
+            if real in seen:
+                raise MedsegError(
+                    f"{seen[real]} and {path} are one file named twice (they would be two channels of case {case})",
+                    source,
+                )
+            seen[real] = path
 
 
 def not_a_segmentation(image: Image, path: Path) -> None:

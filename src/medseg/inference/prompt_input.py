@@ -14,6 +14,8 @@ import numpy as np
 
 from medseg.io import Image
 from medseg.preprocessing import IntensityPreset, intensity_map
+from medseg.preprocessing.intensity import holds_no_hounsfield_units
+from medseg.preprocessing.statistics import constant_value
 
 # Images whose values span at least this range from at most -500 are taken to be CT in HU.
 _HU_MIN, _HU_MAX = -500.0, 300.0
@@ -28,7 +30,7 @@ def intensity_preset(image: Image, preset: str | None) -> IntensityPreset:
     - RGB -> ``rgb``; a 2D grey image of integers (8- or 16-bit) -> ``none``: the model's own min-max
       scaling (``pre_grey_rgb.py`` min-max scales such images to 8 bits);
     - CT (DICOM Modality CT, or values from below -500 to above 300, Hounsfield units) -> ``ct:soft_tissue``
-      (``pre_CT_MR.py`` windows CT);
+      (``pre_CT_MR.py`` windows CT); never 8-bit pixels, which hold no Hounsfield units;
     - anything else (MR and other volumes, float images) -> ``mr``: clipped at the 0.5 / 99.5 percentiles of
       the non-zero voxels and scaled to [0, 1], so a zero background stays 0 (``pre_CT_MR.py``'s non-CT
       branch); all voxels count when none is above zero.
@@ -38,8 +40,9 @@ def intensity_preset(image: Image, preset: str | None) -> IntensityPreset:
     if image.channels == 3:
         return IntensityPreset("rgb")
     array = image.array
-    is_ct = str(image.meta.get("modality", "")).upper() == "CT" or (
-        array.dtype.kind in "if" and float(array.min()) <= _HU_MIN and float(array.max()) >= _HU_MAX
+    is_ct = not holds_no_hounsfield_units(image) and (  # an 8-bit "CT" is a screenshot: no HU to window
+        str(image.meta.get("modality", "")).upper() == "CT"
+        or (array.dtype.kind in "if" and float(array.min()) <= _HU_MIN and float(array.max()) >= _HU_MAX)
     )
     if is_ct:
         return IntensityPreset("ct:soft_tissue")
@@ -56,7 +59,7 @@ def model_input(image: Image, preset: str | None = None) -> np.ndarray:
     as they are, others min-max scaled to 0..255 first (``pre_grey_rgb.py``). Shape as ``image.array``.
 
     Raises:
-        MedsegError: an unknown preset.
+        MedsegError: an unknown preset; a CT window on 8-bit pixels (`check_preset_fits`).
     """
     return ModelSlices(image, preset).levels(image.array)
 
@@ -88,6 +91,17 @@ class ModelSlices:
 
     def __getitem__(self, z: int) -> np.ndarray:
         return self.levels(self._array[z])
+
+    def constant_value(self) -> float | None:
+        """The one level every slice's every pixel has (a volume blank as the model sees it), else None; slices
+        are made in turn until two levels differ (usually the first few)."""
+        found: float | None = None
+        for z in range(len(self)):
+            value = constant_value(self[z])
+            if value is None or (found is not None and value != found):
+                return None
+            found = value
+        return found
 
     def levels(self, part: np.ndarray) -> np.ndarray:
         """``part`` of the image (all of it, or a slice) as 8-bit levels, float32."""

@@ -417,16 +417,25 @@ def check_box(box: Sequence[float] | np.ndarray, size: tuple[int, int]) -> None:
     x0, y0, x1, y1 = (float(v) for v in box)
     height, width = size
     shown = f"({x0:g}, {y0:g}, {x1:g}, {y1:g})"
-    if not np.isfinite([x0, y0, x1, y1]).all() or x0 >= x1 or y0 >= y1:
+    check_finite((x0, y0, x1, y1), f"box {shown}")
+    if x0 >= x1 or y0 >= y1:
         raise MedsegError(f"box {shown} is inverted or empty (need x0 < x1 and y0 < y1)")
     if x0 < 0 or y0 < 0 or x1 > width or y1 > height:
         raise MedsegError(f"box {shown} lies outside the image of width {width} and height {height}")
 
 
+def check_finite(values: Sequence[float], what: str) -> None:
+    """Raise `MedsegError` naming the first of ``values`` that is NaN or infinite (``what`` names the prompt)."""
+    for value in values:
+        if not np.isfinite(float(value)):
+            raise MedsegError(f"{what}: {float(value):g} is not a finite number")
+
+
 def check_point(point: Sequence[float] | np.ndarray, size: tuple[int, int]) -> None:
-    """Raise `MedsegError` unless ``point`` ``(x, y)`` lies inside an image of ``size`` (H, W)."""
+    """Raise `MedsegError` unless ``point`` ``(x, y)`` is finite and lies inside an image of ``size`` (H, W)."""
     x, y = (float(v) for v in point)
     height, width = size
+    check_finite((x, y), f"point ({x:g}, {y:g})")
     if not (0 <= x < width and 0 <= y < height):
         raise MedsegError(f"point ({x:g}, {y:g}) lies outside the image of width {width} and height {height}")
 

@@ -10,9 +10,10 @@ import numpy as np
 
 from medseg.errors import MedsegError
 from medseg.inference.prompt_input import ModelSlices, intensity_preset, model_input
-from medseg.inference.prompt_predictor import PromptPredictor, check_box, check_point, clip_to_box
+from medseg.inference.prompt_predictor import PromptPredictor, check_box, check_finite, check_point, clip_to_box
 from medseg.inference.propagation import VolumePrompt, full_logits, merge_objects, merge_slices, propagate_slices
 from medseg.io import Image
+from medseg.preprocessing.statistics import constant_value
 
 __all__ = ["Prompts", "intensity_preset", "model_input", "segment", "segment_logits"]  # the first two from prompt_input
 
@@ -71,8 +72,20 @@ def segment_logits(
         return [full_logits(one, shape) for one in _volume_logits(predictor, image, prompts, preset, on_slice, key)]
     prompts = clip_to_image(image, prompts)[0]
     validate(image, prompts)
+    shown = model_input(image, preset)
+    _refuse_blank(constant_value(shown), image, preset)
     keyed = _KeyedPredictor(predictor, key) if key is not None else predictor
-    return _segment_2d(keyed, model_input(image, preset), prompts)
+    return _segment_2d(keyed, shown, prompts)
+
+
+def _refuse_blank(value: float | None, image: Image, preset: str | None) -> None:
+    """Refuse an image that is not constant (validate) but whose normalised pixels are (``value``)."""
+    if value is not None:
+        element = "voxel" if image.ndim == 3 else "pixel"
+        raise MedsegError(
+            f"image is blank once normalised by the intensity preset {intensity_preset(image, preset).name} "
+            f"(every {element} {value:g} of 255): there is nothing for a prompt to segment; choose another preset"
+        )
 
 
 def _volume_logits(
@@ -87,6 +100,7 @@ def _volume_logits(
     prompts = clip_to_image(image, prompts)[0]
     validate(image, prompts)
     slices = ModelSlices(image, preset)
+    _refuse_blank(slices.constant_value(), image, preset)
     keyed = _KeyedPredictor(predictor, key) if key is not None else predictor
     objects = [VolumePrompt.from_box3d(b) for b in prompts.boxes3d]
     z = prompts.slice_index if prompts.slice_index is not None else 0
@@ -171,7 +185,8 @@ def validate(image: Image, prompts: Prompts) -> None:
 
     Raises:
         MedsegError: no prompt; a 3D box or --slice on a 2D image; a 2D box or clicks on a volume
-            without a slice; clicks with several boxes; unsupported channels; NaN/inf intensities.
+            without a slice; clicks with several boxes; unsupported channels; NaN/inf intensities; a constant
+            image (every voxel one value: nothing to segment).
     """
     if image.channels not in (1, 3):
         raise MedsegError(f"images with {image.channels} channels are not supported (grey or RGB only)")
@@ -194,6 +209,7 @@ def validate(image: Image, prompts: Prompts) -> None:
             raise MedsegError("a 3D box was given for a 2D image; use --box x0,y0,x1,y1")
         if prompts.slice_index is not None:
             raise MedsegError("--slice is for volumes; this image is 2D")
+        _refuse_constant(image)
         return
     depth = image.shape[0]
     if (prompts.boxes or prompts.points) and prompts.slice_index is None:
@@ -202,12 +218,25 @@ def validate(image: Image, prompts: Prompts) -> None:
         raise MedsegError(f"--slice {prompts.slice_index} is outside the volume's {depth} slices (0..{depth - 1})")
     for box3 in prompts.boxes3d:
         x0, y0, z0, x1, y1, z1 = box3
+        check_finite(box3, "3D box (" + ", ".join(f"{float(v):g}" for v in box3) + ")")
         if not (0 <= z0 <= z1 < depth):
             raise MedsegError(f"3D box {box3}: z must satisfy 0 <= z0 <= z1 < {depth}")
         if not (0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height):
             raise MedsegError(
                 f"3D box {box3} lies outside the slices of width {width} and height {height} or is inverted"
             )
+    _refuse_constant(image)
+
+
+def _refuse_constant(image: Image) -> None:
+    """A blank image (every voxel one value) gives a SAM-family model nothing to see: its mask would be drawn
+    from the box alone, a confident answer about nothing. Refused (MedSAM would return that mask silently)."""
+    value = constant_value(image.array)
+    if value is not None:
+        element = "voxel" if image.ndim == 3 else "pixel"
+        raise MedsegError(
+            f"image is constant (every {element} is {value:g}): there is nothing in it for a prompt to segment"
+        )
 
 
 def _segment_2d(predictor: Any, shown: np.ndarray, prompts: Prompts) -> list[np.ndarray]:

@@ -14,6 +14,7 @@ from medseg.inference.sliding_window import predict_probabilities
 from medseg.io import Image
 from medseg.models.supervised import build_network
 from medseg.planning import Plan, read_plan
+from medseg.preprocessing import check_preset_fits
 from medseg.preprocessing.network_input import prepare_image
 from medseg.preprocessing.resample import invert_resample
 from medseg.runtime import tune_allocator
@@ -75,6 +76,7 @@ class SupervisedPredictor:
             )
         if image.channels != self.plan.channels:
             raise MedsegError(f"{image.channels} channel(s), but the model expects {self.plan.channels}", where)
+        check_preset_fits(image, self.plan.intensity_preset())  # a CT model's window on an 8-bit image: refused
 
     def predict(self, image: Image, mirror: bool = False) -> Prediction:
         """Segment ``image`` (2D/3D as the plan; channels as the plan).

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import tempfile
 from pathlib import Path
 
@@ -79,12 +80,30 @@ def _mount_type(path: Path) -> str | None:
     return kind
 
 
+def _special_file(path: Path) -> str | None:
+    """``"a character device"``, ``"a block device"``, ``"a named pipe"`` or ``"a socket"`` when ``path`` is one."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None
+    for test, name in (
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISFIFO, "a named pipe"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
+        if test(mode):
+            return name
+    return None
+
+
 def check_output(path: Path, *, folder: bool = True) -> None:
     """Raise unless ``path`` can be written as an output: a folder (``folder``), or a file or folder.
 
-    Checks, creating nothing: no symbolic link loop on the way; not on a kernel file system (``/proc``,
-    ``/sys``, ``/dev``); an existing ``path`` is a folder when one is needed; the nearest existing folder
-    on the way accepts a new file (probed with a hidden temporary file, removed at once).
+    Checks, creating nothing: no symbolic link loop on the way; not a device, pipe or socket (``/dev/full``,
+    ``/dev/null``); not on a kernel file system (``/proc``, ``/sys``, ``/dev``); an existing ``path`` is a
+    folder when one is needed; the nearest existing folder on the way accepts a new file (probed with a hidden
+    temporary file, removed at once).
 
     Raises:
         MedsegError: as above, naming ``path``.
@@ -101,6 +120,9 @@ def check_output(path: Path, *, folder: bool = True) -> None:
             raise MedsegError(f"cannot write here: {problem}", path)
         existing = existing.parent
     resolved = existing.resolve()
+    special = _special_file(resolved)
+    if special:  # /dev/full, /dev/null, a pipe: written to, they keep nothing (and a rename would replace them)
+        raise MedsegError(f"cannot write here: {resolved} is {special}, not a file or folder to hold a result", path)
     kind = _mount_type(resolved)
     if kind in _VIRTUAL_FILE_SYSTEMS or str(resolved).startswith(_VIRTUAL_PREFIXES):
         raise MedsegError(f"cannot write here: {resolved} is a kernel file system ({kind or 'virtual'})", path)

@@ -109,9 +109,11 @@ def _frame_index(size: tuple[int, ...], frame: int | None, path: Path) -> int:
         return 0
     if frame is None:
         raise FourDimensionalError(size, path)
-    if not -size[3] <= frame < size[3]:
-        raise MedsegError(f"--frame {frame} is out of range: the file holds {size[3]} frames", path)
-    return frame % size[3]
+    if not 0 <= frame < size[3]:  # no counting from the end: -1 is a typo as often as "the last"
+        raise MedsegError(
+            f"--frame {frame} is out of range: the file holds {size[3]} frames, numbered 0 to {size[3] - 1}", path
+        )
+    return frame
 
 
 # NIfTI header extensions (between the header and the voxels) beyond this are refused unread.
@@ -123,7 +125,9 @@ def _check_nifti_header(path: Path) -> None:
 
     Both libraries read the header extensions whole (a gzip of a few MB can declare 2 GB of them) and then
     allocate the declared voxels; here at most `MAX_NIFTI_EXTENSION_BYTES` are inflated. An uncompressed file
-    shorter than its header says is refused without reading it.
+    shorter than its header says is refused without reading it, and so is a single-file NIfTI whose vox_offset
+    points into its header (0 by some writers; the standard asks 352 or more): nibabel then reads the header
+    bytes as voxels and ITK starts at byte 348, so neither reads the data.
     """
     import gzip
 
@@ -144,6 +148,13 @@ def _check_nifti_header(path: Path) -> None:
             shape = tuple(int(d) for d in header.get_data_shape())
             check_voxels(shape, path)
             vox_offset = int(header["vox_offset"])
+            if magic[:3] in (b"n+1", b"n+2") and vox_offset < klass.single_vox_offset:
+                # nibabel would read from byte 0 (the header as voxels), ITK from byte 348: neither is the data
+                raise MedsegError(
+                    f"header's vox_offset {vox_offset} is invalid for a single-file NIfTI (at least "
+                    f"{klass.single_vox_offset}, after the header): readers disagree on where its voxels start",
+                    path,
+                )
             if vox_offset > size + 4 + MAX_NIFTI_EXTENSION_BYTES:
                 raise MedsegError(
                     f"header places the voxels {vox_offset:.3g} bytes in: more header extensions than medseg reads",

@@ -292,7 +292,7 @@ def read_plan(path: str | Path) -> Plan:
     if not p.is_file():
         raise MedsegError("no such plan file", p)
     try:
-        data = json.loads(p.read_text())
+        data = json.loads(p.read_text(encoding="utf-8-sig"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise MedsegError(f"plan is not valid JSON ({error})", p) from None
     if not isinstance(data, dict):

@@ -6,6 +6,7 @@ torch is imported only when `resize_and_pad` / `undo_resize_and_pad` first run.
 from medseg.preprocessing.intensity import (
     CT_WINDOWS,
     IntensityPreset,
+    check_preset_fits,
     ct_window,
     ct_window_by_name,
     intensity_map,
@@ -22,6 +23,7 @@ __all__ = [
     "IntensityPreset",
     "ResampleRecord",
     "ResizeRecord",
+    "check_preset_fits",
     "ct_window",
     "ct_window_by_name",
     "intensity_map",

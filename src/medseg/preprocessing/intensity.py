@@ -84,7 +84,8 @@ def mr_normalize(
 
     - ``mode="zscore"``: subtract the mean and divide by the std of the *clipped* foreground (so the
       foreground ends with mean 0 and std 1; a std below 1e-8 is treated as 1);
-    - ``mode="unit"``: ``(x - lo) / (hi - lo)`` into [0, 1] (all zeros when ``hi == lo``).
+    - ``mode="unit"``: ``(x - lo) / (hi - lo)`` into [0, 1]; when ``hi == lo`` (one foreground value, as in a
+      two-valued image) 1 from ``lo`` up and 0 below it, all zeros for a constant image.
 
     Args:
         array: any shape (channels are *not* separated; see `normalize` for per-channel use).
@@ -127,14 +128,16 @@ def _mr_map(
         raise MedsegError("no foreground voxels to compute intensity statistics on")
     lo, hi = _percentile(values, lower), _percentile(values, upper)
     if mode == "unit":
+        below_any = hi <= lo and _any_below(array, lo)
 
         def unit(part: np.ndarray) -> np.ndarray:
             out = np.clip(np.asarray(part, dtype=np.float32), lo, hi)
             if hi > lo:
                 out -= np.float32(lo)
                 out /= np.float32(hi - lo)
-            else:
-                out[np.isfinite(out)] = 0.0
+            else:  # one foreground value (a two-valued image): it is 1, anything below it 0, not all blanked to 0
+                out[np.isfinite(out)] = 1.0 if below_any else 0.0
+                out[np.asarray(part, dtype=np.float32) < np.float32(lo)] = 0.0
             return out
 
         return unit
@@ -185,6 +188,18 @@ def _foreground_values(array: np.ndarray, mask: np.ndarray | None, positive: boo
         values[filled : filled + part.size] = part
         filled += part.size
     return values
+
+
+def _any_below(array: np.ndarray, level: float) -> bool:
+    """Whether any finite value of ``array`` (as float32) is below ``level``, a block at a time."""
+    data = np.asarray(array)
+    if data.ndim == 0:
+        data = data.reshape(1)
+    step = max(1, _BLOCK_VOXELS // max(1, data[0].size))
+    return any(
+        bool((np.asarray(data[start : start + step], dtype=np.float32) < np.float32(level)).any())
+        for start in range(0, data.shape[0], step)
+    )
 
 
 def _percentile(values: np.ndarray, q: float) -> float:
@@ -311,6 +326,30 @@ class IntensityPreset:
         return cls(**values)
 
 
+def holds_no_hounsfield_units(image: Image) -> bool:
+    """True for 8-bit (and boolean) pixels: a photograph, screenshot or exported PNG/JPEG, whose 0..255 levels
+    cannot be Hounsfield units (air is -1000 HU, bone above 300); CT in HU needs at least 16 bits."""
+    return image.array.dtype in (np.uint8, np.int8, np.bool_)
+
+
+def check_preset_fits(image: Image, preset: IntensityPreset) -> None:
+    """Raise unless ``preset`` can apply to ``image``: a named CT window (``ct:lung``..., in Hounsfield units) on
+    8-bit pixels cannot. A plain ``ct`` window is allowed: a plan derives its level and width from its own
+    training data's percentiles (nnU-Net's CT scheme), which are in whatever units those images hold.
+
+    Raises:
+        MedsegError: as above, naming the image's file (``meta["path"]``).
+    """
+    kind, _, window = preset.name.partition(":")
+    if kind != "ct" or not window or not holds_no_hounsfield_units(image):
+        return
+    raise MedsegError(
+        f"intensity preset {preset.name} is a CT window in Hounsfield units, but this {image.array.dtype} "
+        "image's 8-bit levels hold none: choose another preset (e.g. none or percentile)",
+        image.meta.get("path"),
+    )
+
+
 def normalize(image: Image, preset: IntensityPreset) -> Image:
     """Apply ``preset`` to ``image``'s intensities; geometry, channels and meta are kept.
 
@@ -321,7 +360,7 @@ def normalize(image: Image, preset: IntensityPreset) -> Image:
         A new `Image` with a ``float32`` array of the same shape (``"none"``: the same array).
 
     Raises:
-        MedsegError: as `mr_normalize` and `rgb_to_unit`.
+        MedsegError: as `mr_normalize`, `rgb_to_unit` and `check_preset_fits` (a named CT window on 8-bit pixels).
     """
     if preset.name == "none":
         return replace(image)
@@ -337,8 +376,9 @@ def intensity_map(image: Image, preset: IntensityPreset) -> Callable[[np.ndarray
         A function from an array (``image.array`` or a slab/slice of it, channels last) to ``float32``.
 
     Raises:
-        MedsegError: as `mr_normalize` and `rgb_to_unit`.
+        MedsegError: as `mr_normalize`, `rgb_to_unit` and `check_preset_fits` (a named CT window on 8-bit pixels).
     """
+    check_preset_fits(image, preset)
     kind = preset.name.partition(":")[0]
     array = image.array
     if kind == "none":

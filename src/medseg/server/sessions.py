@@ -22,6 +22,7 @@ from medseg.inference.engines import PromptEngine
 from medseg.inference.prompt_input import ModelSlices
 from medseg.inference.prompt_session import Prompts
 from medseg.io import Image
+from medseg.preprocessing.statistics import constant_value
 
 BOX_MARGIN = 0.05  # a box widened to take a click outside it reaches this fraction of the image beyond the click
 SCRIBBLE_POINTS = 6  # a scribble is thinned to this many clicks (SAM-family decoders take a few points)
@@ -164,6 +165,12 @@ class Session:
             mask = self._predict(prompts)
         else:  # the one slice, normalised as its volume (its embedding cached under the slice)
             one_slice = Image(self._shown()[z], channels=self.image.channels)
+            blank = constant_value(one_slice.array)
+            if blank is not None:  # the model would draw the box's shape, seeing nothing
+                raise MedsegError(
+                    f"slice {z} is blank as the prompt model sees it (every pixel {blank:g} of 255): "
+                    "there is nothing on it to segment"
+                )
             flat = Prompts(prompts.boxes, [], prompts.points, prompts.point_labels)
             mask = self.engine.predict(one_slice, prompts=flat, preset="none", key=(self.image_id, z)).labels.array > 0
         self._objects[(label, z)] = obj

@@ -339,7 +339,7 @@ class Workspace:
 def _declared_channels(path: Path) -> dict[str, str] | None:
     """``channel_names`` of nnU-Net's ``dataset.json`` at ``path``, or None."""
     try:
-        names = json.loads(path.read_text())["channel_names"]
+        names = json.loads(path.read_text(encoding="utf-8-sig"))["channel_names"]
         return {str(k): str(v) for k, v in names.items()}
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
@@ -362,7 +362,7 @@ def _task_modality(path: Path) -> str | None:
     """``dataset.json``'s ``modality`` (a name, or MSD's ``{"0": "CT"}``), else its first channel name (nnU-Net
     v2's ``channel_names``), or None."""
     try:
-        info = json.loads(path.read_text())
+        info = json.loads(path.read_text(encoding="utf-8-sig"))
     except (OSError, ValueError):
         return None
     if not isinstance(info, dict):
@@ -380,7 +380,7 @@ def _task_labels(path: Path) -> dict[str, int]:
     if not path.is_file():
         return dict(DEFAULT_LABELS)
     try:
-        labels = json.loads(path.read_text())["labels"]
+        labels = json.loads(path.read_text(encoding="utf-8-sig"))["labels"]
         parsed = {str(k): int(v) for k, v in labels.items()}
     except (ValueError, KeyError, TypeError, AttributeError):
         raise MedsegError("unreadable labels (expected nnU-Net's {'labels': {name: value}})", path) from None
