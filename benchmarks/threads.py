@@ -61,9 +61,9 @@ def run(arguments: list[str], threads: str, out: Path) -> float:
     if threads != "auto":
         env["OMP_NUM_THREADS"] = threads
     started = time.perf_counter()
-    subprocess.run(
-        [sys.executable, "-m", "medseg", *arguments, "-o", str(out)], env=env, check=True, capture_output=True
-    )
+    done = subprocess.run([sys.executable, "-m", "medseg", *arguments, "-o", str(out)], env=env, capture_output=True)
+    if done.returncode != 0:
+        raise SystemExit(f"medseg {' '.join(arguments)} failed ({done.returncode}): {done.stderr.decode()[-2000:]}")
     return time.perf_counter() - started
 
 
