@@ -434,7 +434,10 @@ def test_cli_dicom_series_in_dicom_seg_out(tmp_path: Path) -> None:
 
     from fixtures import write_dicom_series
 
-    series = write_dicom_series(tmp_path / "ct", n_slices=3, rows=64, cols=64)
+    # soft tissue (HU 0 = raw 512 at slope 2, intercept -1024) with a brighter square (HU 160) in the box
+    raw = np.full((3, 64, 64), 512, np.uint16)
+    raw[:, 18:38, 16:34] = 592
+    series = write_dicom_series(tmp_path / "ct", n_slices=3, rows=64, cols=64, pixels=raw)
     runner = CliRunner()
     box = ["--box3d", "10,12,0,40,44,2"]
     result = runner.invoke(app, ["prompt", str(series.folder), *box, "-o", str(tmp_path / "out"),
