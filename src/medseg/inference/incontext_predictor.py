@@ -121,6 +121,7 @@ class InContextPredictor:
         neighbours: int = 1,
         seed: int = 0,
         largest_component: bool = True,
+        slice_bins: int | None = None,
     ) -> InContextResult:
         """Segment ``query`` with the task the support set defines.
 
@@ -131,6 +132,10 @@ class InContextPredictor:
             support_labels: integer label maps on the grid of the matching support image.
             ensemble: average over this many random support subsets of ``subset_size`` (seeded).
             neighbours: for support volumes, slices taken either side of the matched one.
+            slice_bins: for support volumes, cut the relative position ``[0, 1)`` into this many equal bins: every
+                query slice of a bin is segmented from the support slices of that bin (plus ``neighbours``
+                either side), so the bin's slices share one support set (one probe fit per bin and label).
+                None: each query slice has its own matched slices.
             largest_component: keep only the largest connected component of the foreground and of each
                 label that the support set shows as one object (`SingleObjectRule`; 3D components for
                 support volumes; for 2D supports, per slice of a 3D query and only the steps that do not
@@ -169,7 +174,8 @@ class InContextPredictor:
                 images, masks = support.frames, support.masks
             else:
                 position = (z + 0.5) / query.shape[0]
-                images, masks = self._matched_slices(position, support_images, support.labels, values, neighbours)
+                span = _bin_of(position, slice_bins)
+                images, masks = self._matched_slices(span, support_images, support.labels, values, neighbours)
             slices.append(self._run([self.frame(query[z])], images, masks, ensemble, subset_size, seed)[0])
         result = self._result(np.stack(slices, axis=1), query.shape[1:3], values)
         if largest_component:  # objects in 3D for support volumes (the labels' rule); per slice for 2D supports
@@ -229,17 +235,20 @@ class InContextPredictor:
 
     def _matched_slices(
         self,
-        position: float,
+        span: tuple[float, float],
         volumes: Sequence[np.ndarray],
         labels: Sequence[np.ndarray],
         values: list[int],
         neighbours: int,
     ) -> tuple[np.ndarray, np.ndarray]:
+        """Frames and masks of each support volume's slices whose relative position lies in ``span`` (at least
+        the slice at its start), plus ``neighbours`` either side."""
         images, masks = [], []
         for volume, label in zip(volumes, labels, strict=True):
             depth = volume.shape[0]
-            centre = min(depth - 1, int(position * depth))  # the slice at the same relative position
-            for z in range(max(0, centre - neighbours), min(depth, centre + neighbours + 1)):
+            first = min(depth - 1, int(span[0] * depth))  # the slice at the same relative position
+            last = max(first, min(depth - 1, int(np.ceil(span[1] * depth)) - 1))
+            for z in range(max(0, first - neighbours), min(depth, last + neighbours + 1)):
                 images.append(self.frame(volume[z]))
                 masks.append(self.label_masks(label[z], values))
         return np.stack(images), np.stack(masks)
@@ -294,6 +303,14 @@ class InContextPredictor:
         dtype = np.min_scalar_type(max(values))  # uint8 up to 255, then uint16, uint32, uint64
         labels = np.where(probs.max(axis=0) >= 0.5, np.array(values)[best], 0).astype(dtype)
         return InContextResult(labels, probs, values)
+
+
+def _bin_of(position: float, bins: int | None) -> tuple[float, float]:
+    """The span of relative positions a query slice at ``position`` is matched with: its own point, or its bin."""
+    if bins is None:
+        return position, position
+    index = min(bins - 1, int(position * bins))
+    return index / bins, (index + 1) / bins
 
 
 def _check_image(image: np.ndarray, volume: bool, name: str, flag: str) -> None:
