@@ -9,7 +9,7 @@ Protocol:
 - Models: ``medseg plan`` on 10 cases of each dataset, with seeded untrained weights (throughput does not depend
   on what the weights learned); ``--model-2d`` / ``--model-3d`` take trained model folders instead.
 - Each configuration runs in a fresh Python process (imports, model loads and Ray's start included in its wall
-  time) into its own empty output folder: the plain loop (``predict_batch`` in one process, torch on one thread
+  time) into its own empty output folder: the plain loop (``run_batch`` in one process, torch on one thread
   and ``OMP_NUM_THREADS=1``: what Ray gives a worker of one CPU), local Ray with 1 and 2 workers (one CPU each;
   the local Ray is started and stopped by the run), and a two-node Ray cluster on loopback: ``ray start --head``
   and a second ``ray start --address`` node, one CPU each, each with its own temporary folder, stopped by their
@@ -108,13 +108,14 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     """One configuration in this process (the child side of `measure`): rows' times, counts and peaks."""
     import torch
 
-    from medseg.engine.batch import BatchOptions, predict_batch
+    from medseg.engine.batch import run_batch
+    from medseg.engine.batch_runners import SpecialistRunner
     from medseg.inference.folders import cases_of
 
     torch.set_num_threads(1)
     times: list[float] = []
-    result = predict_batch(
-        BatchOptions(spec["model"]),
+    result = run_batch(
+        SpecialistRunner(spec["model"]),
         cases_of(Path(spec["inputs"])),
         Path(spec["output"]),
         use_ray=spec["ray"],

@@ -1,8 +1,9 @@
-"""A tiny supervised model for the batch runner's tests (planned, seeded untrained weights: no training) and the
-check that two output folders hold the same label maps."""
+"""Tiny models for the batch runner's tests (a planned supervised model and a UniverSeg, seeded untrained weights: no
+training), the check that two output folders hold the same label maps, and a manifest's rows."""
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
 import torch
@@ -30,3 +31,19 @@ def assert_same_label_maps(plain: Path, out: Path) -> None:
     for name in expected:
         assert (out / name).read_bytes() == (plain / name).read_bytes(), name
     assert not list(out.glob(".medseg-staging.*"))
+
+
+def make_universeg_weights(path: Path) -> Path:
+    """Seeded untrained weights of a tiny UniverSeg (``--weights`` of ``medseg incontext``)."""
+    from medseg.models.incontext import UniverSeg
+
+    torch.manual_seed(0)
+    model = UniverSeg([(4, 4)] * 3)
+    torch.save({"architecture": {"encoder_blocks": [[4, 4]] * 3, "size": 32}, "state_dict": model.state_dict()}, path)
+    return path
+
+
+def manifest_rows(folder: Path) -> list[dict[str, str]]:
+    """The rows of ``folder/manifest.csv``."""
+    with open(folder / "manifest.csv", newline="") as f:
+        return list(csv.DictReader(f))

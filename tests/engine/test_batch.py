@@ -1,20 +1,23 @@
 """``medseg predict --batch`` (`medseg.engine.batch` in this process) and its manifest: the same label maps as a plain
-``medseg predict``, a bad file a failed row that does not stop the run, a second run that skips what is done, and
-the one-line refusals. The model is planned on a tiny dataset and given seeded untrained weights (no training)."""
+``medseg predict``, a bad file a failed row that does not stop the run, a second run that skips what is done, every
+input listed as the run starts, the lock that keeps a second run out, and the one-line refusals. The model is planned
+on a tiny dataset and given seeded untrained weights (no training)."""
 
 from __future__ import annotations
 
-import csv
+import os
 import shutil
+import socket
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from batch_helpers import assert_same_label_maps, make_model
+from batch_helpers import assert_same_label_maps, make_model, manifest_rows
 from cli_helpers import assert_one_error_line, run_cli
-from medseg.engine.batch import BatchOptions, predict_batch
+from medseg.engine.batch import run_batch
+from medseg.engine.batch_runners import SpecialistRunner
 from medseg.engine.manifest import COLUMNS, Row, model_hash, read_manifest, write_manifest
 from medseg.errors import MedsegError
 from medseg.inference.folders import cases_of
@@ -37,11 +40,6 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
     return inputs, model_dir, root / "plain"
 
 
-def manifest(folder: Path) -> list[dict[str, str]]:
-    with open(folder / "manifest.csv", newline="") as f:
-        return list(csv.DictReader(f))
-
-
 def test_batch_writes_the_same_label_maps_and_records_a_bad_file_as_a_failed_row(
     model: tuple[Path, Path, Path], tmp_path: Path
 ) -> None:
@@ -50,7 +48,7 @@ def test_batch_writes_the_same_label_maps_and_records_a_bad_file_as_a_failed_row
     assert result.exit_code == 1, result.output
     assert "2 of 8 case(s) failed" in result.stderr
     assert_same_label_maps(plain, tmp_path / "out")
-    rows = manifest(tmp_path / "out")
+    rows = manifest_rows(tmp_path / "out")
     assert list(rows[0]) == list(COLUMNS)
     assert sorted(Path(r["path"]).name for r in rows) == sorted(p.name for p in inputs.iterdir())
     failed = {Path(r["path"]).name: r["error"] for r in rows if r["status"] == "failed"}
@@ -66,22 +64,22 @@ def test_batch_writes_the_same_label_maps_and_records_a_bad_file_as_a_failed_row
 def test_a_second_run_skips_what_is_done_and_redoes_the_rest(model: tuple[Path, Path, Path], tmp_path: Path) -> None:
     inputs, model_dir, plain = model
     cases = {c: f for c, f in cases_of(inputs).items() if c in ("case_000", "case_001", "case_002")}
-    options = BatchOptions(str(model_dir))
-    first = predict_batch(options, cases, tmp_path / "out")
+    options = SpecialistRunner(str(model_dir))
+    first = run_batch(options, cases, tmp_path / "out")
     assert (first.done, first.failed, first.skipped) == (3, 0, 0)
     (tmp_path / "out" / "case_002.png").unlink()  # as if the first run had been killed before this case
-    again = predict_batch(options, cases, tmp_path / "out")
+    again = run_batch(options, cases, tmp_path / "out")
     assert (again.done, again.failed, again.skipped) == (1, 0, 2)
     for name in ("case_000.png", "case_001.png", "case_002.png"):
         assert (tmp_path / "out" / name).read_bytes() == (plain / name).read_bytes()
-    assert len(manifest(tmp_path / "out")) == 3
+    assert len(manifest_rows(tmp_path / "out")) == 3
     other = tmp_path / "other_model"
     shutil.copytree(model_dir, other)
     (other / "plan.json").write_text((other / "plan.json").read_text() + "\n")  # another plan: another hash
-    redone = predict_batch(BatchOptions(str(other)), cases, tmp_path / "out")
+    redone = run_batch(SpecialistRunner(str(other)), cases, tmp_path / "out")
     assert (redone.done, redone.skipped) == (3, 0)
-    assert {r["model"] for r in manifest(tmp_path / "out")} == {BatchOptions(str(other)).model()}
-    assert BatchOptions(str(other), mirror=True).model() != BatchOptions(str(other)).model()
+    assert {r["model"] for r in manifest_rows(tmp_path / "out")} == {SpecialistRunner(str(other)).model()}
+    assert SpecialistRunner(str(other), mirror=True).model() != SpecialistRunner(str(other)).model()
 
 
 def test_a_glob_and_a_list_of_paths_are_inputs(model: tuple[Path, Path, Path], tmp_path: Path) -> None:
@@ -115,12 +113,12 @@ def test_an_input_replaced_after_its_label_map_is_done_again(model: tuple[Path, 
     inputs.mkdir()
     for path in sorted(given.glob("*_0000.png"))[:3]:
         shutil.copyfile(path, inputs / path.name)
-    options = BatchOptions(str(model_dir))
-    first = predict_batch(options, cases_of(inputs), tmp_path / "out")
+    options = SpecialistRunner(str(model_dir))
+    first = run_batch(options, cases_of(inputs), tmp_path / "out")
     assert first.done == len(cases_of(inputs))
     replaced = sorted(inputs.iterdir())[0]
     shutil.copyfile(sorted(inputs.iterdir())[1], replaced)  # same name, new content, newer than its label map
-    again = predict_batch(options, cases_of(inputs), tmp_path / "out")
+    again = run_batch(options, cases_of(inputs), tmp_path / "out")
     assert (again.done, again.skipped) == (1, first.done - 1)
 
 
@@ -130,8 +128,8 @@ def test_an_unreachable_ray_address_is_refused_before_anything_is_written(
     pytest.importorskip("ray")
     given, model_dir, _ = model
     with pytest.raises(MedsegError, match=r"no Ray cluster answers at 127\.0\.0\.1:1"):
-        options = BatchOptions(str(model_dir))
-        predict_batch(options, cases_of(given), tmp_path / "out", use_ray=True, ray_address="127.0.0.1:1")
+        options = SpecialistRunner(str(model_dir))
+        run_batch(options, cases_of(given), tmp_path / "out", use_ray=True, ray_address="127.0.0.1:1")
     assert not (tmp_path / "out").exists()
 
 
@@ -141,3 +139,30 @@ def test_a_manifest_saved_with_a_byte_order_mark_is_read(tmp_path: Path) -> None
     write_manifest(path, [Row("/in/a.png", "/out/a.png", "done", 1.5, "", "abc")])
     path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
     assert read_manifest(path) == {"/in/a.png": Row("/in/a.png", "/out/a.png", "done", 1.5, "", "abc")}
+
+
+def test_every_input_is_listed_pending_from_the_start(model: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    inputs, model_dir, _ = model
+    cases = {c: f for c, f in cases_of(inputs).items() if c.startswith("case_")}
+    seen: list[list[dict[str, str]]] = []
+    run_batch(
+        SpecialistRunner(str(model_dir)),
+        cases,
+        tmp_path / "out",
+        on_row=lambda row: seen.append(manifest_rows(tmp_path / "out")),
+    )
+    assert len(seen[0]) == len(cases)  # at the first case's row, the manifest written as the run started
+    assert {r["status"] for r in seen[0]} == {"pending"}
+    assert {r["status"] for r in manifest_rows(tmp_path / "out")} == {"done"}
+
+
+def test_a_second_run_into_the_same_folder_is_refused_while_the_first_goes_on(
+    model: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    inputs, model_dir, _ = model
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".medseg.lock").write_text(f"{os.getppid()}@{socket.gethostname().replace('.', '_')}\n")
+    result = run_cli("predict", model_dir, inputs, "-o", out, "--batch")
+    assert_one_error_line(result, "another medseg run", f"process {os.getppid()}")
+    assert [p.name for p in out.iterdir()] == [".medseg.lock"]

@@ -1,24 +1,24 @@
-"""``medseg incontext --support DIR --query FILE|DIR -o OUT``: segment new images from labelled examples."""
+"""``medseg incontext --support DIR --query FILE|DIR -o OUT``: segment new images from labelled examples; all or
+nothing by default, case by case with a manifest (``--batch``), on Ray (``--ray``)."""
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import typer
 
+from medseg.cli.batch_options import BATCH, RAY, RAY_ADDRESS, WORKERS, batch_mode, run_batch_command
 from medseg.cli.common import OUTPUT_FORMAT_HELP, out, progress_bar, user_errors
 from medseg.errors import MedsegError
-
-if TYPE_CHECKING:
-    from medseg.inference.incontext_predictor import InContextPredictor
 
 
 @user_errors
 def incontext(
     support: Path = typer.Option(..., "--support", help="Labelled examples (nnU-Net raw layout or images/ + masks/)."),
-    query: Path = typer.Option(..., "--query", help="An image or volume, or a folder of them."),
+    query: Path = typer.Option(
+        ..., "--query", help="An image or volume, a folder of them, a glob (quoted) or a .txt/.csv list."
+    ),
     output: Path = typer.Option(..., "-o", "--output", help="Output folder (label maps named by case)."),
     engine: str | None = typer.Option(
         None,
@@ -51,6 +51,10 @@ def incontext(
         "probe, 256 for the others; 256 for the probe keeps thinner structures, at about 4x the time per query).",
     ),
     output_format: str = typer.Option("auto", "--output-format", help=OUTPUT_FORMAT_HELP),
+    batch: bool = BATCH,
+    use_ray: bool = RAY,
+    ray_address: str | None = RAY_ADDRESS,
+    workers: int | None = WORKERS,
 ) -> None:
     """Segment new images from a few labelled examples (in-context, no training).
 
@@ -59,13 +63,15 @@ def incontext(
     support set's dataset.json). A 3D query is segmented slice by slice (support volumes matched by relative
     slice position).
     The default engine, probe, fits a small classifier to the supports' frozen LiteMedSAM features
-    (about 2 s per label on two cores, once per support set) and applies it to each query's features."""
-    from medseg.data import open_dataset
-    from medseg.data.cases import load_case
+    (about 2 s per label on two cores, once per support set) and applies it to each query's features.
+
+    --batch and --ray: case by case with OUT/manifest.csv, as 'medseg predict --help' says; each Ray worker
+    prepares the supports once."""
     from medseg.inference.engines import InContextEngine
     from medseg.inference.folders import label_targets, predict_folder
+    from medseg.inference.incontext_inputs import build_predictor, load_support, query_cases
     from medseg.inference.incontext_predictor import check_ensemble_options
-    from medseg.io import Image, load
+    from medseg.io import load
     from medseg.io.formats import check_output_format
     from medseg.io.paths import check_output
     from medseg.runtime import check_device
@@ -78,39 +84,33 @@ def incontext(
     check_device(device)
     if subset_size is not None and ensemble < 2:
         raise MedsegError("--subset-size takes effect with --ensemble N (N >= 2); give both or neither")
+    batch, use_ray = batch_mode(batch, use_ray, ray_address, workers)
+    if batch:
+        from medseg.engine.batch_runners import InContextRunner
+
+        cases = query_cases(query, output, support)
+        paths = {"weights": weights, "checkpoint": checkpoint, "head": head}
+        runner = InContextRunner(
+            str(support),
+            engine,
+            **{name: None if path is None else str(path) for name, path in paths.items()},
+            frame_size=frame_size,
+            device=device,
+            ensemble=ensemble,
+            subset_size=subset_size,
+            neighbours=neighbours,
+            largest_component=largest_component,
+            output_format=output_format,
+        )
+        run_batch_command(runner, cases, output, use_ray, ray_address, workers, "segmenting")
+        return
     if output_format != "auto" and query.exists():  # a non-DICOM query for dicom-seg: refused before any work
-        label_targets(_query_cases(query, output, support), output, output_format=output_format)
-    predictor, engine_name = _predictor(engine, weights, checkpoint, head, frame_size, device)
-    dataset = open_dataset(support)
-    images, labels, dims = [], [], set()
-    support_images: list[Image] = []
-    for case in dataset.cases:
-        if case.label is None:
-            raise MedsegError("support image without a label map", case.images[0])
-        image, label = load_case(case)
-        assert label is not None
-        images.append(image.array)
-        support_images.append(image)
-        labels.append(label)
-        dims.add(image.ndim)
-    if not images:
-        raise MedsegError("the support set is empty", support)
-    if len(dims) > 1:
-        raise MedsegError("support set mixes 2D images and 3D volumes", support)
-    volumes = dims == {3}
-    if not any(label.any() for label in labels):
-        raise MedsegError("no foreground in any support label map: nothing defines the task", support)
-    if subset_size is not None and subset_size >= len(images):
-        raise MedsegError(f"--subset-size {subset_size} is not smaller than the support set ({len(images)})", support)
-    cases = _query_cases(query, output, support)
-    supports = [p for case in dataset.cases for p in (*case.images, case.label) if p is not None]
+        label_targets(query_cases(query, output, support), output, output_format=output_format)
+    predictor, engine_name = build_predictor(engine, weights, checkpoint, head, frame_size, device)
+    supports = load_support(support, subset_size)
+    cases = query_cases(query, output, support)
     segmenter = InContextEngine(predictor, engine_name)
-    segmenter.set_support(support_images, labels)
-
-    def check(image: Image) -> None:
-        if volumes and image.ndim != 3:
-            raise MedsegError(f"{image.ndim}D query, but the support set holds 3D volumes")
-
+    segmenter.set_support(supports.images, supports.labels)
     started = time.perf_counter()
     with progress_bar("segmenting", len(cases)) as advance:
         predict_folder(
@@ -124,86 +124,16 @@ def incontext(
             cases,
             output,
             load_case=lambda paths: load(paths[0]),
-            check=check,
-            protect=supports,
+            check=supports.check_query,
+            protect=supports.files,
             on_case=advance,
             output_format=output_format,
-            segment_names={value: name for value, name in dataset.label_names().items() if value != 0},
+            segment_names=supports.label_names,
             algorithm_name=f"medseg incontext ({engine_name})",
         )
     per = (time.perf_counter() - started) / len(cases)
     out.print(
-        f"{len(cases)} label map(s) in {output} from {len(images)} supports ({per:.2f} s per query, "
+        f"{len(cases)} label map(s) in {output} from {len(supports.images)} supports ({per:.2f} s per query, "
         "the supports' one-off embedding and fit included)",
         soft_wrap=True,
     )
-
-
-def _query_cases(query: Path, output: Path, support: Path) -> dict[str, list[Path]]:
-    """Case -> [its file]: the query file; the image files and DICOM series sub-folders of a query folder; or the
-    query folder itself when it holds files but none with an extension medseg reads, and no folders (a DICOM
-    series), as ``medseg predict``.
-
-    Raises:
-        MedsegError: no such query, ``output`` is the query's folder or inside ``support``, no images, a second
-            channel (``_0001``) of a case, two files of one case.
-    """
-    from medseg.io import case_of
-    from medseg.io.formats import is_image_file, split_channel, split_extension
-
-    if not query.exists():
-        raise MedsegError("no such file or folder", query)
-    # label maps written among the inputs would be read as inputs by the next run
-    if output.resolve() == (query if query.is_dir() else query.parent).resolve():
-        raise MedsegError("output folder is the query's folder; choose another -o", output)
-    if output.resolve().is_relative_to(support.resolve()):
-        raise MedsegError(f"output folder is inside the support folder {support}; choose another -o", output)
-    files = [query] if query.is_file() else sorted(p for p in query.iterdir() if p.is_file() and is_image_file(p))
-    visible = [] if query.is_file() else [p for p in query.iterdir() if not p.name.startswith(".")]
-    if not files and visible and not any(p.is_dir() for p in visible):
-        files = [query]  # a DICOM series folder (slices named without a known extension): one volume
-    elif query.is_dir():  # DICOM series sub-folders are one volume each, as for `medseg predict`
-        files += sorted(p for p in visible if p.is_dir() and p.resolve() != output.resolve())
-    if not files:
-        raise MedsegError("no images in this folder", query)
-    for f in files:  # nnU-Net's case_0001 beside case_0000 is a second channel, which these engines do not take
-        split = split_channel(split_extension(f)[0])
-        if split is not None and split[1] != 0 and any(case_of(g) == split[0] for g in files):
-            raise MedsegError("a second channel of a case; in-context engines take one image per case", f)
-    cases: dict[str, list[Path]] = {}
-    for f in files:
-        if case_of(f) in cases:
-            raise MedsegError(
-                f"{cases[case_of(f)][0].name} and {f.name} would both be written to the label map of {case_of(f)}", f
-            )
-        cases[case_of(f)] = [f]
-    return cases
-
-
-def _predictor(
-    engine: str | None,
-    weights: Path | None,
-    checkpoint: Path | None,
-    head: Path | None,
-    frame_size: int | None,
-    device: str,
-) -> tuple[InContextPredictor, str]:
-    """The in-context predictor the options name, and the engine's name."""
-    from medseg.inference.feature_incontext import METHODS, FeatureMatchingPredictor
-    from medseg.inference.incontext_predictor import InContextPredictor
-
-    if engine is None:
-        engine = "universeg" if weights is not None else "match" if head is not None else "probe"
-    if engine == "universeg":
-        if weights is None:
-            raise MedsegError("--engine universeg needs --weights (weights.pt from medseg train-incontext)")
-        if checkpoint is not None or head is not None or frame_size is not None:
-            raise MedsegError(
-                "--checkpoint, --head and --frame-size are for the feature engines (probe, knn, match, prototype)"
-            )
-        return InContextPredictor.from_weights(weights, device), engine
-    if engine not in METHODS:
-        raise MedsegError(f"unknown --engine {engine!r} (known: probe, knn, match, prototype, universeg)")
-    if weights is not None:
-        raise MedsegError(f"--weights is for --engine universeg; --engine {engine} uses a LiteMedSAM --checkpoint")
-    return FeatureMatchingPredictor.from_checkpoint(checkpoint, engine, head, device, frame_size=frame_size), engine

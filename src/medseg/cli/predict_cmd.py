@@ -5,15 +5,12 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import typer
 
-from medseg.cli.common import OUTPUT_FORMAT_HELP, case_progress, err, out, progress_bar, user_errors
+from medseg.cli.batch_options import BATCH, RAY, RAY_ADDRESS, WORKERS, batch_mode, run_batch_command
+from medseg.cli.common import OUTPUT_FORMAT_HELP, out, progress_bar, user_errors
 from medseg.errors import MedsegError
-
-if TYPE_CHECKING:
-    from medseg.engine.batch import BatchOptions
 
 
 @user_errors
@@ -33,19 +30,10 @@ def predict(
         None, "--series", help="Of a DICOM folder holding several series: its SeriesNumber or SeriesInstanceUID."
     ),
     frame: int | None = typer.Option(None, "--frame", help="Of a 4D input (time series, cine): the volume to use."),
-    batch: bool = typer.Option(
-        False,
-        "--batch",
-        help="Case by case: each label map written when done, OUT/manifest.csv, a bad case a failed row (exit 1), "
-        "a second run skips what is done.",
-    ),
-    use_ray: bool = typer.Option(
-        False, "--ray", help="As --batch, on Ray (the ray extra of medseg); a local Ray by default."
-    ),
-    ray_address: str | None = typer.Option(
-        None, "--ray-address", help="A running Ray cluster (ray start --head prints it; 'auto'); implies --ray."
-    ),
-    workers: int | None = typer.Option(None, "--workers", min=1, help="Ray workers, one CPU each (default all)."),
+    batch: bool = BATCH,
+    use_ray: bool = RAY,
+    ray_address: str | None = RAY_ADDRESS,
+    workers: int | None = WORKERS,
 ) -> None:
     """Segment a file or a folder with a model from 'medseg train'.
 
@@ -68,14 +56,12 @@ def predict(
     if save_probabilities and (output / "probabilities").exists() and not (output / "probabilities").is_dir():
         raise MedsegError("is a file; --save-probabilities writes a folder there", output / "probabilities")
     cases = cases_of(input_path)
-    use_ray = use_ray or ray_address is not None
-    if workers is not None and not use_ray:
-        raise MedsegError("--workers sets the Ray workers: add --ray")
-    if batch or use_ray:
-        from medseg.engine.batch import BatchOptions
+    batch, use_ray = batch_mode(batch, use_ray, ray_address, workers)
+    if batch:
+        from medseg.engine.batch_runners import SpecialistRunner
 
-        options = BatchOptions(str(model_dir), device, mirror, save_probabilities, output_format, series, frame)
-        _predict_batch(options, cases, output, use_ray, ray_address, workers)
+        runner = SpecialistRunner(str(model_dir), device, mirror, save_probabilities, output_format, series, frame)
+        run_batch_command(runner, cases, output, use_ray, ray_address, workers)
         return
     if output_format != "auto":  # a non-DICOM input for dicom-seg is refused before the model loads
         label_targets(cases, output, output_format=output_format)
@@ -97,41 +83,3 @@ def predict(
         )
     seconds = time.perf_counter() - started
     out.print(f"{len(cases)} label map(s) in {output} ({seconds / max(len(cases), 1):.2f} s per case)", soft_wrap=True)
-
-
-def _predict_batch(
-    options: BatchOptions,
-    cases: dict[str, list[Path]],
-    output: Path,
-    use_ray: bool,
-    ray_address: str | None,
-    workers: int | None,
-) -> None:
-    from medseg.engine.batch import predict_batch
-    from medseg.engine.manifest import FAILED, MANIFEST
-
-    with case_progress("predicting", len(cases)) as advance:
-        result = predict_batch(
-            options,
-            cases,
-            output,
-            use_ray=use_ray,
-            ray_address=ray_address,
-            workers=workers,
-            on_row=lambda row: advance(row.status == FAILED),
-        )
-    ran = result.done + result.failed
-    rate = f", {ran / result.seconds:.2f} cases/s" if ran and result.seconds > 0 else ""
-    skipped = f", {result.skipped} done before" if result.skipped else ""
-    out.print(
-        f"{result.done} label map(s) in {output}, {result.failed} failed{skipped} of {len(cases)} case(s)"
-        f" ({result.seconds:.1f} s{rate}); {output / MANIFEST}",
-        soft_wrap=True,
-    )
-    if result.failed:
-        err.print(
-            f"medseg: {result.failed} of {len(cases)} case(s) failed: their errors are in {output / MANIFEST}",
-            markup=False,
-            soft_wrap=True,
-        )
-        raise typer.Exit(1)

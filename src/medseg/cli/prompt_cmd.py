@@ -1,4 +1,5 @@
-"""``medseg prompt INPUT --box ... | --box3d ... | --point ... -o OUT``: a mask from a box or clicks."""
+"""``medseg prompt INPUT --box ... | --box3d ... | --point ... -o OUT``: a mask from a box or clicks; ``medseg prompt
+INPUTS --boxes boxes.csv -o OUT --batch | --ray``: many images, each with its own boxes, case by case."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import TYPE_CHECKING
 
 import typer
 
+from medseg.cli.batch_options import BATCH, RAY, RAY_ADDRESS, WORKERS, batch_mode, run_batch_command
 from medseg.cli.common import OUTPUT_FORMAT_HELP, check_device, out, progress_bar, user_errors
 from medseg.cli.common import err as stderr
 from medseg.errors import MedsegError
@@ -16,10 +18,16 @@ from medseg.errors import MedsegError
 if TYPE_CHECKING:
     import numpy as np
 
+    from medseg.engine.batch_runners import PromptRunner
+
 
 @user_errors
 def prompt(
-    input_path: Path = typer.Argument(..., metavar="INPUT", help="2D image or volume (any format medseg reads)."),
+    input_path: Path = typer.Argument(
+        ...,
+        metavar="INPUT",
+        help="2D image or volume (any format medseg reads); with --boxes: a folder, a glob or a .txt/.csv list.",
+    ),
     output: Path = typer.Option(..., "-o", "--output", help="Label map file (e.g. out.nii.gz), or a folder."),
     box: list[str] = typer.Option([], "--box", help="x0,y0,x1,y1 in pixels (x = column); repeat for more objects."),
     box3d: list[str] = typer.Option([], "--box3d", help="x0,y0,z0,x1,y1,z1 voxel indices (z inclusive); repeatable."),
@@ -39,12 +47,26 @@ def prompt(
         None, "--series", help="Of a DICOM folder holding several series: its SeriesNumber or SeriesInstanceUID."
     ),
     frame: int | None = typer.Option(None, "--frame", help="Of a 4D input (time series, cine): the volume to use."),
+    boxes: Path | None = typer.Option(
+        None,
+        "--boxes",
+        help="A CSV of boxes per image: path,x0,y0,x1,y1 (optional z0,z1: a 3D box; slice: a 2D box's slice of a "
+        "volume); a path's rows are its objects 1, 2, ... Case by case into the folder -o (implies --batch).",
+    ),
+    batch: bool = BATCH,
+    use_ray: bool = RAY,
+    ray_address: str | None = RAY_ADDRESS,
+    workers: int | None = WORKERS,
 ) -> None:
     """Segment objects from prompts with a MedSAM-family model; the label map keeps the input's geometry.
 
     Each box (or 3D box) is one object, labelled 1, 2, ... in order; clicks refine one object. On a
     volume, objects are propagated slice by slice from the middle of a 3D box, or from --slice. A DICOM
     series in, -o x.dcm or --output-format dicom-seg: a DICOM-SEG (SEMIAUTOMATIC) referencing the series.
+
+    --boxes boxes.csv (with --batch, implied, or --ray): every image of INPUTS with its rows' boxes, case by case
+    into the folder -o with OUT/manifest.csv, as 'medseg predict --help' says; an image without a row, or a row
+    naming a missing file, is a failed row.
     """
     from medseg.inference.prompt_predictor import PromptPredictor
     from medseg.inference.prompt_session import Prompts, clip_to_image, intensity_preset, segment, validate
@@ -57,6 +79,18 @@ def prompt(
 
     check_output_format(output_format)
     check_device(device)
+    batch, use_ray = batch_mode(batch, use_ray, ray_address, workers)
+    if boxes is not None or batch:
+        if boxes is None:
+            raise MedsegError("--batch and --ray take the boxes of each image from --boxes boxes.csv")
+        if box or box3d or point or slice_index is not None:
+            raise MedsegError("--boxes gives each image its boxes: leave out --box, --box3d, --point and --slice")
+        from medseg.engine.batch_runners import PromptRunner
+
+        runner = PromptRunner(str(boxes), {}, None if checkpoint is None else str(checkpoint), model, preset, device,
+                              output_format, series, frame)  # fmt: skip
+        _prompt_batch(runner, input_path, output, (use_ray, ray_address, workers))
+        return
     prompts = Prompts(
         boxes=[_numbers(b, 4, "--box") for b in box],  # type: ignore[misc]
         boxes3d=[_numbers(b, 6, "--box3d") for b in box3d],  # type: ignore[misc]
@@ -111,6 +145,21 @@ def prompt(
     else:
         written = save(labels, target, protect=(input_path,))
     _report(labels.array, image.voxel_volume_mm3, image.ndim, written, time.perf_counter() - started)
+
+
+def _prompt_batch(runner: PromptRunner, inputs: Path, output: Path, ray: tuple[bool, str | None, int | None]) -> None:
+    """``runner`` on the cases of ``inputs`` with their boxes from ``runner.boxes_file``."""
+    from dataclasses import replace
+
+    from medseg.inference.box_table import boxes_of_cases
+    from medseg.inference.folders import cases_of
+    from medseg.io.paths import check_output
+
+    if output.suffix and not output.is_dir():
+        raise MedsegError("with --boxes, -o is a folder (label maps named by case)", output)
+    check_output(output)
+    cases, boxes = boxes_of_cases(cases_of(inputs), Path(runner.boxes_file))
+    run_batch_command(replace(runner, boxes=boxes), cases, output, *ray, description="segmenting")
 
 
 def _numbers(text: str, count: int | None, option: str) -> tuple[float, ...]:

@@ -1,63 +1,96 @@
 """Batch prediction that goes on past a bad case and picks up where it stopped: in this process, or on Ray.
 
-Behind ``medseg predict --batch`` and ``medseg predict --ray``. Unlike `medseg.inference.folders.predict_folder`
+Behind ``--batch`` and ``--ray`` of ``medseg predict``, ``medseg incontext`` and ``medseg prompt``. An engine takes
+part through a `CaseRunner` (`medseg.engine.batch_runners`): plain values, which travel to Ray's workers, whose
+`CaseRunner.build` makes the predictor once per worker (a model loaded, a support set prepared) and hands back a
+`CasePredictor`, the function for one case. The rest is shared: unlike `medseg.inference.folders.predict_folder`
 (all or nothing), each case's label map is written on its own as soon as it is done (in a hidden folder inside
 ``OUT``, then renamed into place, so a killed worker leaves no partial file), a case that cannot be segmented
 becomes a ``failed`` row of ``OUT/manifest.csv`` (`medseg.engine.manifest`) and the run goes on, and a second run
-skips the cases whose label map exists for the same `model_hash`.
+skips the cases whose label map exists for the same model hash. Every input is listed in the manifest (``pending``)
+as the run starts, and ``OUT/.medseg.lock`` (`medseg.engine.run_lock`) keeps a second run out while one goes on.
 
-On Ray (an optional dependency, imported only here and only when asked for) the inputs' paths go through Ray
-Data (``from_items(...).map_batches(...)``) to a pool of actors, one CPU each, that load the model once and write
-the label maps themselves: only paths and rows travel, never volumes. Every node must see the model folder, the
-inputs and ``OUT`` at the same paths (a shared file system) and have medseg installed. Ray restarts a killed
-actor and runs its block of cases again; their label maps are rewritten in place, and the driver records each
-case once.
+On Ray (`medseg.engine.batch_ray`, an optional dependency imported only when asked for) the inputs' paths go to a
+pool of actors that build the predictor once and write the label maps themselves: only paths and rows travel,
+never volumes.
 """
 
 from __future__ import annotations
 
+import abc
 import dataclasses
-import logging
-import math
 import os
 import resource
 import shutil
 import time
 import traceback
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
-from medseg.engine.manifest import DONE, FAILED, MANIFEST, Row, case_key, model_hash, read_manifest, write_manifest
+from medseg.engine.manifest import DONE, FAILED, MANIFEST, PENDING, Row, case_key, read_manifest, write_manifest
+from medseg.engine.run_lock import check_unlocked, output_lock
 from medseg.errors import MedsegError
 
-RAY_MISSING = "--ray needs Ray, an optional extra: pip install 'medseg[ray]'"
+if TYPE_CHECKING:
+    from medseg.inference.engines import Segmentation
+    from medseg.io import Image
+
 _MANIFEST_EVERY = 2.0  # seconds between rewrites of the manifest while a run goes on
 
 
-@dataclass(frozen=True)
-class BatchOptions:
-    """What a worker needs to rebuild the predictor (plain values: they travel to Ray workers)."""
+@dataclass
+class CasePredictor:
+    """What a `CaseRunner` builds once per worker.
 
-    model_dir: str
-    device: str = "cpu"
-    mirror: bool = False
-    save_probabilities: bool = False
-    output_format: str = "auto"
-    series: str | None = None  # of DICOM folders holding several series (`medseg.io.load`)
-    frame: int | None = None  # of 4D inputs
+    ``load``: a case's files -> its `Image`. ``segment``: (case name, image) -> its `Segmentation`, raising
+    MedsegError for a case it cannot take. The rest says how the label maps are written (as
+    `medseg.inference.folders.write_prediction`): DICOM-SEG segment names and algorithm, and ``probabilities``:
+    also ``OUT/probabilities/<case>.npz``.
+    """
 
+    load: Callable[[Sequence[Path]], Image]
+    segment: Callable[[str, Image], Segmentation]
+    segment_names: Mapping[int, str] | None = None
+    algorithm_name: str = "medseg"
+    algorithm_type: str = "AUTOMATIC"
+    probabilities: bool = False
+
+
+class CaseRunner(abc.ABC):
+    """One engine's part in a batch run. Subclasses are frozen dataclasses of plain values (pickled to Ray's
+    workers) with an ``output_format`` (``auto``, ``nifti`` or ``dicom-seg``)."""
+
+    output_format: str
+
+    @abc.abstractmethod
+    def absolute(self) -> CaseRunner:
+        """This runner with its paths absolute (Ray's workers run in other folders, on other machines)."""
+
+    @abc.abstractmethod
     def model(self) -> str:
-        """`model_hash` of the weights, the plan and the options that change what is written."""
-        chosen = {k: v for k, v in (("series", self.series), ("frame", self.frame)) if v is not None}
-        return model_hash(
-            Path(self.model_dir),
-            mirror=self.mirror,
-            save_probabilities=self.save_probabilities,
-            output_format=self.output_format,
-            **chosen,  # only when given: a run without them keeps the hash it had
-        )
+        """A `medseg.engine.manifest.content_hash` of all that makes the outputs: weights, options, supports.
+
+        Raises:
+            MedsegError: a file cannot be read.
+        """
+
+    @abc.abstractmethod
+    def build(self) -> CasePredictor:
+        """The predictor, built once per worker.
+
+        Raises:
+            MedsegError: the model or what it needs cannot be loaded.
+        """
+
+    def case_model(self, model: str, case: str) -> str:
+        """The manifest's ``model`` of one case: ``model``, or more where a case has its own inputs (boxes)."""
+        return model
+
+    def protect(self) -> list[Path]:
+        """Files besides the inputs that a label map must never overwrite (a support set)."""
+        return []
 
 
 @dataclass
@@ -73,21 +106,16 @@ class BatchResult:
 
 
 class CaseWorker:
-    """One model, loaded once, that segments cases one by one and writes each label map into ``output``.
+    """A runner's predictor, built once, that segments cases one by one and writes each label map into ``output``.
 
     Raises:
-        MedsegError: as `SpecialistEngine.from_pretrained` (an unreadable model folder).
+        MedsegError: as the runner's `CaseRunner.build`.
     """
 
-    def __init__(self, options: BatchOptions, output: str | Path) -> None:
-        from medseg.inference.engines import SpecialistEngine
-
-        self.options = options
+    def __init__(self, runner: CaseRunner, output: str | Path) -> None:
+        self.runner = runner
         self.output = Path(output)
-        self.engine = SpecialistEngine.from_pretrained(options.model_dir, options.device)
-        plan = self.engine.predictor.plan
-        self.segment_names = {value: name for name, value in plan.labels.items() if value != 0}
-        self.algorithm_name = f"medseg specialist ({plan.network.name})"
+        self.predictor = runner.build()
 
     def __call__(self, case: str, files: Sequence[str | Path], target: str | Path) -> tuple[str, float, str]:
         """Segment ``case`` (its ``files``) and write its label map to ``target`` (a file in ``output``).
@@ -96,32 +124,31 @@ class CaseWorker:
             (status, seconds, error): ``done`` or ``failed``, wall time, and for a failed case one line naming
             the file and the problem (an unexpected exception too: the run goes on).
         """
-        from medseg.data.cases import load_channels
         from medseg.inference.folders import not_a_segmentation, staging, write_prediction
         from medseg.io.dicom_source import check_grid, read_source
 
         started = time.perf_counter()
         paths = [Path(f) for f in files]
         target = Path(target)
+        predictor, output_format = self.predictor, self.runner.output_format
         try:
-            image = load_channels(paths, series=self.options.series, frame=self.options.frame)
+            image = predictor.load(paths)
             not_a_segmentation(image, paths[0])
-            self.engine.check(image)
-            if self.options.output_format == "dicom-seg":
+            if output_format == "dicom-seg":
                 check_grid(image, read_source(paths[0]), paths[0])
-            options = self.options
-            result = self.engine.predict(image, probabilities=options.save_probabilities, mirror=options.mirror)
+            result = predictor.segment(case, image)
             with staging(self.output) as folder:
                 write_prediction(
                     result,
                     folder,
                     target,
                     paths,
-                    protect=paths,
-                    probabilities_name=f"{case}.npz" if self.options.save_probabilities else None,
-                    output_format=self.options.output_format,
-                    segment_names=self.segment_names,
-                    algorithm_name=self.algorithm_name,
+                    protect=[*paths, *self.runner.protect()],
+                    probabilities_name=f"{case}.npz" if predictor.probabilities else None,
+                    output_format=output_format,
+                    segment_names=predictor.segment_names,
+                    algorithm_name=predictor.algorithm_name,
+                    algorithm_type=predictor.algorithm_type,
                 )
         except MedsegError as error:
             return FAILED, time.perf_counter() - started, str(MedsegError(error.problem, error.path or paths[0]))
@@ -137,8 +164,8 @@ def peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def predict_batch(
-    options: BatchOptions,
+def run_batch(
+    runner: CaseRunner,
     cases: Mapping[str, Sequence[Path]],
     output: Path,
     *,
@@ -150,7 +177,7 @@ def predict_batch(
     """Segment every case not done yet into ``output``, recording each in ``output/manifest.csv``.
 
     Args:
-        options: the model folder and the prediction options.
+        runner: the engine, its weights and options (`medseg.engine.batch_runners`).
         cases: case name -> its files (`medseg.inference.folders.cases_of`).
         use_ray: run on Ray: the cluster at ``ray_address``, else a local one started (and stopped) here; an
             already initialised Ray is used as it is.
@@ -161,40 +188,69 @@ def predict_batch(
         The counts (`BatchResult`); failed cases are rows of the manifest, not exceptions.
 
     Raises:
-        MedsegError: before any work, as `label_targets` and `SpecialistEngine.from_pretrained`, an ``output``
-            that cannot be written or whose manifest is not medseg's, Ray missing or unreachable; on Ray, a
-            failure of Ray itself (the manifest keeps every case finished before it).
+        MedsegError: before any work, as `label_targets` and the runner's `CaseRunner.build`, an ``output`` that
+            cannot be written, whose manifest is not medseg's or that another run is writing into, Ray missing
+            or unreachable; on Ray, a failure of Ray itself (the manifest keeps every case finished before it).
     """
+    from medseg.engine import batch_ray
     from medseg.inference.folders import label_targets
 
     started = time.perf_counter()
-    if use_ray:
-        _import_ray()
-        if ray_address:
-            _check_reachable(ray_address)
-    # absolute paths: Ray's workers run in other folders, on other machines
-    options = dataclasses.replace(options, model_dir=os.path.abspath(options.model_dir))
-    output = Path(os.path.abspath(output))
-    cases = {case: [Path(os.path.abspath(f)) for f in files] for case, files in cases.items()}
-    targets = label_targets(cases, output, output_format=options.output_format)
-    model = options.model()
-    worker = CaseWorker(options, output)  # the plain loop's worker; with Ray it only proves the model loads
-    try:
-        output.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise MedsegError(f"cannot write here ({error.strerror})", output) from None
+    with batch_ray.local_ray_env(use_ray and not ray_address):
+        if use_ray:
+            batch_ray.import_ray()
+            if ray_address:
+                batch_ray.check_reachable(ray_address)
+        runner = runner.absolute()  # absolute paths: Ray's workers run in other folders, on other machines
+        output = Path(os.path.abspath(output))
+        cases = {case: [Path(os.path.abspath(f)) for f in files] for case, files in cases.items()}
+        targets = label_targets(cases, output, runner.protect(), runner.output_format)
+        check_unlocked(output)
+        read_manifest(output / MANIFEST)  # not medseg's: refused before the model loads
+        model = runner.model()
+        models = {case: runner.case_model(model, case) for case in cases}
+        worker: CaseWorker | None = CaseWorker(runner, output)  # with Ray it only proves that the model loads
+        if use_ray:
+            worker = None  # the actors build their own
+        try:
+            output.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise MedsegError(f"cannot write here ({error.strerror})", output) from None
+        ray = (ray_address, workers) if use_ray else None
+        with output_lock(output):
+            result = _run(runner, worker, cases, targets, models, output, ray, on_row)
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def _run(
+    runner: CaseRunner,
+    worker: CaseWorker | None,
+    cases: Mapping[str, Sequence[Path]],
+    targets: Mapping[str, Path],
+    models: Mapping[str, str],
+    output: Path,
+    ray: tuple[str | None, int | None] | None,
+    on_row: Callable[[Row], None] | None,
+) -> BatchResult:
+    """`run_batch` holding the lock: the manifest with every case (``pending`` those to do), then the cases in
+    ``worker`` or, with ``ray`` (address, workers), on Ray."""
+    from medseg.engine import batch_ray
+
     manifest_path = output / MANIFEST
     earlier = read_manifest(manifest_path)
     keys = {case: case_key(files) for case, files in cases.items()}
+    todo = [c for c in cases if not _done_before(earlier.get(keys[c]), models[c], targets[c], cases[c])]
     rows: dict[str, Row] = {keys[case]: earlier[keys[case]] for case in cases if keys[case] in earlier}
-    todo = [c for c in cases if not _done_before(earlier.get(keys[c]), model, targets[c], cases[c])]
-    result = BatchResult(skipped=len(cases) - len(todo))
+    rows.update({keys[c]: Row(keys[c], str(targets[c]), PENDING, 0.0, "", models[c]) for c in todo})
     others = [row for key, row in earlier.items() if key not in rows]  # other inputs' rows stay
-    last_write = 0.0
+    result = BatchResult(skipped=len(cases) - len(todo))
+    write_manifest(manifest_path, _ordered(rows, keys, others))  # a kill from now on leaves every input listed
+    last_write = time.perf_counter()
 
     def record(case: str, status: str, seconds: float, error: str) -> None:
         nonlocal last_write
-        row = Row(keys[case], os.path.abspath(targets[case]), status, seconds, error, model)
+        row = Row(keys[case], str(targets[case]), status, seconds, error, models[case])
         rows[row.path] = row
         result.done += status == DONE
         result.failed += status == FAILED
@@ -205,13 +261,12 @@ def predict_batch(
             last_write = time.perf_counter()
 
     try:
-        if use_ray:
-            del worker
+        if ray is not None:
             items = [{"case": c, "files": "\n".join(map(str, cases[c])), "target": str(targets[c])} for c in todo]
-            for got in _on_ray(items, options, output, ray_address, workers):
+            for got in batch_ray.ray_rows(items, runner, output, *ray):
                 record(got["case"], got["status"], got["seconds"], got["error"])
                 result.peak_mb[got["pid"]] = max(result.peak_mb.get(got["pid"], 0.0), got["peak_mb"])
-        else:
+        elif worker is not None:
             for case in todo:
                 record(case, *worker(case, cases[case], targets[case]))
             result.peak_mb[os.getpid()] = peak_memory_mb()
@@ -219,7 +274,6 @@ def predict_batch(
         write_manifest(manifest_path, _ordered(rows, keys, others))
         for left in output.glob(".medseg-staging.*"):  # a killed worker's unfinished case
             shutil.rmtree(left, ignore_errors=True)
-    result.seconds = time.perf_counter() - started
     return result
 
 
@@ -241,124 +295,12 @@ def _newest_mtime(path: Path) -> int:
     return path.stat().st_mtime_ns
 
 
-def _check_reachable(address: str) -> None:
-    """Refuse a ``host:port`` Ray address that does not answer within a few seconds (Ray itself retries for
-    minutes); ``auto`` and ``ray://`` addresses are left to Ray."""
-    import socket
-
-    host, _, port = address.rpartition(":")
-    if address == "auto" or "://" in address or not port.isdigit():
-        return
-    try:
-        socket.create_connection((host or "127.0.0.1", int(port)), timeout=5).close()
-    except OSError as error:
-        raise MedsegError(f"no Ray cluster answers at {address} ({error.strerror or error})") from None
-
-
 def _ordered(rows: Mapping[str, Row], keys: Mapping[str, str], others: Sequence[Row]) -> list[Row]:
     """This run's rows in the cases' order, then the rows of inputs of earlier runs not in this one."""
     return [rows[key] for key in keys.values() if key in rows] + list(others)
 
 
-def cases_per_block(cases: int, workers: int) -> int:
-    """Cases in one Ray Data block: small enough that every worker gets several blocks and that a killed worker
-    redoes little, large enough that Ray's cost per block stays small next to the cases'."""
-    return max(1, min(16, math.ceil(cases / (max(workers, 1) * 8))))
-
-
-def _on_ray(
-    items: list[dict[str, str]],
-    options: BatchOptions,
-    output: Path,
-    address: str | None,
-    workers: int | None,
-) -> Iterator[dict[str, Any]]:
-    """Rows (``case``, ``status``, ``seconds``, ``error``, ``pid``, ``peak_mb``) from a Ray actor pool, as
-    their blocks finish."""
-    ray = _import_ray()
-    if not items:
-        return
-    started_here = not ray.is_initialized()
-    if started_here:
-        _start_ray(ray, address, workers)
-    try:
-        size = min(len(items), workers or max(1, int(ray.cluster_resources().get("CPU", 1))))
-        context = ray.data.DataContext.get_current()
-        context.enable_progress_bars = False
-        context.print_on_execution_start = False
-        logging.getLogger("ray.data").setLevel(logging.WARNING)  # no INFO lines per dataset run
-        logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "progress bars disabled"
-        blocks = math.ceil(len(items) / cases_per_block(len(items), size))
-        dataset = ray.data.from_items(items, override_num_blocks=blocks).map_batches(
-            _RayCases,
-            fn_constructor_kwargs={"options": options, "output": str(output)},
-            batch_size=1,
-            batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=size),
-            num_cpus=1,
-        )
-        try:
-            for got in dataset.iter_rows():
-                yield {
-                    "case": str(got["case"]),
-                    "status": str(got["status"]),
-                    "seconds": float(got["seconds"]),
-                    "error": str(got["error"]),
-                    "pid": int(got["pid"]),
-                    "peak_mb": float(got["peak_mb"]),
-                }
-        except ray.exceptions.RayError as error:
-            lines = [line for line in str(error).splitlines() if line.strip()]
-            raise MedsegError(f"Ray failed: {lines[-1] if lines else type(error).__name__}") from None
-    finally:
-        if started_here:
-            ray.shutdown()
-
-
-def _import_ray() -> Any:
-    """The ``ray`` module with Ray Data.
-
-    Raises:
-        MedsegError: Ray is not installed (`RAY_MISSING`).
-    """
-    try:
-        import ray
-        import ray.data  # Ray Data: a part of Ray that may be missing
-    except ImportError:
-        raise MedsegError(RAY_MISSING) from None
-    return ray
-
-
-def _start_ray(ray: Any, address: str | None, workers: int | None) -> None:
-    """Connect to the cluster at ``address``, or start a local one with ``workers`` CPUs (default all)."""
-    settings: dict[str, Any] = {"log_to_driver": False, "configure_logging": False}
-    try:
-        if address:
-            ray.init(address=address, **settings)
-        else:
-            ray.init(
-                num_cpus=workers or os.cpu_count() or 1,
-                include_dashboard=False,
-                object_store_memory=128 << 20,  # only paths and rows go through it
-                **settings,
-            )
-    except (ConnectionError, RuntimeError, ValueError) as error:
-        where = f" at {address}" if address else ""
-        raise MedsegError(f"cannot start or reach Ray{where}: {' '.join(str(error).split())[:200]}") from None
-
-
-class _RayCases:
-    """The Ray Data actor: a `CaseWorker` built once per actor, fed one case per batch."""
-
-    def __init__(self, options: BatchOptions, output: str) -> None:
-        self.worker = CaseWorker(options, output)
-
-    def __call__(self, batch: dict[str, Any]) -> dict[str, list[Any]]:
-        rows: dict[str, list[Any]] = {key: [] for key in ("case", "status", "seconds", "error", "pid", "peak_mb")}
-        for case, files, target in zip(batch["case"], batch["files"], batch["target"], strict=True):
-            status, seconds, error = self.worker(str(case), str(files).split("\n"), str(target))
-            for key, value in zip(
-                rows, (str(case), status, seconds, error, os.getpid(), peak_memory_mb()), strict=True
-            ):
-                rows[key].append(value)
-        return rows
+def absolute_paths(runner: CaseRunner, *names: str) -> CaseRunner:
+    """``runner`` with the path fields ``names`` made absolute (those that are set)."""
+    values = {name: os.path.abspath(getattr(runner, name)) for name in names if getattr(runner, name) is not None}
+    return dataclasses.replace(runner, **values)  # type: ignore[type-var]

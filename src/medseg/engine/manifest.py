@@ -1,9 +1,11 @@
 """``OUT/manifest.csv`` of a batch prediction: one row per input case, and the model hash that makes a run resumable.
 
 Columns: ``path`` (the case's input files, absolute, ``;`` between channels), ``output`` (its label map,
-absolute), ``status`` (``done`` or ``failed``), ``seconds`` (wall time of the case on its worker), ``error`` (the
-one-line reason of a failed case, else empty) and ``model`` (`model_hash` of what predicted it). The file is
-always replaced whole and atomically, so a reader never sees half a row and no input is listed twice.
+absolute), ``status`` (``done``, ``failed``, or ``pending``: listed when the run started, not done yet),
+``seconds`` (wall time of the case on its worker), ``error`` (the one-line reason of a failed case, else empty)
+and ``model`` (a `content_hash` of what predicted it: the weights, the options, for in-context the support set,
+for prompts the case's boxes). The file is always replaced whole and atomically, so a reader never sees half a
+row and no input is listed twice.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from medseg.errors import MedsegError
 
 MANIFEST = "manifest.csv"
 COLUMNS = ("path", "output", "status", "seconds", "error", "model")
-DONE, FAILED = "done", "failed"
+DONE, FAILED, PENDING = "done", "failed", "pending"
 
 
 @dataclass(frozen=True)
@@ -42,21 +44,34 @@ def case_key(files: Sequence[Path]) -> str:
 
 
 def model_hash(model_dir: Path, **options: object) -> str:
-    """16 hex digits of SHA-256 over the model folder's ``plan.json`` and ``model.pt`` bytes and the ``options``
-    that change the outputs (e.g. ``mirror``, ``output_format``), so a resumed run redoes cases of another model.
+    """`content_hash` of a ``medseg train`` folder's ``plan.json`` and ``model.pt`` and the ``options`` that change
+    the outputs (e.g. ``mirror``, ``output_format``), so a resumed run redoes cases of another model.
+
+    Raises:
+        MedsegError: a file cannot be read.
+    """
+    return content_hash([Path(model_dir) / "plan.json", Path(model_dir) / "model.pt"], **options)
+
+
+def content_hash(paths: Sequence[Path], **options: object) -> str:
+    """16 hex digits of SHA-256 over the bytes of ``paths`` in order (a folder: its files, by relative name) and
+    the ``options``: what makes the outputs of a batch run (weights, support sets, settings).
 
     Raises:
         MedsegError: a file cannot be read.
     """
     digest = hashlib.sha256()
-    for name in ("plan.json", "model.pt"):
-        path = Path(model_dir) / name
-        try:
-            with open(path, "rb") as f:
-                while chunk := f.read(1 << 20):
-                    digest.update(chunk)
-        except OSError as error:
-            raise MedsegError(f"cannot read ({error.strerror})", path) from None
+    for path in paths:
+        files = sorted(p for p in Path(path).rglob("*") if p.is_file()) if Path(path).is_dir() else [Path(path)]
+        for file in files:
+            if file != Path(path):
+                digest.update(file.relative_to(path).as_posix().encode() + b"\0")
+            try:
+                with open(file, "rb") as f:
+                    while chunk := f.read(1 << 20):
+                        digest.update(chunk)
+            except OSError as error:
+                raise MedsegError(f"cannot read ({error.strerror})", file) from None
         digest.update(b"\0")
     digest.update(repr(sorted(options.items())).encode())
     return digest.hexdigest()[:16]

@@ -253,10 +253,12 @@ def write_prediction(
     output_format: str = "auto",
     segment_names: Mapping[int, str] | None = None,
     algorithm_name: str = "medseg",
+    algorithm_type: str = "AUTOMATIC",
 ) -> None:
     """Write one case's label map into ``folder`` under ``target``'s name (a DICOM-SEG referencing ``files[0]``
     for ``dicom-seg``), and with ``probabilities_name`` its probabilities as
-    ``folder/probabilities/<probabilities_name>`` (see `predict_folder`).
+    ``folder/probabilities/<probabilities_name>`` (see `predict_folder`); a DICOM-SEG names ``algorithm_type``
+    (``AUTOMATIC``, ``SEMIAUTOMATIC`` for prompts).
 
     Raises:
         MedsegError: the label map cannot be written, named by ``target``.
@@ -269,6 +271,7 @@ def write_prediction(
                 files[0],
                 segment_names=segment_names,
                 algorithm_name=algorithm_name,
+                algorithm_type=algorithm_type,
                 protect=tuple(protect),
             )
         else:
@@ -298,7 +301,8 @@ STAGING_PREFIX = ".medseg-staging."
 _UNCHECKED_STAGING_AGE_S = 3600.0
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this machine is running (another user's counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -308,8 +312,9 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _staging_owner() -> str:
-    """``<pid>@<host>``: who a staging folder belongs to (the host keeps a shared folder's pids apart)."""
+def process_owner() -> str:
+    """``<pid>@<host>`` of this process: who a staging folder or a batch run's lock belongs to (the host keeps a
+    shared folder's pids apart)."""
     return f"{os.getpid()}@{socket.gethostname().replace('.', '_')}"
 
 
@@ -321,13 +326,13 @@ def remove_stale_staging(output: Path) -> list[Path]:
     removed: list[Path] = []
     if not output.is_dir():
         return removed
-    host = _staging_owner().split("@", 1)[1]
+    host = process_owner().split("@", 1)[1]
     for entry in output.iterdir():
         if not entry.name.startswith(STAGING_PREFIX) or not entry.is_dir() or entry.is_symlink():
             continue
         pid_text, _, rest = entry.name[len(STAGING_PREFIX) :].partition("@")
         if pid_text.isdigit() and rest.rsplit(".", 1)[0] == host:
-            stale = int(pid_text) != os.getpid() and not _alive(int(pid_text))
+            stale = int(pid_text) != os.getpid() and not process_alive(int(pid_text))
         else:
             stale = time.time() - entry.stat().st_mtime > _UNCHECKED_STAGING_AGE_S
         if stale:
@@ -349,7 +354,7 @@ def staging(output: Path) -> Iterator[Path]:
     try:
         output.mkdir(parents=True, exist_ok=True)
         remove_stale_staging(output)
-        folder = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{_staging_owner()}.", dir=output))
+        folder = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{process_owner()}.", dir=output))
     except OSError as error:
         raise MedsegError(f"cannot write here ({error.strerror})", output) from None
     try:

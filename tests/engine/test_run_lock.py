@@ -1,0 +1,57 @@
+"""`medseg.engine.run_lock`: one batch run at a time in an output folder; a killed run's lock is taken over."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from medseg.engine import run_lock
+from medseg.engine.run_lock import LOCK, check_unlocked, output_lock
+from medseg.errors import MedsegError
+
+HOST = socket.gethostname().replace(".", "_")
+
+
+def ended_pid() -> int:
+    """The id of a process of this machine that has ended."""
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return int(done.stdout)
+
+
+def test_a_live_run_keeps_a_second_out_and_its_lock_goes_at_the_end(tmp_path: Path) -> None:
+    with output_lock(tmp_path):
+        assert (tmp_path / LOCK).read_text().strip() == f"{os.getpid()}@{HOST}"
+        with pytest.raises(MedsegError, match=rf"another medseg run \(process {os.getpid()} on {HOST}\)"):
+            check_unlocked(tmp_path)
+        with pytest.raises(MedsegError, match="is writing into this folder"), output_lock(tmp_path):
+            pass
+    assert not (tmp_path / LOCK).exists()
+    (tmp_path / LOCK).write_text(f"{os.getppid()}@{HOST}\n")  # pytest's parent: alive
+    with pytest.raises(MedsegError, match=f"process {os.getppid()}"):
+        check_unlocked(tmp_path)
+
+
+def test_a_killed_runs_lock_is_taken_over(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / LOCK).write_text(f"{ended_pid()}@{HOST}\n")
+    check_unlocked(tmp_path)
+    with output_lock(tmp_path):
+        assert (tmp_path / LOCK).read_text().strip() == f"{os.getpid()}@{HOST}"
+    (tmp_path / LOCK).write_text(f"{os.getpid()}@{HOST}\n")  # this pid, not held here: a reused pid's leftover
+    check_unlocked(tmp_path)
+    (tmp_path / LOCK).write_text("123@another_host\n")  # another machine's: stale only when left untouched
+    with pytest.raises(MedsegError, match="process 123 on another_host"):
+        check_unlocked(tmp_path)
+    old = time.time() - run_lock.STALE_AFTER_S - 1
+    os.utime(tmp_path / LOCK, (old, old))
+    check_unlocked(tmp_path)
+    monkeypatch.setattr(run_lock, "TOUCH_EVERY_S", 0.05)  # a run touches its lock while it goes on
+    with output_lock(tmp_path):
+        os.utime(tmp_path / LOCK, (old, old))
+        time.sleep(0.5)
+        assert time.time() - (tmp_path / LOCK).stat().st_mtime < 5
