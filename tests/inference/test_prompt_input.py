@@ -8,6 +8,7 @@ import tracemalloc
 import numpy as np
 import pytest
 
+from medseg.errors import MedsegError
 from medseg.inference.prompt_input import ModelSlices, intensity_preset, model_input
 from medseg.io import Image
 
@@ -34,6 +35,10 @@ def _volumes() -> dict[str, Image]:
 @pytest.mark.parametrize("name", ["ct", "mr", "mr int16", "grey16", "rgb"])
 def test_slices_made_on_demand_equal_the_whole_volumes_levels(name: str, preset: str | None) -> None:
     image = _volumes()[name]
+    if name == "rgb" and preset == "ct:lung":  # 8-bit pixels hold no Hounsfield units: refused (issue 22)
+        with pytest.raises(MedsegError, match="CT window in Hounsfield units"):
+            ModelSlices(image, preset)
+        return
     whole = model_input(image, preset)
     slices = ModelSlices(image, preset)
     assert slices.shape == image.array.shape and len(slices) == image.array.shape[0]
