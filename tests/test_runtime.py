@@ -62,10 +62,11 @@ def test_thread_count_follows_the_free_cores_unless_the_user_chose_one(monkeypat
     assert choose_threads(env) == cores and env["OMP_NUM_THREADS"] == str(cores)
     env = {"OMP_NUM_THREADS": "3"}
     assert choose_threads(env) is None and env == {"OMP_NUM_THREADS": "3"}  # the user's setting stands
-    env = {"MEDSEG_THREADS": "2"}
-    assert choose_threads(env) == 2 and env["OMP_NUM_THREADS"] == "2"
-    with pytest.raises(MedsegError, match="MEDSEG_THREADS must be a positive whole number, not 'two'"):
-        choose_threads({"MEDSEG_THREADS": "two"})
+    env = {"MEDSEG_THREADS": "2", "OMP_NUM_THREADS": "1"}
+    assert choose_threads(env) == 2 and env["OMP_NUM_THREADS"] == "2"  # medseg's own setting wins
+    for bad in ("two", "\u00b2", "0", "-1", "99999"):  # superscript two: str.isdigit() but not int()
+        with pytest.raises(MedsegError, match=f"MEDSEG_THREADS must be a whole number from 1 to 1024, not {bad!r}"):
+            choose_threads({"MEDSEG_THREADS": bad, "OMP_NUM_THREADS": "1"})
 
 
 def test_a_bad_thread_setting_is_one_line_and_exit_2() -> None:
@@ -73,5 +74,5 @@ def test_a_bad_thread_setting_is_one_line_and_exit_2() -> None:
     env.pop("OMP_NUM_THREADS", None)
     done = subprocess.run([sys.executable, "-m", "medseg", "info", "-h"], env=env, capture_output=True, text=True)
     assert done.returncode == 2 and done.stderr.strip().splitlines() == [
-        "medseg: error: MEDSEG_THREADS must be a positive whole number, not '0'"
+        "medseg: error: MEDSEG_THREADS must be a whole number from 1 to 1024, not '0'"
     ]

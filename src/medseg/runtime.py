@@ -67,32 +67,35 @@ def limit_malloc_arenas(count: int = 1) -> bool:
     return bool(mallopt(_M_ARENA_MAX, count))
 
 
+_MAX_THREADS = 1024
+
+
 def choose_threads(environ: dict[str, str] | None = None) -> int | None:
     """Set PyTorch's CPU thread count from the cores that are free now, unless the user chose one.
 
     On a 2-core machine busy with other work, two threads of one forward pass wait on each other: one thread
     was several times faster there (`benchmarks/threads.py` measures it). So the count is the number of usable
-    cores minus the 1-minute load average (rounded), at least 1. ``MEDSEG_THREADS=N`` chooses N; a set
-    ``OMP_NUM_THREADS`` (which torch itself reads) is left to act. Call before torch is imported: the choice
-    is passed as ``OMP_NUM_THREADS``, as a user would set it.
+    cores minus the 1-minute load average (rounded), at least 1. ``MEDSEG_THREADS=N`` chooses N (over
+    ``OMP_NUM_THREADS``); otherwise a set ``OMP_NUM_THREADS`` (which torch itself reads) is left to act. Call
+    before torch is imported: the choice is passed as ``OMP_NUM_THREADS``, as a user would set it.
 
     Returns:
         The count chosen, or None when the user's setting stands (or the load cannot be read).
 
     Raises:
-        MedsegError: ``MEDSEG_THREADS`` is not a positive whole number.
+        MedsegError: ``MEDSEG_THREADS`` is not a whole number from 1 to `_MAX_THREADS`.
     """
     env = os.environ if environ is None else environ
-    if "OMP_NUM_THREADS" in env:
-        return None
     chosen = env.get("MEDSEG_THREADS", "").strip()
     count: int | None
     if chosen:
-        if not (chosen.isdigit() and int(chosen) > 0):
+        if not (chosen.isascii() and chosen.isdigit() and 0 < int(chosen) <= _MAX_THREADS):
             from medseg.errors import MedsegError
 
-            raise MedsegError(f"MEDSEG_THREADS must be a positive whole number, not {chosen!r}")
-        count = int(chosen)
+            raise MedsegError(f"MEDSEG_THREADS must be a whole number from 1 to {_MAX_THREADS}, not {chosen!r}")
+        count = int(chosen)  # medseg's own setting wins over OMP_NUM_THREADS
+    elif "OMP_NUM_THREADS" in env:
+        return None
     else:
         try:
             cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
