@@ -36,7 +36,8 @@ fit, done once per support set: it is timed apart (seconds per support set, ever
 ``--frame-size S``: the probe's encoder input side instead of its default 128 (its Dice cached apart).
 
 ``--hippocampus N``: 3D Dice on N Hippocampus volumes held out from a support set of 3 labelled volumes
-(matched by relative slice position).
+(matched by relative slice position; ``--slice-bins B``: query slices of one of B position bins share that
+bin's support slices, cached apart).
 
 Results are cached per (dataset, engine, size) under ``--work``; run from the repository root::
 
@@ -72,6 +73,9 @@ def main() -> None:
     parser.add_argument("--unet-steps", type=int, default=UNET_STEPS)
     parser.add_argument("--frame-size", type=int, default=None, help="probe: the encoder's input side (default 128)")
     parser.add_argument("--no-largest-component", action="store_true", help="in-context engines: no post-processing")
+    parser.add_argument(
+        "--slice-bins", type=int, default=0, help="3D: relative-position bins (0: each slice matched on its own)"
+    )
     parser.add_argument("--latency", action="store_true")
     parser.add_argument("--hippocampus", type=int, default=0, help="held-out query volumes for the 3D test")
     parser.add_argument("--seed", type=int, default=0)
@@ -292,7 +296,7 @@ def _volumes(engine: str, args: argparse.Namespace) -> dict[str, float]:
     from medseg.data.cases import load_case
     from medseg.metrics.surface import dice
 
-    suffix = "" if args.no_largest_component else "_lcc"
+    suffix = ("" if args.no_largest_component else "_lcc") + (f"_bins{args.slice_bins}" if args.slice_bins else "")
     cache = args.work / f"Hippocampus3D_{engine}_{args.hippocampus}_s{args.seed}{suffix}.json"
     if cache.is_file():
         return json.loads(cache.read_text())
@@ -309,6 +313,7 @@ def _volumes(engine: str, args: argparse.Namespace) -> dict[str, float]:
         result = predictor.predict(
             image.array, [s[0].array for s in support], [s[1] for s in support],
             query_is_volume=True, support_are_volumes=True, largest_component=not args.no_largest_component,
+            slice_bins=args.slice_bins or None,
         )  # fmt: skip
         for v in scores:
             scores[v].append(dice(result.labels == int(v), truth == int(v)))
