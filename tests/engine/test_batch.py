@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -20,8 +21,17 @@ from medseg.engine.batch import run_batch
 from medseg.engine.batch_runners import SpecialistRunner
 from medseg.engine.manifest import COLUMNS, Row, model_hash, read_manifest, write_manifest
 from medseg.errors import MedsegError
-from medseg.inference.folders import cases_of
+from medseg.inference.engines import SpecialistEngine
+from medseg.inference.folders import cases_of, predict_folder
 from medseg.io import Image, save
+
+HOST = socket.gethostname().replace(".", "_")
+
+
+def ended_pid() -> int:
+    """The id of a process of this machine that has ended."""
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return int(done.stdout)
 
 
 @pytest.fixture(scope="module")
@@ -166,3 +176,31 @@ def test_a_second_run_into_the_same_folder_is_refused_while_the_first_goes_on(
     result = run_cli("predict", model_dir, inputs, "-o", out, "--batch")
     assert_one_error_line(result, "another medseg run", f"process {os.getppid()}")
     assert [p.name for p in out.iterdir()] == [".medseg.lock"]
+
+
+def test_a_batch_run_keeps_the_staging_folder_of_a_live_run_and_a_plain_run_takes_the_lock(
+    model: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    """Issue: a plain run beside a batch run lost its label maps when the batch run removed every staging folder."""
+    inputs, model_dir, plain = model
+    out = tmp_path / "out"
+    out.mkdir()
+    live = out / f".medseg-staging.{os.getppid()}@{HOST}.abc"  # pytest's parent: alive
+    dead = out / f".medseg-staging.{ended_pid()}@{HOST}.abc"
+    for folder in (live, dead):
+        folder.mkdir()
+        (folder / "case.png").write_bytes(b"x")
+    cases = {c: f for c, f in cases_of(inputs).items() if c in ("case_000", "case_001")}
+    assert run_batch(SpecialistRunner(str(model_dir)), cases, out).done == 2
+    assert live.is_dir() and not dead.exists()
+    shutil.rmtree(live)
+    (out / ".medseg.lock").write_text(f"{os.getppid()}@{HOST}\n")  # a live batch run's lock
+    result = run_cli("predict", model_dir, inputs / "case_002_0000.png", "-o", out)
+    assert_one_error_line(result, "another medseg run", f"process {os.getppid()}")
+    assert not (out / "case_002.png").exists()
+    (out / ".medseg.lock").unlink()
+    seen: list[str] = []
+    engine = SpecialistEngine.from_pretrained(model_dir)
+    predict_folder(engine.predict, cases, out, on_case=lambda: seen.append((out / ".medseg.lock").read_text()))
+    assert seen == [f"{os.getpid()}@{HOST}\n"] * 2 and not (out / ".medseg.lock").exists()
+    assert (out / "case_000.png").read_bytes() == (plain / "case_000.png").read_bytes()

@@ -21,7 +21,7 @@ import abc
 import dataclasses
 import os
 import resource
-import shutil
+import secrets
 import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
@@ -112,9 +112,10 @@ class CaseWorker:
         MedsegError: as the runner's `CaseRunner.build`.
     """
 
-    def __init__(self, runner: CaseRunner, output: str | Path) -> None:
+    def __init__(self, runner: CaseRunner, output: str | Path, run: str = "") -> None:
         self.runner = runner
         self.output = Path(output)
+        self.run = run  # the batch run's token, in its staging folders' names (removed at the run's end)
         self.predictor = runner.build()
 
     def __call__(self, case: str, files: Sequence[str | Path], target: str | Path) -> tuple[str, float, str]:
@@ -137,7 +138,7 @@ class CaseWorker:
             if output_format == "dicom-seg":
                 check_grid(image, read_source(paths[0]), paths[0])
             result = predictor.segment(case, image)
-            with staging(self.output) as folder:
+            with staging(self.output, self.run) as folder:
                 write_prediction(
                     result,
                     folder,
@@ -209,7 +210,8 @@ def run_batch(
         read_manifest(output / MANIFEST)  # not medseg's: refused before the model loads
         model = runner.model()
         models = {case: runner.case_model(model, case) for case in cases}
-        worker: CaseWorker | None = CaseWorker(runner, output)  # with Ray it only proves that the model loads
+        run = secrets.token_hex(4)  # names this run's staging folders
+        worker: CaseWorker | None = CaseWorker(runner, output, run)  # with Ray it only proves that the model loads
         if use_ray:
             worker = None  # the actors build their own
         try:
@@ -218,7 +220,7 @@ def run_batch(
             raise MedsegError(f"cannot write here ({error.strerror})", output) from None
         ray = (ray_address, workers) if use_ray else None
         with output_lock(output):
-            result = _run(runner, worker, cases, targets, models, output, ray, on_row)
+            result = _run(runner, worker, cases, targets, models, output, ray, on_row, run)
     result.seconds = time.perf_counter() - started
     return result
 
@@ -232,10 +234,12 @@ def _run(
     output: Path,
     ray: tuple[str | None, int | None] | None,
     on_row: Callable[[Row], None] | None,
+    run: str,
 ) -> BatchResult:
     """`run_batch` holding the lock: the manifest with every case (``pending`` those to do), then the cases in
     ``worker`` or, with ``ray`` (address, workers), on Ray."""
     from medseg.engine import batch_ray
+    from medseg.inference.folders import remove_stale_staging
 
     manifest_path = output / MANIFEST
     earlier = read_manifest(manifest_path)
@@ -263,7 +267,7 @@ def _run(
     try:
         if ray is not None:
             items = [{"case": c, "files": "\n".join(map(str, cases[c])), "target": str(targets[c])} for c in todo]
-            for got in batch_ray.ray_rows(items, runner, output, *ray):
+            for got in batch_ray.ray_rows(items, runner, output, *ray, run=run):
                 record(got["case"], got["status"], got["seconds"], got["error"])
                 result.peak_mb[got["pid"]] = max(result.peak_mb.get(got["pid"], 0.0), got["peak_mb"])
         elif worker is not None:
@@ -272,8 +276,7 @@ def _run(
             result.peak_mb[os.getpid()] = peak_memory_mb()
     finally:
         write_manifest(manifest_path, _ordered(rows, keys, others))
-        for left in output.glob(".medseg-staging.*"):  # a killed worker's unfinished case
-            shutil.rmtree(left, ignore_errors=True)
+        remove_stale_staging(output, run)  # a killed worker's unfinished case; never another live run's
     return result
 
 

@@ -1,4 +1,5 @@
-"""``OUT/.medseg.lock``: one batch run at a time writes into an output folder.
+"""``OUT/.medseg.lock``: one run at a time writes into an output folder (a batch run, and a plain ``predict`` or
+``incontext`` run, `medseg.inference.folders.predict_folder`).
 
 The lock is a file created exclusively (``O_CREAT | O_EXCL``, atomic on local and NFS v3+ file systems) holding
 ``<pid>@<host>`` of its run, removed when the run ends. A run killed with ``kill -9`` leaves it behind; as for the
