@@ -19,7 +19,7 @@ from batch_helpers import assert_same_label_maps, make_model, manifest_rows
 from cli_helpers import assert_one_error_line, run_cli
 from medseg.engine.batch import run_batch
 from medseg.engine.batch_runners import SpecialistRunner
-from medseg.engine.manifest import COLUMNS, Row, model_hash, read_manifest, write_manifest
+from medseg.engine.manifest import COLUMNS, Row, case_hash, model_hash, read_manifest, write_manifest
 from medseg.errors import MedsegError
 from medseg.inference.engines import SpecialistEngine
 from medseg.inference.folders import cases_of, predict_folder
@@ -65,9 +65,8 @@ def test_batch_writes_the_same_label_maps_and_records_a_bad_file_as_a_failed_row
     assert set(failed) == {"broken.png", "volume.nii.gz"}
     assert "broken.png: cannot read image" in failed["broken.png"]
     assert "3D image" in failed["volume.nii.gz"] and "\n" not in failed["volume.nii.gz"]
-    assert {r["model"] for r in rows} == {
-        model_hash(model_dir, mirror=False, save_probabilities=False, output_format="auto")
-    }
+    weights = model_hash(model_dir, mirror=False, save_probabilities=False, output_format="auto")
+    assert {r["model"] for r in rows} == {case_hash(weights, r["path"].split(";")) for r in rows}
     assert all(Path(r["output"]).is_file() for r in rows if r["status"] == "done")
 
 
@@ -88,7 +87,8 @@ def test_a_second_run_skips_what_is_done_and_redoes_the_rest(model: tuple[Path, 
     (other / "plan.json").write_text((other / "plan.json").read_text() + "\n")  # another plan: another hash
     redone = run_batch(SpecialistRunner(str(other)), cases, tmp_path / "out")
     assert (redone.done, redone.skipped) == (3, 0)
-    assert {r["model"] for r in manifest_rows(tmp_path / "out")} == {SpecialistRunner(str(other)).model()}
+    weights = SpecialistRunner(str(other)).model()
+    assert all(r["model"] == case_hash(weights, [r["path"]]) for r in manifest_rows(tmp_path / "out"))
     assert SpecialistRunner(str(other), mirror=True).model() != SpecialistRunner(str(other)).model()
 
 
@@ -130,6 +130,48 @@ def test_an_input_replaced_after_its_label_map_is_done_again(model: tuple[Path, 
     shutil.copyfile(sorted(inputs.iterdir())[1], replaced)  # same name, new content, newer than its label map
     again = run_batch(options, cases_of(inputs), tmp_path / "out")
     assert (again.done, again.skipped) == (1, first.done - 1)
+
+
+def test_an_input_replaced_by_an_older_file_is_done_again(model: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    """Issue: only modification times were compared, so an input replaced by an older copy (cp -p, touch -d 2020)
+    kept the label map of the file it replaced."""
+    given, model_dir, _ = model
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for path in sorted(given.glob("*_0000.png"))[:3]:
+        shutil.copyfile(path, inputs / path.name)
+    options = SpecialistRunner(str(model_dir))
+    assert run_batch(options, cases_of(inputs), tmp_path / "out").done == 3
+    first, second = sorted(inputs.iterdir())[:2]
+    copy = tmp_path / "copy.png"
+    shutil.copyfile(second, copy)
+    os.utime(copy, (1577836800, 1577836800))  # 2020: older than the label map
+    os.replace(copy, first)
+    again = run_batch(options, cases_of(inputs), tmp_path / "out")
+    assert (again.done, again.skipped) == (1, 2)
+    out = tmp_path / "out"
+    assert (out / "case_000.png").read_bytes() == (out / "case_001.png").read_bytes()
+    os.utime(first, (1262304000, 1262304000))  # the same bytes, another time (touch -d 2010): done again too
+    assert run_batch(options, cases_of(inputs), tmp_path / "out").done == 1
+
+
+def test_label_maps_another_run_wrote_after_the_manifest_are_done_again(
+    model: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    """Issue: a batch run with model A, a plain run with model B into the same OUT, then the batch run with A said
+    "done before" and kept B's label maps."""
+    inputs, model_dir, plain = model
+    cases = {c: f for c, f in cases_of(inputs).items() if c in ("case_000", "case_001")}
+    out = tmp_path / "out"
+    assert run_batch(SpecialistRunner(str(model_dir)), cases, out).done == 2
+    _, other = make_model(tmp_path / "b", seed=1)
+    for files in cases.values():
+        assert run_cli("predict", other, files[0], "-o", out).exit_code == 0
+    assert (out / "case_000.png").read_bytes() != (plain / "case_000.png").read_bytes()
+    again = run_batch(SpecialistRunner(str(model_dir)), cases, out)
+    assert (again.done, again.skipped) == (2, 0)
+    assert (out / "case_000.png").read_bytes() == (plain / "case_000.png").read_bytes()
+    assert run_batch(SpecialistRunner(str(model_dir)), cases, out).skipped == 2
 
 
 def test_an_unreachable_ray_address_is_refused_before_anything_is_written(

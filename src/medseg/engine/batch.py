@@ -7,7 +7,8 @@ part through a `CaseRunner` (`medseg.engine.batch_runners`): plain values, which
 (all or nothing), each case's label map is written on its own as soon as it is done (in a hidden folder inside
 ``OUT``, then renamed into place, so a killed worker leaves no partial file), a case that cannot be segmented
 becomes a ``failed`` row of ``OUT/manifest.csv`` (`medseg.engine.manifest`) and the run goes on, and a second run
-skips the cases whose label map exists for the same model hash. Every input is listed in the manifest (``pending``)
+skips the cases whose label map exists for the same model and input files (`medseg.engine.manifest.case_hash`) and
+is not newer than the manifest (else another run wrote it). Every input is listed in the manifest (``pending``)
 as the run starts, and ``OUT/.medseg.lock`` (`medseg.engine.run_lock`) keeps a second run out while one goes on.
 
 On Ray (`medseg.engine.batch_ray`, an optional dependency imported only when asked for) the inputs' paths go to a
@@ -29,7 +30,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from medseg.engine.manifest import DONE, FAILED, MANIFEST, PENDING, Row, case_key, read_manifest, write_manifest
+from medseg.engine.manifest import (
+    DONE,
+    FAILED,
+    MANIFEST,
+    PENDING,
+    Row,
+    case_hash,
+    case_key,
+    read_manifest,
+    write_manifest,
+)
 from medseg.engine.run_lock import check_unlocked, output_lock
 from medseg.errors import MedsegError
 
@@ -209,7 +220,7 @@ def run_batch(
         check_unlocked(output)
         read_manifest(output / MANIFEST)  # not medseg's: refused before the model loads
         model = runner.model()
-        models = {case: runner.case_model(model, case) for case in cases}
+        models = {case: case_hash(runner.case_model(model, case), files) for case, files in cases.items()}
         run = secrets.token_hex(4)  # names this run's staging folders
         worker: CaseWorker | None = CaseWorker(runner, output, run)  # with Ray it only proves that the model loads
         if use_ray:
@@ -243,8 +254,9 @@ def _run(
 
     manifest_path = output / MANIFEST
     earlier = read_manifest(manifest_path)
+    recorded = _mtime(manifest_path)
     keys = {case: case_key(files) for case, files in cases.items()}
-    todo = [c for c in cases if not _done_before(earlier.get(keys[c]), models[c], targets[c], cases[c])]
+    todo = [c for c in cases if not _done_before(earlier.get(keys[c]), models[c], targets[c], recorded)]
     rows: dict[str, Row] = {keys[case]: earlier[keys[case]] for case in cases if keys[case] in earlier}
     rows.update({keys[c]: Row(keys[c], str(targets[c]), PENDING, 0.0, "", models[c]) for c in todo})
     others = [row for key, row in earlier.items() if key not in rows]  # other inputs' rows stay
@@ -280,22 +292,22 @@ def _run(
     return result
 
 
-def _done_before(row: Row | None, model: str, target: Path, files: Sequence[Path]) -> bool:
-    """The row says done with this model, its label map is there, and no input changed after it was written."""
+def _done_before(row: Row | None, model: str, target: Path, recorded: int | None) -> bool:
+    """The row says done with this model and these inputs (`case_hash`), and its label map is there and not newer
+    than the manifest (``recorded``, its modification time in ns): a run records a case after writing its label
+    map, so one written later is another run's (a plain run into the same folder, another model)."""
     if row is None or row.status != DONE or row.model != model or row.output != os.path.abspath(target):
         return False
+    written = _mtime(target)
+    return written is not None and recorded is not None and written <= recorded
+
+
+def _mtime(path: Path) -> int | None:
+    """A file's modification time in ns, None when it is not there."""
     try:
-        written = target.stat().st_mtime_ns
-        return all(_newest_mtime(f) <= written for f in files)
+        return path.stat().st_mtime_ns
     except OSError:
-        return False
-
-
-def _newest_mtime(path: Path) -> int:
-    """A file's modification time, or a folder's (a DICOM series) newest file's, in ns."""
-    if path.is_dir():
-        return max((f.stat().st_mtime_ns for f in path.iterdir() if f.is_file()), default=path.stat().st_mtime_ns)
-    return path.stat().st_mtime_ns
+        return None
 
 
 def _ordered(rows: Mapping[str, Row], keys: Mapping[str, str], others: Sequence[Row]) -> list[Row]:
