@@ -4,8 +4,8 @@ Columns: ``path`` (the case's input files, absolute, ``;`` between channels), ``
 absolute), ``status`` (``done``, ``failed``, or ``pending``: listed when the run started, not done yet),
 ``seconds`` (wall time of the case on its worker), ``error`` (the one-line reason of a failed case, else empty)
 and ``model`` (a `case_hash` of what predicted it: the weights, the options, for in-context the support set,
-for prompts the case's boxes, and the size, modification time and inode of the case's input files). The file is always replaced whole and atomically, so a reader never sees half a
-row and no input is listed twice.
+for prompts the case's boxes, and the size, modification time and inode of the case's input files). The file is
+always replaced whole and atomically, so a reader never sees half a row and no input is listed twice.
 """
 
 from __future__ import annotations
