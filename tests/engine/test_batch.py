@@ -174,6 +174,24 @@ def test_label_maps_another_run_wrote_after_the_manifest_are_done_again(
     assert run_batch(SpecialistRunner(str(model_dir)), cases, out).skipped == 2
 
 
+def test_a_case_that_fails_on_a_rerun_loses_its_old_label_map(model: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    """Issue: a case failing on a rerun (its input truncated since) kept the label map of the earlier run."""
+    given, model_dir, _ = model
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for path in sorted(given.glob("*_0000.png"))[:2]:
+        shutil.copyfile(path, inputs / path.name)
+    out = tmp_path / "out"
+    assert run_batch(SpecialistRunner(str(model_dir)), cases_of(inputs), out).done == 2
+    (out / "notes.txt").write_text("mine")
+    first = sorted(inputs.iterdir())[0]
+    first.write_bytes(first.read_bytes()[:40])  # truncated
+    again = run_batch(SpecialistRunner(str(model_dir)), cases_of(inputs), out)
+    assert (again.done, again.failed, again.skipped) == (0, 1, 1)
+    assert sorted(p.name for p in out.iterdir()) == ["case_001.png", "manifest.csv", "notes.txt"]
+    assert [r["status"] for r in manifest_rows(out)] == ["failed", "done"]
+
+
 def test_an_unreachable_ray_address_is_refused_before_anything_is_written(
     model: tuple[Path, Path, Path], tmp_path: Path
 ) -> None:

@@ -268,6 +268,8 @@ def _run(
         nonlocal last_write
         row = Row(keys[case], str(targets[case]), status, seconds, error, models[case])
         rows[row.path] = row
+        if status == FAILED:
+            _remove_stale_output(earlier.get(keys[case]), output, [*cases[case], *runner.protect()])
         result.done += status == DONE
         result.failed += status == FAILED
         if on_row is not None:
@@ -300,6 +302,22 @@ def _done_before(row: Row | None, model: str, target: Path, recorded: int | None
         return False
     written = _mtime(target)
     return written is not None and recorded is not None and written <= recorded
+
+
+def _remove_stale_output(row: Row | None, output: Path, keep: Sequence[Path]) -> None:
+    """Remove the label map an earlier run recorded for a case that failed now (its input truncated, its box row
+    gone): left there it would read as this run's. Only a file inside ``output``, never one of ``keep``."""
+    if row is None or not row.output:
+        return
+    stale = Path(os.path.abspath(row.output))
+    if not stale.is_relative_to(output) or stale == output / MANIFEST or not (stale.is_file() or stale.is_symlink()):
+        return
+    if any(stale == Path(os.path.abspath(path)) or stale.resolve() == Path(path).resolve() for path in keep):
+        return
+    try:
+        stale.unlink()
+    except OSError:
+        pass
 
 
 def _mtime(path: Path) -> int | None:
