@@ -19,6 +19,7 @@ never volumes.
 from __future__ import annotations
 
 import abc
+import contextlib
 import dataclasses
 import os
 import resource
@@ -314,10 +315,8 @@ def _remove_stale_output(row: Row | None, output: Path, keep: Sequence[Path]) ->
         return
     if any(stale == Path(os.path.abspath(path)) or stale.resolve() == Path(path).resolve() for path in keep):
         return
-    try:
+    with contextlib.suppress(OSError):
         stale.unlink()
-    except OSError:
-        pass
 
 
 def _mtime(path: Path) -> int | None:
