@@ -192,6 +192,25 @@ def test_a_case_that_fails_on_a_rerun_loses_its_old_label_map(model: tuple[Path,
     assert [r["status"] for r in manifest_rows(out)] == ["failed", "done"]
 
 
+def test_an_output_folder_inside_the_inputs_is_not_read_as_inputs(
+    model: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    """Issue: ``predict model pin3 -o pin3/out --batch`` was accepted, then refused on resume ("output folder holds
+    the inputs"): the label maps' folder was listed as a DICOM series case."""
+    given, model_dir, plain = model
+    inputs = tmp_path / "pin3"
+    inputs.mkdir()
+    for path in sorted(given.glob("*_0000.png"))[:2]:
+        shutil.copyfile(path, inputs / path.name)
+    for _ in range(2):
+        result = run_cli("predict", model_dir, inputs, "-o", inputs / "out", "--batch")
+        assert result.exit_code == 0, result.output
+    assert "2 done before of 2 case(s)" in result.stdout
+    assert len(manifest_rows(inputs / "out")) == 2
+    assert run_cli("predict", model_dir, str(inputs / "**" / "*.png"), "-o", inputs / "out").exit_code == 0
+    assert (inputs / "out" / "case_000.png").read_bytes() == (plain / "case_000.png").read_bytes()
+
+
 def test_an_unreachable_ray_address_is_refused_before_anything_is_written(
     model: tuple[Path, Path, Path], tmp_path: Path
 ) -> None:

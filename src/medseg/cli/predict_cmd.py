@@ -56,7 +56,7 @@ def predict(
     check_output(output)
     if save_probabilities and (output / "probabilities").exists() and not (output / "probabilities").is_dir():
         raise MedsegError("is a file; --save-probabilities writes a folder there", output / "probabilities")
-    cases = cases_of(input_path)
+    cases = cases_of(input_path, skip=output)  # OUT inside INPUTS: its label maps are not inputs
     batch, use_ray = batch_mode(batch, use_ray, ray_address, workers)
     if batch:
         from medseg.engine.batch_runners import SpecialistRunner

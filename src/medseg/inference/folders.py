@@ -34,11 +34,13 @@ from medseg.io.formats import is_image_file, split_channel, split_extension
 _T = TypeVar("_T")
 
 
-def cases_of(input_path: Path | str) -> dict[str, list[Path]]:
+def cases_of(input_path: Path | str, skip: Path | None = None) -> dict[str, list[Path]]:
     """Cases of an input, case name -> its files: one file; one DICOM series folder; a folder of files
     (channels grouped by their ``_0000`` suffixes) and of DICOM series sub-folders; a glob (``scans/*.nii.gz``);
     or a list of paths, a ``.txt`` file (one a line, ``#`` comments) or a ``.csv`` file (its ``path`` column,
-    else its first), relative paths taken from the list's folder.
+    else its first), relative paths taken from the list's folder. ``skip``: a folder (the output folder) left
+    out of a folder's entries and a glob's matches, with all inside it, so that a run's label maps are never
+    read as inputs by the next run.
 
     Raises:
         MedsegError: no such file or folder; a glob that matches nothing; a list that is empty or names a
@@ -48,7 +50,8 @@ def cases_of(input_path: Path | str) -> dict[str, list[Path]]:
     text = str(input_path)
     input_path = Path(input_path)
     if not input_path.exists() and any(char in text for char in "*?["):
-        matches = sorted(Path(p) for p in glob.glob(text, recursive=True) if not Path(p).name.startswith("."))
+        found = glob.glob(text, recursive=True)
+        matches = sorted(Path(p) for p in found if not Path(p).name.startswith(".") and not _inside(Path(p), skip))
         if not matches:
             raise MedsegError("the pattern matches no file or folder", input_path)
         return _grouped(matches, input_path)
@@ -58,7 +61,7 @@ def cases_of(input_path: Path | str) -> dict[str, list[Path]]:
         return _grouped(_listed(input_path), input_path)
     if input_path.is_file():
         return {case_of(input_path): [input_path]}
-    entries = sorted(p for p in input_path.iterdir() if not p.name.startswith("."))
+    entries = sorted(p for p in input_path.iterdir() if not p.name.startswith(".") and not _inside(p, skip))
     files = [p for p in entries if p.is_file() and is_image_file(p) and not p.name.lower().endswith(".dcm")]
     series = [p for p in entries if p.is_dir()]
     if not files and not series:
@@ -72,6 +75,11 @@ def cases_of(input_path: Path | str) -> dict[str, list[Path]]:
         cases.setdefault(folder.name, []).append(folder)
     _each_file_once(cases, input_path)
     return cases
+
+
+def _inside(path: Path, folder: Path | None) -> bool:
+    """Whether ``path`` is ``folder`` or inside it (resolved)."""
+    return folder is not None and path.resolve().is_relative_to(Path(folder).resolve())
 
 
 def _listed(listing: Path) -> list[Path]:
