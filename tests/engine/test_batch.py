@@ -222,6 +222,36 @@ def test_an_unreachable_ray_address_is_refused_before_anything_is_written(
     assert not (tmp_path / "out").exists()
 
 
+def test_a_ray_address_that_is_not_ray_leaves_nothing_behind(
+    model: tuple[Path, Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue: an address that accepts TCP but is not Ray failed after ~30 s (exit 2) leaving OUT and a manifest
+    of pending cases."""
+    ray = pytest.importorskip("ray")
+    given, model_dir, _ = model
+    cases = {c: f for c, f in cases_of(given).items() if c in ("case_000", "case_001")}
+
+    def refused(*args: object, **kwargs: object) -> None:
+        raise ConnectionError("Could not find any running Ray instance")  # what ray.init says after its retries
+
+    monkeypatch.setattr(ray, "init", refused)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    with socket.socket() as server:  # accepts TCP, is not Ray
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        address = f"127.0.0.1:{server.getsockname()[1]}"
+        out = tmp_path / "out"
+        result = run_cli("predict", model_dir, given / "case_000_0000.png", "-o", out, "--ray-address", address)
+        assert_one_error_line(result, f"cannot start or reach Ray at {address}")
+        assert not out.exists()
+        assert run_batch(SpecialistRunner(str(model_dir)), {"case_000": cases["case_000"]}, out).done == 1
+        before = (out / "manifest.csv").read_bytes()
+        with pytest.raises(MedsegError, match="cannot start or reach Ray"):
+            run_batch(SpecialistRunner(str(model_dir)), cases, out, use_ray=True, ray_address=address)
+    assert (out / "manifest.csv").read_bytes() == before
+    assert sorted(p.name for p in out.iterdir()) == ["case_000.png", "manifest.csv"]
+
+
 def test_a_manifest_saved_with_a_byte_order_mark_is_read(tmp_path: Path) -> None:
     """Issue 22: a manifest saved by a spreadsheet as "CSV UTF-8" starts with a BOM; its rows are still read."""
     path = tmp_path / "manifest.csv"

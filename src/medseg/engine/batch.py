@@ -42,6 +42,7 @@ from medseg.engine.manifest import (
     read_manifest,
     write_manifest,
 )
+from medseg.engine.run_files import atomic_write
 from medseg.engine.run_lock import check_unlocked, output_lock
 from medseg.errors import MedsegError
 
@@ -203,7 +204,8 @@ def run_batch(
     Raises:
         MedsegError: before any work, as `label_targets` and the runner's `CaseRunner.build`, an ``output`` that
             cannot be written, whose manifest is not medseg's or that another run is writing into, Ray missing
-            or unreachable; on Ray, a failure of Ray itself (the manifest keeps every case finished before it).
+            or unreachable (then ``output`` is left as it was: its manifest as before, or none and no ``output``
+            when this run made it); on Ray, a failure of Ray itself (the manifest keeps every case finished before it).
     """
     from medseg.engine import batch_ray
     from medseg.inference.folders import label_targets
@@ -226,13 +228,19 @@ def run_batch(
         worker: CaseWorker | None = CaseWorker(runner, output, run)  # with Ray it only proves that the model loads
         if use_ray:
             worker = None  # the actors build their own
+        made = not output.exists()
         try:
             output.mkdir(parents=True, exist_ok=True)
         except OSError as error:
             raise MedsegError(f"cannot write here ({error.strerror})", output) from None
         ray = (ray_address, workers) if use_ray else None
-        with output_lock(output):
-            result = _run(runner, worker, cases, targets, models, output, ray, on_row, run)
+        try:
+            with output_lock(output):
+                result = _run(runner, worker, cases, targets, models, output, ray, on_row, run)
+        except batch_ray.RayUnavailable:  # nothing done: _run put the manifest back, the lock is gone
+            if made and output.is_dir() and not any(output.iterdir()):
+                output.rmdir()
+            raise
     result.seconds = time.perf_counter() - started
     return result
 
@@ -255,6 +263,7 @@ def _run(
 
     manifest_path = output / MANIFEST
     earlier = read_manifest(manifest_path)
+    original = manifest_path.read_bytes() if manifest_path.is_file() else None
     recorded = _mtime(manifest_path)
     keys = {case: case_key(files) for case, files in cases.items()}
     todo = [c for c in cases if not _done_before(earlier.get(keys[c]), models[c], targets[c], recorded)]
@@ -279,6 +288,7 @@ def _run(
             write_manifest(manifest_path, _ordered(rows, keys, others))
             last_write = time.perf_counter()
 
+    unavailable = False
     try:
         if ray is not None:
             items = [{"case": c, "files": "\n".join(map(str, cases[c])), "target": str(targets[c])} for c in todo]
@@ -289,8 +299,16 @@ def _run(
             for case in todo:
                 record(case, *worker(case, cases[case], targets[case]))
             result.peak_mb[os.getpid()] = peak_memory_mb()
+    except batch_ray.RayUnavailable:  # no case was done: the manifest as it was before this run
+        if original is None:
+            manifest_path.unlink(missing_ok=True)
+        else:
+            atomic_write(manifest_path, lambda f: f.write(original))
+        unavailable = True
+        raise
     finally:
-        write_manifest(manifest_path, _ordered(rows, keys, others))
+        if not unavailable:  # a kill or Ray's failure too: every case finished so far is recorded
+            write_manifest(manifest_path, _ordered(rows, keys, others))
         remove_stale_staging(output, run)  # a killed worker's unfinished case; never another live run's
     return result
 

@@ -30,6 +30,10 @@ from medseg.errors import MedsegError
 if TYPE_CHECKING:
     from medseg.engine.batch import CaseRunner
 
+class RayUnavailable(MedsegError):
+    """Ray could not be started or reached (nothing was done: the batch run removes what it wrote)."""
+
+
 RAY_MISSING = "--ray needs Ray, an optional extra: pip install 'medseg[ray]'"
 LOCAL_RAY_ENV = {"RAY_AUTH_MODE": "token"}
 
@@ -160,7 +164,7 @@ def _start_ray(ray: Any, address: str | None, workers: int | None) -> None:
             )
     except (ConnectionError, RuntimeError, ValueError) as error:
         where = f" at {address}" if address else ""
-        raise MedsegError(f"cannot start or reach Ray{where}: {' '.join(str(error).split())[:200]}") from None
+        raise RayUnavailable(f"cannot start or reach Ray{where}: {' '.join(str(error).split())[:200]}") from None
 
 
 def _start_watchdog() -> subprocess.Popen[bytes] | None:
