@@ -204,8 +204,9 @@ def run_batch(
     Raises:
         MedsegError: before any work, as `label_targets` and the runner's `CaseRunner.build`, an ``output`` that
             cannot be written, whose manifest is not medseg's or that another run is writing into, Ray missing
-            or unreachable (then ``output`` is left as it was: its manifest as before, or none and no ``output``
-            when this run made it); on Ray, a failure of Ray itself (the manifest keeps every case finished before it).
+            or unreachable (then ``output`` is left as it was: its manifest as before, or none and no
+            ``output`` when this run made it); on Ray, a failure of Ray itself (the manifest keeps every case
+            finished before it).
     """
     from medseg.engine import batch_ray
     from medseg.inference.folders import label_targets

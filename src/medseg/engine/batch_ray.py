@@ -30,6 +30,7 @@ from medseg.errors import MedsegError
 if TYPE_CHECKING:
     from medseg.engine.batch import CaseRunner
 
+
 class RayUnavailable(MedsegError):
     """Ray could not be started or reached (nothing was done: the batch run removes what it wrote)."""
 
