@@ -166,7 +166,13 @@ def label_targets(
             raise MedsegError(
                 f"DICOM-SEG output takes one DICOM input per case, case {case} has {len(files)}", files[0]
             )
-        target = label_path_for(files[0], output, case, output_format)
+        try:
+            target = label_path_for(files[0], output, case, output_format)
+        except MedsegError:
+            if os.path.lexists(files[0]):
+                raise
+            # a missing input (a box row naming it) is a failed case, its label map named by the case alone
+            target = output / f"{case}{'.dcm' if output_format == 'dicom-seg' else '.nii.gz'}"
         format_of(target)
         if target.resolve() in inputs:
             raise MedsegError(f"refusing to overwrite an input file {target} (choose another -o)", files[0])
