@@ -13,6 +13,8 @@ import pytest
 
 from batch_helpers import manifest_rows
 from cli_helpers import assert_one_error_line, run_cli
+from medseg.inference.box_table import boxes_of_cases
+from medseg.inference.folders import cases_of, label_targets
 from medseg.io import Geometry, Image, save
 
 needs_weights = pytest.mark.skipif(
@@ -54,21 +56,22 @@ def test_each_case_gets_the_label_map_of_a_plain_prompt_with_its_boxes(tmp_path:
         name = next(p.name for p in inputs.iterdir() if p.name.startswith(f"{case}."))
         result = run_cli("prompt", inputs / name, *options, "-o", tmp_path / "plain")
         assert result.exit_code == 0, result.output
-    rows = [row for _, lines in BOXES.values() for row in lines] + ["gone.png,1,1,9,9,,"]
+    rows = [row for _, lines in BOXES.values() for row in lines] + ["gone.png,1,1,9,9,,", "nothere,1,1,9,9,,"]
     table = tmp_path / "boxes.csv"
     table.write_text("path,x0,y0,x1,y1,z0,z1\n" + "".join(f"in/{row}\n" for row in rows))
     args = ("prompt", inputs, "--boxes", table, "-o", tmp_path / "out")
     result = run_cli(*args)
     assert result.exit_code == 1, result.output
-    assert "2 of 5 case(s) failed" in result.stderr
+    assert "3 of 6 case(s) failed" in result.stderr
     for plain in (tmp_path / "plain").iterdir():
         assert (tmp_path / "out" / plain.name).read_bytes() == plain.read_bytes(), plain.name
     errors = {Path(r["path"]).name: r["error"] for r in manifest_rows(tmp_path / "out") if r["status"] == "failed"}
-    assert set(errors) == {"c.png", "gone.png"}
+    assert set(errors) == {"c.png", "gone.png", "nothere"}  # nothere: a missing DICOM folder, no extension
     assert "no box for it in" in errors["c.png"] and "no such file" in errors["gone.png"]
+    assert errors["nothere"].endswith("nothere: no such file or folder")
     table.write_text(table.read_text().replace("in/b.png,20,50,80,110", "in/b.png,20,50,85,110"))
     again = run_cli(*args, "--batch")
-    assert "2 done before" in again.stdout, again.output  # a and vol; b's box changed, c and gone fail again
+    assert "2 done before" in again.stdout, again.output  # a and vol; b's box changed, c, gone, nothere fail
     assert (tmp_path / "out" / "b.png").read_bytes() != (tmp_path / "plain" / "b.png").read_bytes()
 
 
@@ -84,4 +87,30 @@ def test_a_malformed_table_or_other_prompts_are_refused_before_any_work(tmp_path
     assert_one_error_line(run_cli("prompt", inputs, "--boxes", table, "--box", "1,2,3,4", "-o", out), "leave out")
     assert_one_error_line(run_cli("prompt", inputs, "--batch", "-o", out), "--boxes")
     assert_one_error_line(run_cli("prompt", inputs, "--boxes", table, "-o", tmp_path / "o.png"), "is a folder")
+    for row, problem in (
+        ("in/a.png,40,40,10,10", "line 3: box (40, 40, 10, 10) is inverted or empty"),
+        ("in/a.png,1,2,1,9", "line 3: box (1, 2, 1, 9) is inverted or empty"),
+        ("in/a.png,1,2,5,9,4,3", "line 3: 3D box (1, 2, 4, 5, 9, 3) is inverted or empty"),
+    ):
+        header = "path,x0,y0,x1,y1,z0,z1\n" if row.count(",") == 6 else "path,x0,y0,x1,y1\n"
+        table.write_text(header + ("in/a.png,1,2,5,9,0,1\n" if "z0" in header else "in/a.png,1,2,5,9\n") + row + "\n")
+        assert_one_error_line(run_cli("prompt", inputs, "--boxes", table, "-o", out), f"boxes.csv: {problem}")
     assert not out.exists() and not (tmp_path / "o.png").exists()
+
+
+def test_a_row_naming_a_missing_folder_is_a_case_not_a_refusal(tmp_path: Path) -> None:
+    """Issue: a row naming a missing path without a known extension (a DICOM folder) refused the whole run with
+    "unknown file extension"; it is a case that fails ("no such file or folder", checked with the weights)."""
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    save(Image(disks([(60, 70)], 0)), inputs / "a.png")
+    table = tmp_path / "boxes.csv"
+    table.write_text("path,x0,y0,x1,y1\nin/a.png,1,2,30,40\nin/nothere,1,2,30,40\nin/gone.xyz,1,2,30,40\n")
+    cases, boxes = boxes_of_cases(cases_of(inputs), table)
+    assert sorted(boxes) == ["a", "gone", "nothere"]
+    targets = label_targets(cases, tmp_path / "out")
+    assert {case: path.name for case, path in targets.items()} == {
+        "a": "a.png",
+        "nothere": "nothere.nii.gz",
+        "gone": "gone.nii.gz",
+    }

@@ -13,7 +13,7 @@ import pytest
 
 from medseg.engine import run_lock
 from medseg.engine.run_lock import LOCK, check_unlocked, output_lock
-from medseg.errors import MedsegError
+from medseg.errors import MedsegError, MedsegNotice
 
 HOST = socket.gethostname().replace(".", "_")
 
@@ -55,3 +55,24 @@ def test_a_killed_runs_lock_is_taken_over(tmp_path: Path, monkeypatch: pytest.Mo
         os.utime(tmp_path / LOCK, (old, old))
         time.sleep(0.5)
         assert time.time() - (tmp_path / LOCK).stat().st_mtime < 5
+
+
+@pytest.mark.parametrize("text", ["", "garbage\n", "12ab@host\n", "\x00\x01"])
+def test_an_empty_or_garbled_lock_is_taken_over_with_a_note(tmp_path: Path, text: str) -> None:
+    """Issue: a lock file that was empty or garbage was never taken over ("another medseg run (...)" forever)."""
+    (tmp_path / LOCK).write_text(text)
+    old = time.time() - 10
+    os.utime(tmp_path / LOCK, (old, old))
+    with pytest.warns(MedsegNotice, match=r"\.medseg\.lock: holds .*not the pid@host of a run: taken over"):
+        check_unlocked(tmp_path)
+    with pytest.warns(MedsegNotice), output_lock(tmp_path):
+        assert (tmp_path / LOCK).read_text().strip() == f"{os.getpid()}@{HOST}"
+    assert not (tmp_path / LOCK).exists()
+
+
+def test_a_folder_in_the_locks_place_is_refused_by_name(tmp_path: Path) -> None:
+    (tmp_path / LOCK).mkdir()
+    for attempt in (lambda: check_unlocked(tmp_path), lambda: output_lock(tmp_path).__enter__()):
+        with pytest.raises(MedsegError, match=r"\.medseg\.lock: is a folder, not a lock file: remove it"):
+            attempt()
+    assert (tmp_path / LOCK).is_dir()

@@ -67,6 +67,7 @@ def incontext(
 
     --batch and --ray: case by case with OUT/manifest.csv, as 'medseg predict --help' says; each Ray worker
     prepares the supports once."""
+    from medseg.engine.run_lock import check_unlocked
     from medseg.inference.engines import InContextEngine
     from medseg.inference.folders import label_targets, predict_folder
     from medseg.inference.incontext_inputs import build_predictor, load_support, query_cases
@@ -106,6 +107,7 @@ def incontext(
         return
     if output_format != "auto" and query.exists():  # a non-DICOM query for dicom-seg: refused before any work
         label_targets(query_cases(query, output, support), output, output_format=output_format)
+    check_unlocked(output)  # a batch run writing into OUT: refused before the model loads
     predictor, engine_name = build_predictor(engine, weights, checkpoint, head, frame_size, device)
     supports = load_support(support, subset_size)
     cases = query_cases(query, output, support)

@@ -46,6 +46,7 @@ def predict(
     the same model. Exit status: 0 every case done, 1 some failed (counted on stderr), 2 nothing done (an error
     in the command, the model or OUT)."""
     from medseg.data.cases import load_channels
+    from medseg.engine.run_lock import check_unlocked
     from medseg.inference.engines import SpecialistEngine
     from medseg.inference.folders import cases_of, label_targets, predict_folder
     from medseg.io.formats import check_output_format
@@ -55,7 +56,7 @@ def predict(
     check_output(output)
     if save_probabilities and (output / "probabilities").exists() and not (output / "probabilities").is_dir():
         raise MedsegError("is a file; --save-probabilities writes a folder there", output / "probabilities")
-    cases = cases_of(input_path)
+    cases = cases_of(input_path, skip=output)  # OUT inside INPUTS: its label maps are not inputs
     batch, use_ray = batch_mode(batch, use_ray, ray_address, workers)
     if batch:
         from medseg.engine.batch_runners import SpecialistRunner
@@ -65,6 +66,7 @@ def predict(
         return
     if output_format != "auto":  # a non-DICOM input for dicom-seg is refused before the model loads
         label_targets(cases, output, output_format=output_format)
+    check_unlocked(output)  # a batch run writing into OUT: refused before the model loads
     engine = SpecialistEngine.from_pretrained(model_dir, device)
     names = {value: name for name, value in engine.predictor.plan.labels.items() if value != 0}
     started = time.perf_counter()

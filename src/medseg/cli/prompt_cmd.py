@@ -158,7 +158,7 @@ def _prompt_batch(runner: PromptRunner, inputs: Path, output: Path, ray: tuple[b
     if output.suffix and not output.is_dir():
         raise MedsegError("with --boxes, -o is a folder (label maps named by case)", output)
     check_output(output)
-    cases, boxes = boxes_of_cases(cases_of(inputs), Path(runner.boxes_file))
+    cases, boxes = boxes_of_cases(cases_of(inputs, skip=output), Path(runner.boxes_file))
     run_batch_command(replace(runner, boxes=boxes), cases, output, *ray, description="segmenting")
 
 

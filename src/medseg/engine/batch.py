@@ -7,7 +7,8 @@ part through a `CaseRunner` (`medseg.engine.batch_runners`): plain values, which
 (all or nothing), each case's label map is written on its own as soon as it is done (in a hidden folder inside
 ``OUT``, then renamed into place, so a killed worker leaves no partial file), a case that cannot be segmented
 becomes a ``failed`` row of ``OUT/manifest.csv`` (`medseg.engine.manifest`) and the run goes on, and a second run
-skips the cases whose label map exists for the same model hash. Every input is listed in the manifest (``pending``)
+skips the cases whose label map exists for the same model and input files (`medseg.engine.manifest.case_hash`) and
+is not newer than the manifest (else another run wrote it). Every input is listed in the manifest (``pending``)
 as the run starts, and ``OUT/.medseg.lock`` (`medseg.engine.run_lock`) keeps a second run out while one goes on.
 
 On Ray (`medseg.engine.batch_ray`, an optional dependency imported only when asked for) the inputs' paths go to a
@@ -18,10 +19,11 @@ never volumes.
 from __future__ import annotations
 
 import abc
+import contextlib
 import dataclasses
 import os
 import resource
-import shutil
+import secrets
 import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
@@ -29,7 +31,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from medseg.engine.manifest import DONE, FAILED, MANIFEST, PENDING, Row, case_key, read_manifest, write_manifest
+from medseg.engine.manifest import (
+    DONE,
+    FAILED,
+    MANIFEST,
+    PENDING,
+    Row,
+    case_hash,
+    case_key,
+    read_manifest,
+    write_manifest,
+)
+from medseg.engine.run_files import atomic_write
 from medseg.engine.run_lock import check_unlocked, output_lock
 from medseg.errors import MedsegError
 
@@ -112,9 +125,10 @@ class CaseWorker:
         MedsegError: as the runner's `CaseRunner.build`.
     """
 
-    def __init__(self, runner: CaseRunner, output: str | Path) -> None:
+    def __init__(self, runner: CaseRunner, output: str | Path, run: str = "") -> None:
         self.runner = runner
         self.output = Path(output)
+        self.run = run  # the batch run's token, in its staging folders' names (removed at the run's end)
         self.predictor = runner.build()
 
     def __call__(self, case: str, files: Sequence[str | Path], target: str | Path) -> tuple[str, float, str]:
@@ -137,7 +151,7 @@ class CaseWorker:
             if output_format == "dicom-seg":
                 check_grid(image, read_source(paths[0]), paths[0])
             result = predictor.segment(case, image)
-            with staging(self.output) as folder:
+            with staging(self.output, self.run) as folder:
                 write_prediction(
                     result,
                     folder,
@@ -190,7 +204,9 @@ def run_batch(
     Raises:
         MedsegError: before any work, as `label_targets` and the runner's `CaseRunner.build`, an ``output`` that
             cannot be written, whose manifest is not medseg's or that another run is writing into, Ray missing
-            or unreachable; on Ray, a failure of Ray itself (the manifest keeps every case finished before it).
+            or unreachable (then ``output`` is left as it was: its manifest as before, or none and no
+            ``output`` when this run made it); on Ray, a failure of Ray itself (the manifest keeps every case
+            finished before it).
     """
     from medseg.engine import batch_ray
     from medseg.inference.folders import label_targets
@@ -208,17 +224,24 @@ def run_batch(
         check_unlocked(output)
         read_manifest(output / MANIFEST)  # not medseg's: refused before the model loads
         model = runner.model()
-        models = {case: runner.case_model(model, case) for case in cases}
-        worker: CaseWorker | None = CaseWorker(runner, output)  # with Ray it only proves that the model loads
+        models = {case: case_hash(runner.case_model(model, case), files) for case, files in cases.items()}
+        run = secrets.token_hex(4)  # names this run's staging folders
+        worker: CaseWorker | None = CaseWorker(runner, output, run)  # with Ray it only proves that the model loads
         if use_ray:
             worker = None  # the actors build their own
+        made = not output.exists()
         try:
             output.mkdir(parents=True, exist_ok=True)
         except OSError as error:
             raise MedsegError(f"cannot write here ({error.strerror})", output) from None
         ray = (ray_address, workers) if use_ray else None
-        with output_lock(output):
-            result = _run(runner, worker, cases, targets, models, output, ray, on_row)
+        try:
+            with output_lock(output):
+                result = _run(runner, worker, cases, targets, models, output, ray, on_row, run)
+        except batch_ray.RayUnavailable:  # nothing done: _run put the manifest back, the lock is gone
+            if made and output.is_dir() and not any(output.iterdir()):
+                output.rmdir()
+            raise
     result.seconds = time.perf_counter() - started
     return result
 
@@ -232,15 +255,19 @@ def _run(
     output: Path,
     ray: tuple[str | None, int | None] | None,
     on_row: Callable[[Row], None] | None,
+    run: str,
 ) -> BatchResult:
     """`run_batch` holding the lock: the manifest with every case (``pending`` those to do), then the cases in
     ``worker`` or, with ``ray`` (address, workers), on Ray."""
     from medseg.engine import batch_ray
+    from medseg.inference.folders import remove_stale_staging
 
     manifest_path = output / MANIFEST
     earlier = read_manifest(manifest_path)
+    original = manifest_path.read_bytes() if manifest_path.is_file() else None
+    recorded = _mtime(manifest_path)
     keys = {case: case_key(files) for case, files in cases.items()}
-    todo = [c for c in cases if not _done_before(earlier.get(keys[c]), models[c], targets[c], cases[c])]
+    todo = [c for c in cases if not _done_before(earlier.get(keys[c]), models[c], targets[c], recorded)]
     rows: dict[str, Row] = {keys[case]: earlier[keys[case]] for case in cases if keys[case] in earlier}
     rows.update({keys[c]: Row(keys[c], str(targets[c]), PENDING, 0.0, "", models[c]) for c in todo})
     others = [row for key, row in earlier.items() if key not in rows]  # other inputs' rows stay
@@ -252,6 +279,8 @@ def _run(
         nonlocal last_write
         row = Row(keys[case], str(targets[case]), status, seconds, error, models[case])
         rows[row.path] = row
+        if status == FAILED:
+            _remove_stale_output(earlier.get(keys[case]), output, [*cases[case], *runner.protect()])
         result.done += status == DONE
         result.failed += status == FAILED
         if on_row is not None:
@@ -260,39 +289,61 @@ def _run(
             write_manifest(manifest_path, _ordered(rows, keys, others))
             last_write = time.perf_counter()
 
+    unavailable = False
     try:
         if ray is not None:
             items = [{"case": c, "files": "\n".join(map(str, cases[c])), "target": str(targets[c])} for c in todo]
-            for got in batch_ray.ray_rows(items, runner, output, *ray):
+            for got in batch_ray.ray_rows(items, runner, output, *ray, run=run):
                 record(got["case"], got["status"], got["seconds"], got["error"])
                 result.peak_mb[got["pid"]] = max(result.peak_mb.get(got["pid"], 0.0), got["peak_mb"])
         elif worker is not None:
             for case in todo:
                 record(case, *worker(case, cases[case], targets[case]))
             result.peak_mb[os.getpid()] = peak_memory_mb()
+    except batch_ray.RayUnavailable:  # no case was done: the manifest as it was before this run
+        if original is None:
+            manifest_path.unlink(missing_ok=True)
+        else:
+            atomic_write(manifest_path, lambda f: f.write(original))
+        unavailable = True
+        raise
     finally:
-        write_manifest(manifest_path, _ordered(rows, keys, others))
-        for left in output.glob(".medseg-staging.*"):  # a killed worker's unfinished case
-            shutil.rmtree(left, ignore_errors=True)
+        if not unavailable:  # a kill or Ray's failure too: every case finished so far is recorded
+            write_manifest(manifest_path, _ordered(rows, keys, others))
+        remove_stale_staging(output, run)  # a killed worker's unfinished case; never another live run's
     return result
 
 
-def _done_before(row: Row | None, model: str, target: Path, files: Sequence[Path]) -> bool:
-    """The row says done with this model, its label map is there, and no input changed after it was written."""
+def _done_before(row: Row | None, model: str, target: Path, recorded: int | None) -> bool:
+    """The row says done with this model and these inputs (`case_hash`), and its label map is there and not newer
+    than the manifest (``recorded``, its modification time in ns): a run records a case after writing its label
+    map, so one written later is another run's (a plain run into the same folder, another model)."""
     if row is None or row.status != DONE or row.model != model or row.output != os.path.abspath(target):
         return False
+    written = _mtime(target)
+    return written is not None and recorded is not None and written <= recorded
+
+
+def _remove_stale_output(row: Row | None, output: Path, keep: Sequence[Path]) -> None:
+    """Remove the label map an earlier run recorded for a case that failed now (its input truncated, its box row
+    gone): left there it would read as this run's. Only a file inside ``output``, never one of ``keep``."""
+    if row is None or not row.output:
+        return
+    stale = Path(os.path.abspath(row.output))
+    if not stale.is_relative_to(output) or stale == output / MANIFEST or not (stale.is_file() or stale.is_symlink()):
+        return
+    if any(stale == Path(os.path.abspath(path)) or stale.resolve() == Path(path).resolve() for path in keep):
+        return
+    with contextlib.suppress(OSError):
+        stale.unlink()
+
+
+def _mtime(path: Path) -> int | None:
+    """A file's modification time in ns, None when it is not there."""
     try:
-        written = target.stat().st_mtime_ns
-        return all(_newest_mtime(f) <= written for f in files)
+        return path.stat().st_mtime_ns
     except OSError:
-        return False
-
-
-def _newest_mtime(path: Path) -> int:
-    """A file's modification time, or a folder's (a DICOM series) newest file's, in ns."""
-    if path.is_dir():
-        return max((f.stat().st_mtime_ns for f in path.iterdir() if f.is_file()), default=path.stat().st_mtime_ns)
-    return path.stat().st_mtime_ns
+        return None
 
 
 def _ordered(rows: Mapping[str, Row], keys: Mapping[str, str], others: Sequence[Row]) -> list[Row]:

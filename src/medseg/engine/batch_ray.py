@@ -30,6 +30,11 @@ from medseg.errors import MedsegError
 if TYPE_CHECKING:
     from medseg.engine.batch import CaseRunner
 
+
+class RayUnavailable(MedsegError):
+    """Ray could not be started or reached (nothing was done: the batch run removes what it wrote)."""
+
+
 RAY_MISSING = "--ray needs Ray, an optional extra: pip install 'medseg[ray]'"
 LOCAL_RAY_ENV = {"RAY_AUTH_MODE": "token"}
 
@@ -93,9 +98,11 @@ def ray_rows(
     output: Path,
     address: str | None,
     workers: int | None,
+    run: str = "",
 ) -> Iterator[dict[str, Any]]:
     """Rows (``case``, ``status``, ``seconds``, ``error``, ``pid``, ``peak_mb``) from a Ray actor pool, as their
-    blocks finish. ``items``: ``case``, ``files`` (newline between them) and ``target`` of each case to do.
+    blocks finish. ``items``: ``case``, ``files`` (newline between them) and ``target`` of each case to do;
+    ``run``: the batch run's token (`medseg.engine.batch.CaseWorker`).
 
     Raises:
         MedsegError: Ray cannot start or be reached, or fails.
@@ -117,7 +124,7 @@ def ray_rows(
         blocks = math.ceil(len(items) / cases_per_block(len(items), size))
         dataset = ray.data.from_items(items, override_num_blocks=blocks).map_batches(
             _RayCases,
-            fn_constructor_kwargs={"runner": runner, "output": str(output)},
+            fn_constructor_kwargs={"runner": runner, "output": str(output), "run": run},
             batch_size=1,
             batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=size),
@@ -158,7 +165,7 @@ def _start_ray(ray: Any, address: str | None, workers: int | None) -> None:
             )
     except (ConnectionError, RuntimeError, ValueError) as error:
         where = f" at {address}" if address else ""
-        raise MedsegError(f"cannot start or reach Ray{where}: {' '.join(str(error).split())[:200]}") from None
+        raise RayUnavailable(f"cannot start or reach Ray{where}: {' '.join(str(error).split())[:200]}") from None
 
 
 def _start_watchdog() -> subprocess.Popen[bytes] | None:
@@ -193,10 +200,10 @@ def _stop_watchdog(watchdog: subprocess.Popen[bytes]) -> None:
 class _RayCases:
     """The Ray Data actor: a `CaseWorker` built once per actor, fed one case per batch."""
 
-    def __init__(self, runner: CaseRunner, output: str) -> None:
+    def __init__(self, runner: CaseRunner, output: str, run: str = "") -> None:
         from medseg.engine.batch import CaseWorker
 
-        self.worker = CaseWorker(runner, output)
+        self.worker = CaseWorker(runner, output, run)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list[Any]]:
         from medseg.engine.batch import peak_memory_mb

@@ -3,9 +3,9 @@
 Columns: ``path`` (the case's input files, absolute, ``;`` between channels), ``output`` (its label map,
 absolute), ``status`` (``done``, ``failed``, or ``pending``: listed when the run started, not done yet),
 ``seconds`` (wall time of the case on its worker), ``error`` (the one-line reason of a failed case, else empty)
-and ``model`` (a `content_hash` of what predicted it: the weights, the options, for in-context the support set,
-for prompts the case's boxes). The file is always replaced whole and atomically, so a reader never sees half a
-row and no input is listed twice.
+and ``model`` (a `case_hash` of what predicted it: the weights, the options, for in-context the support set,
+for prompts the case's boxes, and the size, modification time and inode of the case's input files). The file is
+always replaced whole and atomically, so a reader never sees half a row and no input is listed twice.
 """
 
 from __future__ import annotations
@@ -75,6 +75,25 @@ def content_hash(paths: Sequence[Path], **options: object) -> str:
         digest.update(b"\0")
     digest.update(repr(sorted(options.items())).encode())
     return digest.hexdigest()[:16]
+
+
+def case_hash(model: str, files: Sequence[Path]) -> str:
+    """The ``model`` column of one case: ``model`` (a `content_hash`) and the stamps of the case's input files
+    (size, modification time in ns and inode of each; a folder's files, by relative name; a missing file as
+    such), so that an input replaced since, even by an older file or a copy with the same time, is done again."""
+    stamps: list[str] = []
+    for path in files:
+        path = Path(path)
+        inside = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        for file in inside:
+            try:
+                info = file.stat()
+            except OSError:
+                stamps.append(f"{file}:missing")
+                continue
+            stamps.append(f"{file}:{info.st_size}:{info.st_mtime_ns}:{info.st_ino}")
+        stamps.append("")
+    return hashlib.sha256("\n".join([model, *stamps]).encode()).hexdigest()[:16]
 
 
 def read_manifest(path: Path) -> dict[str, Row]:

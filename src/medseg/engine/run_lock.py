@@ -1,23 +1,26 @@
-"""``OUT/.medseg.lock``: one batch run at a time writes into an output folder.
+"""``OUT/.medseg.lock``: one run at a time writes into an output folder (a batch run, and a plain ``predict`` or
+``incontext`` run, `medseg.inference.folders.predict_folder`).
 
 The lock is a file created exclusively (``O_CREAT | O_EXCL``, atomic on local and NFS v3+ file systems) holding
 ``<pid>@<host>`` of its run, removed when the run ends. A run killed with ``kill -9`` leaves it behind; as for the
 staging folders (`medseg.inference.folders.remove_stale_staging`), a lock of this machine whose process has ended
 is stale, and so is one of another machine (a shared folder) left untouched for `STALE_AFTER_S`: the run holding
 it touches it every `TOUCH_EVERY_S` seconds. A stale lock is taken over; a live one refuses the second run with
-one line naming its owner.
+one line naming its owner. A lock file that is empty or does not hold ``<pid>@<host>`` is stale (taken over with
+a ``medseg: note:``); a folder in its place is refused, named, for the user to remove.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from medseg.errors import MedsegError
+from medseg.errors import MedsegError, notice
 from medseg.inference.folders import process_alive, process_owner
 
 LOCK = ".medseg.lock"
@@ -88,14 +91,29 @@ def _touch(path: Path, stop: threading.Event) -> None:
 
 
 def _live_holder(path: Path) -> str | None:
-    """The ``pid@host`` of the lock at ``path`` when its run is alive (None: no lock, or a stale one)."""
-    try:
-        holder = path.read_text().strip()
-        age = time.time() - path.stat().st_mtime
-    except FileNotFoundError:
+    """The ``pid@host`` of the lock at ``path`` when its run is alive (None: no lock, or a stale one: also an
+    empty or unparseable file, which no run of medseg leaves, taken over with a note).
+
+    Raises:
+        MedsegError: ``path`` is a folder.
+    """
+    if path.is_dir():
+        raise MedsegError("is a folder, not a lock file: remove it", path)
+    for wait in (0.5, 0.0):
+        try:
+            holder = path.read_text(errors="replace").strip()
+            age = time.time() - path.stat().st_mtime
+        except FileNotFoundError:
+            return None
+        except OSError:
+            return "unknown"
+        if holder or age > 2.0 or not wait:
+            break
+        time.sleep(wait)  # just made by a run that has not written its name yet (it does so at once)
+    if not re.fullmatch(r"\d+@[^\s@]+", holder):
+        shown = repr(holder[:40]) if holder else "nothing"
+        notice(f"holds {shown}, not the pid@host of a run: taken over as stale", path)
         return None
-    except OSError:
-        return "unknown"
     pid_text, _, host = holder.partition("@")
     if host == process_owner().split("@", 1)[1] and pid_text.isdigit():
         alive = path in _HELD if int(pid_text) == os.getpid() else process_alive(int(pid_text))

@@ -52,8 +52,9 @@ def read_boxes(table: Path) -> dict[Path, CaseBoxes]:
     Raises:
         MedsegError: naming ``table`` and the line: an unreadable file, no header, a missing, unknown or repeated
             column, a row with too many or too few cells, an empty path, a value that is not a number (an integer
-            for ``slice``), only one of ``z0`` and ``z1``, a 3D box with a ``slice``, 2D and 3D boxes for one
-            path, two slices for one path, no rows.
+            for ``slice``), only one of ``z0`` and ``z1``, a box that is inverted or empty (``x0 >= x1``, ``y0 >=
+            y1``, ``z0 > z1``), a 3D box with a ``slice``, 2D and 3D boxes for one path, two slices for one
+            path, no rows.
     """
     try:
         text = table.read_text(encoding="utf-8-sig")
@@ -117,13 +118,21 @@ def _add(boxes: CaseBoxes, values: Mapping[str, str], table: Path, line: int) ->
         if boxes.boxes:
             raise _bad(table, line, f"a 3D box, but 2D boxes for {where}: give a path all 2D or all 3D boxes")
         z0, z1 = (_number(value, name, table, line) for value, name in zip(z, ("z0", "z1"), strict=True))
+        if x0 >= x1 or y0 >= y1 or z0 > z1:
+            raise _bad(table, line, f"3D box {_shown((x0, y0, z0, x1, y1, z1))} is inverted or empty")
         return replace(boxes, boxes3d=(*boxes.boxes3d, (x0, y0, z0, x1, y1, z1)))
     if boxes.boxes3d:
         raise _bad(table, line, f"a 2D box, but 3D boxes for {where}: give a path all 2D or all 3D boxes")
+    if x0 >= x1 or y0 >= y1:
+        raise _bad(table, line, f"box {_shown((x0, y0, x1, y1))} is inverted or empty")
     chosen = _slice(values.get("slice", ""), table, line)
     if boxes.boxes and chosen != boxes.slice_index:
         raise _bad(table, line, f"slice {chosen} for {where}, which has slice {boxes.slice_index}")
     return replace(boxes, boxes=(*boxes.boxes, (x0, y0, x1, y1)), slice_index=chosen)
+
+
+def _shown(box: Sequence[float]) -> str:
+    return "(" + ", ".join(f"{value:g}" for value in box) + ")"
 
 
 def _number(text: str, name: str, table: Path, line: int) -> float:

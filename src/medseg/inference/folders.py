@@ -34,11 +34,13 @@ from medseg.io.formats import is_image_file, split_channel, split_extension
 _T = TypeVar("_T")
 
 
-def cases_of(input_path: Path | str) -> dict[str, list[Path]]:
+def cases_of(input_path: Path | str, skip: Path | None = None) -> dict[str, list[Path]]:
     """Cases of an input, case name -> its files: one file; one DICOM series folder; a folder of files
     (channels grouped by their ``_0000`` suffixes) and of DICOM series sub-folders; a glob (``scans/*.nii.gz``);
     or a list of paths, a ``.txt`` file (one a line, ``#`` comments) or a ``.csv`` file (its ``path`` column,
-    else its first), relative paths taken from the list's folder.
+    else its first), relative paths taken from the list's folder. ``skip``: a folder (the output folder) left
+    out of a folder's entries and a glob's matches, with all inside it, so that a run's label maps are never
+    read as inputs by the next run.
 
     Raises:
         MedsegError: no such file or folder; a glob that matches nothing; a list that is empty or names a
@@ -48,7 +50,8 @@ def cases_of(input_path: Path | str) -> dict[str, list[Path]]:
     text = str(input_path)
     input_path = Path(input_path)
     if not input_path.exists() and any(char in text for char in "*?["):
-        matches = sorted(Path(p) for p in glob.glob(text, recursive=True) if not Path(p).name.startswith("."))
+        found = glob.glob(text, recursive=True)
+        matches = sorted(Path(p) for p in found if not Path(p).name.startswith(".") and not _inside(Path(p), skip))
         if not matches:
             raise MedsegError("the pattern matches no file or folder", input_path)
         return _grouped(matches, input_path)
@@ -58,7 +61,7 @@ def cases_of(input_path: Path | str) -> dict[str, list[Path]]:
         return _grouped(_listed(input_path), input_path)
     if input_path.is_file():
         return {case_of(input_path): [input_path]}
-    entries = sorted(p for p in input_path.iterdir() if not p.name.startswith("."))
+    entries = sorted(p for p in input_path.iterdir() if not p.name.startswith(".") and not _inside(p, skip))
     files = [p for p in entries if p.is_file() and is_image_file(p) and not p.name.lower().endswith(".dcm")]
     series = [p for p in entries if p.is_dir()]
     if not files and not series:
@@ -72,6 +75,11 @@ def cases_of(input_path: Path | str) -> dict[str, list[Path]]:
         cases.setdefault(folder.name, []).append(folder)
     _each_file_once(cases, input_path)
     return cases
+
+
+def _inside(path: Path, folder: Path | None) -> bool:
+    """Whether ``path`` is ``folder`` or inside it (resolved)."""
+    return folder is not None and path.resolve().is_relative_to(Path(folder).resolve())
 
 
 def _listed(listing: Path) -> list[Path]:
@@ -158,7 +166,13 @@ def label_targets(
             raise MedsegError(
                 f"DICOM-SEG output takes one DICOM input per case, case {case} has {len(files)}", files[0]
             )
-        target = label_path_for(files[0], output, case, output_format)
+        try:
+            target = label_path_for(files[0], output, case, output_format)
+        except MedsegError:
+            if os.path.lexists(files[0]):
+                raise
+            # a missing input (a box row naming it) is a failed case, its label map named by the case alone
+            target = output / f"{case}{'.dcm' if output_format == 'dicom-seg' else '.nii.gz'}"
         format_of(target)
         if target.resolve() in inputs:
             raise MedsegError(f"refusing to overwrite an input file {target} (choose another -o)", files[0])
@@ -208,8 +222,11 @@ def predict_folder(
         MedsegError: as `label_targets`; a case the engine refuses, named by its file; with ``dicom-seg``, a
             series without the attributes a SEG needs (`medseg.io.dicom_source.read_source`). Nothing is written.
     """
+    from medseg.engine.run_lock import check_unlocked, output_lock
+
     output = Path(output)
     targets = label_targets(cases, output, protect, output_format)
+    check_unlocked(output)  # a batch run writing into output: refused before any work
     load_case = load_channels if load_case is None else load_case
     kept = tuple(p for files in cases.values() for p in files) + tuple(protect)
     for files in cases.values():  # every input is read and checked before any work (and read again below)
@@ -221,24 +238,33 @@ def predict_folder(
             _named(check, image, files[0])
         if output_format == "dicom-seg":
             check_grid(image, read_source(files[0]), files[0])
-    with staging(output) as folder:
-        for case, files in cases.items():
-            image = load_case(files)
-            not_a_segmentation(image, files[0])
-            result = _named(predict, image, files[0])
-            write_prediction(
-                result,
-                folder,
-                targets[case],
-                files,
-                protect=kept,
-                probabilities_name=f"{case}.npz" if save_probabilities else None,
-                output_format=output_format,
-                segment_names=segment_names,
-                algorithm_name=algorithm_name,
-            )
-            if on_case is not None:
-                on_case()
+    made = not output.exists()
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise MedsegError(f"cannot write here ({error.strerror})", output) from None
+    try:
+        with output_lock(output), staging(output) as folder:
+            for case, files in cases.items():
+                image = load_case(files)
+                not_a_segmentation(image, files[0])
+                result = _named(predict, image, files[0])
+                write_prediction(
+                    result,
+                    folder,
+                    targets[case],
+                    files,
+                    protect=kept,
+                    probabilities_name=f"{case}.npz" if save_probabilities else None,
+                    output_format=output_format,
+                    segment_names=segment_names,
+                    algorithm_name=algorithm_name,
+                )
+                if on_case is not None:
+                    on_case()
+    finally:
+        if made and output.is_dir() and not any(output.iterdir()):
+            output.rmdir()
     return targets
 
 
@@ -318,10 +344,11 @@ def process_owner() -> str:
     return f"{os.getpid()}@{socket.gethostname().replace('.', '_')}"
 
 
-def remove_stale_staging(output: Path) -> list[Path]:
+def remove_stale_staging(output: Path, run: str = "") -> list[Path]:
     """Remove the staging folders in ``output`` that killed runs left: those of this machine whose process (in
-    the folder's name, ``.medseg-staging.<pid>@<host>.<random>``) has ended, and any other left untouched for an
-    hour. Folders of runs still going are kept. Returns the removed.
+    the folder's name, ``.medseg-staging.<pid>@<host>.<run>-<random>``) has ended, and any other left untouched
+    for an hour; with ``run``, also that run's own (a batch run's, at its end: its workers may be other
+    processes, on other machines). Folders of runs still going are kept. Returns the removed.
     """
     removed: list[Path] = []
     if not output.is_dir():
@@ -331,10 +358,16 @@ def remove_stale_staging(output: Path) -> list[Path]:
         if not entry.name.startswith(STAGING_PREFIX) or not entry.is_dir() or entry.is_symlink():
             continue
         pid_text, _, rest = entry.name[len(STAGING_PREFIX) :].partition("@")
-        if pid_text.isdigit() and rest.rsplit(".", 1)[0] == host:
+        where, _, tail = rest.rpartition(".")
+        if run and tail.startswith(f"{run}-"):
+            stale = True
+        elif pid_text.isdigit() and where == host:
             stale = int(pid_text) != os.getpid() and not process_alive(int(pid_text))
         else:
-            stale = time.time() - entry.stat().st_mtime > _UNCHECKED_STAGING_AGE_S
+            try:
+                stale = time.time() - entry.stat().st_mtime > _UNCHECKED_STAGING_AGE_S
+            except OSError:  # gone meanwhile
+                continue
         if stale:
             shutil.rmtree(entry, ignore_errors=True)
             removed.append(entry)
@@ -342,10 +375,11 @@ def remove_stale_staging(output: Path) -> list[Path]:
 
 
 @contextmanager
-def staging(output: Path) -> Iterator[Path]:
+def staging(output: Path, run: str = "") -> Iterator[Path]:
     """A hidden folder in ``output`` (created if needed) whose files and folders are moved into ``output`` when
     the block ends normally; on an error it goes, and so does ``output`` if this made it and it is left empty.
-    Staging folders of earlier runs that were killed (`remove_stale_staging`) are removed first.
+    Staging folders of earlier runs that were killed (`remove_stale_staging`) are removed first. ``run``: a
+    batch run's token (letters and digits), in the folder's name so that the run removes its own at its end.
 
     Raises:
         MedsegError: ``output`` cannot be written.
@@ -354,7 +388,7 @@ def staging(output: Path) -> Iterator[Path]:
     try:
         output.mkdir(parents=True, exist_ok=True)
         remove_stale_staging(output)
-        folder = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{process_owner()}.", dir=output))
+        folder = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{process_owner()}.{run}-", dir=output))
     except OSError as error:
         raise MedsegError(f"cannot write here ({error.strerror})", output) from None
     try:

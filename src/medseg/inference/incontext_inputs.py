@@ -168,7 +168,7 @@ def query_cases(query: Path, output: Path, support: Path) -> dict[str, list[Path
     if output.resolve().is_relative_to(support.resolve()):
         raise MedsegError(f"output folder is inside the support folder {support}; choose another -o", output)
     if listed or not query.exists():  # a list or a glob (`label_targets` refuses an output among their folders)
-        listed_cases = cases_of(query)
+        listed_cases = cases_of(query, skip=output)
         for channels in listed_cases.values():
             if len(channels) > 1:
                 raise MedsegError("a second channel of a case; in-context engines take one image per case", channels[1])
