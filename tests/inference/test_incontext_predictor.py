@@ -177,3 +177,29 @@ def test_the_rule_follows_the_support_contents_and_the_options_not_earlier_calls
     assert not again[:3, -3:].any()  # confirmed on the supports as they were given, not as later edited
     predictor.predict(query, images, [label, label], ensemble=2, subset_size=1, seed=1)
     assert predictor._prepared is not None and len(predictor._prepared.confirmed) == 2  # one per options
+
+
+def test_slice_bins_share_each_bins_support_slices_and_none_matches_every_slice_on_its_own() -> None:
+    seen: list[int] = []
+
+    class Counting(MeanOfSupportMasks):
+        def forward(self, query: torch.Tensor, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+            seen.append(images.shape[1])  # support slices given for this query slice
+            return super().forward(query, images, masks)
+
+    predictor = InContextPredictor(Counting())
+    support = np.zeros((8, 64, 64), np.uint8)
+    support[2:4, 10:50, 10:50] = 1
+    common = {"query_is_volume": True, "support_are_volumes": True, "neighbours": 0}
+    binned = predictor.predict(
+        np.zeros((16, 40, 40)), [np.ones((8, 64, 64))] * 2, [support] * 2, slice_bins=4, **common
+    )
+    assert set(seen) == {4}  # each bin: 2 slices of each of the 2 support volumes
+    seen.clear()
+    alone = predictor.predict(
+        np.zeros((16, 40, 40)), [np.ones((8, 64, 64))] * 2, [support] * 2, slice_bins=None, **common
+    )
+    assert set(seen) == {2}  # one matched slice of each support volume
+    np.testing.assert_array_equal(binned.labels, alone.labels)  # the foreground's slices fill whole bins here
+    with pytest.raises(MedsegError, match="slice_bins must be None or a whole number >= 1"):
+        predictor.predict(np.zeros((16, 40, 40)), [np.ones((8, 64, 64))], [support], slice_bins=0, **common)

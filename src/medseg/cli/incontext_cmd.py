@@ -37,6 +37,12 @@ def incontext(
     ensemble: int = typer.Option(1, "--ensemble", help="Average over this many random support subsets."),
     subset_size: int | None = typer.Option(None, "--subset-size", help="Supports per subset (with --ensemble)."),
     neighbours: int = typer.Option(1, "--neighbours", help="3D: support slices either side of the matched one."),
+    slice_bins: int | None = typer.Option(
+        None,
+        "--slice-bins",
+        help="3D with support volumes: query slices of one of N relative-position bins share that bin's support "
+        "slices (one fit per bin and label; default 4); 0: each slice matched on its own (slower).",
+    ),
     largest_component: bool = typer.Option(
         True,
         "--largest-component/--no-largest-component",
@@ -71,7 +77,7 @@ def incontext(
     from medseg.inference.engines import InContextEngine
     from medseg.inference.folders import label_targets, predict_folder
     from medseg.inference.incontext_inputs import build_predictor, load_support, query_cases
-    from medseg.inference.incontext_predictor import check_ensemble_options
+    from medseg.inference.incontext_predictor import bins_option, check_ensemble_options
     from medseg.io import load
     from medseg.io.formats import check_output_format
     from medseg.io.paths import check_output
@@ -82,6 +88,8 @@ def incontext(
         raise MedsegError("exists and is not a folder", output)
     check_output(output)
     check_ensemble_options(ensemble, subset_size, neighbours)
+    if slice_bins is not None and slice_bins < 0:
+        raise MedsegError(f"--slice-bins must be 0 (each slice on its own) or more, not {slice_bins}")
     check_device(device)
     if subset_size is not None and ensemble < 2:
         raise MedsegError("--subset-size takes effect with --ensemble N (N >= 2); give both or neither")
@@ -100,6 +108,7 @@ def incontext(
             ensemble=ensemble,
             subset_size=subset_size,
             neighbours=neighbours,
+            slice_bins=slice_bins,
             largest_component=largest_component,
             output_format=output_format,
         )
@@ -122,6 +131,7 @@ def incontext(
                 subset_size=subset_size,
                 neighbours=neighbours,
                 largest_component=largest_component,
+                **bins_option(slice_bins),
             ),
             cases,
             output,

@@ -86,6 +86,7 @@ class InContextRunner(CaseRunner):
     ensemble: int = 1
     subset_size: int | None = None
     neighbours: int = 1
+    slice_bins: int | None = None  # None: the engine's default; 0: each slice on its own
     largest_component: bool = True
     output_format: str = "auto"
 
@@ -109,6 +110,7 @@ class InContextRunner(CaseRunner):
             ensemble=self.ensemble,
             subset_size=self.subset_size,
             neighbours=self.neighbours,
+            slice_bins=self.slice_bins,
             largest_component=self.largest_component,
             output_format=self.output_format,
         )
@@ -116,6 +118,7 @@ class InContextRunner(CaseRunner):
     def build(self) -> CasePredictor:
         from medseg.inference.engines import InContextEngine
         from medseg.inference.incontext_inputs import build_predictor, load_support
+        from medseg.inference.incontext_predictor import bins_option
         from medseg.io import load
 
         predictor, name = build_predictor(
@@ -133,6 +136,7 @@ class InContextRunner(CaseRunner):
                 subset_size=self.subset_size,
                 neighbours=self.neighbours,
                 largest_component=self.largest_component,
+                **bins_option(self.slice_bins),
             )
 
         return CasePredictor(

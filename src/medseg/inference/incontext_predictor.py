@@ -23,6 +23,7 @@ import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -36,6 +37,10 @@ from medseg.preprocessing.frames import label_masks, model_frame, unit_range  # 
 from medseg.runtime import tune_allocator
 
 CHECKED_SUPPORTS = 8  # 2D supports the engine predicts to confirm the largest-component rule
+# Support volumes: query slices in one of this many relative-position bins share that bin's support slices
+# (one probe fit per bin and label instead of one per slice); chosen on Hippocampus volumes outside the
+# benchmark's (benchmarks/incontext.py --slice-bins).
+DEFAULT_SLICE_BINS = 4
 
 
 @dataclass
@@ -121,7 +126,7 @@ class InContextPredictor:
         neighbours: int = 1,
         seed: int = 0,
         largest_component: bool = True,
-        slice_bins: int | None = None,
+        slice_bins: int | None = DEFAULT_SLICE_BINS,
     ) -> InContextResult:
         """Segment ``query`` with the task the support set defines.
 
@@ -150,6 +155,10 @@ class InContextPredictor:
                 query, or a support set with no foreground at all.
         """
         check_ensemble_options(ensemble, subset_size, neighbours)
+        if slice_bins is not None and (
+            not isinstance(slice_bins, int) or isinstance(slice_bins, bool) or slice_bins < 1
+        ):
+            raise MedsegError(f"slice_bins must be None or a whole number >= 1, not {slice_bins!r}")
         if not isinstance(largest_component, bool):
             raise MedsegError(f"largest_component must be True or False, not {largest_component!r}")
         _check_image(query, query_is_volume, "the query", "query_is_volume")
@@ -303,6 +312,12 @@ class InContextPredictor:
         dtype = np.min_scalar_type(max(values))  # uint8 up to 255, then uint16, uint32, uint64
         labels = np.where(probs.max(axis=0) >= 0.5, np.array(values)[best], 0).astype(dtype)
         return InContextResult(labels, probs, values)
+
+
+def bins_option(slice_bins: int | None) -> dict[str, Any]:
+    """``predict``'s ``slice_bins`` keyword from a command's ``--slice-bins``: none given (the default), 0 (each
+    slice on its own: None) or N."""
+    return {} if slice_bins is None else {"slice_bins": slice_bins or None}
 
 
 def _bin_of(position: float, bins: int | None) -> tuple[float, float]:
