@@ -203,3 +203,14 @@ def test_slice_bins_share_each_bins_support_slices_and_none_matches_every_slice_
     np.testing.assert_array_equal(binned.labels, alone.labels)  # the foreground's slices fill whole bins here
     with pytest.raises(MedsegError, match="slice_bins must be None or a whole number >= 1"):
         predictor.predict(np.zeros((16, 40, 40)), [np.ones((8, 64, 64))], [support], slice_bins=0, **common)
+
+
+def test_a_volume_reports_each_slice_for_a_progress_bar() -> None:
+    calls: list[tuple[int, int]] = []
+    support = np.zeros((8, 64, 64), np.uint8)
+    support[2:4, 10:50, 10:50] = 1
+    InContextPredictor(MeanOfSupportMasks()).predict(
+        np.zeros((5, 40, 40)), [np.ones((8, 64, 64))], [support], query_is_volume=True, support_are_volumes=True,
+        on_slice=lambda z, depth: calls.append((z, depth)),
+    )  # fmt: skip
+    assert calls == [(z, 5) for z in range(5)]

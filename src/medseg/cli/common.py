@@ -66,6 +66,22 @@ def progress_bar(description: str, total: int) -> Iterator[Callable[..., None]]:
 
 
 @contextmanager
+def slice_progress(description: str) -> Iterator[Callable[[int, int], None]]:
+    """A rich progress bar on stderr (a terminal only) over the slices of one volume, called with ``(z, depth)``
+    after each slice; its total is the depth the first call gives."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=err, transient=True, disable=not sys.stderr.isatty()) as progress:
+        task = progress.add_task(description, total=None)
+
+        def advance(_z: int, depth: int) -> None:
+            progress.update(task, total=depth, advance=1)
+
+        yield advance
+
+
+@contextmanager
 def case_progress(description: str, total: int, every: float = 30.0) -> Iterator[Callable[[bool], None]]:
     """Progress of a batch run on stderr, called with ``failed`` per case: a bar with cases done, failed and
     the rate on a terminal; elsewhere (a log file, a cluster's job output) one line every ``every`` seconds."""

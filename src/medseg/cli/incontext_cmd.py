@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import typer
 
 from medseg.cli.batch_options import BATCH, RAY, RAY_ADDRESS, WORKERS, batch_mode, run_batch_command
-from medseg.cli.common import OUTPUT_FORMAT_HELP, out, progress_bar, user_errors
+from medseg.cli.common import OUTPUT_FORMAT_HELP, out, progress_bar, slice_progress, user_errors
 from medseg.errors import MedsegError
 
 
@@ -123,7 +124,11 @@ def incontext(
     segmenter = InContextEngine(predictor, engine_name)
     segmenter.set_support(supports.images, supports.labels)
     started = time.perf_counter()
-    with progress_bar("segmenting", len(cases)) as advance:
+    # one query: a bar over its slices (a volume); several: a bar over the cases
+    with progress_bar("segmenting", len(cases)) as advance, slice_progress("segmenting slices") as on_slice:
+        options: dict[str, Any] = bins_option(slice_bins)
+        if len(cases) == 1:
+            options["on_slice"] = on_slice
         predict_folder(
             lambda image: segmenter.predict(
                 image,
@@ -131,7 +136,7 @@ def incontext(
                 subset_size=subset_size,
                 neighbours=neighbours,
                 largest_component=largest_component,
-                **bins_option(slice_bins),
+                **options,
             ),
             cases,
             output,

@@ -20,7 +20,7 @@ slice gets, from every support volume, the slice at the same relative position (
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -127,6 +127,7 @@ class InContextPredictor:
         seed: int = 0,
         largest_component: bool = True,
         slice_bins: int | None = DEFAULT_SLICE_BINS,
+        on_slice: Callable[[int, int], None] | None = None,
     ) -> InContextResult:
         """Segment ``query`` with the task the support set defines.
 
@@ -141,6 +142,7 @@ class InContextPredictor:
                 query slice of a bin is segmented from the support slices of that bin (plus ``neighbours``
                 either side), so the bin's slices share one support set (one probe fit per bin and label).
                 None: each query slice has its own matched slices.
+            on_slice: 3D queries: called with ``(z, depth)`` after each slice (progress).
             largest_component: keep only the largest connected component of the foreground and of each
                 label that the support set shows as one object (`SingleObjectRule`; 3D components for
                 support volumes; for 2D supports, per slice of a 3D query and only the steps that do not
@@ -186,6 +188,8 @@ class InContextPredictor:
                 span = _bin_of(position, slice_bins)
                 images, masks = self._matched_slices(span, support_images, support.labels, values, neighbours)
             slices.append(self._run([self.frame(query[z])], images, masks, ensemble, subset_size, seed)[0])
+            if on_slice is not None:
+                on_slice(z, query.shape[0])
         result = self._result(np.stack(slices, axis=1), query.shape[1:3], values)
         if largest_component:  # objects in 3D for support volumes (the labels' rule); per slice for 2D supports
             if support_are_volumes:
