@@ -42,7 +42,8 @@ def incontext(
         None,
         "--slice-bins",
         help="3D with support volumes: query slices of one of N relative-position bins share that bin's support "
-        "slices (one fit per bin and label; default 4); 0: each slice matched on its own (slower).",
+        "slices (one fit per bin and label: several times faster, 4 is a good start); default or 0: each slice "
+        "matched on its own.",
     ),
     largest_component: bool = typer.Option(
         True,
