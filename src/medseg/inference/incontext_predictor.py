@@ -179,13 +179,16 @@ class InContextPredictor:
                 result.labels = self._confirmed_rule(support, ensemble, subset_size, seed).apply(result.labels)
             return result
         slices = []
+        matched: dict[tuple[float, float], tuple[np.ndarray, np.ndarray]] = {}  # the current bin's (slices in order)
         for z in range(query.shape[0]):
             if support.frames is not None and support.masks is not None:
                 images, masks = support.frames, support.masks
             else:
                 position = (z + 0.5) / query.shape[0]
                 span = _bin_of(position, slice_bins)
-                images, masks = self._matched_slices(span, support_images, support.labels, values, neighbours)
+                if span not in matched:
+                    matched = {span: self._matched_slices(span, support_images, support.labels, values, neighbours)}
+                images, masks = matched[span]
             slices.append(self._run([self.frame(query[z])], images, masks, ensemble, subset_size, seed)[0])
             if on_slice is not None:
                 on_slice(z, query.shape[0])
