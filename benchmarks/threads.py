@@ -7,9 +7,9 @@ Each row is one fresh ``medseg`` process (imports and model loads included), as 
 - ``prompt``: a 3D box over the 16 slices of Hippocampus case 093's structures.
 
 "busy" runs ``--burners`` processes that spin on the CPU beside the command (another user's job); they
-start 20 s before (the load average the automatic choice reads needs that long to rise). ``threads``: ``1``
-and ``2`` set ``OMP_NUM_THREADS``; ``auto`` sets nothing, so medseg picks (cores minus the 1-minute load
-average). "same output" compares each output's bytes with the 1-thread run of its command and load.
+start 20 s before. ``threads``: ``1``
+and ``2`` set ``OMP_NUM_THREADS``; ``auto`` sets nothing, so medseg picks (`medseg.runtime.free_cores`:
+the cores idle over 0.1 s). "same output" compares each output's bytes with the 1-thread run of its command and load.
 
     python benchmarks/threads.py [--data ../shared/data] [--burners 1] [--repeats 2]
 """

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -50,14 +51,15 @@ def test_the_user_can_keep_the_system_allocator(env: dict[str, str]) -> None:
 
 
 def test_thread_count_follows_the_free_cores_unless_the_user_chose_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    from medseg import runtime
     from medseg.errors import MedsegError
     from medseg.runtime import choose_threads
 
     cores = len(os.sched_getaffinity(0))
-    monkeypatch.setattr(os, "getloadavg", lambda: (cores + 3.0, 0.0, 0.0))  # every core busy
+    monkeypatch.setattr(runtime, "free_cores", lambda cores: 0.2)  # every core busy
     env: dict[str, str] = {}
     assert choose_threads(env) == 1 and env["OMP_NUM_THREADS"] == "1"
-    monkeypatch.setattr(os, "getloadavg", lambda: (0.1, 0.0, 0.0))  # idle
+    monkeypatch.setattr(runtime, "free_cores", lambda cores: cores - 0.1)  # idle
     env = {}
     assert choose_threads(env) == cores and env["OMP_NUM_THREADS"] == str(cores)
     env = {"OMP_NUM_THREADS": "3"}
@@ -76,3 +78,19 @@ def test_a_bad_thread_setting_is_one_line_and_exit_2() -> None:
     assert done.returncode == 2 and done.stderr.strip().splitlines() == [
         "medseg: error: MEDSEG_THREADS must be a whole number from 1 to 1024, not '0'"
     ]
+
+
+def test_free_cores_sees_a_busy_core_at_once() -> None:
+    from medseg.runtime import free_cores
+
+    cores = len(os.sched_getaffinity(0))
+    idle = free_cores(cores)
+    assert idle is not None and 0 <= idle <= cores
+    burner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)
+        busy = free_cores(cores, window=0.5)
+    finally:
+        burner.kill()
+        burner.wait()
+    assert busy is not None and busy <= cores - 0.5  # one spinning process takes about a core

@@ -18,6 +18,7 @@ import ctypes
 import ctypes.util
 import os
 import sys
+import time
 
 _M_TRIM_THRESHOLD = -1  # glibc <malloc.h>
 _M_MMAP_THRESHOLD = -3
@@ -74,8 +75,8 @@ def choose_threads(environ: dict[str, str] | None = None) -> int | None:
     """Set PyTorch's CPU thread count from the cores that are free now, unless the user chose one.
 
     On a 2-core machine busy with other work, two threads of one forward pass wait on each other: one thread
-    was several times faster there (`benchmarks/threads.py` measures it). So the count is the number of usable
-    cores minus the 1-minute load average (rounded), at least 1. ``MEDSEG_THREADS=N`` chooses N (over
+    was several times faster there (`benchmarks/threads.py` measures it). So the count is the number of cores
+    idle now (`free_cores`, rounded), at least 1. ``MEDSEG_THREADS=N`` chooses N (over
     ``OMP_NUM_THREADS``); otherwise a set ``OMP_NUM_THREADS`` (which torch itself reads) is left to act. Call
     before torch is imported: the choice is passed as ``OMP_NUM_THREADS``, as a user would set it.
 
@@ -97,14 +98,38 @@ def choose_threads(environ: dict[str, str] | None = None) -> int | None:
     elif "OMP_NUM_THREADS" in env:
         return None
     else:
-        try:
-            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-            count = max(1, min(cores, cores - round(os.getloadavg()[0])))
-        except OSError:  # no load average on this platform
-            count = None
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        free = free_cores(cores)
+        count = None if free is None else max(1, min(cores, round(free)))
     if count is not None:
         env["OMP_NUM_THREADS"] = str(count)
     return count
+
+
+def free_cores(cores: int, window: float = 0.1) -> float | None:
+    """How many of ``cores`` are idle now: the machine's idle share over ``window`` seconds (``/proc/stat``,
+    Linux) times its CPUs, at most ``cores``; elsewhere ``cores`` minus the 1-minute load average (which lags: a
+    process that just ended still counts); None when neither can be read."""
+    try:
+        first = _cpu_times()
+        time.sleep(window)
+        second = _cpu_times()
+        idle, total = second[0] - first[0], second[1] - first[1]
+        if total > 0:
+            return min(float(cores), (os.cpu_count() or cores) * idle / total)
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return cores - os.getloadavg()[0]
+    except OSError:
+        return None
+
+
+def _cpu_times() -> tuple[int, int]:
+    """(idle + iowait, all) jiffies of the machine's CPUs so far, from the first line of ``/proc/stat``."""
+    with open("/proc/stat") as stat:
+        fields = [int(v) for v in stat.readline().split()[1:9]]  # user nice system idle iowait irq softirq steal
+    return fields[3] + fields[4], sum(fields)
 
 
 DEVICES = ("cpu", "cuda", "mps")
