@@ -75,11 +75,11 @@ def incontext(
 
     --batch and --ray: case by case with OUT/manifest.csv, as 'medseg predict --help' says; each Ray worker
     prepares the supports once."""
-    from medseg.engine.run_lock import check_unlocked
     from medseg.inference.engines import InContextEngine
     from medseg.inference.folders import label_targets, predict_folder
     from medseg.inference.incontext_inputs import build_predictor, load_support, query_cases
     from medseg.inference.incontext_predictor import bins_option, check_ensemble_options
+    from medseg.inference.run_lock import check_unlocked
     from medseg.io import load
     from medseg.io.formats import check_output_format
     from medseg.io.paths import check_output

@@ -46,9 +46,9 @@ def predict(
     the same model. Exit status: 0 every case done, 1 some failed (counted on stderr), 2 nothing done (an error
     in the command, the model or OUT)."""
     from medseg.data.cases import load_channels
-    from medseg.engine.run_lock import check_unlocked
     from medseg.inference.engines import SpecialistEngine
     from medseg.inference.folders import cases_of, label_targets, predict_folder
+    from medseg.inference.run_lock import check_unlocked
     from medseg.io.formats import check_output_format
     from medseg.io.paths import check_output
 

@@ -9,7 +9,7 @@ part through a `CaseRunner` (`medseg.engine.batch_runners`): plain values, which
 becomes a ``failed`` row of ``OUT/manifest.csv`` (`medseg.engine.manifest`) and the run goes on, and a second run
 skips the cases whose label map exists for the same model and input files (`medseg.engine.manifest.case_hash`) and
 is not newer than the manifest (else another run wrote it). Every input is listed in the manifest (``pending``)
-as the run starts, and ``OUT/.medseg.lock`` (`medseg.engine.run_lock`) keeps a second run out while one goes on.
+as the run starts, and ``OUT/.medseg.lock`` (`medseg.inference.run_lock`) keeps a second run out while one goes on.
 
 On Ray (`medseg.engine.batch_ray`, an optional dependency imported only when asked for) the inputs' paths go to a
 pool of actors that build the predictor once and write the label maps themselves: only paths and rows travel,
@@ -43,8 +43,8 @@ from medseg.engine.manifest import (
     write_manifest,
 )
 from medseg.engine.run_files import atomic_write
-from medseg.engine.run_lock import check_unlocked, output_lock
 from medseg.errors import MedsegError
+from medseg.inference.run_lock import check_unlocked, output_lock
 
 if TYPE_CHECKING:
     from medseg.inference.engines import Segmentation

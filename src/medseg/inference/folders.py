@@ -222,7 +222,7 @@ def predict_folder(
         MedsegError: as `label_targets`; a case the engine refuses, named by its file; with ``dicom-seg``, a
             series without the attributes a SEG needs (`medseg.io.dicom_source.read_source`). Nothing is written.
     """
-    from medseg.engine.run_lock import check_unlocked, output_lock
+    from medseg.inference.run_lock import check_unlocked, output_lock
 
     output = Path(output)
     targets = label_targets(cases, output, protect, output_format)

@@ -1,4 +1,4 @@
-"""`medseg.engine.run_lock`: one batch run at a time in an output folder; a killed run's lock is taken over."""
+"""`medseg.inference.run_lock`: one batch run at a time in an output folder; a killed run's lock is taken over."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from medseg.engine import run_lock
-from medseg.engine.run_lock import LOCK, check_unlocked, output_lock
 from medseg.errors import MedsegError, MedsegNotice
+from medseg.inference import run_lock
+from medseg.inference.run_lock import LOCK, check_unlocked, output_lock
 
 HOST = socket.gethostname().replace(".", "_")
 
