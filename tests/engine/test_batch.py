@@ -28,6 +28,14 @@ from medseg.io import Image, save
 HOST = socket.gethostname().replace(".", "_")
 
 
+def copied_inputs(given: Path, folder: Path, count: int) -> Path:
+    """``folder`` holding copies of the first ``count`` images of ``given``."""
+    folder.mkdir()
+    for path in sorted(given.glob("*_0000.png"))[:count]:
+        shutil.copyfile(path, folder / path.name)
+    return folder
+
+
 def ended_pid() -> int:
     """The id of a process of this machine that has ended."""
     done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
@@ -119,10 +127,7 @@ def test_refusals_are_one_line_before_any_work(
 
 def test_an_input_replaced_after_its_label_map_is_done_again(model: tuple[Path, Path, Path], tmp_path: Path) -> None:
     given, model_dir, _ = model
-    inputs = tmp_path / "in"
-    inputs.mkdir()
-    for path in sorted(given.glob("*_0000.png"))[:3]:
-        shutil.copyfile(path, inputs / path.name)
+    inputs = copied_inputs(given, tmp_path / "in", 3)
     options = SpecialistRunner(str(model_dir))
     first = run_batch(options, cases_of(inputs), tmp_path / "out")
     assert first.done == len(cases_of(inputs))
@@ -136,10 +141,7 @@ def test_an_input_replaced_by_an_older_file_is_done_again(model: tuple[Path, Pat
     """Issue: only modification times were compared, so an input replaced by an older copy (cp -p, touch -d 2020)
     kept the label map of the file it replaced."""
     given, model_dir, _ = model
-    inputs = tmp_path / "in"
-    inputs.mkdir()
-    for path in sorted(given.glob("*_0000.png"))[:3]:
-        shutil.copyfile(path, inputs / path.name)
+    inputs = copied_inputs(given, tmp_path / "in", 3)
     options = SpecialistRunner(str(model_dir))
     assert run_batch(options, cases_of(inputs), tmp_path / "out").done == 3
     first, second = sorted(inputs.iterdir())[:2]
@@ -177,10 +179,7 @@ def test_label_maps_another_run_wrote_after_the_manifest_are_done_again(
 def test_a_case_that_fails_on_a_rerun_loses_its_old_label_map(model: tuple[Path, Path, Path], tmp_path: Path) -> None:
     """Issue: a case failing on a rerun (its input truncated since) kept the label map of the earlier run."""
     given, model_dir, _ = model
-    inputs = tmp_path / "in"
-    inputs.mkdir()
-    for path in sorted(given.glob("*_0000.png"))[:2]:
-        shutil.copyfile(path, inputs / path.name)
+    inputs = copied_inputs(given, tmp_path / "in", 2)
     out = tmp_path / "out"
     assert run_batch(SpecialistRunner(str(model_dir)), cases_of(inputs), out).done == 2
     (out / "notes.txt").write_text("mine")
@@ -198,10 +197,7 @@ def test_an_output_folder_inside_the_inputs_is_not_read_as_inputs(
     """Issue: ``predict model pin3 -o pin3/out --batch`` was accepted, then refused on resume ("output folder holds
     the inputs"): the label maps' folder was listed as a DICOM series case."""
     given, model_dir, plain = model
-    inputs = tmp_path / "pin3"
-    inputs.mkdir()
-    for path in sorted(given.glob("*_0000.png"))[:2]:
-        shutil.copyfile(path, inputs / path.name)
+    inputs = copied_inputs(given, tmp_path / "pin3", 2)
     for _ in range(2):
         result = run_cli("predict", model_dir, inputs, "-o", inputs / "out", "--batch")
         assert result.exit_code == 0, result.output

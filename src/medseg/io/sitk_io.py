@@ -63,17 +63,8 @@ def read_file(path: Path, fmt: str, frame: int | None = None) -> Image:
         return _read_nifti(path, frame)
     if fmt == "dicom" and is_enhanced_multiframe(path):  # GDCM would stack its frames in file order
         return read_multiframe(path)
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
-    with captured_stderr() as printed:
-        try:
-            reader.ReadImageInformation()
-        except RuntimeError as err:
-            raise MedsegError(f"cannot read {fmt} file ({_reason(err, printed)})", path) from None
+    reader = _header(path, f"{fmt} file")
     size = tuple(reader.GetSize())
-    check_voxels((*size, reader.GetNumberOfComponents()), path)
-    if 0 in size:
-        raise MedsegError(f"empty image (size {size})", path)
     if len(size) == 4:
         index = _frame_index(size, frame, path)
         reader.SetExtractIndex((0, 0, 0, index))
@@ -102,6 +93,23 @@ class FourDimensionalError(MedsegError):
             f"4D image of size {size} ({size[3]} frames); pick one volume with --frame (0 to {size[3] - 1})", path
         )
         self.frames = size[3]
+
+
+def _header(path: Path, what: str) -> sitk.ImageFileReader:
+    """An ITK reader of ``path`` with its header read, the declared size checked against the voxel limit
+    before any voxel is read, and an empty size refused (``what`` names the file in the errors)."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    with captured_stderr() as printed:
+        try:
+            reader.ReadImageInformation()
+        except RuntimeError as err:
+            raise MedsegError(f"cannot read {what} ({_reason(err, printed)})", path) from None
+    size = tuple(reader.GetSize())
+    check_voxels((*size, reader.GetNumberOfComponents()), path)
+    if 0 in size:
+        raise MedsegError(f"empty image (size {size})", path)
+    return reader
 
 
 def _frame_index(size: tuple[int, ...], frame: int | None, path: Path) -> int:
@@ -195,17 +203,8 @@ def _read_nifti(path: Path, frame: int | None = None) -> Image:
     import nibabel as nib
 
     _check_nifti_header(path)
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
-    with captured_stderr() as printed:
-        try:
-            reader.ReadImageInformation()
-        except RuntimeError as err:
-            raise MedsegError(f"cannot read NIfTI header ({_reason(err, printed)})", path) from None
+    reader = _header(path, "NIfTI header")
     ndim, size = reader.GetDimension(), tuple(reader.GetSize())
-    check_voxels((*size, reader.GetNumberOfComponents()), path)
-    if 0 in size:
-        raise MedsegError(f"empty image (size {size})", path)
     if ndim > 4:
         raise MedsegError(f"{ndim}D image of size {size} is not supported", path)
     meta: dict[str, Any] = {"format": "nifti", "path": str(path)}
