@@ -124,7 +124,12 @@ def idle(page: Any) -> None:
 
 def prompted(page: Any, before: int) -> None:
     """Wait until the page has shown more label maps than ``before`` (`updates`), and is idle."""
-    page.wait_for_function(f"Number(document.body.dataset.updates) > {before}", timeout=120_000)
+    from playwright.sync_api import TimeoutError as PageTimeout
+
+    try:
+        page.wait_for_function(f"Number(document.body.dataset.updates) > {before}", timeout=120_000)
+    except PageTimeout:
+        raise AssertionError(f"no label map came back in 120 s; the page says: {status(page)}") from None
     idle(page)
 
 

@@ -357,9 +357,7 @@ function rubberBand(event) {
   band.hidden = false;
 }
 
-function onPointerUp(event) {
-  const start = state.pointer;
-  state.pointer = null;
+function onPointerUp(start, event) {
   if (!start || !state.session || event.button !== 0) return;
   const moved = Math.hypot(event.clientX - start.clientX, event.clientY - start.clientY) > 4;
   if (moved) {
@@ -602,9 +600,13 @@ async function main() {
   canvas.addEventListener("pointermove", (e) => state.pointer && rubberBand(e));
   // Capture phase: seen before NiiVue's handlers (which may stop it), and wherever the button is released
   // (a box may end off the canvas); a press elsewhere forgets a press on the canvas whose release was missed.
+  // The press is taken now, the release handled after NiiVue's handlers: a press that comes before the deferred
+  // handler runs (a click on a tool, then a drag, on a busy machine) must not be paired with the earlier release.
   window.addEventListener("pointerup", (e) => {
     $("rubber").hidden = true;
-    setTimeout(() => onPointerUp(e), 0);
+    const start = state.pointer;
+    state.pointer = null;
+    setTimeout(() => onPointerUp(start, e), 0);
   }, true);
   window.addEventListener("pointerdown", (e) => e.target !== canvas && (state.pointer = null), true);
   // Capture: our shortcuts run first, and NiiVue's canvas listeners (view modes, h/j/k/l crosshair moves) never
