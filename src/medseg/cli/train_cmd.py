@@ -31,6 +31,18 @@ def train(
     resume: bool = typer.Option(False, "--resume", help="Continue the run in MODEL_DIR from its last checkpoint."),
     memory_gb: float | None = typer.Option(None, "--memory-gb", help="Memory budget (default: half the RAM)."),
     device: str = typer.Option("auto", "--device", help="auto (cuda when there is one, else cpu), cpu, cuda or mps."),
+    genseg: bool = typer.Option(
+        False, "--genseg", help="GenSeg: train on real pairs and on pairs a generator makes from masks (few labels)."
+    ),
+    genseg_mode: str = typer.Option(
+        "end-to-end", "--genseg-mode", help="end-to-end (GenSeg) or separate (generator first, then frozen)."
+    ),
+    backbone: str = typer.Option(
+        "plain", "--backbone", help="plain, or litemedsam (LiteMedSAM's pretrained encoder, 2D)."
+    ),
+    fine_tune_encoder: bool = typer.Option(
+        False, "--fine-tune-encoder/--freeze-encoder", help="litemedsam: train the pretrained encoder too."
+    ),
     predict_validation: bool = typer.Option(
         True,
         "--predict-validation/--no-predict-validation",
@@ -38,6 +50,9 @@ def train(
     ),
 ) -> None:
     """Train a U-Net, V-Net or TransUNet, planned from the data; works under torchrun (one shard per process).
+
+    Few labels: --num-labelled N --genseg adds GenSeg's generated image-mask pairs (its grid of pairs:
+    MODEL_DIR/genseg_pairs.png); --backbone litemedsam starts the U-Net's encoder from LiteMedSAM's weights.
 
     Every epoch writes checkpoint.pt and model.pt atomically; --resume continues after a crash. At the end
     the validation cases are segmented into MODEL_DIR/validation (score them with 'medseg evaluate').
@@ -48,6 +63,8 @@ def train(
     from medseg.planning import read_plan
 
     check_device(device, allow_auto=True)
+    if genseg_mode not in ("end-to-end", "separate"):
+        raise MedsegError(f"--genseg-mode must be end-to-end or separate, got {genseg_mode!r}")
     check_output(output)
     names = None
     if val_cases is not None:
@@ -74,6 +91,9 @@ def train(
         resume=resume,
         memory_gb=memory_gb,
         device=device,
+        backbone=backbone,
+        fine_tune_encoder=fine_tune_encoder,
+        genseg=genseg_mode if genseg else None,
     )
     with _Display() as display:
         result = run_training(options, on_iteration=display.iteration, on_epoch=display.epoch)

@@ -91,7 +91,7 @@ class PatchSampler:
             centre = np.array([rng.integers(lo, hi) for lo, hi in zip(low, high, strict=True)])
         spatial_aug = rng.random(2) < SPATIAL_PROBABILITY
         region = (self.patch * (1.5 if spatial_aug.any() else 1.0)).astype(int)
-        image, label = _crop(case.image, case.label, centre, region)
+        image, label = crop(case.image, case.label, centre, region)
         if spatial_aug.any():
             image, label = self._affine(image, label, spatial_aug, rng)
         if rng.random() < training.elastic_probability:
@@ -164,7 +164,7 @@ class PatchSampler:
         return image
 
 
-def _crop(image: np.ndarray, label: np.ndarray, centre: np.ndarray, size: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def crop(image: np.ndarray, label: np.ndarray, centre: np.ndarray, size: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The ``size`` region around ``centre``, zero-padded where it leaves the image."""
     start = centre - size // 2
     image_out = np.zeros((image.shape[0], *size), np.float32)

@@ -31,16 +31,22 @@ from medseg.data.check import require_valid
 from medseg.data.dataset import Case, Dataset
 from medseg.engine.run_files import atomic_write, plot_curve, write_json
 from medseg.engine.supervised.data import PatchSampler, PreparedCase, prepare_case
+from medseg.engine.supervised.genseg import MODES as GENSEG_MODES
+from medseg.engine.supervised.genseg import GenSeg, schedule_progress, validation_share
 from medseg.engine.supervised.split import make_split
 from medseg.errors import MedsegError
 from medseg.inference.sliding_window import predict_probabilities
 from medseg.io.paths import check_exists, check_output
 from medseg.metrics.surface import dice
 from medseg.models.supervised import MODEL_NAMES, build_network
+from medseg.models.supervised.factory import BACKBONES
 from medseg.planning import Plan, check_plan_fits, fingerprint_dataset, make_plan, read_plan, write_plan
 
 CHECKPOINT = "checkpoint.pt"
 WEIGHTS = "model.pt"
+GENERATOR = "generator.pt"  # GenSeg's generator (weights), beside the segmentation network
+PAIRS_FIGURE = "genseg_pairs.png"
+ENCODER_LR_SCALE = 0.1  # a fine-tuned pretrained encoder learns ten times slower than the new decoder
 
 
 @dataclass
@@ -61,6 +67,10 @@ class TrainOptions:
     resume: bool = False
     memory_gb: float | None = None
     device: str = "auto"  # "auto" (cuda when there is one, else cpu), "cpu", "cuda" or "mps"
+    backbone: str = "plain"  # "litemedsam": LiteMedSAM's pretrained TinyViT as the U-Net's encoder (2D)
+    fine_tune_encoder: bool = False  # litemedsam: train the encoder too (at a tenth of the learning rate)
+    genseg: str | None = None  # "end-to-end" or "separate": GenSeg's pairs (`medseg.engine.supervised.genseg`)
+    genseg_ngf: int = 16  # the generator's first-level channels
 
 
 @dataclass
@@ -121,6 +131,17 @@ def _train(
         raise MedsegError(f"--minutes must be positive, got {options.minutes}")
     if options.seed < 0:
         raise MedsegError(f"--seed must be a non-negative integer, got {options.seed}")
+    if options.genseg is not None and options.genseg not in GENSEG_MODES:
+        raise MedsegError(f"unknown GenSeg mode {options.genseg!r} (known: {', '.join(GENSEG_MODES)})")
+    if options.backbone not in BACKBONES:
+        raise MedsegError(f"unknown backbone {options.backbone!r} (known: {', '.join(BACKBONES)})")
+    if options.fine_tune_encoder and options.backbone == "plain":
+        raise MedsegError("--fine-tune-encoder is for a pretrained encoder: add --backbone litemedsam")
+    if options.genseg is not None and options.num_labelled is not None and options.num_labelled < 3:
+        raise MedsegError(
+            f"--num-labelled {options.num_labelled} is too few for GenSeg: it keeps a fifth of the labelled "
+            "cases (at least one) for its validation loss and needs at least 3"
+        )
     _check_output(out, options.dataset)
     checkpoint_path = out / CHECKPOINT
     resuming = options.resume and checkpoint_path.is_file()
@@ -141,6 +162,10 @@ def _train(
             raise MedsegError(
                 f"the plan is for model {plan.network.name!r}; omit --model or plan again with --model {options.model}"
             )
+        if options.backbone != "plain":
+            plan.network.backbone = options.backbone
+            plan.network.freeze_encoder = not options.fine_tune_encoder
+            plan.network.deep_supervision = False
         check_plan_fits(plan, options.memory_gb)
         names = [c.name for c in dataset.cases if c.label is not None]
         try:
@@ -149,6 +174,8 @@ def _train(
             )
         except MedsegError as error:
             raise MedsegError(error.problem, options.dataset) from None
+        if options.genseg is not None:
+            split = _genseg_split(split, options.seed, options.dataset)
     if options.epochs is not None:
         plan.training.epochs = options.epochs
     if len(split["train"]) < ctx.world:
@@ -156,12 +183,19 @@ def _train(
             f"{len(split['train'])} training cases cannot be shared by {ctx.world} processes", options.dataset
         )
     by_name = {c.name: c for c in dataset.cases if c.label is not None}
-    missing = sorted(set(split["train"] + split["val"]) - set(by_name))
+    genseg_val = split.get("genseg_val", [])
+    if options.genseg is not None and not genseg_val:
+        raise MedsegError("split.json has no GenSeg validation cases: the run was not a GenSeg run", out)
+    missing = sorted(set(split["train"] + split["val"] + genseg_val) - set(by_name))
     if missing:
         raise MedsegError(f"split.json names cases without a label in the dataset: {', '.join(missing[:5])}", out)
     _check_fits_data(plan, by_name[split["train"][0]], dataset)
     torch.manual_seed(options.seed)
     network = build_network(plan.network).to(ctx.device)  # an unbuildable network fails before anything is written
+    if plan.network.backbone == "litemedsam" and saved is None:
+        from medseg.models.supervised.litemedsam_unet import load_pretrained_encoder
+
+        load_pretrained_encoder(network)  # type: ignore[arg-type]
     if saved is not None:
         try:
             network.load_state_dict(saved["model"])
@@ -175,15 +209,19 @@ def _train(
         if before["epoch"] >= plan.training.epochs or before["training_seconds"] + last_epoch_s > budget:
             done = f"{before['epoch']} epochs and {before['training_seconds'] / 60:.1f} min"
             raise MedsegError(f"the run has already trained {done}; give more --epochs or --minutes to continue", out)
+    shard = [prepare_case(by_name[n], plan, options.seed) for n in split["train"][ctx.rank :: ctx.world]]
+    if not any(case.foreground for case in shard + [prepare_case(by_name[n], plan) for n in genseg_val]):
+        raise MedsegError(
+            f"every training case's label map is empty ({len(split['train'])} cases): nothing to learn", options.dataset
+        )
+    val = (
+        [prepare_case(by_name[n], plan) for n in split["val"][: plan.training.val_cases_per_epoch]] if ctx.main else []
+    )
     if ctx.main:
         out.mkdir(parents=True, exist_ok=True)
         _remove_stale_temporaries(out)
         write_plan(plan, out / "plan.json")
         write_json(out / "split.json", split)
-    shard = [prepare_case(by_name[n], plan, options.seed) for n in split["train"][ctx.rank :: ctx.world]]
-    val = (
-        [prepare_case(by_name[n], plan) for n in split["val"][: plan.training.val_cases_per_epoch]] if ctx.main else []
-    )
     sampler = PatchSampler(shard, plan)
 
     optimizer = _optimizer(network, plan)
@@ -199,15 +237,30 @@ def _train(
     loss_fn = _loss(plan)
     training = plan.training
     budget_s = options.minutes * 60 if options.minutes is not None else math.inf
+    genseg = None
+    if options.genseg is not None:
+        genseg = GenSeg(
+            plan,
+            model,
+            optimizer,
+            lambda output, labels: _total_loss(loss_fn, output, labels),
+            [prepare_case(by_name[n], plan, options.seed) for n in genseg_val],
+            options.genseg,
+            options.genseg_ngf,
+            ctx.device,
+        )
+        if saved is not None and "genseg" in saved:
+            genseg.load_state_dict(saved["genseg"])
     while True:
         epoch = state["epoch"]
         if ctx.world > 1:  # every rank follows rank 0's clock, so that all use the same learning rate
             clock = torch.tensor([state["training_seconds"]], dtype=torch.float64, device=ctx.device)
             torch.distributed.broadcast(clock, 0)
             state["training_seconds"] = float(clock.item())
-        progress = min(1.0, max(epoch / training.epochs, state["training_seconds"] / budget_s))
+        progress = schedule_progress(epoch, training.epochs, state["training_seconds"], budget_s)
         for group in optimizer.param_groups:
-            group["lr"] = training.learning_rate * (1 - progress) ** 0.9  # nnU-Net's poly schedule
+            # nnU-Net's poly schedule
+            group["lr"] = training.learning_rate * group.get("lr_scale", 1.0) * (1 - progress) ** 0.9
         started = time.perf_counter()
         rng = np.random.default_rng([options.seed, ctx.rank, epoch])
         model.train()
@@ -215,12 +268,18 @@ def _train(
         for iteration in range(training.iterations_per_epoch):
             images, labels = sampler.batch(training.batch_size, rng)
             images, labels = images.to(ctx.device), labels.to(ctx.device)
-            optimizer.zero_grad(set_to_none=True)
-            loss = _total_loss(loss_fn, model(images), labels)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 12.0)
-            optimizer.step()
-            losses.append(float(loss.detach()))
+            if genseg is not None:  # its stages follow the schedule within the epoch too
+                now = state["training_seconds"] + time.perf_counter() - started
+                done = epoch + iteration / training.iterations_per_epoch
+                within = schedule_progress(done, training.epochs, now, budget_s)
+                losses.append(genseg.step(images, labels, rng, within))
+            else:
+                optimizer.zero_grad(set_to_none=True)
+                loss = _total_loss(loss_fn, model(images), labels)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 12.0)
+                optimizer.step()
+                losses.append(float(loss.detach()))
             if ctx.main and on_iteration is not None:
                 on_iteration(epoch, iteration, losses[-1])
         train_seconds = time.perf_counter() - started
@@ -241,8 +300,11 @@ def _train(
         state["images"] += training.iterations_per_epoch * training.batch_size * ctx.world
         stop = state["epoch"] >= training.epochs or state["training_seconds"] + epoch_seconds > budget_s
         if ctx.main:
-            _save_checkpoint(checkpoint_path, network, optimizer, state)
+            _save_checkpoint(checkpoint_path, network, optimizer, state, genseg)
             atomic_write(out / WEIGHTS, lambda f: torch.save(network.state_dict(), f))
+            if genseg is not None:
+                atomic_write(out / GENERATOR, lambda f: torch.save(genseg.generator.state_dict(), f))
+                genseg.save_pairs_figure(shard, out / PAIRS_FIGURE, np.random.default_rng([options.seed, 7]))
             plot_curve(state["history"], out / "curve.png", f"{plan.network.name} on {plan.dataset_name}")
             if on_epoch is not None:
                 on_epoch(record)
@@ -276,6 +338,9 @@ def _train(
                 "val_dice": result.val_dice,
                 "history": state["history"],
                 "seed": options.seed,
+                "backbone": plan.network.backbone,
+                "freeze_encoder": plan.network.freeze_encoder,
+                "genseg": None if genseg is None else genseg.summary(),
             },
         )
     return result
@@ -289,6 +354,21 @@ def _check_output(out: Path, dataset: Path) -> None:
     resolved, data = out.resolve(), dataset.resolve()
     if resolved == data or data in resolved.parents:
         raise MedsegError("the model folder must not be inside the dataset (it would be read as data)", out)
+
+
+def _genseg_split(split: dict[str, list[str]], seed: int, dataset: Path) -> dict[str, list[str]]:
+    """GenSeg's split of the labelled training cases: `validation_share` of them (seeded) move to
+    ``genseg_val``, the architecture's validation loss; the rest train (40 -> 32 + 8)."""
+    train = split["train"]
+    if len(train) < 3:
+        raise MedsegError(f"GenSeg needs at least 3 labelled training cases, the split has {len(train)}", dataset)
+    rng = np.random.default_rng(seed + 2)
+    picked = set(rng.choice(len(train), validation_share(len(train)), replace=False).tolist())
+    return {
+        "train": [n for i, n in enumerate(train) if i not in picked],
+        "val": split["val"],
+        "genseg_val": [n for i, n in enumerate(train) if i in picked],
+    }
 
 
 def _read_split(path: Path) -> dict[str, list[str]]:
@@ -321,7 +401,7 @@ def _check_fits_data(plan: Plan, case: Case, dataset: Dataset) -> None:
 
 def _remove_stale_temporaries(out: Path) -> None:
     """Temporary files of writes a crash interrupted (``.model.pt.x8k2``): never renamed, never needed."""
-    for name in (CHECKPOINT, WEIGHTS, "train.json", "curve.png", "plan.json", "split.json"):
+    for name in (CHECKPOINT, WEIGHTS, GENERATOR, PAIRS_FIGURE, "train.json", "curve.png", "plan.json", "split.json"):
         for stale in out.glob(f".{name}.*"):
             stale.unlink(missing_ok=True)
 
@@ -347,12 +427,17 @@ def _start_distributed(device: str) -> _Context:
 
 
 def _optimizer(network: nn.Module, plan: Plan) -> torch.optim.Optimizer:
+    """The plan's optimiser on the trainable parameters; a fine-tuned pretrained encoder in its own group at
+    `ENCODER_LR_SCALE` of the learning rate (``lr_scale``, kept by the schedule)."""
     t = plan.training
+    encoder = [p for n, p in network.named_parameters() if p.requires_grad and n.startswith("image_encoder.")]
+    others = [p for n, p in network.named_parameters() if p.requires_grad and not n.startswith("image_encoder.")]
+    groups: list[dict[str, Any]] = [{"params": others, "lr_scale": 1.0}]
+    if encoder:
+        groups.append({"params": encoder, "lr_scale": ENCODER_LR_SCALE, "lr": t.learning_rate * ENCODER_LR_SCALE})
     if t.optimizer == "sgd":
-        return torch.optim.SGD(
-            network.parameters(), t.learning_rate, momentum=0.99, nesterov=True, weight_decay=t.weight_decay
-        )
-    return torch.optim.AdamW(network.parameters(), t.learning_rate, weight_decay=t.weight_decay)
+        return torch.optim.SGD(groups, t.learning_rate, momentum=0.99, nesterov=True, weight_decay=t.weight_decay)
+    return torch.optim.AdamW(groups, t.learning_rate, weight_decay=t.weight_decay)
 
 
 def _loss(plan: Plan) -> nn.Module:
@@ -403,8 +488,12 @@ def _parameter_hashes(network: nn.Module, ctx: _Context) -> list[str]:
     return [str(h) for h in gathered]
 
 
-def _save_checkpoint(path: Path, network: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+def _save_checkpoint(
+    path: Path, network: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any], genseg: GenSeg | None
+) -> None:
     payload = {"model": network.state_dict(), "optimizer": optimizer.state_dict(), "state": state}
+    if genseg is not None:
+        payload["genseg"] = genseg.state_dict()
     atomic_write(path, lambda f: torch.save(payload, f))
 
 

@@ -5,6 +5,9 @@
 | unet      | nnU-Net (Isensee et al. 2021)   | 2D/3D | MONAI ``DynUNet`` (conv-IN-LeakyReLU stages) |
 | vnet      | V-Net (Milletari et al. 2016)   | 2D/3D | `medseg.models.supervised.vnet.VNet`         |
 | transunet | TransUNet (Chen et al. 2021)    | 2D    | `medseg.models.supervised.transunet.TransUNet` |
+
+``backbone: litemedsam`` (unet, 2D) replaces the U-Net's encoder by LiteMedSAM's pretrained TinyViT
+(`medseg.models.supervised.litemedsam_unet`); `build_network` builds it untrained, training loads the weights.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from torch import nn
 from medseg.errors import MedsegError
 
 MODEL_NAMES = ("unet", "vnet", "transunet")
+BACKBONES = ("plain", "litemedsam")
 
 
 @dataclass
@@ -40,6 +44,8 @@ class NetworkConfig:
     vit_layers: int = 4
     vit_heads: int = 4
     patch_size: list[int] | None = None  # TransUNet's token grid (position embeddings) is sized from it
+    backbone: str = "plain"  # "litemedsam": LiteMedSAM's TinyViT as the U-Net's encoder
+    freeze_encoder: bool = True  # litemedsam: keep the pretrained encoder fixed
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -73,6 +79,10 @@ def build_network(config: NetworkConfig) -> nn.Module:
         MedsegError: unknown name, a 3D TransUNet, or an inconsistent config.
     """
     check_config(config)
+    if config.backbone == "litemedsam":
+        from medseg.models.supervised.litemedsam_unet import LiteMedSAMUNet
+
+        return LiteMedSAMUNet(config.in_channels, config.out_channels, config.freeze_encoder)
     if config.name == "unet":
         from monai.networks.nets import DynUNet
 
@@ -109,6 +119,12 @@ def check_config(config: NetworkConfig) -> None:
     """Raise MedsegError when ``config`` cannot build a network (see `build_network`)."""
     if config.name not in MODEL_NAMES:
         raise MedsegError(f"unknown model {config.name!r} (known: {', '.join(MODEL_NAMES)})")
+    if config.backbone not in BACKBONES:
+        raise MedsegError(f"unknown backbone {config.backbone!r} (known: {', '.join(BACKBONES)})")
+    if config.backbone == "litemedsam" and (config.name != "unet" or config.spatial_dims != 2):
+        raise MedsegError("--backbone litemedsam is a 2D U-Net's encoder (LiteMedSAM's TinyViT sees 2D images)")
+    if config.backbone == "litemedsam" and config.in_channels not in (1, 3):
+        raise MedsegError(f"--backbone litemedsam takes grey or RGB images, not {config.in_channels} channels")
     if config.spatial_dims not in (2, 3):
         raise MedsegError(f"spatial_dims must be 2 or 3, got {config.spatial_dims}")
     if config.name == "transunet" and config.spatial_dims != 2:

