@@ -127,7 +127,7 @@ def _plan(dataset: Path, iterations: int = 3) -> Plan:
 def test_a_genseg_run_writes_its_generator_and_pairs_and_resumes(dataset: Path, tmp_path: Path, mode: str) -> None:
     out = tmp_path / "run"
     options = dict(num_labelled=6, genseg=mode, genseg_ngf=4)
-    train(TrainOptions(dataset, out, plan=_plan(dataset), epochs=2, **options))  # type: ignore[arg-type]
+    train(TrainOptions(dataset, out, plan=_plan(dataset, iterations=4), epochs=2, **options))  # type: ignore[arg-type]
     split = json.loads((out / "split.json").read_text())
     assert len(split["train"]) == 5 and len(split["genseg_val"]) == 1  # 6 labelled: 5 train + 1 validate
     assert not set(split["genseg_val"]) & set(split["train"] + split["val"])

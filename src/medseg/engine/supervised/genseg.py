@@ -6,8 +6,9 @@ Three levels, each training step (after the generator's warm-up, `GENERATOR_WARM
 1. the generator's weights and the discriminator: pix2pix's GAN loss + ``L1_WEIGHT`` x L1 on real pairs;
 2. synthetic pairs: each real mask of the batch augmented (`augment_masks`: flips, scale 0.8-1.2, translation
    10 %, rotation 15 deg, shear 8 deg) and turned into an image by the generator;
-3. the generator's *architecture* weights (`MixedUpConv.alpha`) on the validation loss of the segmentation
-   network after one unrolled SGD step on real + synthetic (DARTS's one-step approximation, Liu et al. 2019),
+3. every `ARCH_EVERY`-th step, the generator's *architecture* weights (`MixedUpConv.alpha`) on the validation
+   loss of the segmentation network after one unrolled SGD step on real + synthetic (DARTS's one-step
+   approximation, Liu et al. 2019),
    its hypergradient computed exactly by double back-propagation (`hypergradient`). The synthetic images are
    not detached: the path from the validation loss to the generator is the point of the method (the
    released 2D scripts cut it);
@@ -41,6 +42,9 @@ GENERATOR_WARMUP = 0.25  # share of the schedule the generator trains before its
 L1_WEIGHT = 100.0  # pix2pix
 GAN_LR, GAN_BETAS = 2e-4, (0.5, 0.999)  # pix2pix's Adam
 ARCH_LR, ARCH_BETAS, ARCH_DECAY = 3e-4, (0.5, 0.999), 1e-3  # DARTS's architecture optimiser
+# The architecture (a few mixture weights) is updated every ARCH_EVERY-th step: the double back-propagation
+# costs about three plain steps on a CPU, and the other steps train the networks on the same kind of pairs.
+ARCH_EVERY = 4
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -170,6 +174,7 @@ class GenSeg:
             self.generator.architecture_parameters(), ARCH_LR, betas=ARCH_BETAS, weight_decay=ARCH_DECAY
         )
         self.validation = PatchSampler(validation, plan)
+        self.steps = 0  # steps with generated pairs (every ARCH_EVERY-th also updates the architecture)
 
     # ---- one training step ---------------------------------------------------------------------------------
     def step(self, images: torch.Tensor, labels: torch.Tensor, rng: np.random.Generator, progress: float) -> float:
@@ -181,7 +186,8 @@ class GenSeg:
         if warm:
             return self._network_step(images, labels)
         masks = augment_masks(labels, rng, self.plan.mirror_axes).to(self.device)
-        if self.mode == "separate":
+        self.steps += 1
+        if self.mode == "separate" or self.steps % ARCH_EVERY:
             with torch.no_grad():
                 synthetic = self.generator(onehot(masks, self.classes))
             return self._network_step(torch.cat([images, synthetic]), torch.cat([labels, masks]))
@@ -243,6 +249,7 @@ class GenSeg:
             "g_optimizer": self.g_optimizer.state_dict(),
             "d_optimizer": self.d_optimizer.state_dict(),
             "arch_optimizer": self.arch_optimizer.state_dict(),
+            "steps": self.steps,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -251,6 +258,7 @@ class GenSeg:
         self.g_optimizer.load_state_dict(state["g_optimizer"])
         self.d_optimizer.load_state_dict(state["d_optimizer"])
         self.arch_optimizer.load_state_dict(state["arch_optimizer"])
+        self.steps = int(state.get("steps", 0))
 
     def summary(self) -> dict[str, Any]:
         """What train.json records: the mode and the kernel mixture each up-convolution reached."""
