@@ -27,12 +27,14 @@ def image_for(label: np.ndarray, seed: int = 0) -> np.ndarray:
     return (100.0 * label + rng.normal(0, 5, label.shape)).astype(np.float32)
 
 
-def make_nnunet_3d(root: Path, cases: int = 3, ending: str = ".nii.gz") -> Path:
+def make_nnunet_3d(
+    root: Path, cases: int = 3, ending: str = ".nii.gz", shape: tuple[int, int, int] = (6, 12, 10)
+) -> Path:
     """A 3D dataset with labels {background: 0, a: 1, b: 2} and one channel."""
     for folder in ("imagesTr", "labelsTr"):
         (root / folder).mkdir(parents=True, exist_ok=True)
     for i in range(cases):
-        label = label_volume(seed=i)
+        label = label_volume(shape, seed=i)
         save(Image(image_for(label, i), GEOMETRY_3D), root / "imagesTr" / f"case_{i:03d}_0000{ending}")
         save(Image(label, GEOMETRY_3D), root / "labelsTr" / f"case_{i:03d}{ending}")
     write_dataset_json(root, cases, ending, {"0": "CT"}, {"background": 0, "a": 1, "b": 2}, "CT")

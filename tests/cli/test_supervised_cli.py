@@ -177,3 +177,39 @@ def test_predict_dicom_seg_of_a_non_dicom_input_is_refused_before_any_work(
     result = _run("predict", tmp_path / "no_model", png, "-o", out, "--output-format", "dicom")
     _one_error_line(result, "unknown output format 'dicom'")
     assert not out.exists()
+
+
+def test_genseg_and_backbone_refusals_are_one_line_and_write_nothing(
+    trained: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """Issue 19's bad inputs: --num-labelled too large or (GenSeg) too small, empty labels, a 3D LiteMedSAM
+    encoder, an unknown mode or backbone, a fine-tuned encoder without one."""
+    dataset, model = trained
+    out = tmp_path / "m"
+    plan = ["--plan", model / "plan.json"]
+    _one_error_line(_run("train", dataset, *plan, "-o", out, "--num-labelled", "99", "--genseg"), "--num-labelled")
+    _one_error_line(_run("train", dataset, *plan, "-o", out, "--num-labelled", "2", "--genseg"), "at least 3")
+    _one_error_line(_run("train", dataset, *plan, "-o", out, "--genseg", "--genseg-mode", "both"), "--genseg-mode")
+    _one_error_line(_run("train", dataset, *plan, "-o", out, "--backbone", "resnet"), "unknown backbone")
+    _one_error_line(_run("train", dataset, *plan, "-o", out, "--fine-tune-encoder"), "--backbone litemedsam")
+    volumes = make_nnunet_3d(tmp_path / "vol", cases=5)
+    _one_error_line(_run("train", volumes, "-o", out, "--backbone", "litemedsam"), "2D U-Net")
+    empty = tmp_path / "empty"
+    shutil.copytree(dataset, empty)
+    for label in (empty / "labelsTr").iterdir():
+        save(load(label).with_array(np.zeros((32, 40), np.uint8)), label)
+    _one_error_line(_run("train", empty, *plan, "-o", out, "--genseg", "--num-labelled", "3"), "empty", str(empty))
+    assert not out.exists()
+
+
+def test_a_genseg_run_from_the_command_line_predicts(trained: tuple[Path, Path], tmp_path: Path) -> None:
+    dataset, model = trained
+    result = _run(
+        "train", dataset, "--plan", model / "plan.json", "-o", tmp_path / "g", "--num-labelled", "4", "--genseg",
+        "--epochs", "2", "--no-predict-validation",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "g" / "genseg_pairs.png").is_file() and (tmp_path / "g" / "generator.pt").is_file()
+    result = _run("predict", tmp_path / "g", dataset / "imagesTr", "-o", tmp_path / "pred")
+    assert result.exit_code == 0, result.output
+    assert len(list((tmp_path / "pred").iterdir())) == 6

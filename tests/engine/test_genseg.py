@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dataset_builders import make_nnunet_2d_shapes
+from dataset_builders import make_nnunet_2d_shapes, make_nnunet_3d
 from medseg.data import open_dataset
 from medseg.engine.supervised import TrainOptions, train
 from medseg.engine.supervised.genseg import augment_masks, hypergradient, onehot, validation_share
@@ -161,3 +161,13 @@ def test_genseg_refuses_too_few_labels_and_labels_that_are_all_empty(dataset: Pa
     with pytest.raises(MedsegError, match="label map is empty"):
         train(TrainOptions(empty, tmp_path / "d", plan=_plan(empty), genseg="end-to-end"))
     assert not any((tmp_path / name).exists() for name in "abcd")  # nothing written
+
+
+def test_genseg_trains_on_volumes(tmp_path: Path) -> None:
+    dataset = make_nnunet_3d(tmp_path / "Vol", cases=5, shape=(8, 16, 16))
+    plan = _plan(dataset, iterations=4)
+    out = tmp_path / "run"
+    train(TrainOptions(dataset, out, plan=plan, epochs=2, genseg="end-to-end", genseg_ngf=4, num_labelled=4))
+    record = json.loads((out / "train.json").read_text())
+    assert record["genseg"]["mode"] == "end-to-end" and record["epochs"] == 2
+    assert load(out / "genseg_pairs.png").array.shape[0] > 100
