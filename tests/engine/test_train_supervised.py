@@ -62,15 +62,24 @@ def test_resume_continues_the_same_run(dataset: Path, tmp_path: Path) -> None:
         train(TrainOptions(dataset, out, epochs=3, resume=True))  # nothing left to do: no epoch at learning rate 0
 
 
-def test_resume_of_a_run_finished_by_its_time_budget_trains_no_more(dataset: Path, tmp_path: Path) -> None:
-    """Issue 22: the loop stops when another epoch would pass --minutes; --resume with a budget that one more
-    epoch would pass applies the same rule instead of training one epoch more."""
+def test_a_time_budget_ends_the_epoch_it_runs_out_in_and_a_spent_budget_trains_no_more(
+    dataset: Path, tmp_path: Path
+) -> None:
+    """Issue 19: one process uses its whole --minutes (the epoch where it runs out is cut short, validated and
+    saved); --resume of a spent budget trains nothing more, one with budget left trains on."""
     out = tmp_path / "run"
-    first = train(TrainOptions(dataset, out, plan=_small_plan(dataset, iterations=2), epochs=1))
-    budget_min = 1.5 * first.training_seconds / 60  # one epoch spent, a second would pass it
+    plan = _small_plan(dataset, iterations=400)  # an epoch far longer than the budget
+    started = time.perf_counter()
+    result = train(TrainOptions(dataset, out, plan=plan, epochs=5, minutes=0.1))
+    assert time.perf_counter() - started < 60
+    history = json.loads((out / "train.json").read_text())["history"]
+    assert len(history) == 1 and 1 <= history[0]["iterations"] < 400
+    assert result.training_seconds >= 6.0
     with pytest.raises(MedsegError, match="already trained 1 epochs"):
-        train(TrainOptions(dataset, out, epochs=50, minutes=budget_min, resume=True))
-    assert len(json.loads((out / "train.json").read_text())["history"]) == 1
+        train(TrainOptions(dataset, out, epochs=50, minutes=0.1, resume=True))
+    train(TrainOptions(dataset, out, epochs=50, minutes=0.2, resume=True))
+    history = json.loads((out / "train.json").read_text())["history"]
+    assert len(history) == 2 and history[1]["iterations"] < 400
 
 
 @pytest.mark.parametrize("model", ["vnet", "transunet"])

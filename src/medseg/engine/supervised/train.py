@@ -4,6 +4,9 @@ One epoch is ``training.iterations_per_epoch`` batches of random augmented patch
 epoch), then validation Dice on up to ``training.val_cases_per_epoch`` validation cases (whole images,
 sliding window), then an atomic checkpoint. A crash or ``kill -9`` loses at most the running epoch:
 ``resume=True`` continues from the last checkpoint, with the same split, plan and learning-rate schedule.
+A time budget (``minutes``) ends the running epoch where it runs out (then validated and saved), so a run
+uses its whole budget; under torchrun, where every rank must take the same steps, epochs stay whole and no
+epoch starts that would pass the budget.
 
 Distributed: under ``torchrun --nproc_per_node=N`` (``WORLD_SIZE`` > 1) every rank trains on its own
 shard of the training cases (``train[rank::N]``) inside DistributedDataParallel (gloo on CPU, nccl on
@@ -205,8 +208,8 @@ def _train(
         before = saved["state"]
         budget = options.minutes * 60 if options.minutes is not None else math.inf
         last_epoch_s = float(before["history"][-1].get("seconds", 0.0)) if before.get("history") else 0.0
-        # the rule the loop stops by: another epoch as long as the last one would pass the budget
-        if before["epoch"] >= plan.training.epochs or before["training_seconds"] + last_epoch_s > budget:
+        spent = _budget_spent(before["training_seconds"], last_epoch_s, budget, ctx)
+        if before["epoch"] >= plan.training.epochs or spent:
             done = f"{before['epoch']} epochs and {before['training_seconds'] / 60:.1f} min"
             raise MedsegError(f"the run has already trained {done}; give more --epochs or --minutes to continue", out)
     shard = [prepare_case(by_name[n], plan, options.seed) for n in split["train"][ctx.rank :: ctx.world]]
@@ -266,6 +269,11 @@ def _train(
         model.train()
         losses = []
         for iteration in range(training.iterations_per_epoch):
+            # One process: the budget ends the epoch where it runs out (the epoch is validated and saved).
+            # Under torchrun every rank must take the same steps, so epochs there are whole.
+            used = state["training_seconds"] + time.perf_counter() - started
+            if iteration and ctx.world == 1 and used >= budget_s:
+                break
             images, labels = sampler.batch(training.batch_size, rng)
             images, labels = images.to(ctx.device), labels.to(ctx.device)
             if genseg is not None:  # its stages follow the schedule within the epoch too
@@ -285,6 +293,7 @@ def _train(
         train_seconds = time.perf_counter() - started
         record: dict[str, Any] = {
             "epoch": epoch + 1,
+            "iterations": len(losses),
             "loss": float(np.mean(losses)),
             "learning_rate": optimizer.param_groups[0]["lr"],
         }
@@ -297,8 +306,9 @@ def _train(
         state["history"].append(record)
         state["training_seconds"] += epoch_seconds
         state["train_seconds"] += train_seconds
-        state["images"] += training.iterations_per_epoch * training.batch_size * ctx.world
-        stop = state["epoch"] >= training.epochs or state["training_seconds"] + epoch_seconds > budget_s
+        state["images"] += len(losses) * training.batch_size * ctx.world
+        spent = _budget_spent(state["training_seconds"], epoch_seconds, budget_s, ctx)
+        stop = state["epoch"] >= training.epochs or spent
         if ctx.main:
             _save_checkpoint(checkpoint_path, network, optimizer, state, genseg)
             atomic_write(out / WEIGHTS, lambda f: torch.save(network.state_dict(), f))
@@ -344,6 +354,15 @@ def _train(
             },
         )
     return result
+
+
+def _budget_spent(seconds: float, last_epoch_s: float, budget_s: float, ctx: _Context) -> bool:
+    """The rule the loop stops by (and a resume checks): one process ends an epoch where the budget runs
+    out, so it trains until the budget is spent; under torchrun epochs are whole, so another epoch only as
+    long as one like the last would not pass the budget."""
+    if ctx.world == 1:
+        return seconds >= budget_s
+    return seconds + last_epoch_s > budget_s
 
 
 def _check_output(out: Path, dataset: Path) -> None:
