@@ -190,6 +190,7 @@ def test_genseg_and_backbone_refusals_are_one_line_and_write_nothing(
     _one_error_line(_run("train", dataset, *plan, "-o", out, "--num-labelled", "99", "--genseg"), "--num-labelled")
     _one_error_line(_run("train", dataset, *plan, "-o", out, "--num-labelled", "2", "--genseg"), "at least 3")
     _one_error_line(_run("train", dataset, *plan, "-o", out, "--genseg", "--genseg-mode", "both"), "--genseg-mode")
+    _one_error_line(_run("train", dataset, *plan, "-o", out, "--genseg-mode", "separate"), "add --genseg")
     _one_error_line(_run("train", dataset, *plan, "-o", out, "--backbone", "resnet"), "unknown backbone")
     _one_error_line(_run("train", dataset, *plan, "-o", out, "--fine-tune-encoder"), "--backbone litemedsam")
     volumes = make_nnunet_3d(tmp_path / "vol", cases=5)

@@ -170,4 +170,56 @@ def test_genseg_trains_on_volumes(tmp_path: Path) -> None:
     train(TrainOptions(dataset, out, plan=plan, epochs=2, genseg="end-to-end", genseg_ngf=4, num_labelled=4))
     record = json.loads((out / "train.json").read_text())
     assert record["genseg"]["mode"] == "end-to-end" and record["epochs"] == 2
+    assert all(np.isfinite(r["loss"]) for r in record["history"])  # oneDNN's 3D transposed-conv gradient is off
+    assert all(torch.isfinite(t).all() for t in torch.load(out / "model.pt", weights_only=True).values())
+    assert torch.backends.mkldnn.enabled  # and back on after the run
     assert load(out / "genseg_pairs.png").array.shape[0] > 100
+
+
+def test_a_resumed_genseg_run_keeps_its_method(dataset: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    train(TrainOptions(dataset, out, plan=_plan(dataset), epochs=1, num_labelled=5, genseg="separate", genseg_ngf=4))
+    before = (out / "checkpoint.pt").read_bytes()
+    for changed, match in [
+        (dict(genseg="end-to-end"), "trained --genseg --genseg-mode separate"),
+        (dict(), "resume it the same way"),
+        (dict(genseg="separate", num_labelled=4), "trains on 5 labelled cases"),
+        (dict(genseg="separate", backbone="litemedsam"), "resume without --backbone"),
+    ]:
+        with pytest.raises(MedsegError, match=match):
+            train(TrainOptions(dataset, out, epochs=2, resume=True, **changed))  # type: ignore[arg-type]
+    assert (out / "checkpoint.pt").read_bytes() == before
+
+
+def test_genseg_takes_label_values_with_gaps_and_transunet(dataset: Path, tmp_path: Path) -> None:
+    gaps = tmp_path / "Gaps"
+    make_nnunet_2d_shapes(gaps, cases=6)
+    for label in (gaps / "labelsTr").iterdir():  # bar 2 -> 3: values 0, 1, 3 (as BraTS's 0, 1, 2, 4)
+        array = load(label).array
+        save(load(label).with_array(np.where(array == 2, 3, array).astype(np.uint8)), label)
+    meta = json.loads((gaps / "dataset.json").read_text())
+    meta["labels"] = {"background": 0, "disc": 1, "bar": 3}
+    (gaps / "dataset.json").write_text(json.dumps(meta))
+    train(TrainOptions(gaps, tmp_path / "g", plan=_plan(gaps, 8), epochs=1, genseg="end-to-end", genseg_ngf=4))
+    plan = make_plan(fingerprint_dataset(open_dataset(dataset)), "transunet", memory_gb=4, profile="cpu")
+    plan.training.iterations_per_epoch, plan.training.batch_size, plan.training.val_cases_per_epoch = 8, 2, 1
+    run = tmp_path / "t"
+    train(TrainOptions(dataset, run, plan=plan, epochs=1, genseg="end-to-end", genseg_ngf=4))  # an architecture step
+    assert json.loads((run / "train.json").read_text())["genseg"]["mode"] == "end-to-end"
+
+
+def test_a_diverged_run_stops_with_one_line_and_keeps_its_last_good_epoch(
+    dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import importlib
+
+    training = importlib.import_module("medseg.engine.supervised.train")  # the module, not the function
+    out = tmp_path / "run"
+    train(TrainOptions(dataset, out, plan=_plan(dataset), epochs=1))
+    good = (out / "model.pt").read_bytes()
+    real = training._total_loss
+    monkeypatch.setattr(training, "_total_loss", lambda fn, output, labels: real(fn, output, labels) * float("nan"))
+    with pytest.raises(MedsegError, match="training diverged: the loss is nan in epoch 2"):
+        train(TrainOptions(dataset, out, epochs=2, resume=True))
+    assert (out / "model.pt").read_bytes() == good
+    assert len(json.loads((out / "train.json").read_text())["history"]) == 1

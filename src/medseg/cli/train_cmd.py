@@ -34,8 +34,8 @@ def train(
     genseg: bool = typer.Option(
         False, "--genseg", help="GenSeg: train on real pairs and on pairs a generator makes from masks (few labels)."
     ),
-    genseg_mode: str = typer.Option(
-        "end-to-end", "--genseg-mode", help="end-to-end (GenSeg) or separate (generator first, then frozen)."
+    genseg_mode: str | None = typer.Option(
+        None, "--genseg-mode", help="With --genseg: end-to-end (default) or separate (generator first, then frozen)."
     ),
     backbone: str = typer.Option(
         "plain", "--backbone", help="plain, or litemedsam (LiteMedSAM's pretrained encoder, 2D)."
@@ -63,7 +63,9 @@ def train(
     from medseg.planning import read_plan
 
     check_device(device, allow_auto=True)
-    if genseg_mode not in ("end-to-end", "separate"):
+    if genseg_mode is not None and not genseg:
+        raise MedsegError("--genseg-mode is for a GenSeg run: add --genseg")
+    if genseg_mode not in (None, "end-to-end", "separate"):
         raise MedsegError(f"--genseg-mode must be end-to-end or separate, got {genseg_mode!r}")
     check_output(output)
     names = None
@@ -93,7 +95,7 @@ def train(
         device=device,
         backbone=backbone,
         fine_tune_encoder=fine_tune_encoder,
-        genseg=genseg_mode if genseg else None,
+        genseg=(genseg_mode or "end-to-end") if genseg else None,
     )
     with _Display() as display:
         result = run_training(options, on_iteration=display.iteration, on_epoch=display.epoch)

