@@ -32,7 +32,7 @@ def train(
     memory_gb: float | None = typer.Option(None, "--memory-gb", help="Memory budget (default: half the RAM)."),
     device: str = typer.Option("auto", "--device", help="auto (cuda when there is one, else cpu), cpu, cuda or mps."),
     genseg: bool = typer.Option(
-        False, "--genseg", help="GenSeg: train on real pairs and on pairs a generator makes from masks (few labels)."
+        False, "--genseg", help="GenSeg: add pairs a generator makes from masks (few labels: with --num-labelled N)."
     ),
     genseg_mode: str | None = typer.Option(
         None, "--genseg-mode", help="With --genseg: end-to-end (default) or separate (generator first, then frozen)."
