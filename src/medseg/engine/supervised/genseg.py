@@ -21,7 +21,6 @@ segmentation network on real pairs only (pairs from an untrained generator are n
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -331,8 +330,3 @@ def _slice_for_display(panel: np.ndarray, label: np.ndarray) -> np.ndarray:
         return panel
     z = int(np.argmax((label > 0).reshape(label.shape[0], -1).sum(1))) if label.any() else label.shape[0] // 2
     return panel[z]
-
-
-def schedule_progress(epoch: float, epochs: int, seconds: float, budget_s: float) -> float:
-    """The share of the schedule done: epochs or time, whichever is further (as the learning rate's)."""
-    return min(1.0, max(epoch / epochs, seconds / budget_s if math.isfinite(budget_s) else 0.0))

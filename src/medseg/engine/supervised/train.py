@@ -35,7 +35,7 @@ from medseg.data.dataset import Case, Dataset
 from medseg.engine.run_files import atomic_write, plot_curve, write_json
 from medseg.engine.supervised.data import PatchSampler, PreparedCase, prepare_case
 from medseg.engine.supervised.genseg import MODES as GENSEG_MODES
-from medseg.engine.supervised.genseg import GenSeg, schedule_progress, validation_share
+from medseg.engine.supervised.genseg import GenSeg, validation_share
 from medseg.engine.supervised.split import make_split
 from medseg.errors import MedsegError
 from medseg.inference.sliding_window import predict_probabilities
@@ -272,7 +272,7 @@ def _train(
             clock = torch.tensor([state["training_seconds"]], dtype=torch.float64, device=ctx.device)
             torch.distributed.broadcast(clock, 0)
             state["training_seconds"] = float(clock.item())
-        progress = schedule_progress(epoch, training.epochs, state["training_seconds"], budget_s)
+        progress = _schedule_progress(epoch, training.epochs, state["training_seconds"], budget_s)
         for group in optimizer.param_groups:
             # nnU-Net's poly schedule
             group["lr"] = training.learning_rate * group.get("lr_scale", 1.0) * (1 - progress) ** 0.9
@@ -291,7 +291,7 @@ def _train(
             if genseg is not None:  # its stages follow the schedule within the epoch too
                 now = state["training_seconds"] + time.perf_counter() - started
                 done = epoch + iteration / training.iterations_per_epoch
-                within = schedule_progress(done, training.epochs, now, budget_s)
+                within = _schedule_progress(done, training.epochs, now, budget_s)
                 losses.append(genseg.step(images, labels, rng, within))
             else:
                 optimizer.zero_grad(set_to_none=True)
@@ -392,6 +392,11 @@ def _check_resume_options(
     if options.num_labelled is not None and options.num_labelled != labelled:
         message = f"the run trains on {labelled} labelled cases (split.json); resume without --num-labelled"
         raise MedsegError(message, out)
+
+
+def _schedule_progress(epoch: float, epochs: int, seconds: float, budget_s: float) -> float:
+    """The share of the schedule done: epochs or time, whichever is further (as the learning rate's)."""
+    return min(1.0, max(epoch / epochs, seconds / budget_s if math.isfinite(budget_s) else 0.0))
 
 
 def _budget_spent(seconds: float, last_epoch_s: float, budget_s: float, ctx: _Context) -> bool:
