@@ -154,10 +154,16 @@ def medseg_3d(volume: Slices, box: tuple[float, ...]) -> np.ndarray:
     return logits[0] > 0
 
 
+def medseg_3_planes(volume: Slices, box: tuple[float, ...]) -> np.ndarray:
+    prompts = Prompts(boxes3d=[box], planes=3)  # type: ignore[list-item]
+    return segment_logits(volume.predictor, volume.image, prompts, key=volume.key)[0] > 0
+
+
 METHODS: dict[str, Callable[[Slices, tuple[float, ...]], np.ndarray]] = {
     "projected box (a)": projected_box,
     "LiteMedSAM 3D scheme": litemedsam_scheme,
     "medseg 3D box": medseg_3d,
+    "medseg 3 planes": medseg_3_planes,
 }
 
 
@@ -169,9 +175,10 @@ def score_structure(predictor: PromptPredictor, structure: Structure, volume: Sl
     for name, method in METHODS.items():
         found = method(volume, box)
         row[name] = dice(found, structure.truth)
-        if name == "medseg 3D box":
+        if name in ("medseg 3D box", "medseg 3 planes"):
+            suffix = "" if name == "medseg 3D box" else " (3 planes)"
             span = range(int(box[2]), int(box[5]) + 1)
             empty = [z for z in span if not structure.truth[z].any()]
             row["empty slices"] = len(empty)
-            row["empty kept"] = sum(not found[z].any() for z in empty)
+            row["empty kept" + suffix] = sum(not found[z].any() for z in empty)
     return row

@@ -573,3 +573,77 @@ def test_propagation_keeps_only_the_slices_it_reaches_and_merges_them_as_whole_v
     assert (whole[0][:10] == -np.inf).all() and (whole[0][16:] == -np.inf).all()
     np.testing.assert_array_equal(merge_slices([first, second], slices.shape), merge_objects(whole))
     np.testing.assert_array_equal(merge_slices([first, second], slices.shape, [3, 300]), merge_objects(whole, [3, 300]))
+
+
+class _PlanePredictor:
+    """Stands in for a PromptPredictor in `vote_planes`: slice ``z`` answers with ``answers[0][z]``, row ``y``
+    with ``answers[1][:, y]``, column ``x`` with ``answers[2][:, :, x]`` (inside the box); prompts are recorded."""
+
+    def __init__(self, answers: list[np.ndarray]) -> None:
+        self.answers, self.key = answers, None
+        self.prompts: list[tuple[object, tuple[float, ...]]] = []
+
+    def set_image(self, image: np.ndarray, key: object = None) -> None:
+        self.key, self.shape = key, image.shape
+
+    def predict(self, boxes: list[list[float]]):  # type: ignore[no-untyped-def]
+        from medseg.inference.prompt_predictor import PromptResult
+
+        self.prompts.append((self.key, tuple(boxes[0])))
+        if isinstance(self.key, int):
+            mask = self.answers[0][self.key]
+        else:
+            axis, index = self.key  # type: ignore[misc]
+            mask = self.answers[1][:, index] if axis == "row" else self.answers[2][:, :, index]
+        assert mask.shape == self.shape  # the plane handed to the model is the one answered
+        logits = np.where(mask, 5.0, -5.0).astype(np.float32)[None]
+        return PromptResult(mask[None], logits, np.ones(1, np.float32), torch.zeros(1, 1, 256, 256))
+
+
+def test_three_planes_vote_per_voxel_inside_the_box_with_each_planes_box() -> None:
+    from medseg.inference.propagation import vote_planes
+
+    rng = np.random.default_rng(0)
+    answers = [rng.random((6, 20, 30)) > 0.5 for _ in range(3)]
+    predictor = _PlanePredictor(answers)
+    box3d = (5.0, 4.0, 1, 25.0, 16.0, 4)  # x 5..24, y 4..15, z 1..4
+    logits = vote_planes(predictor, np.zeros((6, 20, 30), np.float32), box3d)  # type: ignore[arg-type]
+    assert sorted(logits) == [1, 2, 3, 4]  # the box's slices only
+    found = np.stack([logits[z] for z in range(1, 5)]) > 0
+    rows, cols = [4, 8, 11, 15], [5, 8, 11, 15, 18, 21, 24]  # a third of them, evenly spread, ends kept
+    near_rows = [min(rows, key=lambda r: abs(r - y)) for y in range(20)]
+    near_cols = [min(cols, key=lambda c: abs(c - x)) for x in range(30)]
+    votes = answers[0].astype(int) + answers[1][:, near_rows] + answers[2][:, :, near_cols]
+    inside = np.zeros((6, 20, 30), bool)
+    inside[1:5, 4:16, 5:25] = True
+    assert (found == ((votes >= 2) & inside)[1:5]).all()  # a majority of the three planes, never outside the box
+    boxes = dict(predictor.prompts)
+    assert boxes[2] == (5.0, 4.0, 25.0, 16.0)  # a slice: the box's x/y extent
+    assert boxes[("row", 8)] == (5.0, 1.0, 25.0, 5.0)  # a row: its x extent and z range (end exclusive)
+    assert boxes[("column", 11)] == (4.0, 1.0, 16.0, 5.0)  # a column: its y extent and z range
+    planes = [*(("row", y) for y in rows), *(("column", x) for x in cols)]
+    assert [k for k, _ in predictor.prompts] == [1, 2, 3, 4, *planes]  # each embedded once
+
+
+@needs_weights
+def test_three_planes_segment_a_ball_and_refuse_anisotropic_voxels(predictor, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from medseg.inference.prompt_session import segment
+
+    volume, ball = _ball_volume(shape=(16, 32, 32), centre=(8, 16, 15), radius=5)
+    box3d = (10, 11, 3, 21, 22, 13)
+    thick = Image(volume, Geometry((1.0, 1.0, 3.0), (0.0, 0.0, 0.0), tuple(np.eye(3).ravel())))
+    with pytest.raises(MedsegError, match="similar size along the three axes, not 3 x 1 x 1 mm"):
+        segment(predictor, thick, Prompts(boxes3d=[box3d], planes=3))
+    image = Image(volume, Geometry((1.0, 1.0, 1.2), (0.0, 0.0, 0.0), tuple(np.eye(3).ravel())))
+    with pytest.raises(MedsegError, match="planes must be 1 or 3"):
+        segment(predictor, image, Prompts(boxes3d=[box3d], planes=2))
+    save(image, tmp_path / "ball.nii.gz")
+    runner = CliRunner()
+    args = ["prompt", str(tmp_path / "ball.nii.gz"), "--box3d", ",".join(map(str, box3d)), "--planes", "3"]
+    result = runner.invoke(app, [*args, "-o", str(tmp_path / "out.nii.gz")])
+    assert result.exit_code == 0, result.output
+    labels = load(tmp_path / "out.nii.gz")
+    assert dice(labels.array == 1, ball) > 0.8 and labels.geometry == load(tmp_path / "ball.nii.gz").geometry
+    result = runner.invoke(app, [*args[:-1], "2", "-o", str(tmp_path / "two.nii.gz")])
+    assert result.exit_code == 2 and "planes must be 1 or 3" in result.output
+    assert not (tmp_path / "two.nii.gz").exists()

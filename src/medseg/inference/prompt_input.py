@@ -92,6 +92,10 @@ class ModelSlices:
     def __getitem__(self, z: int) -> np.ndarray:
         return self.levels(self._array[z])
 
+    def along(self, axis: int, index: int) -> np.ndarray:
+        """The slice ``index`` along array axis ``axis`` (1: a row ``(Z, W[, C])``, 2: a column ``(Z, H[, C])``)."""
+        return self.levels(np.take(self._array, index, axis=axis))
+
     def constant_value(self) -> float | None:
         """The one level every slice's every pixel has (a volume blank as the model sees it), else None; slices
         are made in turn until two levels differ (usually the first few)."""

@@ -11,7 +11,14 @@ import numpy as np
 from medseg.errors import MedsegError
 from medseg.inference.prompt_input import ModelSlices, intensity_preset, model_input
 from medseg.inference.prompt_predictor import PromptPredictor, check_box, check_finite, check_point, clip_to_box
-from medseg.inference.propagation import VolumePrompt, full_logits, merge_objects, merge_slices, propagate_slices
+from medseg.inference.propagation import (
+    VolumePrompt,
+    full_logits,
+    merge_objects,
+    merge_slices,
+    propagate_slices,
+    vote_planes,
+)
 from medseg.io import Image
 from medseg.preprocessing.statistics import constant_value
 
@@ -27,6 +34,8 @@ class Prompts:
     points: list[tuple[float, float]] = field(default_factory=list)
     point_labels: list[int] = field(default_factory=list)
     slice_index: int | None = None
+    # 3D boxes: 1 propagates slice by slice along z (`propagate_slices`); 3 votes over the three planes (`vote_planes`)
+    planes: int = 1
 
 
 def segment(
@@ -102,6 +111,15 @@ def _volume_logits(
     slices = ModelSlices(image, preset)
     _refuse_blank(slices.constant_value(), image, preset)
     keyed = _KeyedPredictor(predictor, key) if key is not None else predictor
+    if prompts.planes == 3 and prompts.boxes3d:
+        _check_isotropic(image)
+        if key is None:
+            predictor.clear_cache()
+            predictor.cache_size = sum(slices.shape[:3]) if len(prompts.boxes3d) > 1 else 0
+        voted = [vote_planes(keyed, slices, b, on_slice) for b in prompts.boxes3d]  # type: ignore[arg-type]
+        if not (prompts.boxes or prompts.points):
+            return voted
+        return voted + _volume_logits(predictor, image, replace(prompts, boxes3d=[]), preset, on_slice, key)
     objects = [VolumePrompt.from_box3d(b) for b in prompts.boxes3d]
     z = prompts.slice_index if prompts.slice_index is not None else 0
     pts, lbl = tuple(prompts.points), tuple(prompts.point_labels)
@@ -112,6 +130,20 @@ def _volume_logits(
         predictor.clear_cache()  # slice keys of an earlier volume must not match this one's
         predictor.cache_size = slices.shape[0] if len(objects) > 1 else 0
     return [propagate_slices(keyed, slices, obj, on_slice) for obj in objects]  # type: ignore[arg-type]
+
+
+# Voxel sizes may differ by this factor at most for three-plane voting (the model sees rows and columns as images).
+MAX_PLANE_ANISOTROPY = 2.0
+
+
+def _check_isotropic(image: Image) -> None:
+    spacing = [float(v) for v in image.spacing[:3]]
+    if max(spacing) > MAX_PLANE_ANISOTROPY * min(spacing):
+        shown = " x ".join(f"{v:g}" for v in spacing)
+        raise MedsegError(
+            f"voting over three planes needs voxels of similar size along the three axes, not {shown} mm "
+            f"(at most {MAX_PLANE_ANISOTROPY:g}x apart): use one plane"
+        )
 
 
 class _KeyedPredictor:
@@ -195,6 +227,8 @@ def validate(image: Image, prompts: Prompts) -> None:
         raise MedsegError("image holds NaN/inf values")  # checked a slice (or row) at a time: no volume-sized mask
     if not (prompts.boxes or prompts.boxes3d or prompts.points):
         raise MedsegError("give a prompt: --box, --box3d or --point")
+    if prompts.planes not in (1, 3):
+        raise MedsegError(f"planes must be 1 or 3, not {prompts.planes!r}")
     if prompts.points and len(prompts.boxes) + len(prompts.boxes3d) > 1:
         raise MedsegError("clicks refine one object: give at most one box with --point")
     if prompts.points and prompts.boxes3d:

@@ -15,6 +15,11 @@ nothing is, so for a prompt without a z extent (a 2D box or clicks on one slice)
 heuristic stop rule: the object ends where its mask no longer stands out from its surroundings (its
 contrast with a ring around it falls below `MIN_RELATIVE_CONTRAST` of the start slice's), or where the
 mask is empty.
+
+`vote_planes` is the other way to use a 3D box: its extent as a box on every slice through it along each
+of the three axes (the slices of its z range, its rows, its columns); a voxel belongs to the object where
+at least two of the three planes say so. It costs the embeddings of all three stacks and needs voxels of
+similar size along the three axes (the model sees the row and column slices as images).
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ from medseg.inference.prompt_predictor import PromptPredictor, clip_to_box
 
 # A slice's object must keep this fraction of the start slice's inside-vs-ring contrast.
 MIN_RELATIVE_CONTRAST = 0.3
+# Three-plane voting embeds every this-many-th row and column slice; the others take the nearest one's logits.
+PLANE_STRIDE = 3
 # The neighbour's mask box is widened by this many pixels of the model's frame plus this fraction of its size.
 MARGIN_PIXELS = 5.0
 MARGIN_FRACTION = 0.1
@@ -73,6 +80,12 @@ class Slices(Protocol):
     def shape(self) -> tuple[int, ...]: ...
 
     def __getitem__(self, z: int, /) -> np.ndarray: ...
+
+
+class PlaneSlices(Slices, Protocol):
+    """`Slices` that also give a slice along axis 1 (a row, ``(Z, W[, C])``) or 2 (a column, ``(Z, H[, C])``)."""
+
+    def along(self, axis: int, index: int) -> np.ndarray: ...
 
 
 def propagate(
@@ -139,6 +152,86 @@ def propagate_slices(
                 previous = found
             z += step
     return logits
+
+
+def vote_planes(
+    predictor: PromptPredictor,
+    slices: PlaneSlices | np.ndarray,
+    box3d: tuple[float, float, float, float, float, float],
+    on_slice: Callable[[int], None] | None = None,
+) -> dict[int, np.ndarray]:
+    """Logits ``(H, W)`` float32 of one object on each slice ``z0..z1`` of a 3D box, from three planes.
+
+    The box ``(x0, y0, z0, x1, y1, z1)`` (x/y pixel edges, z inclusive) is given as a 2D box to the slices it
+    crosses along each axis: every slice ``z0..z1`` gets ``(x0, y0, x1, y1)``; every `PLANE_STRIDE`-th row
+    ``(x0, z0, x1, z1 + 1)`` and column ``(y0, z0, y1, z1 + 1)``, the rows and columns between taking the
+    nearest one's logits (as accurate as every one on structures the benchmark does not report:
+    ``benchmarks/propagation_rules.py``). A voxel's logit is the median of its three (positive where at
+    least two planes call it the object); outside the box, ``-inf``.
+
+    Args:
+        predictor: a loaded predictor (its cache, when sized, is keyed ``z``, ``("row", y)``, ``("column", x)``).
+        slices: ``(Z, H, W[, 3])`` intensities as for `propagate_slices`; anything but an array must have
+            ``along(axis, index)``.
+        on_slice: called once per slice embedded, in any of the three stacks.
+
+    Raises:
+        MedsegError: the box lies outside the volume or is empty.
+    """
+    depth, height, width = (int(n) for n in slices.shape[:3])
+    x0, y0, z0, x1, y1, z1 = box3d
+    rows, cols = (
+        range(max(int(y0), 0), min(int(np.ceil(y1)), height)),
+        range(max(int(x0), 0), min(int(np.ceil(x1)), width)),
+    )
+    zs = range(int(z0), int(z1) + 1)
+    if not (0 <= z0 <= z1 < depth) or not rows or not cols:
+        raise MedsegError(f"3D box {box3d} does not fit the volume of shape {(depth, height, width)}")
+    votes = np.empty((3, len(zs), len(rows), len(cols)), np.float32)
+    for k, z in enumerate(zs):
+        part = _plane_logits(predictor, slices[z], z, (x0, y0, x1, y1), on_slice)
+        votes[0, k] = part[rows.start : rows.stop, cols.start : cols.stop]
+    for y, nearest in _every_stride(rows).items():
+        part = _plane_logits(predictor, _along(slices, 1, y), ("row", y), (x0, z0, x1, z1 + 1), on_slice)
+        votes[1][:, nearest, :] = part[zs.start : zs.stop, None, cols.start : cols.stop]
+    for x, nearest in _every_stride(cols).items():
+        part = _plane_logits(predictor, _along(slices, 2, x), ("column", x), (y0, z0, y1, z1 + 1), on_slice)
+        votes[2][:, :, nearest] = part[zs.start : zs.stop, rows.start : rows.stop, None]
+    median = np.median(votes, axis=0)
+    out = {}
+    for k, z in enumerate(zs):
+        plane = np.full((height, width), -np.inf, np.float32)
+        plane[rows.start : rows.stop, cols.start : cols.stop] = median[k]
+        out[z] = plane
+    return out
+
+
+def _every_stride(indices: range) -> dict[int, list[int]]:
+    """Every `PLANE_STRIDE`-th of ``indices`` (evenly spread, both ends included) -> the positions in ``indices``
+    that take its logits (those nearest to it)."""
+    count = -(-len(indices) // PLANE_STRIDE)
+    chosen = np.unique(np.linspace(0, len(indices) - 1, count).round().astype(int))
+    nearest = np.abs(np.arange(len(indices))[:, None] - chosen[None]).argmin(axis=1)
+    return {indices[int(c)]: np.flatnonzero(nearest == i).tolist() for i, c in enumerate(chosen)}
+
+
+def _along(slices: PlaneSlices | np.ndarray, axis: int, index: int) -> np.ndarray:
+    if isinstance(slices, np.ndarray):
+        return np.take(slices, index, axis=axis)
+    return slices.along(axis, index)
+
+
+def _plane_logits(
+    predictor: PromptPredictor,
+    pixels: np.ndarray,
+    key: object,
+    box: tuple[float, float, float, float],
+    on_slice: Callable[[int], None] | None,
+) -> np.ndarray:
+    predictor.set_image(pixels, key=key)
+    if on_slice is not None:
+        on_slice(key if isinstance(key, int) else key[1])  # type: ignore[index]
+    return clip_to_box(predictor.predict(boxes=[list(box)]).logits[0], box)
 
 
 def full_logits(per_slice: dict[int, np.ndarray], shape: tuple[int, ...]) -> np.ndarray:
