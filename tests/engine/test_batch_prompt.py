@@ -114,3 +114,18 @@ def test_a_row_naming_a_missing_folder_is_a_case_not_a_refusal(tmp_path: Path) -
         "nothere": "nothere.nii.gz",
         "gone": "gone.nii.gz",
     }
+
+
+@needs_weights
+def test_three_planes_change_the_model_hash_and_reach_each_case(tmp_path: Path) -> None:
+    from medseg.engine.batch_runners import PromptRunner
+
+    table = tmp_path / "boxes.csv"
+    table.write_text("path,x0,y0,x1,y1,z0,z1\nin/vol.nii.gz,26,22,43,39,2,3\n")
+    default, voting = PromptRunner(str(table)), PromptRunner(str(table), planes=3)
+    assert default.model() != voting.model()  # a run resumed with --planes 3 redoes its cases
+    make_inputs(tmp_path / "in")
+    result = run_cli("prompt", tmp_path / "in", "--boxes", table, "--planes", "3", "-o", tmp_path / "out")
+    assert result.exit_code == 1, result.output  # the ball's 0.8 x 0.8 x 2.0 mm voxels are too uneven: a failed row
+    errors = [r["error"] for r in manifest_rows(tmp_path / "out") if r["status"] == "failed"]
+    assert any("voxels of similar size" in e for e in errors), errors

@@ -646,4 +646,7 @@ def test_three_planes_segment_a_ball_and_refuse_anisotropic_voxels(predictor, tm
     assert dice(labels.array == 1, ball) > 0.8 and labels.geometry == load(tmp_path / "ball.nii.gz").geometry
     result = runner.invoke(app, [*args[:-1], "2", "-o", str(tmp_path / "two.nii.gz")])
     assert result.exit_code == 2 and "planes must be 1 or 3" in result.output
+    flat = ["prompt", str(tmp_path / "ball.nii.gz"), "--box", "10,11,21,22", "--slice", "8", "--planes", "3"]
+    result = runner.invoke(app, [*flat, "-o", str(tmp_path / "two.nii.gz")])
+    assert result.exit_code == 2 and "--planes 3 is for --box3d" in result.output
     assert not (tmp_path / "two.nii.gz").exists()

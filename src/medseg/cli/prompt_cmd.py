@@ -86,6 +86,10 @@ def prompt(
 
     check_output_format(output_format)
     check_device(device)
+    if planes not in (1, 3):
+        raise MedsegError(f"--planes must be 1 or 3, not {planes}")
+    if planes == 3 and boxes is None and not box3d:
+        raise MedsegError("--planes 3 is for --box3d (a 2D --box or clicks propagate from their slice)")
     batch, use_ray = batch_mode(batch, use_ray, ray_address, workers)
     if boxes is not None or batch:
         if boxes is None:
@@ -95,7 +99,7 @@ def prompt(
         from medseg.engine.batch_runners import PromptRunner
 
         runner = PromptRunner(str(boxes), {}, None if checkpoint is None else str(checkpoint), model, preset, device,
-                              output_format, series, frame)  # fmt: skip
+                              output_format, series, frame, planes)  # fmt: skip
         _prompt_batch(runner, input_path, output, (use_ray, ray_address, workers))
         return
     prompts = Prompts(

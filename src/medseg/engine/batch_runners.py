@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -161,6 +161,7 @@ class PromptRunner(CaseRunner):
     output_format: str = "auto"
     series: str | None = None
     frame: int | None = None
+    planes: int = 1  # 3D boxes: 1 propagates, 3 votes over three planes (`Prompts.planes`)
 
     def absolute(self) -> CaseRunner:
         return absolute_paths(self, "boxes_file", "checkpoint")
@@ -173,6 +174,8 @@ class PromptRunner(CaseRunner):
         if self.checkpoint is None and self.model_name == "lite_medsam_interactive":
             files.append(INTERACTIVE_HEAD)
         chosen = {k: v for k, v in (("series", self.series), ("frame", self.frame)) if v is not None}
+        if self.planes != 1:  # the default leaves earlier runs' hashes as they were
+            chosen["planes"] = self.planes
         return content_hash(
             files, model=self.model_name, preset=self.preset, output_format=self.output_format, **chosen
         )
@@ -195,7 +198,7 @@ class PromptRunner(CaseRunner):
             boxes = self.boxes.get(case)
             if boxes is None:
                 raise MedsegError(f"no box for it in {self.boxes_file}")
-            prompts = clip_to_image(image, boxes.prompts())[0]  # a box past the edge means the part inside
+            prompts = replace(clip_to_image(image, boxes.prompts())[0], planes=self.planes)  # clipped: the part inside
             validate(image, prompts)
             labels = segment(predictor, image, prompts, self.preset)
             return Segmentation(labels, list(range(1, len(boxes.boxes) + len(boxes.boxes3d) + 1)), "prompt")
