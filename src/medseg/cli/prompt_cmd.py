@@ -36,7 +36,7 @@ def prompt(
         1,
         "--planes",
         help="3D boxes: 1 propagates slice by slice along z; 3 votes over the slices along all three axes "
-        "(about 3x the time; voxels of similar size along the axes).",
+        "(about 2x the time; voxels of similar size along the axes).",
     ),
     point: list[str] = typer.Option([], "--point", help="x,y[,label]: a click, label 1 (default) or 0 (negative)."),
     slice_index: int | None = typer.Option(None, "--slice", help="Slice (array axis 0) of a volume for --box/--point."),

@@ -139,10 +139,10 @@ MAX_PLANE_ANISOTROPY = 2.0
 def _check_isotropic(image: Image) -> None:
     spacing = [float(v) for v in image.spacing[:3]]
     if max(spacing) > MAX_PLANE_ANISOTROPY * min(spacing):
-        shown = " x ".join(f"{v:g}" for v in spacing)
+        shown = " x ".join(f"{v:g}" for v in reversed(spacing))  # x, y, z as medseg info shows it
         raise MedsegError(
             f"voting over three planes needs voxels of similar size along the three axes, not {shown} mm "
-            f"(at most {MAX_PLANE_ANISOTROPY:g}x apart): use one plane"
+            f"(x, y, z; at most {MAX_PLANE_ANISOTROPY:g}x apart): use one plane (--planes 1)"
         )
 
 
@@ -229,6 +229,8 @@ def validate(image: Image, prompts: Prompts) -> None:
         raise MedsegError("give a prompt: --box, --box3d or --point")
     if prompts.planes not in (1, 3):
         raise MedsegError(f"planes must be 1 or 3, not {prompts.planes!r}")
+    if prompts.planes == 3 and prompts.boxes3d and image.ndim == 3:
+        _check_isotropic(image)
     if prompts.points and len(prompts.boxes) + len(prompts.boxes3d) > 1:
         raise MedsegError("clicks refine one object: give at most one box with --point")
     if prompts.points and prompts.boxes3d:
