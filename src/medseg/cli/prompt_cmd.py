@@ -14,7 +14,6 @@ from medseg.cli.batch_options import BATCH, RAY, RAY_ADDRESS, WORKERS, batch_mod
 from medseg.cli.common import OUTPUT_FORMAT_HELP, check_device, out, progress_bar, user_errors
 from medseg.cli.common import err as stderr
 from medseg.errors import MedsegError
-from medseg.inference.propagation import PLANE_STRIDE
 
 if TYPE_CHECKING:
     import numpy as np
@@ -167,6 +166,8 @@ def _planned(box3d: tuple[float, ...], planes: int) -> int:
 
 
 def _strided(count: int) -> int:
+    from medseg.inference.propagation import PLANE_STRIDE  # torch: not imported for --help
+
     return -(-count // PLANE_STRIDE)
 
 
