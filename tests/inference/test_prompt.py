@@ -634,7 +634,7 @@ def test_three_planes_segment_a_ball_and_refuse_anisotropic_voxels(predictor, tm
     thick = Image(volume, Geometry((1.0, 1.0, 3.0), (0.0, 0.0, 0.0), tuple(np.eye(3).ravel())))
     with pytest.raises(MedsegError, match=r"similar size along the three axes, not 1 x 1 x 3 mm \(x, y, z"):
         segment(predictor, thick, Prompts(boxes3d=[box3d], planes=3))
-    with pytest.raises(MedsegError, match="2 voxels or more along each axis, not 32 x 32 x 1"):
+    with pytest.raises(MedsegError, match="2 voxels or more on each axis, not 32 x 32 x 1"):
         validate(Image(volume[:1]), Prompts(boxes3d=[(10, 11, 0, 21, 22, 0)], planes=3))
     image = Image(volume, Geometry((1.0, 1.0, 1.2), (0.0, 0.0, 0.0), tuple(np.eye(3).ravel())))
     with pytest.raises(MedsegError, match="planes must be 1 or 3"):

@@ -139,7 +139,7 @@ MAX_PLANE_ANISOTROPY = 2.0
 def _check_isotropic(image: Image) -> None:
     if min(image.array.shape[:3]) < 2:  # a row or column slice would be a line
         shape = " x ".join(str(n) for n in reversed(image.array.shape[:3]))
-        raise MedsegError(f"voting over three planes needs 2 voxels or more along each axis, not {shape}: use one plane")
+        raise MedsegError(f"voting over three planes needs 2 voxels or more on each axis, not {shape}: use one plane")
     spacing = [float(v) for v in image.spacing[:3]]
     if max(spacing) > MAX_PLANE_ANISOTROPY * min(spacing):
         shown = " x ".join(f"{v:g}" for v in reversed(spacing))  # x, y, z as medseg info shows it
