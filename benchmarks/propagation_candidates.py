@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
-from _prompt_pipeline import Slices
+from _prompt_pipeline import Slices, projected_box
 
 from medseg.inference.propagation import bounding_box, widened
 
@@ -211,7 +211,7 @@ def _projected_along(volume: Slices, box: tuple[float, ...], axis: int) -> np.nd
     x0, y0, z0, x1, y1, z1 = box
     out = np.zeros(volume.shown.shape[:3], bool)
     if axis == 0:
-        return projected_box_axial(volume, box)
+        return projected_box(volume, box)
     oriented = _Oriented(volume, axis)
     if axis == 1:
         for y in range(int(y0), int(y1)):
@@ -219,14 +219,6 @@ def _projected_along(volume: Slices, box: tuple[float, ...], axis: int) -> np.nd
     else:
         for x in range(int(x0), int(x1)):
             out[:, :, x] = oriented.decode(x, (y0, z0, y1, z1 + 1))
-    return out
-
-
-def projected_box_axial(volume: Slices, box: tuple[float, ...]) -> np.ndarray:
-    x0, y0, z0, x1, y1, z1 = box
-    out = np.zeros(volume.shown.shape[:3], bool)
-    for z in range(int(z0), int(z1) + 1):
-        out[z] = volume.decode(z, (x0, y0, x1, y1))[0]
     return out
 
 
@@ -327,8 +319,8 @@ def _vote(volume: Slices, box: tuple[float, ...], stride: int, axial) -> np.ndar
 
 RULES.update(
     {
-        "vote2 s2": lambda v, b: _vote(v, b, 2, projected_box_axial),
-        "vote2 s3": lambda v, b: _vote(v, b, 3, projected_box_axial),
+        "vote2 s2": lambda v, b: _vote(v, b, 2, projected_box),
+        "vote2 s3": lambda v, b: _vote(v, b, 3, projected_box),
         "vote2 guide5": lambda v, b: _vote(v, b, 1, lambda v2, b2: _guided(v2, b2, 5, 0.1)),
     }
 )

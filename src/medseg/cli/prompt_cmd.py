@@ -76,6 +76,7 @@ def prompt(
     """
     from medseg.inference.prompt_predictor import PromptPredictor
     from medseg.inference.prompt_session import Prompts, clip_to_image, intensity_preset, segment, validate
+    from medseg.inference.propagation import embedded_slices
     from medseg.io import case_of, format_of, label_path_for, load, save, save_dicom_seg
     from medseg.io.dicom_source import check_grid, read_source
     from medseg.io.formats import check_output_format
@@ -143,7 +144,7 @@ def prompt(
     predictor = PromptPredictor.from_checkpoint(checkpoint, model, device=device)
     depth = image.shape[0] if image.ndim == 3 else 1
     # the slices each 3D box covers; a 2D box or clicks on a volume may reach every slice
-    planned = sum(_planned(b, planes) for b in prompts.boxes3d)
+    planned = sum(embedded_slices(b, planes) for b in prompts.boxes3d)
     planned += depth * (len(prompts.boxes) or int(bool(prompts.points))) if image.ndim == 3 else 1
     try:
         with progress_bar("segmenting slices", max(planned, 1)) as advance:
@@ -156,19 +157,6 @@ def prompt(
     else:
         written = save(labels, target, protect=(input_path,))
     _report(labels.array, image.voxel_volume_mm3, image.ndim, written, time.perf_counter() - started)
-
-
-def _planned(box3d: tuple[float, ...], planes: int) -> int:
-    """The slices a 3D box's segmentation embeds: its z range, and with three planes its rows and columns too."""
-    x0, y0, z0, x1, y1, z1 = box3d
-    count = int(z1) - int(z0) + 1
-    return count if planes == 1 else count + _strided(math.ceil(y1) - int(y0)) + _strided(math.ceil(x1) - int(x0))
-
-
-def _strided(count: int) -> int:
-    from medseg.inference.propagation import PLANE_STRIDE  # torch: not imported for --help
-
-    return -(-count // PLANE_STRIDE)
 
 
 def _prompt_batch(runner: PromptRunner, inputs: Path, output: Path, ray: tuple[bool, str | None, int | None]) -> None:

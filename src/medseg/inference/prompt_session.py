@@ -111,16 +111,8 @@ def _volume_logits(
     slices = ModelSlices(image, preset)
     _refuse_blank(slices.constant_value(), image, preset)
     keyed = _KeyedPredictor(predictor, key) if key is not None else predictor
-    if prompts.planes == 3 and prompts.boxes3d:
-        _check_isotropic(image)
-        if key is None:
-            predictor.clear_cache()
-            predictor.cache_size = sum(slices.shape[:3]) if len(prompts.boxes3d) > 1 else 0
-        voted = [vote_planes(keyed, slices, b, on_slice) for b in prompts.boxes3d]  # type: ignore[arg-type]
-        if not (prompts.boxes or prompts.points):
-            return voted
-        return voted + _volume_logits(predictor, image, replace(prompts, boxes3d=[]), preset, on_slice, key)
-    objects = [VolumePrompt.from_box3d(b) for b in prompts.boxes3d]
+    voting = prompts.boxes3d if prompts.planes == 3 else []  # validate has checked their voxels
+    objects = [] if voting else [VolumePrompt.from_box3d(b) for b in prompts.boxes3d]
     z = prompts.slice_index if prompts.slice_index is not None else 0
     pts, lbl = tuple(prompts.points), tuple(prompts.point_labels)
     objects += [VolumePrompt(b, z, None, pts, lbl) for b in prompts.boxes]
@@ -128,8 +120,10 @@ def _volume_logits(
         objects.append(VolumePrompt(None, z, None, pts, lbl))
     if key is None:
         predictor.clear_cache()  # slice keys of an earlier volume must not match this one's
-        predictor.cache_size = slices.shape[0] if len(objects) > 1 else 0
-    return [propagate_slices(keyed, slices, obj, on_slice) for obj in objects]  # type: ignore[arg-type]
+        several = len(voting) + len(objects) > 1
+        predictor.cache_size = (sum(slices.shape[:3]) if voting else slices.shape[0]) if several else 0
+    voted = [vote_planes(keyed, slices, b, on_slice) for b in voting]  # type: ignore[arg-type]
+    return voted + [propagate_slices(keyed, slices, obj, on_slice) for obj in objects]  # type: ignore[arg-type]
 
 
 # Voxel sizes may differ by this factor at most for three-plane voting (the model sees rows and columns as images).

@@ -206,6 +206,17 @@ def vote_planes(
     return out
 
 
+def embedded_slices(box3d: tuple[float, ...], planes: int) -> int:
+    """How many slices a 3D box ``(x0, y0, z0, x1, y1, z1)`` has embedded: its z range (``planes`` 1, as
+    `propagate_slices` reaches at most), and with ``planes`` 3 the rows and columns `vote_planes` embeds."""
+    x0, y0, z0, x1, y1, z1 = box3d
+    count = int(z1) - int(z0) + 1
+    if planes == 1:
+        return count
+    rows, cols = int(np.ceil(y1)) - int(y0), int(np.ceil(x1)) - int(x0)
+    return count + -(-rows // PLANE_STRIDE) + -(-cols // PLANE_STRIDE)
+
+
 def _every_stride(indices: range) -> dict[int, list[int]]:
     """Every `PLANE_STRIDE`-th of ``indices`` (evenly spread, both ends included) -> the positions in ``indices``
     that take its logits (those nearest to it)."""
