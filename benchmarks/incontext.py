@@ -50,6 +50,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -58,15 +59,26 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
-ENGINES = ("probe", "match", "knn", "universeg", "prototype", "unet", "unet-lcc")
+ENGINES = (
+    "probe", "probe+decoder", "probe+decoder-on", "match", "knn", "universeg", "prototype", "prototype+box", "unet",
+    "unet-lcc",
+)  # fmt: skip
+ALL_DATASETS = ("BUSI", "DRIVE", "Hippocampus", "ISBI-EM", "JSRT", "Kvasir-SEG", "MoNuSeg", "WBC")
+DECODED = ("probe+decoder", "probe+decoder-on", "prototype+box")  # engines that run the LiteMedSAM decoder
 UNET_STEPS = 100  # the support-only U-Net's default training budget (Adam steps)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--datasets", nargs="*", default=["WBC", "ISBI-EM"], help="2D held-out sets (none: 3D only)")
+    parser.add_argument("--datasets", nargs="*", default=["all"], help="2D sets, 'all' for the eight (none: 3D only)")
+    parser.add_argument(
+        "--protocol",
+        choices=("sorted", "random"),
+        default="sorted",
+        help="sorted: supports the first cases in name order, queries the last; random: a seeded shuffle first",
+    )
     parser.add_argument("--support-sizes", nargs="+", type=int, default=[1, 2, 4, 8, 16, 32, 64])
-    parser.add_argument("--queries", type=int, default=16)
+    parser.add_argument("--queries", type=int, default=40)
     parser.add_argument("--engines", nargs="+", default=list(ENGINES), choices=ENGINES)
     parser.add_argument("--universeg-weights", type=Path, default=None)
     parser.add_argument("--head", type=Path, default=None, help="matching_head.pt (default: the shipped one)")
@@ -76,6 +88,9 @@ def main() -> None:
     parser.add_argument(
         "--slice-bins", type=int, default=0, help="3D: relative-position bins (0: each slice matched on its own)"
     )
+    parser.add_argument(
+        "--support-scales", choices=("off", "on"), default=None, help="in-context engines: supports zoomed in and out"
+    )
     parser.add_argument("--latency", action="store_true")
     parser.add_argument("--hippocampus", type=int, default=0, help="held-out query volumes for the 3D test")
     parser.add_argument("--seed", type=int, default=0)
@@ -83,6 +98,8 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/medseg_incontext_bench"))
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
+    if args.datasets == ["all"]:
+        args.datasets = list(ALL_DATASETS)
     if args.latency and not args.datasets:
         parser.error("--latency times queries of the first of --datasets: give one")
     torch.set_num_threads(args.threads)
@@ -94,7 +111,8 @@ def main() -> None:
     if args.latency:
         results["latency"] = {e: _latency(args.datasets[0], e, args) for e in engines}
     if args.hippocampus:
-        results["hippocampus"] = {e: _volumes(e, args) for e in engines if not e.startswith("unet")}
+        volume_engines = [e for e in engines if not e.startswith("unet") and e not in DECODED]
+        results["hippocampus"] = {e: _volumes(e, args) for e in volume_engines}
     _print_tables(results, args, engines)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
@@ -113,6 +131,8 @@ def _predictor(engine: str, args: argparse.Namespace) -> Any:
             _FEATURE_PREDICTORS[features] = FeatureMatchingPredictor.from_checkpoint(method=engine, frame_size=size)
             _FEATURE_PREDICTORS[features].cache_size = 1024  # every slice of the 3D test
         predictor = _FEATURE_PREDICTORS[features]
+        if args.support_scales is not None:
+            predictor.support_scales = args.support_scales == "on"
         predictor.method = engine
         predictor.head = load_head(args.head or SHIPPED_HEAD) if engine == "match" else None
         return predictor
@@ -121,18 +141,28 @@ def _predictor(engine: str, args: argparse.Namespace) -> Any:
     return InContextPredictor.from_weights(args.universeg_weights)
 
 
-def _split(name: str, args: argparse.Namespace) -> tuple[list[tuple[np.ndarray, np.ndarray]], list[Any], list[int]]:
+def _split(name: str, args: argparse.Namespace) -> tuple[list[tuple[Any, np.ndarray]], list[Any], list[int]]:
+    """(support pool, queries, label values): `Image` and label array pairs. Sorted protocol: cases in name
+    order, the queries the last ones; random: shuffled with ``--seed`` first. Hippocampus volumes give their
+    middle slice along array axis 0 (a 2D task like the others)."""
     from medseg.data import open_dataset
     from medseg.data.cases import load_case
+    from medseg.io import Image
 
     dataset = open_dataset(DATA / name)
-    cases = [c for c in dataset.cases if c.label is not None]
-    order = np.random.default_rng(args.seed).permutation(len(cases))
+    cases = sorted((c for c in dataset.cases if c.label is not None), key=lambda c: c.name)
+    if args.protocol == "random":
+        cases = [cases[int(i)] for i in np.random.default_rng(args.seed).permutation(len(cases))]
+    count = _query_count(len(cases), args)
+    pool_size = min(max(args.support_sizes), len(cases) - count)
     loaded = []
-    for i in order:
-        image, label = load_case(cases[int(i)])
-        loaded.append((image.array, label))
-    count = _query_count(len(loaded), args)
+    for case in cases[:pool_size] + cases[-count:]:  # only what is used is read
+        image, label = load_case(case)
+        assert label is not None
+        if image.ndim == 3:
+            middle = image.array.shape[0] // 2
+            image, label = Image(np.ascontiguousarray(image.array[middle])), label[middle]
+        loaded.append((image, label))
     queries, pool = loaded[-count:], loaded[:-count]
     values = sorted(int(v) for v in dataset.labels.values() if int(v) != 0) or [1]
     return pool, queries, values
@@ -140,12 +170,15 @@ def _split(name: str, args: argparse.Namespace) -> tuple[list[tuple[np.ndarray, 
 
 def _dataset_scores(name: str, engine: str, args: argparse.Namespace) -> dict[str, dict[str, float | None]]:
     """{str(size): {str(label): mean Dice or None}}, cached per size."""
-    suffix = f"_f{args.frame_size}" if engine == "probe" and args.frame_size else ""
+    suffix = f"_f{args.frame_size}" if engine.startswith("probe") and args.frame_size else ""
     if engine.startswith("unet") and args.unet_steps != UNET_STEPS:  # another training budget, another result
         suffix = f"_steps{args.unet_steps}"
     if not engine.startswith("unet") and not args.no_largest_component:
         suffix += "_lcc"
-    cache = args.work / f"{name}_{engine}{suffix}_q{args.queries}_s{args.seed}.json"
+    if not engine.startswith("unet") and args.support_scales is not None:
+        suffix += f"_scales{args.support_scales}"
+    protocol = "" if args.protocol == "random" else "_sorted"
+    cache = args.work / f"{name}_{engine}{suffix}_q{args.queries}_s{args.seed}{protocol}.json"
     if engine in ("match", "universeg"):  # trained engines: the cache belongs to one weights file
         weights = args.head if engine == "match" else args.universeg_weights
         cache = cache.with_name(f"{cache.stem}_{_digest(weights)}.json")
@@ -153,35 +186,83 @@ def _dataset_scores(name: str, engine: str, args: argparse.Namespace) -> dict[st
     missing = [n for n in args.support_sizes if str(n) not in done]
     if missing:
         pool, queries, values = _split(name, args)
-        predictor = None if engine.startswith("unet") else _predictor(engine, args)
+        names = {int(v): k for k, v in dataset_labels(name).items()}
         for n in missing:
             if n > len(pool):
-                done[str(n)] = {k: None for k, v in dataset_labels(name).items() if int(v) != 0}
+                done[str(n)] = {names.get(v, str(v)): None for v in values}
                 continue
             started = time.perf_counter()
             support = pool[:n]
             if engine.startswith("unet"):
-                from medseg.inference.incontext_predictor import CHECKED_SUPPORTS
-
-                # unet-lcc predicts its supports too, to confirm the rule as the engines do
-                checked = support[:CHECKED_SUPPORTS] if engine == "unet-lcc" else []
-                labels = _unet_baseline(support, [*queries, *checked], values, args)
-                labels, own = labels[: len(queries)], labels[len(queries) :]
-                if engine == "unet-lcc":
-                    from medseg.inference.components import SingleObjectRule
-
-                    rule = SingleObjectRule.from_supports([label for _, label in support], values)
-                    rule = rule.confirmed(own, [label for _, label in checked], values)
-                    labels = [rule.apply(label) for label in labels]
+                labels = _unet_labels(engine, [(i.array, lab) for i, lab in support], queries, values, args)
+            elif engine in DECODED:
+                labels = _decoded_labels(engine, support, queries, args)
             else:
-                images, maps, keep = [s[0] for s in support], [s[1] for s in support], not args.no_largest_component
-                labels = [predictor.predict(q, images, maps, largest_component=keep).labels for q, _ in queries]
-            names = {int(v): k for k, v in dataset_labels(name).items()}
+                predictor = _predictor(engine, args)
+                images, maps = [s[0].array for s in support], [s[1] for s in support]
+                keep = not args.no_largest_component
+                labels = [predictor.predict(q.array, images, maps, largest_component=keep).labels for q, _ in queries]
             scores = {names.get(v, str(v)): _mean_dice(labels, [gt for _, gt in queries], v) for v in values}
             done[str(n)] = scores
             cache.write_text(json.dumps(done))
             print(f"{name} {engine} n={n}: {scores} ({time.perf_counter() - started:.0f} s)", flush=True)
     return {str(n): done[str(n)] for n in args.support_sizes}
+
+
+def _unet_labels(
+    engine: str, support: list[tuple[np.ndarray, np.ndarray]], queries: list[Any], values: list[int], args: Any
+) -> list[np.ndarray]:
+    from medseg.inference.incontext_predictor import CHECKED_SUPPORTS
+
+    # unet-lcc predicts its supports too, to confirm the rule as the engines do
+    checked = support[:CHECKED_SUPPORTS] if engine == "unet-lcc" else []
+    labels = _unet_baseline(support, [*((q.array, gt) for q, gt in queries), *checked], values, args)
+    labels, own = labels[: len(queries)], labels[len(queries) :]
+    if engine == "unet-lcc":
+        from medseg.inference.components import SingleObjectRule
+
+        rule = SingleObjectRule.from_supports([label for _, label in support], values)
+        rule = rule.confirmed(own, [label for _, label in checked], values)
+        labels = [rule.apply(label) for label in labels]
+    return labels
+
+
+_DECODER: list[Any] = []  # one LiteMedSAM prompt engine, its embeddings cached across engines and sizes
+
+
+def _refined_engine(engine: str, images: list[Any], labels: list[np.ndarray], args: Any) -> Any:
+    from medseg.inference.draft_refinement import DecoderRefinedEngine
+    from medseg.inference.engines import InContextEngine, PromptEngine
+
+    if not _DECODER:
+        _DECODER.append(PromptEngine.from_pretrained(None))
+        _DECODER[0].predictor.cache_size = 1024  # every query of a dataset, kept across engines and sizes
+    method = "prototype" if engine == "prototype+box" else "probe"
+    mode = "auto" if engine == "probe+decoder" else "on"
+    refined = DecoderRefinedEngine(InContextEngine(_predictor(method, args), method), _DECODER[0], mode)
+    refined.set_support(images, labels)
+    return refined
+
+
+def _decoded_labels(engine: str, support: list[tuple[Any, np.ndarray]], queries: list[Any], args: Any) -> list[Any]:
+    """probe+decoder (medseg's choice per support set), probe+decoder-on (always refined), prototype+box (the
+    baseline: the prototype's largest component per label -> one box -> the decoder)."""
+    from medseg.inference.components import largest_component
+    from medseg.inference.draft_refinement import decoder_key, refine_with_decoder
+
+    refined = _refined_engine(engine, [image for image, _ in support], [label for _, label in support], args)
+    incontext = refined.incontext
+    keep = not args.no_largest_component
+    if engine == "prototype+box":
+        outputs = []
+        for query, _ in queries:
+            raw = incontext.predict(query, largest_component=False).labels.array
+            one = np.zeros_like(raw)
+            for value in np.unique(raw[raw > 0]).tolist():
+                one[largest_component(raw == value)] = value
+            outputs.append(refine_with_decoder(_DECODER[0], query, one, key=decoder_key(query)))
+        return outputs
+    return [refined.predict(query, largest_component=keep).labels.array for query, _ in queries]
 
 
 def _query_count(cases: int, args: argparse.Namespace) -> int:
@@ -251,25 +332,34 @@ def _unet_baseline(
 
 def _latency(name: str, engine: str, args: argparse.Namespace) -> dict[str, float]:
     """Seconds per 128 x 128 query for support sizes 1, 16, 64."""
+    from medseg.io import Image
+
     pool, queries, values = _split(name, args)
-    query = _resize(queries[0][0])
+    query = _resize(queries[0][0].array)
     times: dict[str, float] = {}
-    predictor = None if engine.startswith("unet") else _predictor(engine, args)
+    predictor = None if engine.startswith("unet") or engine in DECODED else _predictor(engine, args)
     for n in (1, 16, 64):
-        support = [(_resize(i), _resize(lab, label=True)) for i, lab in (pool * 64)[:n]]
+        support = [(_resize(i.array), _resize(lab, label=True)) for i, lab in (pool * 64)[:n]]
         if engine.startswith("unet"):
             started = time.perf_counter()
             _unet_baseline(support, [(query, query[..., 0] if query.ndim == 3 else query)], values, args)
             times[str(n)] = round(time.perf_counter() - started, 3)  # training included: that is its cost
             continue
         images, labels = [s[0] for s in support], [s[1] for s in support]
-        predictor.predict(query, images, labels)  # warm-up; fills the embedding cache
+        if engine in DECODED:  # the engine as medseg incontext runs it: Images in, the decoder's choice made once
+            wrapped = [Image(i, channels=3 if i.ndim == 3 else 1) for i in images]
+            refined = _refined_engine(engine, wrapped, labels, args)
+            run = partial(lambda e, array: e.predict(Image(array, channels=3 if array.ndim == 3 else 1)), refined)
+        else:
+            run = partial(lambda i, m, array: predictor.predict(array, i, m), images, labels)
+
+        run(query)  # warm-up; fills the embedding cache and makes the one-off choices
         runs = []
         for r in range(3):
             offset = 100 * ENGINES.index(engine) + n + r / 10 + 1  # engines share the feature predictor's cache
             fresh = query + offset * 1e-3  # a query never seen before: its embedding is not cached
             started = time.perf_counter()
-            predictor.predict(fresh, images, labels)
+            run(fresh)
             runs.append(time.perf_counter() - started)
         times[str(n)] = round(float(np.median(runs)), 3)
         if engine == "probe" and predictor is not None:  # the one-off fit: the last query again, probes forgotten

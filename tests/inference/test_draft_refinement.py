@@ -151,3 +151,94 @@ def test_a_blocky_draft_of_a_disc_is_redrawn_closer_to_it() -> None:
     assert set(np.unique(refined).tolist()) == {0, 3}
     after = dice(refined == 3, disc)
     assert after > before + 0.1 and after > 0.85
+
+
+# ---- DecoderRefinedEngine: raw or refined, decided on held-out supports -------------------------------------
+class StandInContext:
+    """An in-context engine stand-in: every query gets ``draft`` (label 1); records the support sets it was given."""
+
+    name = "incontext:stand-in"
+
+    def __init__(self, draft: np.ndarray) -> None:
+        self.draft = draft
+        self.supports: list[int] = []  # the size of each support set given, in order
+
+    @property
+    def support_size(self) -> int:
+        return self.supports[-1] if self.supports else 0
+
+    def set_support(self, images: list[Image], labels: list[Any]) -> None:
+        self.supports.append(len(images))
+
+    def predict(self, image: Image, *, probabilities: bool = False, **_: Any) -> Segmentation:
+        labels = self.draft if image.ndim == 2 else np.stack([self.draft] * image.shape[0])
+        maps = labels[None].astype(np.float32) if probabilities else None
+        return Segmentation(image.with_array(labels.astype(np.uint8)), [1], self.name, maps)
+
+
+def square(size: int, start: int, stop: int) -> np.ndarray:
+    mask = np.zeros((size, size), np.uint8)
+    mask[start:stop, start:stop] = 1
+    return mask
+
+
+def refined_engine(mode: str, decoder_draws: np.ndarray, supports: int = 4) -> tuple[Any, Recorder, StandInContext]:
+    """Supports whose truth is ``square(32, 8, 20)``; the in-context draft is too big (``square(32, 4, 24)``, Dice
+    0.53 against the truth); the decoder draws ``decoder_draws``."""
+    from medseg.inference.draft_refinement import DecoderRefinedEngine
+
+    recorder = Recorder(decoder_draws[None].astype(np.float32))
+    incontext = StandInContext(square(32, 4, 24))
+    refined = DecoderRefinedEngine(cast(Any, incontext), engine(recorder), mode)
+    images = [Image((np.arange(32 * 32).reshape(32, 32) * (i + 1) % 251).astype(np.uint8)) for i in range(supports)]
+    refined.set_support(images, [square(32, 8, 20)] * supports)
+    return refined, recorder, incontext
+
+
+def test_auto_refines_where_the_decoder_predicts_held_out_supports_better() -> None:
+    refined, recorder, incontext = refined_engine("auto", square(32, 8, 20))  # the decoder draws the truth
+    result = refined.predict(grey((32, 32)))
+    assert result.engine == "incontext:stand-in+decoder"
+    assert np.array_equal(result.labels.array, square(32, 8, 20))
+    # three supports held out, each segmented from the other three; the full set given back afterwards
+    assert incontext.supports == [4, 3, 3, 3, 4]
+    assert len(recorder.calls) == 3 + 1  # the held-out supports, then the query
+    refined.predict(grey((32, 32)))
+    assert incontext.supports == [4, 3, 3, 3, 4] and len(recorder.calls) == 5  # decided once per support set
+    refined.set_support([grey((32, 32))] * 2, [square(32, 8, 20)] * 2)
+    refined.predict(grey((32, 32)))
+    assert incontext.supports[-3:] == [1, 1, 2]  # a new set: decided again (both of its supports held out)
+
+
+def test_auto_keeps_the_raw_draft_where_the_decoder_does_worse() -> None:
+    refined, recorder, _ = refined_engine("auto", square(32, 14, 16))  # the decoder draws a speck
+    result = refined.predict(grey((32, 32)))
+    assert result.engine == "incontext:stand-in"
+    assert np.array_equal(result.labels.array, square(32, 4, 24))
+    assert len(recorder.calls) == 3  # only the held-out supports were redrawn
+
+
+def test_on_off_one_support_and_volumes() -> None:
+    bad = square(32, 14, 16)
+    refined, recorder, incontext = refined_engine("on", bad)
+    assert refined.predict(grey((32, 32))).engine.endswith("+decoder") and len(recorder.calls) == 1
+    assert incontext.supports == [4]  # "on" decides nothing: no held-out predictions
+    volume = Image(np.stack([grey((32, 32)).array] * 3))
+    assert refined.predict(volume).engine == "incontext:stand-in"  # 3D queries: never refined
+
+    refined, recorder, _ = refined_engine("off", square(32, 8, 20))
+    assert refined.predict(grey((32, 32))).engine == "incontext:stand-in" and not recorder.calls
+
+    refined, recorder, incontext = refined_engine("auto", bad, supports=1)  # nothing to hold out: refined
+    assert refined.predict(grey((32, 32))).engine.endswith("+decoder") and incontext.supports == [1]
+
+
+def test_unknown_mode_and_no_support_set() -> None:
+    from medseg.errors import MedsegError
+    from medseg.inference.draft_refinement import DecoderRefinedEngine
+
+    with pytest.raises(MedsegError, match="unknown decoder mode 'maybe'"):
+        DecoderRefinedEngine(cast(Any, StandInContext(square(8, 2, 4))), engine(Recorder()), "maybe")
+    refined = DecoderRefinedEngine(cast(Any, StandInContext(square(8, 2, 4))), engine(Recorder()), "auto")
+    with pytest.raises(MedsegError, match="set a support set first"):
+        refined.refines()

@@ -214,3 +214,25 @@ def test_a_volume_reports_each_slice_for_a_progress_bar() -> None:
         on_slice=lambda z, depth: calls.append((z, depth)),
     )  # fmt: skip
     assert calls == [(z, 5) for z in range(5)]
+
+
+def test_scaled_supports_zoom_in_on_the_foreground_and_out_by_edge_padding() -> None:
+    from medseg.inference.incontext_predictor import ZOOM, scaled_supports
+
+    assert ZOOM == 1.5  # the sizes below are worked out for it
+    image = np.arange(12 * 18, dtype=np.float32).reshape(12, 18)
+    label = np.zeros((12, 18), np.uint8)
+    label[8:10, 14:16] = 2  # foreground centred at (8.5, 14.5): the crop is clamped to the corner
+    (crop_image, crop_label), (pad_image, pad_label) = scaled_supports(image, label)
+    assert crop_image.shape == crop_label.shape == (8, 12)
+    assert np.array_equal(crop_image, image[4:12, 6:18]) and np.array_equal(crop_label, label[4:12, 6:18])
+    assert pad_image.shape == pad_label.shape == (18, 26)  # 3 rows and round(4.5) = 4 columns either side
+    assert np.array_equal(pad_image[3:15, 4:22], image) and pad_image[0, 0] == image[0, 0]  # edge replicated
+    assert pad_label.sum() == label.sum() and pad_label[3 + 8, 4 + 14] == 2
+    rgb = np.zeros((12, 18, 3), np.uint8)
+    assert [a.shape for pair in scaled_supports(rgb, np.zeros((12, 18), np.uint8)) for a in pair] == [
+        (8, 12, 3),
+        (8, 12),
+        (18, 26, 3),
+        (18, 26),
+    ]  # fmt: skip  (no foreground: the crop is centred)

@@ -51,6 +51,12 @@ def incontext(
         help="Keep only the largest connected component of the foreground and of each label that every support "
         "shows as one object (nnU-Net's post-processing, decided from the supports).",
     ),
+    decoder: str | None = typer.Option(
+        None,
+        "--decoder",
+        help="2D queries: auto (default for the feature engines) redraws each object with the LiteMedSAM decoder "
+        "from its box where that predicts held-out supports better; on: always; off (universeg's default): never.",
+    ),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or mps."),
     frame_size: int | None = typer.Option(
         None,
@@ -75,9 +81,14 @@ def incontext(
 
     --batch and --ray: case by case with OUT/manifest.csv, as 'medseg predict --help' says; each Ray worker
     prepares the supports once."""
-    from medseg.inference.engines import InContextEngine
     from medseg.inference.folders import label_targets, predict_folder
-    from medseg.inference.incontext_inputs import build_predictor, load_support, query_cases
+    from medseg.inference.incontext_inputs import (
+        build_predictor,
+        build_segmenter,
+        decoder_mode,
+        load_support,
+        query_cases,
+    )
     from medseg.inference.incontext_predictor import bins_option, check_ensemble_options
     from medseg.inference.run_lock import check_unlocked
     from medseg.io import load
@@ -93,6 +104,7 @@ def incontext(
     if slice_bins is not None and slice_bins < 0:
         raise MedsegError(f"--slice-bins must be 0 (each slice on its own) or more, not {slice_bins}")
     check_device(device)
+    decoder_mode(decoder, "")  # an unknown mode refused before any work
     if subset_size is not None and ensemble < 2:
         raise MedsegError("--subset-size takes effect with --ensemble N (N >= 2); give both or neither")
     batch, use_ray = batch_mode(batch, use_ray, ray_address, workers)
@@ -112,6 +124,7 @@ def incontext(
             neighbours=neighbours,
             slice_bins=slice_bins,
             largest_component=largest_component,
+            decoder=decoder,
             output_format=output_format,
         )
         run_batch_command(runner, cases, output, use_ray, ray_address, workers, "segmenting")
@@ -122,7 +135,7 @@ def incontext(
     predictor, engine_name = build_predictor(engine, weights, checkpoint, head, frame_size, device)
     supports = load_support(support, subset_size)
     cases = query_cases(query, output, support)
-    segmenter = InContextEngine(predictor, engine_name)
+    segmenter = build_segmenter(predictor, engine_name, decoder, checkpoint, device)
     segmenter.set_support(supports.images, supports.labels)
     started = time.perf_counter()
     # one query: a bar over its slices (a volume); several: a bar over the cases

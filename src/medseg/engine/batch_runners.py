@@ -88,6 +88,7 @@ class InContextRunner(CaseRunner):
     neighbours: int = 1
     slice_bins: int | None = None  # None: the engine's default; 0: each slice on its own
     largest_component: bool = True
+    decoder: str | None = None  # None: the engine's default (`build_segmenter`)
     output_format: str = "auto"
 
     def absolute(self) -> CaseRunner:
@@ -100,7 +101,7 @@ class InContextRunner(CaseRunner):
 
     def model(self) -> str:
         """`content_hash` of the weights, the support set's files and the options that change the outputs."""
-        from medseg.inference.incontext_inputs import engine_name, weight_files
+        from medseg.inference.incontext_inputs import decoder_mode, engine_name, weight_files
 
         files = weight_files(self.engine, self.weights, self.checkpoint, self.head) + self.protect()
         return content_hash(
@@ -112,12 +113,12 @@ class InContextRunner(CaseRunner):
             neighbours=self.neighbours,
             slice_bins=self.slice_bins,
             largest_component=self.largest_component,
+            decoder=decoder_mode(self.decoder, engine_name(self.engine, self.weights, self.head)),
             output_format=self.output_format,
         )
 
     def build(self) -> CasePredictor:
-        from medseg.inference.engines import InContextEngine
-        from medseg.inference.incontext_inputs import build_predictor, load_support
+        from medseg.inference.incontext_inputs import build_predictor, build_segmenter, load_support
         from medseg.inference.incontext_predictor import bins_option
         from medseg.io import load
 
@@ -125,7 +126,7 @@ class InContextRunner(CaseRunner):
             self.engine, self.weights, self.checkpoint, self.head, self.frame_size, self.device
         )
         supports = load_support(Path(self.support), self.subset_size)
-        segmenter = InContextEngine(predictor, name)
+        segmenter = build_segmenter(predictor, name, self.decoder, self.checkpoint, self.device)
         segmenter.set_support(supports.images, supports.labels)
 
         def segment(case: str, image: Image) -> Segmentation:

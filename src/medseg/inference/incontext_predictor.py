@@ -40,6 +40,8 @@ CHECKED_SUPPORTS = 8  # 2D supports the engine predicts to confirm the largest-c
 # Support volumes: None matches each query slice on its own (one probe fit per slice and label); a number of
 # relative-position bins is several times faster and lost a little Dice on Hippocampus (README, in-context).
 DEFAULT_SLICE_BINS: int | None = None
+DEFAULT_SUPPORT_SCALES = False
+ZOOM = 1.5  # `scaled_supports`: a crop of 1/ZOOM of each side (zoom in) and a pad to ZOOM times it (zoom out)
 
 
 @dataclass
@@ -80,6 +82,8 @@ class InContextPredictor:
         self.input_size = input_size
         self.device = torch.device(device)
         self.batch_size = batch_size
+        # 2D supports also shown zoomed in and out (`scaled_supports`): queries' objects may differ in size
+        self.support_scales = DEFAULT_SUPPORT_SCALES
         self._prepared: PreparedSupport | None = None  # the last support set, checked and framed
 
     @classmethod
@@ -204,7 +208,7 @@ class InContextPredictor:
     def _prepare(self, images: Sequence[np.ndarray], labels: Sequence[np.ndarray], volumes: bool) -> PreparedSupport:
         """The support set checked, its label values found and (2D) framed: once per support set, reused while
         the same contents come again (a folder of queries shares one support set)."""
-        key = content_key([*images, *labels], f"{volumes}")
+        key = content_key([*images, *labels], f"{volumes},{self.support_scales}")
         if key is not None and self._prepared is not None and self._prepared.key == key:
             return self._prepared
         checked = [label_array(label, f"support label map {i}") for i, label in enumerate(labels)]
@@ -218,8 +222,11 @@ class InContextPredictor:
             raise MedsegError("no foreground in any support label map: nothing defines the task")
         frames = masks = None
         if not volumes:  # 2D supports: framed once, for a 2D query or every slice of a 3D one
-            frames = np.stack([self.frame(i) for i in images])
-            masks = np.stack([self.label_masks(label, values) for label in checked])
+            pairs = list(zip(images, checked, strict=True))
+            if self.support_scales:  # after the originals: `_confirmed_rule` predicts the first supports
+                pairs += [scaled for image, label in pairs for scaled in scaled_supports(image, label)]
+            frames = np.stack([self.frame(image) for image, _ in pairs])
+            masks = np.stack([self.label_masks(label, values) for _, label in pairs])
         # kept for later queries: copies, so that the caller editing its arrays cannot change them
         checked = [label.copy() for label in checked]
         rule = SingleObjectRule.from_supports(checked, values)
@@ -318,6 +325,27 @@ class InContextPredictor:
         dtype = np.min_scalar_type(max(values))  # uint8 up to 255, then uint16, uint32, uint64
         labels = np.where(probs.max(axis=0) >= 0.5, np.array(values)[best], 0).astype(dtype)
         return InContextResult(labels, probs, values)
+
+
+def scaled_supports(image: np.ndarray, label: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+    """A 2D support ``(H, W[, C])`` and its label map zoomed in and out by `ZOOM` (frames are stretched to the
+    model's square, so a crop is a zoom): a crop of ``1/ZOOM`` of each side centred on the foreground (clamped to
+    the image), and the image padded by edge replication to ``ZOOM`` times each side (the label map with 0).
+
+    Few-shot segmenters see the supports' objects at one size; queries' objects may be larger or smaller
+    (scale augmentation of the support set, as in training-time augmentation of segmentation networks).
+    """
+    height, width = label.shape
+    rows, cols = np.nonzero(label)
+    centre = (rows.mean(), cols.mean()) if len(rows) else (height / 2, width / 2)
+    crop = [max(1, round(side / ZOOM)) for side in (height, width)]
+    sides = zip(centre, crop, (height, width), strict=True)
+    start = [int(np.clip(round(c - n / 2), 0, side - n)) for c, n, side in sides]
+    window = (slice(start[0], start[0] + crop[0]), slice(start[1], start[1] + crop[1]))
+    pad = [(round(side * (ZOOM - 1) / 2),) * 2 for side in (height, width)]
+    channels = [(0, 0)] * (image.ndim - 2)
+    padded = np.pad(image, [*pad, *channels], mode="edge"), np.pad(label, pad)
+    return [(np.ascontiguousarray(image[window]), np.ascontiguousarray(label[window])), padded]
 
 
 def bins_option(slice_bins: int | None) -> dict[str, Any]:
