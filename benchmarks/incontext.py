@@ -188,8 +188,9 @@ def _dataset_scores(name: str, engine: str, args: argparse.Namespace) -> dict[st
         pool, queries, values = _split(name, args)
         names = {int(v): k for k, v in dataset_labels(name).items()}
         for n in missing:
-            if n > len(pool):
+            if n > len(pool):  # more supports than the dataset has outside its queries
                 done[str(n)] = {names.get(v, str(v)): None for v in values}
+                cache.write_text(json.dumps(done))
                 continue
             started = time.perf_counter()
             support = pool[:n]

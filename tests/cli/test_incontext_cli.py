@@ -164,7 +164,7 @@ def test_decoder_option_reaches_the_engine(
         return original(*args, **options)  # type: ignore[arg-type]
 
     monkeypatch.setattr(draft_refinement, "refine_with_decoder", record)
-    monkeypatch.setattr(draft_refinement.DecoderRefinedEngine, "_refining_helps", _always_helps())
+    monkeypatch.setattr(draft_refinement.DecoderRefinedEngine, "_labels_helped", _every_label_helped())
     support = make_nnunet_2d_shapes(tmp_path / "support", cases=2)
     queries = tmp_path / "queries"
     shutil.copytree(make_nnunet_2d_shapes(tmp_path / "other", cases=2, seed=5) / "imagesTr", queries)
@@ -176,16 +176,16 @@ def test_decoder_option_reaches_the_engine(
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["case_000.png", "case_001.png"]
 
 
-def _always_helps() -> object:
-    """`DecoderRefinedEngine._refining_helps` run as it is, then answered True (the count of decoder calls
-    does not hang on which way the random shapes fall)."""
+def _every_label_helped() -> object:
+    """`DecoderRefinedEngine._labels_helped` run as it is, then answered: every label (the count of decoder
+    calls does not hang on which way the random shapes fall)."""
     from medseg.inference import draft_refinement
 
-    helps = draft_refinement.DecoderRefinedEngine._refining_helps
+    helped = draft_refinement.DecoderRefinedEngine._labels_helped
 
-    def run(self: object, options: dict[str, object]) -> bool:
-        helps(self, options)  # type: ignore[arg-type]
-        return True
+    def run(self: object, options: dict[str, object]) -> frozenset[int]:
+        helped(self, options)  # type: ignore[arg-type]
+        return frozenset({1, 2})
 
     return run
 

@@ -32,7 +32,7 @@ class Recorder:
                 **_: Any) -> Segmentation:  # fmt: skip
         self.calls.append((prompts, key, probabilities))
         assert self.probabilities is not None, "the engine was called"
-        maps = self.probabilities
+        maps = self.probabilities[: len(prompts.boxes)]  # one map per box, the first ones given
         labels = image.with_array((maps.max(axis=0) > 0.5).astype(np.uint8))
         return Segmentation(labels, list(range(1, len(maps) + 1)), "prompt", maps)
 
@@ -155,7 +155,7 @@ def test_a_blocky_draft_of_a_disc_is_redrawn_closer_to_it() -> None:
 
 # ---- DecoderRefinedEngine: raw or refined, decided on held-out supports -------------------------------------
 class StandInContext:
-    """An in-context engine stand-in: every query gets ``draft`` (label 1); records the support sets it was given."""
+    """An in-context engine stand-in: every query gets ``draft``; records the sizes of the support sets given."""
 
     name = "incontext:stand-in"
 
@@ -172,7 +172,7 @@ class StandInContext:
 
     def predict(self, image: Image, *, probabilities: bool = False, **_: Any) -> Segmentation:
         labels = self.draft if image.ndim == 2 else np.stack([self.draft] * image.shape[0])
-        maps = labels[None].astype(np.float32) if probabilities else None
+        maps = (labels[None] == 1).astype(np.float32) if probabilities else None
         return Segmentation(image.with_array(labels.astype(np.uint8)), [1], self.name, maps)
 
 
@@ -231,6 +231,27 @@ def test_on_off_one_support_and_volumes() -> None:
 
     refined, recorder, incontext = refined_engine("auto", bad, supports=1)  # nothing to hold out: refined
     assert refined.predict(grey((32, 32))).engine.endswith("+decoder") and incontext.supports == [1]
+    assert refined.refined_labels() is None  # every label
+
+
+def test_auto_decides_per_label() -> None:
+    """Label 1 drawn too big and redrawn exactly by the decoder; label 2 drawn exactly and redrawn as a speck:
+    only label 1 is refined, and label 2 keeps its raw pixels (hand-worked)."""
+    from medseg.inference.draft_refinement import DecoderRefinedEngine
+
+    truth = np.zeros((32, 48), np.uint8)
+    truth[8:20, 4:16], truth[8:20, 28:40] = 1, 2
+    draft = truth.copy()
+    draft[4:24, 0:20][draft[4:24, 0:20] == 0] = 1  # label 1 too big (its box: rows 4-24, columns 0-20)
+    speck = np.zeros((32, 48), np.float32)
+    speck[14:16, 33:35] = 1
+    recorder = Recorder(np.stack([(truth == 1).astype(np.float32), speck]))  # object 1 (label 1), object 2
+    refined = DecoderRefinedEngine(cast(Any, StandInContext(draft)), engine(recorder), "auto")
+    refined.set_support([grey((32, 48))] * 3, [truth] * 3)
+    assert refined.refined_labels() == frozenset({1})
+    result = refined.predict(grey((32, 48)))
+    assert np.array_equal(result.labels.array, truth) and result.engine.endswith("+decoder")
+    assert len(recorder.calls[-1][0].boxes) == 1  # the query: only label 1's object was prompted
 
 
 def test_unknown_mode_and_no_support_set() -> None:
@@ -241,4 +262,4 @@ def test_unknown_mode_and_no_support_set() -> None:
         DecoderRefinedEngine(cast(Any, StandInContext(square(8, 2, 4))), engine(Recorder()), "maybe")
     refined = DecoderRefinedEngine(cast(Any, StandInContext(square(8, 2, 4))), engine(Recorder()), "auto")
     with pytest.raises(MedsegError, match="set a support set first"):
-        refined.refines()
+        refined.refined_labels()

@@ -8,7 +8,7 @@ boxes, make the refined label map (a pixel claimed by several objects goes to th
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+from collections.abc import Collection, Hashable, Sequence
 from typing import Any
 
 import numpy as np
@@ -28,19 +28,27 @@ MAX_OBJECTS = 32  # more objects than this (nuclei, vessel pieces): the label ma
 
 
 def refine_with_decoder(
-    engine: PromptEngine, image: Image, labels: np.ndarray, key: Hashable | None = None
+    engine: PromptEngine,
+    image: Image,
+    labels: np.ndarray,
+    key: Hashable | None = None,
+    values: Collection[int] | None = None,
 ) -> np.ndarray:
-    """``labels`` ``(H, W)`` on the 2D ``image``'s grid, each object redrawn by the decoder from its box.
+    """``labels`` ``(H, W)`` on the 2D ``image``'s grid, each object of the labels in ``values`` (None: every
+    label) redrawn by the decoder from its box; the other labels' pixels are kept as they were, and the redrawn
+    objects fill only pixels none of them holds.
 
-    Returns ``labels`` unchanged (a copy) when it is empty, 3D, or holds more than `MAX_OBJECTS` objects, or
-    when the image is constant.
+    Returns ``labels`` unchanged (a copy) when it holds none of ``values``, is 3D, holds more than
+    `MAX_OBJECTS` objects to redraw, or when the image is constant.
     ``key`` names the image for the engine's embedding cache.
     """
     if labels.ndim != 2 or not labels.any() or constant_value(image.array) is not None:
         return labels.copy()  # a blank image: no borders for the decoder to draw (and the engine refuses it)
     boxes: list[tuple[float, float, float, float]] = []
-    values: list[int] = []
-    for value in np.unique(labels[labels > 0]).tolist():
+    objects: list[int] = []
+    present = np.unique(labels[labels > 0]).tolist()
+    redrawn = [v for v in present if values is None or v in values]
+    for value in redrawn:
         components = ndimage.label(labels == value)[0]
         sizes = np.bincount(components.ravel())[1:]
         for index, where in enumerate(ndimage.find_objects(components), start=1):
@@ -48,15 +56,18 @@ def refine_with_decoder(
                 continue
             rows, cols = where
             boxes.append((float(cols.start), float(rows.start), float(cols.stop), float(rows.stop)))
-            values.append(int(value))
+            objects.append(int(value))
     if not boxes or len(boxes) > MAX_OBJECTS:
         return labels.copy()
     result = engine.predict(image, Prompts(boxes=boxes), key=key, probabilities=True)
     assert result.probabilities is not None
     best = result.probabilities.argmax(axis=0)
-    refined = np.asarray(values, dtype=labels.dtype)[best]
+    refined = np.asarray(objects, dtype=labels.dtype)[best]
     refined[result.probabilities.max(axis=0) <= 0.5] = 0
-    return refined
+    if len(redrawn) == len(present):
+        return refined
+    kept = np.where(np.isin(labels, redrawn), 0, labels)
+    return np.where(kept > 0, kept, refined).astype(labels.dtype)
 
 
 DECODER_MODES = ("auto", "on", "off")
@@ -68,11 +79,13 @@ class DecoderRefinedEngine:
     """An `InContextEngine` whose 2D label maps are redrawn by a promptable engine's decoder
     (`refine_with_decoder`): the in-context engine says where the objects are, the decoder draws them.
 
-    ``mode``: ``"on"`` refines every 2D query; ``"off"`` never; ``"auto"`` refines where that predicts the
-    support set better: the last `DECODER_CHECKS` supports, each segmented from the others (the query's options)
-    and scored by mean Dice over the labels with and without refinement, decided once per support set (a single
-    support cannot be held out: refined, the decoder's prior). 3D queries are never refined. Same interface as
-    `InContextEngine` (``set_support``, ``predict``, ``support_size``, ``name``).
+    ``mode``: ``"on"`` refines every label of every 2D query; ``"off"`` never; ``"auto"`` refines the labels
+    where that predicts the support set better: the last `DECODER_CHECKS` supports are each segmented from the
+    others (with the query's options) and scored per label with and without refinement; a label is refined when
+    its mean Dice is higher refined (the decoder draws some structures well from a box and others badly: a lung
+    and a heart). Decided once per support set and options; a single support cannot be held out, so its labels
+    are all refined (the decoder's prior). 3D queries are never refined. Same interface as `InContextEngine`
+    (``set_support``, ``predict``, ``support_size``, ``name``).
 
     Raises:
         MedsegError: an unknown mode.
@@ -82,7 +95,7 @@ class DecoderRefinedEngine:
         if mode not in DECODER_MODES:
             raise MedsegError(f"unknown decoder mode {mode!r} (known: {', '.join(DECODER_MODES)})")
         self.incontext, self.decoder, self.mode = incontext, decoder, mode
-        self._choice: dict[str, bool] = {}  # per query options: whether refining helps this support set
+        self._choice: dict[str, frozenset[int] | None] = {}  # per query options: the labels refined (None: all)
         self._support: tuple[list[Image], list[Image | np.ndarray]] | None = None
 
     @property
@@ -98,34 +111,37 @@ class DecoderRefinedEngine:
         self.incontext.set_support(images, labels)
         self._support, self._choice = (list(images), list(labels)), {}
 
-    def refines(self, **options: Any) -> bool:
-        """Whether 2D queries predicted with ``options`` are refined (``auto``: decided on held-out supports)."""
+    def refined_labels(self, **options: Any) -> frozenset[int] | None:
+        """The labels redrawn in 2D queries predicted with ``options``: None for all of them (``on``, or ``auto``
+        with one support), an empty set for none (``off``); ``auto`` decides on held-out supports."""
         if self.mode != "auto":
-            return self.mode == "on"
+            return None if self.mode == "on" else frozenset()
         if self._support is None:
             raise MedsegError("set a support set first (set_support)")
-        images = self._support[0]
         options = {name: value for name, value in options.items() if name != "on_slice"}  # progress: not an option
         key = repr(sorted(options.items()))
         if key not in self._choice:
-            self._choice[key] = len(images) < 2 or images[0].ndim != 2 or self._refining_helps(options)
+            images = self._support[0]
+            self._choice[key] = None if len(images) < 2 or images[0].ndim != 2 else self._labels_helped(options)
         return self._choice[key]
 
     def predict(self, image: Image, *, probabilities: bool = False, **options: Any) -> Segmentation:
         """As `InContextEngine.predict`; a refined result is named ``<engine>+decoder`` and its probabilities
         are the in-context engine's (the decoder's masks are binary per object)."""
         result = self.incontext.predict(image, probabilities=probabilities, **options)
-        if image.ndim != 2 or not self.refines(**options):
+        values = self.refined_labels(**options) if image.ndim == 2 else frozenset()
+        if values is not None and not values:
             return result
-        labels = refine_with_decoder(self.decoder, image, result.labels.array, key=decoder_key(image))
+        labels = refine_with_decoder(self.decoder, image, result.labels.array, decoder_key(image), values)
         return Segmentation(image.with_array(labels), result.label_values, f"{self.name}+decoder", result.probabilities)
 
-    def _refining_helps(self, options: dict[str, Any]) -> bool:
+    def _labels_helped(self, options: dict[str, Any]) -> frozenset[int]:
         assert self._support is not None
         images, labels = self._support
         arrays = [as_label_array(label) if isinstance(label, Image) else np.asarray(label) for label in labels]
         values = sorted({int(v) for array in arrays for v in np.unique(array) if v != 0})
-        raw, refined = [], []
+        raw: list[list[float]] = []  # per held-out support, per label
+        refined: list[list[float]] = []
         try:
             for held in range(max(0, len(images) - DECODER_CHECKS), len(images)):
                 others = [i for i in range(len(images)) if i != held]
@@ -134,16 +150,15 @@ class DecoderRefinedEngine:
                     predicted = self.incontext.predict(images[held], **options).labels.array
                 except MedsegError:
                     continue  # the others show no foreground: this support decides nothing
-                redrawn = refine_with_decoder(self.decoder, images[held], predicted, key=decoder_key(images[held]))
-                raw.append(_mean_dice(predicted, arrays[held], values))
-                refined.append(_mean_dice(redrawn, arrays[held], values))
+                redrawn = refine_with_decoder(self.decoder, images[held], predicted, decoder_key(images[held]))
+                raw.append([dice(predicted == v, arrays[held] == v) for v in values])
+                refined.append([dice(redrawn == v, arrays[held] == v) for v in values])
         finally:
             self.incontext.set_support(images, labels)
-        return bool(raw) and float(np.mean(refined)) > float(np.mean(raw))
-
-
-def _mean_dice(predicted: np.ndarray, truth: np.ndarray, values: list[int]) -> float:
-    return float(np.mean([dice(predicted == v, truth == v) for v in values]))
+        if not raw:
+            return frozenset()
+        gains = np.mean(refined, axis=0) - np.mean(raw, axis=0)
+        return frozenset(v for v, gain in zip(values, gains.tolist(), strict=True) if gain > 0)
 
 
 def decoder_key(image: Image) -> bytes:
