@@ -60,11 +60,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 ENGINES = (
-    "probe", "probe+decoder", "probe+decoder-on", "match", "knn", "universeg", "prototype", "prototype+box", "unet",
-    "unet-lcc",
+    "probe", "probe+decoder", "probe+decoder-on", "probe-embedding", "probe-embedding+decoder", "match", "knn",
+    "universeg", "prototype", "prototype+box", "unet", "unet-lcc",
 )  # fmt: skip
 ALL_DATASETS = ("BUSI", "DRIVE", "Hippocampus", "ISBI-EM", "JSRT", "Kvasir-SEG", "MoNuSeg", "WBC")
-DECODED = ("probe+decoder", "probe+decoder-on", "prototype+box")  # engines that run the LiteMedSAM decoder
+# the engines that run the LiteMedSAM decoder
+DECODED = ("probe+decoder", "probe+decoder-on", "probe-embedding+decoder", "prototype+box")
 UNET_STEPS = 100  # the support-only U-Net's default training budget (Adam steps)
 
 
@@ -122,13 +123,16 @@ _FEATURE_PREDICTORS: dict[str, Any] = {}  # per feature kind, so that knn, match
 
 
 def _predictor(engine: str, args: argparse.Namespace) -> Any:
-    if engine in ("probe", "match", "knn", "prototype"):
+    if engine in ("probe", "probe-embedding", "match", "knn", "prototype"):
         from medseg.inference.feature_incontext import SHIPPED_HEAD, FeatureMatchingPredictor, load_head
 
-        features = "stages" if engine == "probe" else "embedding"  # each engine's default
+        features = "stages" if engine == "probe" else "embedding"  # each engine's default; probe-embedding's too
+        engine = "probe" if engine == "probe-embedding" else engine
         if features not in _FEATURE_PREDICTORS:
-            size = args.frame_size if engine == "probe" else None
-            _FEATURE_PREDICTORS[features] = FeatureMatchingPredictor.from_checkpoint(method=engine, frame_size=size)
+            size = args.frame_size if features == "stages" else None
+            _FEATURE_PREDICTORS[features] = FeatureMatchingPredictor.from_checkpoint(
+                method=engine, features=features, frame_size=size
+            )
             _FEATURE_PREDICTORS[features].cache_size = 1024  # every slice of the 3D test
         predictor = _FEATURE_PREDICTORS[features]
         if args.support_scales is not None:
@@ -238,8 +242,8 @@ def _refined_engine(engine: str, images: list[Any], labels: list[np.ndarray], ar
     if not _DECODER:
         _DECODER.append(PromptEngine.from_pretrained(None))
         _DECODER[0].predictor.cache_size = 1024  # every query of a dataset, kept across engines and sizes
-    method = "prototype" if engine == "prototype+box" else "probe"
-    mode = "auto" if engine == "probe+decoder" else "on"
+    method = {"prototype+box": "prototype", "probe-embedding+decoder": "probe-embedding"}.get(engine, "probe")
+    mode = "on" if engine in ("probe+decoder-on", "prototype+box") else "auto"
     refined = DecoderRefinedEngine(InContextEngine(_predictor(method, args), method), _DECODER[0], mode)
     refined.set_support(images, labels)
     return refined

@@ -6,8 +6,9 @@ datasets (every label and every support size given, equally weighted per dataset
 Dice on the left-out dataset. A default that every left-out choice agrees on was chosen without the dataset
 it is scored on, whichever dataset that is.
 
-Variants are the stems of the cache files without the dataset name (``probe_lcc_q40_s0_sorted``...); run the
-benchmark for each first::
+Variants are the stems of the cache files without the dataset name and protocol suffix (``probe_lcc``...);
+``A[1:B]`` is variant A with B's results for one support (a rule for single supports, compared as a whole).
+Run the benchmark for each first::
 
     python benchmarks/incontext.py --support-sizes 1 4 16 --engines probe probe+decoder --work W
     python benchmarks/incontext.py --support-sizes 1 4 16 --engines probe probe+decoder --support-scales on --work W
@@ -34,7 +35,7 @@ def main() -> None:
     parser.add_argument("--sizes", nargs="+", default=["1", "4", "16"])
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS))
     args = parser.parse_args()
-    scores = {v: {d: _dataset_mean(args.work / f"{d}_{v}{args.suffix}.json", args.sizes) for d in args.datasets}
+    scores = {v: {d: _dataset_mean(args.work, d, v, args.suffix, args.sizes) for d in args.datasets}
               for v in args.variants}  # fmt: skip
     print("Mean Dice per dataset (labels and support sizes " + ", ".join(args.sizes) + " equally weighted)")
     print("| variant | " + " | ".join(args.datasets) + " | mean |")
@@ -59,11 +60,19 @@ def main() -> None:
         print(f"\nMean over left-out datasets of the variant chosen without them: {np.mean(chosen_scores):.3f}")
 
 
-def _dataset_mean(path: Path, sizes: list[str]) -> float | None:
-    """Mean Dice over the labels and sizes of one cache file; None when it is missing or lacks a size."""
+def _dataset_mean(work: Path, dataset: str, variant: str, suffix: str, sizes: list[str]) -> float | None:
+    """Mean Dice over the labels and sizes of one variant on one dataset; None when a cache file is missing or
+    lacks a size."""
+    base, _, single = variant.partition("[1:")
+    path = work / f"{dataset}_{base}{suffix}.json"
     if not path.is_file():
         return None
     done = json.loads(path.read_text())
+    if single:
+        other = work / f"{dataset}_{single.rstrip(']')}{suffix}.json"
+        if not other.is_file():
+            return None
+        done["1"] = json.loads(other.read_text()).get("1")
     values = [v for n in sizes for v in (done.get(n) or {}).values() if v is not None]
     if any(n not in done for n in sizes) or not values:
         return None

@@ -229,9 +229,9 @@ def test_on_off_one_support_and_volumes() -> None:
     refined, recorder, _ = refined_engine("off", square(32, 8, 20))
     assert refined.predict(grey((32, 32))).engine == "incontext:stand-in" and not recorder.calls
 
-    refined, recorder, incontext = refined_engine("auto", bad, supports=1)  # nothing to hold out: refined
-    assert refined.predict(grey((32, 32))).engine.endswith("+decoder") and incontext.supports == [1]
-    assert refined.refined_labels() is None  # every label
+    refined, recorder, incontext = refined_engine("auto", square(32, 8, 20), supports=1)  # nothing to hold out
+    assert refined.predict(grey((32, 32))).engine == "incontext:stand-in" and incontext.supports == [1]
+    assert refined.refined_labels() == frozenset() and not recorder.calls  # not refined
 
 
 def test_auto_decides_per_label() -> None:

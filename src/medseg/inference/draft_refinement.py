@@ -83,8 +83,9 @@ class DecoderRefinedEngine:
     where that predicts the support set better: the last `DECODER_CHECKS` supports are each segmented from the
     others (with the query's options) and scored per label with and without refinement; a label is refined when
     its mean Dice is higher refined (the decoder draws some structures well from a box and others badly: a lung
-    and a heart). Decided once per support set and options; a single support cannot be held out, so its labels
-    are all refined (the decoder's prior). 3D queries are never refined. Same interface as `InContextEngine`
+    and a heart). Decided once per support set and options; a single support cannot be held out, so nothing is
+    refined (chosen leaving each dataset out of eight: `benchmarks/incontext_lodo.py`). 3D queries are never
+    refined. Same interface as `InContextEngine`
     (``set_support``, ``predict``, ``support_size``, ``name``).
 
     Raises:
@@ -112,8 +113,8 @@ class DecoderRefinedEngine:
         self._support, self._choice = (list(images), list(labels)), {}
 
     def refined_labels(self, **options: Any) -> frozenset[int] | None:
-        """The labels redrawn in 2D queries predicted with ``options``: None for all of them (``on``, or ``auto``
-        with one support), an empty set for none (``off``); ``auto`` decides on held-out supports."""
+        """The labels redrawn in 2D queries predicted with ``options``: None for all of them (``on``), an empty set
+        for none (``off``, or ``auto`` with one support); ``auto`` decides on held-out supports."""
         if self.mode != "auto":
             return None if self.mode == "on" else frozenset()
         if self._support is None:
@@ -122,7 +123,8 @@ class DecoderRefinedEngine:
         key = repr(sorted(options.items()))
         if key not in self._choice:
             images = self._support[0]
-            self._choice[key] = None if len(images) < 2 or images[0].ndim != 2 else self._labels_helped(options)
+            helped = len(images) >= 2 and images[0].ndim == 2
+            self._choice[key] = self._labels_helped(options) if helped else frozenset()
         return self._choice[key]
 
     def predict(self, image: Image, *, probabilities: bool = False, **options: Any) -> Segmentation:
