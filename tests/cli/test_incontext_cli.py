@@ -149,7 +149,8 @@ needs_weights = pytest.mark.skipif(
     [
         (("--weights",), (), 0),  # universeg: no decoder unless asked
         (("--weights",), ("--decoder", "on"), 2),  # every query
-        ((), (), 2 + 2),  # the probe's default (auto): both supports held out, then the queries if it helps
+        # a feature engine's default (auto; knn: no fits to wait for): both supports held out, then the queries
+        (("--engine", "knn"), (), 2 + 2),
     ],
 )
 def test_decoder_option_reaches_the_engine(
@@ -168,11 +169,12 @@ def test_decoder_option_reaches_the_engine(
     support = make_nnunet_2d_shapes(tmp_path / "support", cases=2)
     queries = tmp_path / "queries"
     shutil.copytree(make_nnunet_2d_shapes(tmp_path / "other", cases=2, seed=5) / "imagesTr", queries)
-    weights = (_weights(tmp_path / "w.pt"),) if engine else ()
+    weights = (_weights(tmp_path / "w.pt"),) if engine == ("--weights",) else ()
     result = _run("incontext", "--support", support, "--query", queries, "-o", tmp_path / "out", *engine, *weights,
                   *flag)  # fmt: skip
     assert result.exit_code == 0, result.output
     assert len(calls) == refined
+    assert ("redrawn by the LiteMedSAM decoder" in result.output) == bool(refined)  # the summary says what it did
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["case_000.png", "case_001.png"]
 
 

@@ -106,7 +106,7 @@ def test_boxes_specks_and_merging_hand_worked() -> None:
     maps[0, 11:18, 1:6] = 0.9  # the decoder's label 2 object, a little larger than the draft's
     maps[1, 2:8, 3:9] = 0.8  # label 4 narrower than the draft's
     maps[1, 3:5, 3:5] = 0.4  # not above 0.5: background
-    maps[0, 6:8, 6:9] = 0.95  # overlaps label 4; more probable: goes to label 2
+    maps[0, 6:8, 6:9] = 0.95  # overlaps label 4; label 2's box is the smaller: goes to label 2
     recorder = Recorder(maps)
     image = grey((20, 24))
     out = refine_with_decoder(engine(recorder), image, labels, key="case 7")
@@ -121,6 +121,17 @@ def test_boxes_specks_and_merging_hand_worked() -> None:
     expected[6:8, 6:9] = 2
     assert out.dtype == labels.dtype
     assert np.array_equal(out, expected)
+
+
+def test_an_object_inside_another_is_drawn_on_top_of_it() -> None:
+    """A nucleus (label 2) inside its cell (label 1, a ring): the decoder draws the cell's box as the whole cell,
+    more probable than the nucleus; the nucleus, whose box is smaller, is kept on top (not swallowed)."""
+    yy, xx = np.mgrid[:30, :30]
+    radius = np.hypot(yy - 15, xx - 15)
+    labels = np.where(radius <= 5, 2, np.where(radius <= 12, 1, 0)).astype(np.uint8)
+    maps = np.stack([(radius <= 12) * 0.99, (radius <= 5) * 0.9]).astype(np.float32)  # objects: label 1, label 2
+    out = refine_with_decoder(engine(Recorder(maps)), grey((30, 30)), labels)
+    assert np.array_equal(out, labels)
 
 
 def test_only_specks_of_no_label_are_dropped() -> None:

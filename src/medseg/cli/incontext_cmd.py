@@ -54,8 +54,9 @@ def incontext(
     decoder: str | None = typer.Option(
         None,
         "--decoder",
-        help="2D queries: auto (default for the feature engines) redraws each object with the LiteMedSAM decoder "
-        "from its box where that predicts held-out supports better; on: always; off (universeg's default): never.",
+        help="auto, on or off (default: auto for the feature engines, off for universeg). 2D queries: each object "
+        "redrawn by the LiteMedSAM decoder from its box; auto decides label by label on the last 3 supports (each "
+        "segmented from the others; one support: not redrawn), on: every label, off: never.",
     ),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or mps."),
     frame_size: int | None = typer.Option(
@@ -143,15 +144,11 @@ def incontext(
         options: dict[str, Any] = bins_option(slice_bins)
         if len(cases) == 1:
             options["on_slice"] = on_slice
+        options.update(
+            ensemble=ensemble, subset_size=subset_size, neighbours=neighbours, largest_component=largest_component
+        )
         predict_folder(
-            lambda image: segmenter.predict(
-                image,
-                ensemble=ensemble,
-                subset_size=subset_size,
-                neighbours=neighbours,
-                largest_component=largest_component,
-                **options,
-            ),
+            lambda image: segmenter.predict(image, **options),
             cases,
             output,
             load_case=lambda paths: load(paths[0]),
@@ -165,6 +162,21 @@ def incontext(
     per = (time.perf_counter() - started) / len(cases)
     out.print(
         f"{len(cases)} label map(s) in {output} from {len(supports.images)} supports ({per:.2f} s per query, "
-        "the supports' one-off embedding and fit included)",
+        f"the supports' one-off embedding and fit included){_decoder_note(segmenter, options, supports)}",
         soft_wrap=True,
     )
+
+
+def _decoder_note(segmenter: Any, options: dict[str, Any], supports: Any) -> str:
+    """What the LiteMedSAM decoder did to the 2D queries (``--decoder auto`` decides per label), for the summary."""
+    from medseg.inference.draft_refinement import DecoderRefinedEngine
+
+    if not isinstance(segmenter, DecoderRefinedEngine) or supports.volumes:
+        return ""
+    values = segmenter.refined_labels(**options)
+    if values is None:
+        return "; every label redrawn by the LiteMedSAM decoder"
+    if not values:
+        return "; no label redrawn by the LiteMedSAM decoder (it did not help on held-out supports)"
+    names = ", ".join(supports.label_names.get(v, f"label {v}") for v in sorted(values))
+    return f"; redrawn by the LiteMedSAM decoder: {names}"

@@ -2,8 +2,9 @@
 
 The in-context engines place objects well but draw their borders coarsely (features on a 1/2 or 1/4 grid);
 a SAM-family decoder draws borders well from a box. Each connected component of each label (those holding at
-least `MIN_FRACTION` of the label's largest) gives its bounding box; the decoder's masks, clipped to their
-boxes, make the refined label map (a pixel claimed by several objects goes to the most probable).
+least `MIN_FRACTION` of the label's largest) gives its bounding box; the decoder's masks make the refined label
+map. A pixel claimed by several objects goes to the one with the smaller box: an object inside another's box
+(a nucleus in its cell, a tumour in its organ) is drawn on top of it, not swallowed by it.
 """
 
 from __future__ import annotations
@@ -61,9 +62,10 @@ def refine_with_decoder(
         return labels.copy()
     result = engine.predict(image, Prompts(boxes=boxes), key=key, probabilities=True)
     assert result.probabilities is not None
-    best = result.probabilities.argmax(axis=0)
-    refined = np.asarray(objects, dtype=labels.dtype)[best]
-    refined[result.probabilities.max(axis=0) <= 0.5] = 0
+    refined = np.zeros_like(labels)
+    areas = [(x1 - x0) * (y1 - y0) for x0, y0, x1, y1 in boxes]
+    for index in np.argsort(areas, kind="stable")[::-1].tolist():  # largest box first, smaller ones drawn on top
+        refined[result.probabilities[index] > 0.5] = objects[index]
     if len(redrawn) == len(present):
         return refined
     kept = np.where(np.isin(labels, redrawn), 0, labels)
