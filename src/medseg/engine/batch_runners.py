@@ -103,17 +103,21 @@ class InContextRunner(CaseRunner):
         """`content_hash` of the weights, the support set's files and the options that change the outputs."""
         from medseg.inference.incontext_inputs import decoder_mode, engine_name, weight_files
 
+        name = engine_name(self.engine, self.weights, self.head)
         files = weight_files(self.engine, self.weights, self.checkpoint, self.head) + self.protect()
+        decoder = decoder_mode(self.decoder, name)
+        if decoder != "off" and name == "universeg":  # the decoder's LiteMedSAM weights make the outputs too
+            files += weight_files("probe", None, self.checkpoint, None)
         return content_hash(
             files,
-            engine=engine_name(self.engine, self.weights, self.head),
+            engine=name,
             frame_size=self.frame_size,
             ensemble=self.ensemble,
             subset_size=self.subset_size,
             neighbours=self.neighbours,
             slice_bins=self.slice_bins,
             largest_component=self.largest_component,
-            decoder=decoder_mode(self.decoder, engine_name(self.engine, self.weights, self.head)),
+            decoder=decoder,
             output_format=self.output_format,
         )
 

@@ -25,7 +25,7 @@ from medseg.metrics.surface import dice
 from medseg.preprocessing.statistics import constant_value
 
 MIN_FRACTION = 0.05  # smaller components than this share of the label's largest are dropped as specks
-MAX_OBJECTS = 32  # more objects than this (nuclei, vessel pieces): the label map is returned as it was
+MAX_OBJECTS = 32  # more objects than this (nuclei, vessel pieces; specks count): the label map is returned as it was
 
 
 def refine_with_decoder(
@@ -43,22 +43,26 @@ def refine_with_decoder(
     `MAX_OBJECTS` objects to redraw, or when the image is constant.
     ``key`` names the image for the engine's embedding cache.
     """
+    if labels.ndim == 2 and labels.shape != image.shape[:2]:
+        raise MedsegError(f"label map of shape {labels.shape} for an image of shape {image.shape[:2]}")
     if labels.ndim != 2 or not labels.any() or constant_value(image.array) is not None:
         return labels.copy()  # a blank image: no borders for the decoder to draw (and the engine refuses it)
     boxes: list[tuple[float, float, float, float]] = []
     objects: list[int] = []
     present = np.unique(labels[labels > 0]).tolist()
     redrawn = [v for v in present if values is None or v in values]
+    count = 0  # every object of the redrawn labels, specks included: many objects are not redrawn at all
     for value in redrawn:
         components = ndimage.label(labels == value)[0]
         sizes = np.bincount(components.ravel())[1:]
+        count += len(sizes)
         for index, where in enumerate(ndimage.find_objects(components), start=1):
             if where is None or sizes[index - 1] < MIN_FRACTION * sizes.max():
                 continue
             rows, cols = where
             boxes.append((float(cols.start), float(rows.start), float(cols.stop), float(rows.stop)))
             objects.append(int(value))
-    if not boxes or len(boxes) > MAX_OBJECTS:
+    if not boxes or count > MAX_OBJECTS:
         return labels.copy()
     result = engine.predict(image, Prompts(boxes=boxes), key=key, probabilities=True)
     assert result.probabilities is not None
@@ -144,8 +148,7 @@ class DecoderRefinedEngine:
         images, labels = self._support
         arrays = [as_label_array(label) if isinstance(label, Image) else np.asarray(label) for label in labels]
         values = sorted({int(v) for array in arrays for v in np.unique(array) if v != 0})
-        raw: list[list[float]] = []  # per held-out support, per label
-        refined: list[list[float]] = []
+        gains: dict[int, list[float]] = {v: [] for v in values}  # refined Dice - raw Dice, per held-out support
         try:
             for held in range(max(0, len(images) - DECODER_CHECKS), len(images)):
                 others = [i for i in range(len(images)) if i != held]
@@ -155,14 +158,12 @@ class DecoderRefinedEngine:
                 except MedsegError:
                     continue  # the others show no foreground: this support decides nothing
                 redrawn = refine_with_decoder(self.decoder, images[held], predicted, decoder_key(images[held]))
-                raw.append([dice(predicted == v, arrays[held] == v) for v in values])
-                refined.append([dice(redrawn == v, arrays[held] == v) for v in values])
+                for v in values:  # only supports that show the label judge it (an erased label scores 1 else)
+                    if (arrays[held] == v).any():
+                        gains[v].append(dice(redrawn == v, arrays[held] == v) - dice(predicted == v, arrays[held] == v))
         finally:
             self.incontext.set_support(images, labels)
-        if not raw:
-            return frozenset()
-        gains = np.mean(refined, axis=0) - np.mean(raw, axis=0)
-        return frozenset(v for v, gain in zip(values, gains.tolist(), strict=True) if gain > 0)
+        return frozenset(v for v, gain in gains.items() if gain and float(np.mean(gain)) > 0)
 
 
 def decoder_key(image: Image) -> bytes:
