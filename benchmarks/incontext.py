@@ -20,13 +20,21 @@ Engines and baselines (``--engines``):
 The in-context engines keep only the largest connected component where the support set shows one object
 (`medseg.inference.components`, their default); ``--no-largest-component`` turns that off (cached apart).
 
-For each held-out dataset (``--datasets``, default WBC and ISBI-EM, the two the shipped UniverSeg-style
-config leaves out of training) the cases are shuffled with ``--seed``; the last ``--queries`` are the
-queries and the first ``n`` of the rest the support set of size ``n`` (nested sets; a size larger than the
-rest is reported as "-"; a dataset with fewer than ``3 x --queries`` cases gets a third of its cases as
-queries). Every label of the dataset is segmented in one call; Dice per label is computed
-on the query's own grid and averaged over queries (a query where both prediction and ground truth are empty
-for a label scores 1).
+Protocols (``--protocol``): ``sorted`` (the default, issue 18's): each dataset's cases in name order, the
+queries the last ``--queries`` (40; a third of the cases at most) and the support set of size ``n`` the first
+``n`` (nested sets; a size larger than the rest is reported as "-"): supports are not a random sample of the
+queries. ``random``: the cases shuffled with ``--seed`` first. ``--datasets all`` (the default) takes the eight
+datasets of ``../shared/data``; a 3D dataset (Hippocampus) gives each volume's middle slice along its first axis.
+Nothing here trains on a dataset (probe, knn, prototype, the decoder engines); ``match`` and ``universeg`` were
+trained on some of them (their weights' configs say which). Every label of the dataset is segmented in one call;
+Dice per label is computed on the query's own grid and averaged over queries (a query where both prediction and
+ground truth are empty for a label scores 1).
+
+Decoder engines: ``probe+decoder`` is medseg's default (`DecoderRefinedEngine`, ``auto``: labels redrawn by the
+LiteMedSAM decoder where that predicts held-out supports better), ``probe+decoder-on`` redraws every label,
+``probe-embedding`` / ``probe-embedding+decoder`` fit the probe to the 256 x 256 embedding instead of the
+stages, ``prototype+box`` is issue 18's baseline (the prototype's largest component per label -> its box -> the
+decoder). ``benchmarks/incontext_lodo.py`` compares variants leaving each dataset out.
 
 ``--latency``: seconds per query at 128 x 128 (a real image of the first dataset resized), 2 threads, for
 support sizes 1, 16 and 64, after one warm-up; the supports' embeddings are computed once per support set
@@ -41,8 +49,9 @@ bin's support slices, cached apart).
 
 Results are cached per (dataset, engine, size) under ``--work``; run from the repository root::
 
-    python benchmarks/incontext.py --queries 4 --support-sizes 1 4 --engines knn prototype   # smoke run
-    python benchmarks/incontext.py --universeg-weights /work/icrun/weights.pt --latency --hippocampus 5
+    python benchmarks/incontext.py --datasets WBC --queries 4 --support-sizes 1 4 --engines knn prototype  # smoke
+    python benchmarks/incontext.py --support-sizes 1 4 16 --engines probe probe+decoder prototype prototype+box unet
+    python benchmarks/incontext.py --protocol random --datasets WBC ISBI-EM --latency --hippocampus 5
 """
 
 from __future__ import annotations
