@@ -88,10 +88,10 @@ class DecoderRefinedEngine:
     ``mode``: ``"on"`` refines every label of every 2D query; ``"off"`` never; ``"auto"`` refines the labels
     where that predicts the support set better: the last `DECODER_CHECKS` supports are each segmented from the
     others (with the query's options) and scored per label with and without refinement; a label is refined when
-    its mean Dice is higher refined (the decoder draws some structures well from a box and others badly: a lung
-    and a heart). Decided once per support set and options; a single support cannot be held out, so nothing is
-    refined (chosen leaving each dataset out of eight: `benchmarks/incontext_lodo.py`). 3D queries are never
-    refined. Same interface as `InContextEngine`
+    its mean Dice over the held-out supports that show it is higher refined (the decoder draws some structures
+    well from a box and others badly: a lung and a heart). Decided once per support set and options; a single
+    support cannot be held out, so nothing is refined (chosen leaving each dataset out of eight:
+    `benchmarks/incontext_lodo.py`). 3D queries are never refined. Same interface as `InContextEngine`
     (``set_support``, ``predict``, ``support_size``, ``name``).
 
     Raises:
