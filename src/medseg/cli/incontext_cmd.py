@@ -177,6 +177,7 @@ def _decoder_note(segmenter: Any, options: dict[str, Any], supports: Any) -> str
     if values is None:
         return "; every label redrawn by the LiteMedSAM decoder"
     if not values:
-        return "; no label redrawn by the LiteMedSAM decoder (it did not help on held-out supports)"
+        why = "a single support: none to hold out" if len(supports.images) < 2 else "no better on held-out supports"
+        return f"; no label redrawn by the LiteMedSAM decoder ({why})"
     names = ", ".join(supports.label_names.get(v, f"label {v}") for v in sorted(values))
     return f"; redrawn by the LiteMedSAM decoder: {names}"
