@@ -70,9 +70,7 @@ def refine_with_decoder(
     areas = [(x1 - x0) * (y1 - y0) for x0, y0, x1, y1 in boxes]
     for index in np.argsort(areas, kind="stable")[::-1].tolist():  # largest box first, smaller ones drawn on top
         refined[result.probabilities[index] > 0.5] = objects[index]
-    if len(redrawn) == len(present):
-        return refined
-    kept = np.where(np.isin(labels, redrawn), 0, labels)
+    kept = np.where(np.isin(labels, redrawn), 0, labels)  # the labels not redrawn (none when all are)
     return np.where(kept > 0, kept, refined).astype(labels.dtype)
 
 
