@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from medseg.errors import MedsegError
@@ -18,27 +17,7 @@ from medseg.inference.feature_incontext import FeatureMatchingPredictor, encoder
 from medseg.metrics.surface import dice
 from medseg.models.incontext.matching_head import MatchingHead
 from medseg.models.incontext.support_probe import fit_support_probe
-
-
-class PooledIntensity(nn.Module):
-    """``(B, 3, S, S) -> (B, 4, S/4, S/4)``: mean intensity, its complement, a constant and the squared
-    intensity; `stage_outputs` gives TinyViT's three stage shapes (``/2``, ``/4``, ``/4``) of the same cues.
-    Counts the images it sees."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.images_seen = 0
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        self.images_seen += len(images)
-        grey = F.avg_pool2d(images.mean(1, keepdim=True), 4)
-        return torch.cat([grey, 1 - grey, torch.full_like(grey, 0.1), grey**2], 1)
-
-    def stage_outputs(self, images: torch.Tensor, stages: int) -> list[torch.Tensor]:
-        self.images_seen += len(images)
-        fine, coarse = (F.avg_pool2d(images.mean(1, keepdim=True), f) for f in (2, 4))
-        cues = [torch.cat([g, 1 - g, torch.full_like(g, 0.1)], 1) for g in (fine, coarse)]
-        return [*cues, torch.cat([coarse**2, torch.full_like(coarse, 0.1)], 1)][:stages]
+from stand_in_encoders import PooledIntensity
 
 
 def _scene(seed: int, size: int = 96) -> tuple[np.ndarray, np.ndarray]:

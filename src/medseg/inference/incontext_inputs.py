@@ -34,9 +34,11 @@ def build_predictor(
     head: Path | str | None,
     frame_size: int | None,
     device: str,
+    slice_bins: int | None = None,
 ) -> tuple[Any, str]:
     """The in-context predictor the options name (`InContextPredictor` or `FeatureMatchingPredictor`), and the
-    engine's name.
+    engine's name. ``slice_bins`` given (0 included: ``--slice-bins``) makes the probe match support slices by
+    relative position (``volume_fit`` "matched") instead of its one position-aware fit per label.
 
     Raises:
         MedsegError: an unknown engine, options of another engine, unreadable weights, a checkpoint or head.
@@ -57,7 +59,10 @@ def build_predictor(
         raise MedsegError(f"unknown --engine {engine!r} (known: {', '.join(ENGINE_NAMES)})")
     if weights is not None:
         raise MedsegError(f"--weights is for --engine universeg; --engine {engine} uses a LiteMedSAM --checkpoint")
-    return FeatureMatchingPredictor.from_checkpoint(checkpoint, engine, head, device, frame_size=frame_size), engine
+    fit = "positional" if slice_bins is None else "matched"
+    predictor = FeatureMatchingPredictor.from_checkpoint(checkpoint, engine, head, device, frame_size=frame_size,
+                                                         volume_fit=fit)  # fmt: skip
+    return predictor, engine
 
 
 def build_segmenter(predictor: Any, name: str, decoder: str | None, checkpoint: Path | str | None, device: str) -> Any:

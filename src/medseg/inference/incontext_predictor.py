@@ -14,7 +14,8 @@ nnU-Net's "remove all but the largest component", decided from the support set).
 
 3D: a query volume is segmented slice by slice along array axis 0. With support *volumes*, each query
 slice gets, from every support volume, the slice at the same relative position (``(z + 0.5) / Z``) and
-``neighbours`` slices either side; 2D support images serve every query slice.
+``neighbours`` slices either side (`_volume_probabilities`, which `FeatureMatchingPredictor`'s probe replaces
+by one position-aware fit per label); 2D support images serve every query slice.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ CHECKED_SUPPORTS = 8  # 2D supports the engine predicts to confirm the largest-c
 # relative-position bins is several times faster and lost a little Dice on Hippocampus (README, in-context).
 DEFAULT_SLICE_BINS: int | None = None
 DEFAULT_SUPPORT_SCALES = False
+RESULT_SLICES = 8  # slices brought back to the query's grid at a time
 ZOOM = 1.5  # `scaled_supports`: a crop of 1/ZOOM of each side (zoom in) and a pad to ZOOM times it (zoom out)
 
 
@@ -182,21 +184,21 @@ class InContextPredictor:
             if largest_component:
                 result.labels = self._confirmed_rule(support, ensemble, subset_size, seed).apply(result.labels)
             return result
-        slices = []
-        matched: dict[tuple[float, float], tuple[np.ndarray, np.ndarray]] = {}  # the current bin's (slices in order)
-        for z in range(query.shape[0]):
-            if support.frames is not None and support.masks is not None:
-                images, masks = support.frames, support.masks
-            else:
-                position = (z + 0.5) / query.shape[0]
-                span = _bin_of(position, slice_bins)
-                if span not in matched:
-                    matched = {span: self._matched_slices(span, support_images, support.labels, values, neighbours)}
-                images, masks = matched[span]
-            slices.append(self._run([self.frame(query[z])], images, masks, ensemble, subset_size, seed)[0])
-            if on_slice is not None:
-                on_slice(z, query.shape[0])
-        result = self._result(np.stack(slices, axis=1), query.shape[1:3], values)
+        if support_are_volumes:
+            probabilities = self._volume_probabilities(
+                query, support_images, support, ensemble, subset_size, seed, neighbours, slice_bins, on_slice
+            )
+        else:
+            slices = []
+            for z in range(query.shape[0]):
+                assert support.frames is not None and support.masks is not None
+                slices.append(
+                    self._run([self.frame(query[z])], support.frames, support.masks, ensemble, subset_size, seed)[0]
+                )
+                if on_slice is not None:
+                    on_slice(z, query.shape[0])
+            probabilities = np.stack(slices, axis=1)
+        result = self._result(probabilities, query.shape[1:3], values)
         if largest_component:  # objects in 3D for support volumes (the labels' rule); per slice for 2D supports
             if support_are_volumes:
                 result.labels = support.single_objects.apply(result.labels)
@@ -254,6 +256,33 @@ class InContextPredictor:
         truths = [support.labels[i] for i in checked]
         support.confirmed[options] = rule.confirmed(predictions, truths, support.values)
         return support.confirmed[options]
+
+    def _volume_probabilities(
+        self,
+        query: np.ndarray,
+        volumes: Sequence[np.ndarray],
+        support: PreparedSupport,
+        ensemble: int,
+        subset_size: int | None,
+        seed: int,
+        neighbours: int,
+        slice_bins: int | None,
+        on_slice: Callable[[int, int], None] | None,
+    ) -> np.ndarray:
+        """Probabilities ``(K, Z, S, S)`` of a query volume from support volumes: each query slice from the
+        support slices at its relative position (`_matched_slices`; with ``slice_bins``, a bin's slices share
+        them)."""
+        slices = []
+        matched: dict[tuple[float, float], tuple[np.ndarray, np.ndarray]] = {}  # the current bin's (slices in order)
+        for z in range(query.shape[0]):
+            span = _bin_of((z + 0.5) / query.shape[0], slice_bins)
+            if span not in matched:
+                matched = {span: self._matched_slices(span, volumes, support.labels, support.values, neighbours)}
+            images, masks = matched[span]
+            slices.append(self._run([self.frame(query[z])], images, masks, ensemble, subset_size, seed)[0])
+            if on_slice is not None:
+                on_slice(z, query.shape[0])
+        return np.stack(slices, axis=1)
 
     def _matched_slices(
         self,
@@ -318,13 +347,18 @@ class InContextPredictor:
         tensor = torch.from_numpy(probabilities)
         volume = tensor.ndim == 4
         planes = tensor.permute(1, 0, 2, 3) if volume else tensor[None]  # (Z, K, S, S)
-        back = F.interpolate(planes, tuple(shape), mode="bilinear", align_corners=False).clamp(0, 1)
-        back = back.permute(1, 0, 2, 3) if volume else back[0]  # (K, [Z,] H, W)
-        probs = back.numpy().astype(np.float32)
-        best = probs.argmax(axis=0)
+        depth, count = planes.shape[:2]
         dtype = np.min_scalar_type(max(values))  # uint8 up to 255, then uint16, uint32, uint64
-        labels = np.where(probs.max(axis=0) >= 0.5, np.array(values)[best], 0).astype(dtype)
-        return InContextResult(labels, probs, values)
+        probs = np.empty((count, depth, *shape), np.float32)
+        labels = np.empty((depth, *shape), dtype)
+        for start in range(0, depth, RESULT_SLICES):  # a few slices at a time: a large volume's peak memory
+            chunk = planes[start : start + RESULT_SLICES].float()
+            back = F.interpolate(chunk, tuple(shape), mode="bilinear", align_corners=False).clamp_(0, 1).numpy()
+            stop = start + len(back)
+            probs[:, start:stop] = back.transpose(1, 0, 2, 3)
+            best = np.asarray(values)[back.argmax(axis=1)]
+            labels[start:stop] = np.where(back.max(axis=1) >= 0.5, best, 0)
+        return InContextResult(labels if volume else labels[0], probs if volume else probs[:, 0], values)
 
 
 def scaled_supports(image: np.ndarray, label: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:

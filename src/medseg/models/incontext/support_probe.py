@@ -41,15 +41,19 @@ def fit_support_probe(
     learning_rate: float = 0.01,
     weight_decay: float = 1e-3,
     seed: int = 0,
+    normalised: bool = False,
 ) -> SupportProbe:
     """Fit a `SupportProbe` to feature locations of the support set.
 
     Args:
-        features: ``(M, C)`` float features, one row per support location (any scale: rows are normalised).
+        features: ``(M, C)`` float features, one row per support location (any scale: rows are normalised),
+            in any float dtype (batches are fitted in float32: a large float16 set is not copied whole).
         targets: ``(M,)`` foreground fraction of each location in [0, 1] (soft targets).
         steps: Adam steps, each on ``batch_size`` locations drawn with replacement (all when fewer).
         weight_decay: L2 penalty on the weight matrices (sum of squares, added to the loss).
         seed: the initialisation and the batches (global RNG state untouched).
+        normalised: the rows are already as `SupportProbe.classify` takes them (unit-length features, with any
+            extra channels appended at their own scale, as `medseg.inference.volume_probe` does): not normalised.
 
     Returns:
         The fitted probe in eval mode. The loss is binary cross-entropy with the classes balanced (the
@@ -65,17 +69,23 @@ def fit_support_probe(
     # callers may be in inference mode (no autograd): fit on ordinary copies with autograd on
     with torch.inference_mode(False), torch.enable_grad(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        x, y = features.detach().float().clone(), targets.detach().float().clone()
+        x, y = features.detach(), targets.detach().float().clone()
+        if len(x) <= batch_size:  # every step on all rows: one float32 copy (an ordinary tensor, as autograd needs)
+            x = x.float().clone()
         probe = SupportProbe(x.shape[1], hidden)
+        score = probe.classify if normalised else probe
         positive = (y > 0.5).float().mean().clamp(1e-3, 1 - 1e-3)
         weights = torch.where(y > 0.5, 0.5 / positive, 0.5 / (1 - positive))
         optimiser = torch.optim.Adam(probe.parameters(), lr=learning_rate)
         generator = torch.Generator().manual_seed(seed)
         matrices = [p for name, p in probe.named_parameters() if name.endswith("weight")]
         for _ in range(steps):
-            index = torch.randint(len(x), (batch_size,), generator=generator) if len(x) > batch_size else None
-            xb, yb, wb = (x, y, weights) if index is None else (x[index], y[index], weights[index])
-            loss = (F.binary_cross_entropy_with_logits(probe(xb), yb, reduction="none") * wb).mean()
+            if len(x) > batch_size:
+                index = torch.randint(len(x), (batch_size,), generator=generator)
+                xb, yb, wb = x[index].float(), y[index], weights[index]
+            else:
+                xb, yb, wb = x, y, weights
+            loss = (F.binary_cross_entropy_with_logits(score(xb), yb, reduction="none") * wb).mean()
             loss = loss + weight_decay * sum((m**2).sum() for m in matrices)
             optimiser.zero_grad()
             loss.backward()
