@@ -55,6 +55,7 @@ def test_bad_inputs(tmp_path: Path) -> None:
         (("--support", flat, "--query", query, "--weights", weights, "--decoder", "maybe"), "unknown --decoder"),
         (("--support", flat, "--query", query, "--weights", weights, "--frame-size", "256"), "for the feature engines"),
         (("--support", flat, "--query", query, "--checkpoint", tmp_path / "missing.pth"), "missing.pth"),
+        (("--support", volumes, "--query", query, "--neighbours", "2"), "add --slice-bins"),
     ]
     channels = tmp_path / "channels"
     channels.mkdir()

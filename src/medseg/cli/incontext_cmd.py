@@ -44,8 +44,8 @@ def incontext(
         None,
         "--slice-bins",
         help="3D with support volumes: match each query slice to the support slices at the same relative depth "
-        "(one fit per slice and label; N > 0: the query slices of one of N relative-position bins share that "
-        "bin's) instead of the default probe's one position-aware fit per label.",
+        "instead of the default probe's one position-aware fit per label: 0 fits a probe for each query slice, "
+        "N > 0 one per bin of N relative-position bins (the bin's query slices share its support slices).",
     ),
     largest_component: bool = typer.Option(
         True,
@@ -93,6 +93,7 @@ def incontext(
         load_support,
         query_cases,
     )
+    from medseg.inference.incontext_inputs import engine_name as engine_name_of
     from medseg.inference.incontext_predictor import bins_option, check_ensemble_options
     from medseg.inference.run_lock import check_unlocked
     from medseg.io import load
@@ -107,6 +108,10 @@ def incontext(
     check_ensemble_options(ensemble, subset_size, neighbours)
     if slice_bins is not None and slice_bins < 0:
         raise MedsegError(f"--slice-bins must be 0 (each slice on its own) or more, not {slice_bins}")
+    if neighbours != 1 and slice_bins is None and engine_name_of(engine, weights, head) == "probe":
+        raise MedsegError(
+            "--neighbours applies to matched slices: add --slice-bins (the probe's default fit takes every slice)"
+        )
     check_device(device)
     decoder_mode(decoder, "")  # an unknown mode refused before any work
     if subset_size is not None and ensemble < 2:
@@ -165,7 +170,7 @@ def incontext(
     per = (time.perf_counter() - started) / len(cases)
     out.print(
         f"{len(cases)} label map(s) in {output} from {len(supports.images)} supports ({per:.2f} s per query, "
-        f"the supports' one-off embedding and fit included){_decoder_note(segmenter, options, supports)}",
+        f"the supports' one-off work included){_decoder_note(segmenter, options, supports)}",
         soft_wrap=True,
     )
 
