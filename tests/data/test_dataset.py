@@ -7,9 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from dataset_builders import make_folder_pairs, make_nnunet_3d, make_nnunet_rgb_2d
+from dataset_builders import GEOMETRY_3D, make_folder_pairs, make_nnunet_3d, make_nnunet_rgb_2d
 from medseg.data import find_dataset_json, open_dataset
+from medseg.data.cases import load_case
 from medseg.errors import MedsegError
+from medseg.io import Geometry, Image, load, save
 
 
 def test_nnunet_layout_groups_channels_and_reads_dataset_json(tmp_path: Path) -> None:
@@ -79,3 +81,15 @@ def test_find_dataset_json(tmp_path: Path) -> None:
     root = make_nnunet_rgb_2d(tmp_path / "rgb")
     assert find_dataset_json(root / "labelsTr") == root / "dataset.json"
     assert find_dataset_json(tmp_path) is None
+
+
+def test_a_label_map_placed_elsewhere_than_its_image_is_refused(tmp_path: Path) -> None:
+    root = make_nnunet_3d(tmp_path / "Dataset001_Toy", cases=2)
+    label_path = root / "labelsTr" / "case_001.nii.gz"
+    shifted = Geometry(GEOMETRY_3D.spacing, (10.0, 20.0, 5.0), GEOMETRY_3D.direction)  # 20 mm along x
+    save(Image(load(label_path).array, shifted), label_path)
+    ds = open_dataset(root)
+    load_case(ds.cases[0])  # the untouched case reads
+    with pytest.raises(MedsegError, match="geometry differs from the image's: origin") as error:
+        load_case(ds.cases[1])
+    assert error.value.path == label_path

@@ -150,3 +150,26 @@ def test_matched_slices_remain_available_and_bad_fits_are_refused() -> None:
     assert dice(result.labels > 0, truth > 0) > 0.8
     with pytest.raises(MedsegError, match="unknown volume fit"):
         FeatureMatchingPredictor(PooledIntensity(), volume_fit="global")
+
+
+def test_a_label_thinner_than_a_feature_location_is_still_fitted() -> None:
+    """A one-pixel line never covers half of a location: the locations it touches are its targets (as the 2D
+    path's soft targets let it be found), not no probe at all."""
+    rng = np.random.default_rng(0)
+    volume = rng.normal(0.1, 0.02, (6, 48, 48)).astype(np.float32)
+    labels = np.zeros(volume.shape, np.uint8)
+    volume[:, 6:42, 21], labels[:, 6:42, 21] = 1.0, 1
+    result = FeatureMatchingPredictor(PooledIntensity(), probe_steps=50).predict(
+        volume, [volume], [labels], query_is_volume=True, support_are_volumes=True
+    )
+    assert dice(result.labels == 1, labels == 1) > 0.5
+
+
+def test_slices_without_data_read_as_background() -> None:
+    support = [_look_alike_volume(seed) for seed in range(2)]
+    query = _look_alike_volume(10)[0]
+    query[2], query[5] = np.inf, np.nan
+    result = FeatureMatchingPredictor(PooledIntensity(), probe_steps=50).predict(
+        query, [v for v, _ in support], [lab for _, lab in support], query_is_volume=True, support_are_volumes=True
+    )
+    assert not result.labels[2].any() and not result.labels[5].any()

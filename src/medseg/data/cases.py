@@ -39,12 +39,17 @@ def load_case(case: Case) -> tuple[Image, np.ndarray | None]:
     """``(image, label)`` of a case: all channels in one `Image` and the integer label map (None if unlabelled).
 
     Raises:
-        MedsegError: unreadable files, or a label map on another grid than the image.
+        MedsegError: unreadable files, or a label map on another grid than the image (shape, or spacing, origin
+            or direction beyond `medseg.io.image.GEOMETRY_ATOL`, as `medseg check` compares them).
     """
     image = load_channels(case.images)
     if case.label is None:
         return image, None
-    label = as_label_array(read_label(case.label, image, case.declared_labels))
+    label_image = read_label(case.label, image, case.declared_labels)
+    label = as_label_array(label_image)
     if label.shape != image.shape:
         raise MedsegError(f"label map has shape {label.shape}, the image {image.shape}", case.label)
+    if not image.geometry.matches(label_image.geometry):
+        difference = label_image.geometry.describe_difference(image.geometry)
+        raise MedsegError(f"label map's geometry differs from the image's: {difference}", case.label)
     return image, label

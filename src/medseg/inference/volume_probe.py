@@ -121,14 +121,16 @@ def fit_volume_probes(
         else:
             chosen = torch.isin(owners, torch.from_numpy(np.asarray(subset)))
             subset_rows, subset_targets = all_rows[chosen], targets[chosen]
-        probes.append(
-            [
-                fit_support_probe(subset_rows, subset_targets[:, k], steps=steps, seed=seed, normalised=True)
-                if bool((subset_targets[:, k] > 0.5).any())
-                else None
-                for k in range(len(values))
-            ]
-        )
+        fitted: list[SupportProbe | None] = []
+        for k in range(len(values)):
+            target = subset_targets[:, k]
+            if not bool((target > 0).any()):
+                fitted.append(None)  # this subset shows no example of the label: no vote for it
+                continue
+            if not bool((target > 0.5).any()):  # thinner than a location everywhere: the locations it touches
+                target = (target > 0).float()
+            fitted.append(fit_support_probe(subset_rows, target, steps=steps, seed=seed, normalised=True))
+        probes.append(fitted)
     return probes
 
 

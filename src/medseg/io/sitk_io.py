@@ -90,7 +90,9 @@ class FourDimensionalError(MedsegError):
 
     def __init__(self, size: tuple[int, ...], path: Path) -> None:
         super().__init__(
-            f"4D image of size {size} ({size[3]} frames); pick one volume with --frame (0 to {size[3] - 1})", path
+            f"4D image of size {size} ({size[3]} frames); pick one volume (--frame 0 to {size[3] - 1} on info, "
+            "predict and prompt; elsewhere save it as its own file)",
+            path,
         )
         self.frames = size[3]
 

@@ -20,14 +20,15 @@ def model_frame(image: np.ndarray, size: int = 128) -> np.ndarray:
 
 def unit_range(image: np.ndarray, keep_rgb: bool = False) -> np.ndarray:
     """``(H, W)`` or ``(H, W, C)`` -> float32 in [0, 1]: channels averaged (kept when ``keep_rgb`` and there
-    are 3), clipped to the 0.5-99.5 percentiles of the finite values and scaled (NaN -> the low value; all
-    zeros when the range is empty). float64 is scaled before the cast to float32, so huge values stay finite."""
+    are 3), clipped to the 0.5-99.5 percentiles of the finite values and scaled (NaN and +-inf -> the low value:
+    no data reads as background, so a slice of them is not one bright object; all zeros when the range is
+    empty). float64 is scaled before the cast to float32, so huge values stay finite."""
     array = image.astype(np.float64 if image.dtype == np.float64 else np.float32)
     if array.ndim == 3 and not (keep_rgb and array.shape[-1] == 3):
         array = array.mean(axis=-1)
     finite = np.isfinite(array)
     low, high = np.percentile(array[finite], (0.5, 99.5)) if finite.any() else (0.0, 1.0)
-    array = np.clip(np.nan_to_num(array, nan=low), low, high)
+    array = np.clip(np.nan_to_num(array, nan=low, posinf=low, neginf=low), low, high)
     return ((array - low) / (high - low) if high > low else np.zeros_like(array)).astype(np.float32)
 
 
