@@ -132,14 +132,12 @@ class FeatureMatchingPredictor(InContextPredictor):
         features = ("stages" if method == "probe" else "embedding") if features is None else features
         if features not in FEATURES:
             raise MedsegError(f"unknown features {features!r} (known: {', '.join(FEATURES)})")
-        # support volumes' frame side: the one given, or None: from their slices (`volume_frame_size`)
-        self.volume_frame = frame_size
+        given_frame = frame_size is not None
         frame_size = FRAME_SIZES[features] if frame_size is None else frame_size
         integral = isinstance(frame_size, int | np.integer) and not isinstance(frame_size, bool)
         if not integral or frame_size % 16 or not 32 <= frame_size <= 1024:  # 1024: a frame of stages is 0.3 GB
             raise MedsegError(f"the frame size must be a multiple of 16 from 32 to 1024, not {frame_size!r}")
         frame_size = int(frame_size)
-        self.volume_frame = None if self.volume_frame is None else frame_size
         if method == "match" and (features, frame_size) != ("embedding", _ENCODER_SIZE):
             raise MedsegError("the matching head was trained on 256 x 256 embeddings: method 'match' takes no other")
         if features == "stages" and not callable(getattr(encoder, "stage_outputs", None)):
@@ -162,6 +160,8 @@ class FeatureMatchingPredictor(InContextPredictor):
         self._probes: OrderedDict[bytes, SupportProbe] = OrderedDict()
         self._grid = frame_size // (2 if features == "stages" else 4)  # the feature grid (h = w)
         self.volume_fit = volume_fit
+        # support volumes' frame side: the one given, or None: from their slices (`volume_frame_size`)
+        self.volume_frame = frame_size if given_frame else None
         self._volume_probes: OrderedDict[bytes, list[list[SupportProbe | None]]] = OrderedDict()
 
     @classmethod

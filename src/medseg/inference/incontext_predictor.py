@@ -189,9 +189,9 @@ class InContextPredictor:
                 query, support_images, support, ensemble, subset_size, seed, neighbours, slice_bins, on_slice
             )
         else:
+            assert support.frames is not None and support.masks is not None  # 2D supports for every slice
             slices = []
             for z in range(query.shape[0]):
-                assert support.frames is not None and support.masks is not None
                 slices.append(
                     self._run([self.frame(query[z])], support.frames, support.masks, ensemble, subset_size, seed)[0]
                 )
