@@ -1,7 +1,7 @@
 """``medseg incontext`` on volumes, end to end (issue 18 item 4): wall time, peak memory and Dice per run.
 
 Each row is a fresh ``medseg incontext`` process (imports, model load, the supports' work and the query
-included); its peak resident memory is its own ``VmHWM`` (`run`). Rows:
+included); its peak resident memory is its own ``VmHWM`` (`_processes.run_measured`). Rows:
 
 - the README's Hippocampus example: support volumes hippocampus_090-092, query hippocampus_093 (target: 15 s
   on 2 idle cores), with the default probe (one position-aware fit per label) and ``--slice-bins 0`` (the
@@ -19,15 +19,14 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
 from importlib import resources
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from _processes import run_measured
 from rich.console import Console
 from rich.table import Table
 
@@ -41,25 +40,8 @@ QUERY = "hippocampus_093"
 
 
 def run(arguments: list[str]) -> tuple[float, float, int]:
-    """(peak GB, wall s, exit status) of one ``medseg incontext`` process. The peak is the child's own
-    ``VmHWM`` (``/proc/PID/status``, read every 20 ms until it exits): ``wait4``'s ``ru_maxrss`` would also
-    count this process's own peak, which Linux carries into a child that Python starts by vfork and exec."""
-    command = [sys.executable, "-m", "medseg", "incontext", *arguments]
-    started = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    peak = 0
-    while process.poll() is None:
-        try:
-            status_lines = Path(f"/proc/{process.pid}/status").read_text().splitlines()
-        except OSError:  # it has just exited
-            break
-        peak = max([peak] + [int(line.split()[1]) for line in status_lines if line.startswith("VmHWM:")])
-        time.sleep(0.02)
-    _, stderr = process.communicate()
-    seconds = time.perf_counter() - started
-    if process.returncode != 0:
-        print(stderr.decode(), file=sys.stderr)
-    return peak / 1e6, seconds, process.returncode
+    """(peak GB, wall s, exit status) of one ``medseg incontext`` process (`run_measured`)."""
+    return run_measured([sys.executable, "-m", "medseg", "incontext", *arguments])
 
 
 def scores(folder: Path, name: str, truth: np.ndarray, values: tuple[int, ...]) -> str:

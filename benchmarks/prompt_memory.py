@@ -4,7 +4,8 @@ The volume is made from the LiTS CT case that ``liver-ct-segmentation-package`` 
 slice enlarged 4x in plane (pixel repetition) and the stack repeated along z to 400 slices, stored as an
 int16 NIfTI; the box is the liver's over 40 slices. A second row shifts the same values above zero so that
 the percentile rule (MR and other volumes) is taken instead of the CT window. Each run is a fresh
-``medseg prompt`` process; its peak resident memory comes from ``wait4`` (imports and the model included).
+``medseg prompt`` process; its peak resident memory is its own ``VmHWM`` (imports and the model included;
+``_processes.run_measured``: until stop 31 this came from ``wait4``, which also counts this script's own peak).
 
     python benchmarks/prompt_memory.py [--slices 40] [--depth 400]
 """
@@ -13,15 +14,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import tempfile
-import time
 from importlib import resources
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from _processes import run_measured
 from rich.console import Console
 from rich.table import Table
 
@@ -46,15 +46,8 @@ def write_volume(folder: Path, depth: int, shift: float, first: int, slices: int
 
 
 def run(path: Path, box3d: str, out: Path) -> tuple[float, float, int]:
-    """(peak GB, wall s, exit status) of one ``medseg prompt`` process."""
-    command = [sys.executable, "-m", "medseg", "prompt", str(path), "--box3d", box3d, "-o", str(out)]
-    started = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(process.pid, 0)
-    seconds = time.perf_counter() - started
-    if status != 0 and process.stderr is not None:
-        print(process.stderr.read().decode(), file=sys.stderr)
-    return usage.ru_maxrss / 1e6, seconds, os.waitstatus_to_exitcode(status)
+    """(peak GB, wall s, exit status) of one ``medseg prompt`` process (`run_measured`)."""
+    return run_measured([sys.executable, "-m", "medseg", "prompt", str(path), "--box3d", box3d, "-o", str(out)])
 
 
 def main() -> None:
