@@ -68,7 +68,7 @@ from medseg.inference.incontext_predictor import InContextPredictor, PreparedSup
 from medseg.inference.volume_probe import fit_volume_probes, volume_frame_size, volume_probabilities
 from medseg.models.incontext.support_probe import SupportProbe, fit_support_probe
 from medseg.models.promptable.image_encoders import for_inference
-from medseg.preprocessing.frames import unit_range
+from medseg.preprocessing.frames import label_masks, unit_range
 
 METHODS = ("probe", "match", "knn", "prototype")
 VOLUME_FITS = ("positional", "matched")  # the probe with support volumes: `medseg.inference.volume_probe`, or per slice
@@ -240,9 +240,7 @@ class FeatureMatchingPredictor(InContextPredictor):
 
     def label_masks(self, label: np.ndarray, values: list[int]) -> np.ndarray:
         """``(K, 4, h, w)`` uint8: binary masks of ``label == v`` on the ``2h x 2w`` colour grid, packed 2 x 2."""
-        binary = torch.from_numpy(np.stack([label == v for v in values]).astype(np.float32))[None]
-        grid = 2 * self._grid
-        fine = (F.interpolate(binary, (grid, grid), mode="area")[0] >= 0.5).float()  # (K, 2h, 2w)
+        fine = torch.from_numpy(label_masks(label, values, 2 * self._grid, mode="area"))  # (K, 2h, 2w)
         return F.pixel_unshuffle(fine[:, None], 2).to(torch.uint8).numpy()
 
     @torch.no_grad()
@@ -355,7 +353,9 @@ class FeatureMatchingPredictor(InContextPredictor):
 
         if probes is None:
             steps = VOLUME_STEP_FACTOR * self.probe_steps
-            probes = fit_volume_probes(encode, volumes, support.labels, support.values, subsets, seed, steps, progress)
+            fitted = fit_volume_probes(encode, volumes, support.labels, support.values, subsets, seed, steps, progress)
+            # in the dtype they are applied in, once (as the 2D path's probes are stored)
+            probes = [[None if p is None else p.to(self._probe_dtype) for p in subset] for subset in fitted]
             if key is not None:
                 _remember(self._volume_probes, key, probes, VOLUME_PROBE_CACHE_SIZE)
         return volume_probabilities(encode, query, probes, self._probe_dtype, progress)

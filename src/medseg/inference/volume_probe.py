@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from medseg.models.incontext.support_probe import FEATURE_SCALE, SupportProbe, fit_support_probe
+from medseg.preprocessing.frames import label_masks
 
 DEPTH_FREQUENCIES = (1, 2, 3)  # multiples of pi for the relative depth
 PLANE_FREQUENCIES = (1, 2)  # and for the relative row and column
@@ -64,8 +65,7 @@ def location_targets(label: np.ndarray, values: Sequence[int], grid: int) -> tor
     """``(grid * grid, K)``: the foreground fraction of each location for each label value of a 2D label map
     (masks area-resized to ``2 grid`` and thresholded at 0.5, then the share of each location's 2 x 2 pixels:
     `FeatureMatchingPredictor`'s targets)."""
-    binary = torch.from_numpy(np.stack([label == v for v in values]).astype(np.float32))[None]
-    fine = (F.interpolate(binary, (2 * grid, 2 * grid), mode="area")[0] >= 0.5).float()
+    fine = torch.from_numpy(label_masks(label, values, 2 * grid, mode="area"))
     return F.avg_pool2d(fine[:, None], 2).reshape(len(values), -1).T
 
 
@@ -155,7 +155,7 @@ def volume_probabilities(
 ) -> np.ndarray:
     """Foreground probabilities ``(K, Z, 2g, 2g)`` of a query volume ``(Z, H, W[, C])``, slice by slice: each
     label's probability averaged over the subsets' probes (a subset without the label votes 0), the logits
-    computed on the ``g x g`` grid in ``dtype`` and upsampled bilinearly."""
+    computed on the ``g x g`` grid (locations in ``dtype``, the probes' own) and upsampled bilinearly."""
     depth, count = query.shape[0], len(probes[0])
     slices = []
     for z in range(depth):
@@ -166,7 +166,7 @@ def volume_probabilities(
         for subset in probes:
             for k, probe in enumerate(subset):
                 if probe is not None:
-                    coarse = probe.to(dtype).classify(located).float().reshape(1, 1, grid, grid)
+                    coarse = probe.classify(located).float().reshape(1, 1, grid, grid)
                     fine = F.interpolate(coarse, scale_factor=2, mode="bilinear", align_corners=False)[0, 0]
                     total[k] += torch.sigmoid(fine)
         slices.append(total / len(probes))

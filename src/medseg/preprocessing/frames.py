@@ -32,7 +32,9 @@ def unit_range(image: np.ndarray, keep_rgb: bool = False) -> np.ndarray:
     return ((array - low) / (high - low) if high > low else np.zeros_like(array)).astype(np.float32)
 
 
-def label_masks(label: np.ndarray, values: Sequence[int], size: int = 128) -> np.ndarray:
-    """``(K, size, size)`` float32 binary masks of ``label == v`` for each of ``values`` (bilinear, >= 0.5)."""
+def label_masks(label: np.ndarray, values: Sequence[int], size: int = 128, mode: str = "bilinear") -> np.ndarray:
+    """``(K, size, size)`` float32 binary masks of ``label == v`` for each of ``values``: resized by ``mode``
+    (``"bilinear"``, or ``"area"``: the share of each new pixel the label covers), then >= 0.5."""
     binary = torch.from_numpy(np.stack([label == v for v in values]).astype(np.float32))[None]
-    return (F.interpolate(binary, (size, size), mode="bilinear", align_corners=False)[0] >= 0.5).float().numpy()
+    corners = {"align_corners": False} if mode == "bilinear" else {}
+    return (F.interpolate(binary, (size, size), mode=mode, **corners)[0] >= 0.5).float().numpy()
