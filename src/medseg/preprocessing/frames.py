@@ -18,6 +18,12 @@ def model_frame(image: np.ndarray, size: int = 128) -> np.ndarray:
     return F.interpolate(tensor, (size, size), mode="bilinear", antialias=True, align_corners=False)[0, 0].numpy()
 
 
+def frame_side(side: int, low: int, high: int) -> int:
+    """An encoder frame's side for images whose larger side is ``side`` pixels: rounded up to a multiple of 16,
+    then clamped to ``[low, high]`` (a small image is not blown up; a large one is shrunk only so far)."""
+    return int(min(high, max(low, -(-int(side) // 16) * 16)))
+
+
 def unit_range(image: np.ndarray, keep_rgb: bool = False) -> np.ndarray:
     """``(H, W)`` or ``(H, W, C)`` -> float32 in [0, 1]: channels averaged (kept when ``keep_rgb`` and there
     are 3), clipped to the 0.5-99.5 percentiles of the finite values and scaled (NaN and +-inf -> the low value:
