@@ -41,6 +41,9 @@ support sizes 1, 16 and 64, after one warm-up; the supports' embeddings are comp
 (as when a folder of queries is segmented) and not counted; the query's own encoding is. So is probe's
 fit, done once per support set: it is timed apart (seconds per support set, every label).
 
+``--prototype-share P``: the probe's probabilities mixed with this share of the prototype rule's on the same
+features (medseg's default otherwise; cached apart).
+
 ``--frame-size S``: the probe's encoder input side instead of its default, which follows the supports (their
 larger side from 128 to 256, `plane_frame_size`; its Dice cached apart).
 
@@ -98,6 +101,9 @@ def main() -> None:
     parser.add_argument("--head", type=Path, default=None, help="matching_head.pt (default: the shipped one)")
     parser.add_argument("--unet-steps", type=int, default=UNET_STEPS)
     parser.add_argument("--frame-size", type=int, default=None, help="probe: the encoder's input side (default: the supports')")
+    parser.add_argument(
+        "--prototype-share", type=float, default=None, help="probe: the prototype rule's share (default: medseg's)"
+    )
     parser.add_argument("--no-largest-component", action="store_true", help="in-context engines: no post-processing")
     parser.add_argument(
         "--slice-bins", type=int, default=0, help="3D: relative-position bins (0: each slice matched on its own)"
@@ -160,6 +166,8 @@ def _predictor(engine: str, args: argparse.Namespace) -> Any:
         if args.support_scales is not None:
             predictor.support_scales = args.support_scales == "on"
         predictor.method = engine
+        if args.prototype_share is not None:
+            predictor.prototype_share = args.prototype_share
         predictor.head = load_head(args.head or SHIPPED_HEAD) if engine == "match" else None
         return predictor
     from medseg.inference.incontext_predictor import InContextPredictor
@@ -197,6 +205,8 @@ def _split(name: str, args: argparse.Namespace) -> tuple[list[tuple[Any, np.ndar
 def _dataset_scores(name: str, engine: str, args: argparse.Namespace) -> dict[str, dict[str, float | None]]:
     """{str(size): {str(label): mean Dice or None}}, cached per size."""
     suffix = f"_f{args.frame_size}" if engine.startswith("probe") and args.frame_size else ""
+    if engine.startswith("probe") and args.prototype_share is not None:
+        suffix += f"_ps{args.prototype_share:g}"
     if engine.startswith("unet") and args.unet_steps != UNET_STEPS:  # another training budget, another result
         suffix = f"_steps{args.unet_steps}"
     if not engine.startswith("unet") and not args.no_largest_component:

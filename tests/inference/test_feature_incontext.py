@@ -18,6 +18,8 @@ from medseg.inference.feature_incontext import (
     encoder_frame,
     load_head,
     plane_frame_size,
+    support_prototypes,
+    unpack_masks,
 )
 from medseg.metrics.surface import dice
 from medseg.models.incontext.matching_head import MatchingHead
@@ -241,6 +243,30 @@ def test_probe_frame_side_follows_the_supports() -> None:
     knn = FeatureMatchingPredictor(PooledIntensity(), "knn")
     knn.predict(query, [s[0] for s in small], [s[1] for s in small])
     assert knn.input_size == 256
+
+
+def test_prototype_share_mixes_the_prototype_rule_into_the_probe() -> None:
+    """Share 0 is the probe alone, 1 the prototype rule on the same features (`support_prototypes`), and a share
+    between gives the mix of their probabilities; out-of-range shares are refused."""
+    supports = [_scene(i) for i in range(3)]
+    images, labels = [s[0] for s in supports], [s[1] for s in supports]
+    query, truth = _scene(10)
+    shares = {}
+    for share in (0.0, 0.5, 1.0):
+        predictor = FeatureMatchingPredictor(PooledIntensity(), prototype_share=share)
+        shares[share] = predictor.predict(query, images, labels, largest_component=False).probabilities
+    np.testing.assert_allclose(shares[0.5], (shares[0.0] + shares[1.0]) / 2, atol=1e-5)
+    assert not np.allclose(shares[0.0], shares[1.0], atol=0.05)
+    predictor = FeatureMatchingPredictor(PooledIntensity(), prototype_share=1.0)
+    features = torch.from_numpy(np.stack([predictor.frame(image) for image in images]))[:, :-12]
+    masks = unpack_masks(np.stack([predictor.label_masks(label, [1]) for label in labels]))[:, 0]  # (N, 2h, 2w)
+    vectors = support_prototypes(features, masks)
+    assert vectors.shape == (2, features.shape[1])
+    np.testing.assert_allclose(vectors.norm(dim=1).numpy(), 1.0, atol=1e-5)
+    assert dice(shares[1.0][0] >= 0.5, truth == 1) > 0.6  # the disc is found by its brightness alone
+    for bad in (-0.1, 1.5, True, "half"):
+        with pytest.raises(MedsegError, match="prototype_share"):
+            FeatureMatchingPredictor(PooledIntensity(), prototype_share=bad)  # type: ignore[arg-type]
 
 
 def test_encoder_frame_is_three_channels_in_unit_range() -> None:

@@ -96,16 +96,18 @@ class FeatureMatchingPredictor(InContextPredictor):
 
     ``features`` (``"stages"`` or ``"embedding"``; None: stages for the probe, the embedding otherwise) and
     ``frame_size`` (the encoder's input side ``S``, a multiple of 16 from 32 to 1024; None: for the stages,
-    from the supports, `plane_frame_size` or `volume_frame_size`; 256 for the embedding) choose what the rule reads; ``bfloat16`` runs a bfloat16 copy of the encoder and
-    applies the probe in bfloat16 (None: for the stages, where `native_bfloat16`). ``volume_fit`` (the probe
-    with support volumes): ``"positional"`` (one fit per label, `VOLUME_STEP_FACTOR` times ``probe_steps``;
-    frame side `volume_frame_size` unless ``frame_size`` is given) or ``"matched"`` (a fit per query slice).
-    `predict` takes the same arguments as `InContextPredictor`'s.
+    from the supports, `plane_frame_size` or `volume_frame_size`; 256 for the embedding) choose what the rule
+    reads; ``bfloat16`` runs a bfloat16 copy of the encoder and applies the probe in bfloat16 (None: for the
+    stages, where `native_bfloat16`). ``volume_fit`` (the probe with support volumes): ``"positional"`` (one fit
+    per label, `VOLUME_STEP_FACTOR` times ``probe_steps``; frame side `volume_frame_size` unless ``frame_size``
+    is given) or ``"matched"`` (a fit per query slice). ``prototype_share`` (the probe on 2D supports, and on
+    matched slices; 0 to 1): the probe's probability is mixed with this share of the prototype rule's on the
+    same features (`support_prototypes`). `predict` takes the same arguments as `InContextPredictor`'s.
 
     Raises:
         MedsegError: an unknown method or features, ``match`` without a head or on other features, stages
             from an encoder without ``stage_outputs``, a frame size that is not a multiple of 16 from 32 to 1024,
-            a ``bfloat16`` that is not a bool or None, an unknown ``volume_fit``.
+            a ``bfloat16`` that is not a bool or None, an unknown ``volume_fit``, a ``prototype_share`` outside 0-1.
     """
 
     def __init__(
@@ -124,6 +126,7 @@ class FeatureMatchingPredictor(InContextPredictor):
         frame_size: int | None = None,
         bfloat16: bool | None = None,
         volume_fit: str = "positional",
+        prototype_share: float = 0.0,
     ) -> None:
         if method not in METHODS:
             raise MedsegError(f"unknown matching method {method!r} (known: {', '.join(METHODS)})")
@@ -148,6 +151,12 @@ class FeatureMatchingPredictor(InContextPredictor):
             raise MedsegError(f"bfloat16 must be True, False or None, not {bfloat16!r}")
         if volume_fit not in VOLUME_FITS:
             raise MedsegError(f"unknown volume fit {volume_fit!r} (known: {', '.join(VOLUME_FITS)})")
+        if (
+            isinstance(prototype_share, bool)
+            or not isinstance(prototype_share, int | float)
+            or not 0 <= prototype_share <= 1
+        ):
+            raise MedsegError(f"prototype_share must be a number from 0 to 1, not {prototype_share!r}")
         super().__init__(encoder, frame_size, device)
         self.method, self.k, self.temperature, self.max_locations = method, k, temperature, max_locations
         self.colour_weight, self.features = colour_weight, features
@@ -160,10 +169,11 @@ class FeatureMatchingPredictor(InContextPredictor):
         self.cache_size, self.probe_steps = cache_size, probe_steps
         self._cache: OrderedDict[bytes, np.ndarray] = OrderedDict()
         self._probes: OrderedDict[bytes, SupportProbe] = OrderedDict()
+        self._prototypes: OrderedDict[bytes, torch.Tensor] = OrderedDict()  # (2, C) per support set and label
         self._grids: dict[int, int] = {}  # frame side -> the encoder's feature grid side (h = w), as seen
         # 2D supports' frame side: the one given (or the embedding's), or None: from the supports (`plane_frame_size`)
         self.plane_frame = frame_size if given_frame or features != "stages" else None
-        self.volume_fit = volume_fit
+        self.volume_fit, self.prototype_share = volume_fit, float(prototype_share)
         # support volumes' frame side: the one given, or None: from their slices (`volume_frame_size`)
         self.volume_frame = frame_size if given_frame else None
         self._volume_probes: OrderedDict[bytes, list[list[SupportProbe | None]]] = OrderedDict()
@@ -291,12 +301,19 @@ class FeatureMatchingPredictor(InContextPredictor):
                     key = support_key + subset.tobytes() + label.to_bytes(4, "little")
                     mask = fine_masks[subset, label]
                     index = torch.from_numpy(subset)
-                    logit = self._probe_logit(locations, query.shape, frames, index, mask, key, seed)
+                    probability = torch.sigmoid(
+                        self._probe_logit(locations, query.shape, frames, index, mask, key, seed)
+                    )
+                    if self.prototype_share > 0:  # the smoother prototype's say: holds where supports drift
+                        prototype = torch.sigmoid(
+                            self._prototype_logit(locations, query.shape, frames, index, mask, key)
+                        )
+                        probability = (1 - self.prototype_share) * probability + self.prototype_share * prototype
+                    total[:, label] += probability
                 else:
                     maps = matching_maps(query, frames[subset].float(), fine_masks[subset, label], self.k,
                                          self.temperature, self.max_locations, rng)  # fmt: skip
-                    logit = self._logit(maps, query)
-                total[:, label] += torch.sigmoid(logit)
+                    total[:, label] += torch.sigmoid(self._logit(maps, query))
         return (total / len(subsets)).numpy()
 
     def _probe_logit(
@@ -323,9 +340,32 @@ class FeatureMatchingPredictor(InContextPredictor):
         coarse = probe.classify(locations).float().reshape(shape[0], 1, height, width)  # frames are unit length
         return F.interpolate(coarse, scale_factor=2, mode="bilinear", align_corners=False)[:, 0]
 
+    def _prototype_logit(
+        self,
+        locations: torch.Tensor,
+        shape: torch.Size,
+        frames: torch.Tensor,
+        subset: torch.Tensor,
+        masks: torch.Tensor,
+        key: bytes,
+    ) -> torch.Tensor:
+        """The prototype rule's foreground logit ``(Q, 2h, 2w)`` on the probe's features (arguments as
+        `_probe_logit`'s): ``20 (cos_fg - cos_bg)`` against the mean foreground and background features of
+        ``frames[subset]`` (PANet's masked average pooling over every location), cached per ``key``."""
+        channels, height, width = frames.shape[1] - 12, frames.shape[2], frames.shape[3]
+        vectors = _recall(self._prototypes, key)
+        if vectors is None:
+            vectors = _remember(
+                self._prototypes, key, support_prototypes(frames[subset, :channels], masks), PROBE_CACHE_SIZE
+            )
+        cosine = locations.float() @ vectors.T  # (Q h w, 2): the locations are unit length
+        coarse = (_PROTOTYPE_SCALE * (cosine[:, 0] - cosine[:, 1])).reshape(shape[0], 1, height, width)
+        return F.interpolate(coarse, scale_factor=2, mode="bilinear", align_corners=False)[:, 0]
+
     def forget_probes(self) -> None:
         """Drop the fitted probes (the next query of every support set fits again); embeddings stay cached."""
         self._probes.clear()
+        self._prototypes.clear()
         self._volume_probes.clear()
 
     def _volume_probabilities(
@@ -378,6 +418,23 @@ class FeatureMatchingPredictor(InContextPredictor):
             return self.head(maps, F.pixel_shuffle(query[:, -12:], 2))[:, 0]
         logit = maps[:, 0] if self.method == "knn" else maps[:, 1]
         return logit + self.colour_weight * maps[:, 2] if self.colour_weight > 0 else logit
+
+
+def support_prototypes(features: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """``(2, C)`` unit-length foreground and background prototypes: the mean of the support ``features``
+    ``(N, C, h, w)`` (any float dtype) over the locations whose 2 x 2 pixels of ``masks`` ``(N, 2h, 2w)`` are at
+    least half foreground (a structure thinner than a location: those it touches), and over the rest (none:
+    the foreground's opposite). Masked average pooling (PANet, Wang et al. 2019)."""
+    foreground = F.avg_pool2d(masks[:, None].float(), 2)[:, 0] >= 0.5  # (N, h, w)
+    if not foreground.any():
+        foreground = F.max_pool2d(masks[:, None].float(), 2)[:, 0] > 0
+    sums = torch.zeros(2, features.shape[1])
+    for one, inside in zip(features, foreground, strict=True):  # one support at a time: no float32 copy of all
+        flat, where = one.float().flatten(1), inside.flatten()
+        sums[0] += flat[:, where].sum(1)
+        sums[1] += flat[:, ~where].sum(1)
+    background = sums[1] if bool((~foreground).any()) else -sums[0]
+    return F.normalize(torch.stack([sums[0], background]), dim=1)
 
 
 def plane_frame_size(images: Sequence[np.ndarray]) -> int:
