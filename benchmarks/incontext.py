@@ -100,7 +100,9 @@ def main() -> None:
     parser.add_argument("--universeg-weights", type=Path, default=None)
     parser.add_argument("--head", type=Path, default=None, help="matching_head.pt (default: the shipped one)")
     parser.add_argument("--unet-steps", type=int, default=UNET_STEPS)
-    parser.add_argument("--frame-size", type=int, default=None, help="probe: the encoder's input side (default: the supports')")
+    parser.add_argument(
+        "--frame-size", type=int, default=None, help="probe: the encoder's input side (default: the supports')"
+    )
     parser.add_argument(
         "--prototype-share", type=float, default=None, help="probe: the prototype rule's share (default: medseg's)"
     )

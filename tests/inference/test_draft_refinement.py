@@ -5,6 +5,7 @@ bright disc."""
 from __future__ import annotations
 
 from collections.abc import Hashable
+from contextlib import AbstractContextManager, nullcontext
 from importlib.util import find_spec
 from typing import Any, cast
 
@@ -180,6 +181,9 @@ class StandInContext:
 
     def set_support(self, images: list[Image], labels: list[Any]) -> None:
         self.supports.append(len(images))
+
+    def frame_pinned(self) -> AbstractContextManager[None]:
+        return nullcontext()
 
     def predict(self, image: Image, *, probabilities: bool = False, **_: Any) -> Segmentation:
         labels = self.draft if image.ndim == 2 else np.stack([self.draft] * image.shape[0])

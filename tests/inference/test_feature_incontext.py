@@ -215,7 +215,7 @@ def test_features_and_frame_size(method: str, features: str | None, size: int, g
 
 
 def test_probe_frame_side_follows_the_supports() -> None:
-    """Without a frame size, the probe frames 2D supports and their queries at the supports' larger side (128 to
+    """Without a frame size, the probe frames one 2D support and its queries at the support's larger side (128 to
     256); a given size or the embedding's stays. Switching support sets with cached frames keeps each set's grid."""
     small = [_scene(i, 96) for i in range(2)]
     large = [
@@ -228,13 +228,14 @@ def test_probe_frame_side_follows_the_supports() -> None:
     predictor = FeatureMatchingPredictor(PooledIntensity())
     query, truth = _scene(10, 96)
     big_query = np.kron(query, np.ones((3, 3), np.float32))
-    first = predictor.predict(big_query, [s[0] for s in large], [s[1] for s in large])
+    one_large, one_label = [large[0][0]], [large[0][1]]  # one support: nothing to hold out, its side
+    first = predictor.predict(big_query, one_large, one_label)
     assert predictor.input_size == 256 and first.probabilities.shape == (2, 288, 288)
     predictor.predict(query, [s[0] for s in small], [s[1] for s in small])
     assert predictor.input_size == 128
-    again = predictor.predict(big_query, [s[0] for s in large], [s[1] for s in large])  # frames cached at 256
+    again = predictor.predict(big_query, one_large, one_label)  # frames cached at 256
     np.testing.assert_array_equal(again.labels, first.labels)
-    fresh = FeatureMatchingPredictor(PooledIntensity()).predict(big_query, [s[0] for s in large], [s[1] for s in large])
+    fresh = FeatureMatchingPredictor(PooledIntensity()).predict(big_query, one_large, one_label)
     np.testing.assert_array_equal(fresh.labels, first.labels)
     assert dice(first.labels == 1, np.kron(truth, np.ones((3, 3), np.uint8)) == 1) > 0.8
     fixed = FeatureMatchingPredictor(PooledIntensity(), frame_size=128)
@@ -243,6 +244,53 @@ def test_probe_frame_side_follows_the_supports() -> None:
     knn = FeatureMatchingPredictor(PooledIntensity(), "knn")
     knn.predict(query, [s[0] for s in small], [s[1] for s in small])
     assert knn.input_size == 256
+
+
+@pytest.mark.parametrize("better", [128, 256])
+def test_probe_frame_side_is_chosen_on_held_out_supports(monkeypatch: pytest.MonkeyPatch, better: int) -> None:
+    """With several large supports the probe frames them at 128 or at their side, whichever segments held-out
+    supports better (here made to favour ``better``), decided once per support set; a given size is not
+    second-guessed, and while pinned (as the decoder's held-out check runs) subsets keep the set's side."""
+    supports = [_scene(i, 96) for i in range(4)]
+    large = [(np.kron(i, np.ones((3, 3), np.float32)), np.kron(m, np.ones((3, 3), np.uint8))) for i, m in supports]
+    images, labels = [s[0] for s in large], [s[1] for s in large]
+    asked: list[int] = []
+
+    def held_out_dice(
+        self: FeatureMatchingPredictor, images: object, labels: object, values: object, size: int
+    ) -> float:
+        asked.append(size)
+        return 0.9 if size == better else 0.5
+
+    monkeypatch.setattr(FeatureMatchingPredictor, "_held_out_dice", held_out_dice)
+    predictor = FeatureMatchingPredictor(PooledIntensity())
+    query = np.kron(_scene(10, 96)[0], np.ones((3, 3), np.float32))
+    for _ in range(2):  # the second query reuses the choice
+        result = predictor.predict(query, images, labels)
+        assert predictor.input_size == better and result.labels.shape == (288, 288)
+    assert asked == [128, 256]
+    with predictor.frame_pinned():
+        predictor.predict(query, images[:2], labels[:2])
+        assert predictor.input_size == better and asked == [128, 256]
+    assert predictor.plane_frame is None
+    fixed = FeatureMatchingPredictor(PooledIntensity(), frame_size=256)
+    fixed.predict(query, images, labels)
+    assert fixed.input_size == 256 and asked == [128, 256]
+
+
+def test_held_out_frame_choice_on_thin_lines() -> None:
+    """Unpatched: lines two pixels wide in 288-pixel images are resolved on the finer grid, which wins."""
+    rng = np.random.default_rng(0)
+    pairs = []
+    for _ in range(4):
+        label = np.zeros((288, 288), np.uint8)
+        for row in rng.choice(np.arange(20, 268, 12), 6, replace=False):
+            label[row : row + 2, 10:278] = 1
+        image = rng.normal(0.1, 0.02, label.shape).astype(np.float32) + 0.8 * label
+        pairs.append((image, label))
+    predictor = FeatureMatchingPredictor(PooledIntensity())
+    predictor.predict(pairs[0][0], [p[0] for p in pairs], [p[1] for p in pairs])
+    assert predictor.input_size == 256
 
 
 def test_prototype_share_mixes_the_prototype_rule_into_the_probe() -> None:

@@ -147,6 +147,22 @@ class DecoderRefinedEngine:
         arrays = [as_label_array(label) if isinstance(label, Image) else np.asarray(label) for label in labels]
         values = sorted({int(v) for array in arrays for v in np.unique(array) if v != 0})
         gains: dict[int, list[float]] = {v: [] for v in values}  # refined Dice - raw Dice, per held-out support
+        # the held-out sets keep the whole set's frame (no choice of their own), as the queries have it: the
+        # whole set is prepared first (a no-op after a query)
+        self.incontext.predict(images[-1], **options)
+        with self.incontext.frame_pinned():
+            self._held_out_gains(images, labels, arrays, values, gains, options)
+        return frozenset(v for v, gain in gains.items() if gain and float(np.mean(gain)) > 0)
+
+    def _held_out_gains(
+        self,
+        images: list[Image],
+        labels: list[Image | np.ndarray],
+        arrays: list[np.ndarray],
+        values: list[int],
+        gains: dict[int, list[float]],
+        options: dict[str, Any],
+    ) -> None:
         try:
             for held in range(max(0, len(images) - DECODER_CHECKS), len(images)):
                 others = [i for i in range(len(images)) if i != held]
@@ -161,7 +177,6 @@ class DecoderRefinedEngine:
                         gains[v].append(dice(redrawn == v, arrays[held] == v) - dice(predicted == v, arrays[held] == v))
         finally:
             self.incontext.set_support(images, labels)
-        return frozenset(v for v, gain in gains.items() if gain and float(np.mean(gain)) > 0)
 
 
 def decoder_key(image: Image) -> bytes:

@@ -14,9 +14,10 @@ engines, `SupervisedPredictor`); the command line, the server and users call the
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -173,6 +174,11 @@ class InContextEngine:
             arrays.append(image.array)
             maps.append(array)
         self._support = (arrays, maps, dims == {3})
+
+    def frame_pinned(self) -> AbstractContextManager[None]:
+        """Within it, support sets keep the frame of the last one predicted (`InContextPredictor.frame_pinned`):
+        for predicting held-out supports as the whole set's queries are."""
+        return cast(AbstractContextManager[None], self.predictor.frame_pinned())
 
     @property
     def support_size(self) -> int:

@@ -55,7 +55,8 @@ from __future__ import annotations
 
 import copy
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar, cast
 
@@ -65,8 +66,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from medseg.errors import MedsegError
-from medseg.inference.incontext_predictor import InContextPredictor, PreparedSupport, content_digest, support_subsets
+from medseg.inference.incontext_predictor import (
+    InContextPredictor,
+    PreparedSupport,
+    content_digest,
+    content_key,
+    support_subsets,
+)
 from medseg.inference.volume_probe import fit_volume_probes, volume_frame_size, volume_probabilities
+from medseg.metrics.surface import dice
 from medseg.models.incontext.support_probe import SupportProbe, fit_support_probe
 from medseg.models.promptable.image_encoders import for_inference
 from medseg.preprocessing.frames import frame_side, label_masks, unit_range
@@ -78,6 +86,8 @@ VOLUME_STEP_FACTOR = 2  # a volume probe's Adam steps per 2D probe step: far mor
 FEATURES = ("stages", "embedding")
 FRAME_SIZES = {"stages": 128, "embedding": 256}  # encoder input side per feature kind before a support set sets it
 PLANE_FRAME_SIDES = (128, 256)  # the stages' frame side range for 2D supports (`plane_frame_size`)
+FRAME_CHECKS = 3  # held-out supports (the last ones) that choose the 2D frame side (`_held_out_frame`)
+FRAME_CHOICES = 64  # support sets whose frame side choice is kept
 FRAME_DTYPES = {"stages": torch.float16, "embedding": torch.float32}
 STAGES = 3  # TinyViT stages whose outputs make the "stages" features
 CACHE_BYTES = 2 << 30  # the default frame cache's budget
@@ -170,6 +180,7 @@ class FeatureMatchingPredictor(InContextPredictor):
         self._cache: OrderedDict[bytes, np.ndarray] = OrderedDict()
         self._probes: OrderedDict[bytes, SupportProbe] = OrderedDict()
         self._prototypes: OrderedDict[bytes, torch.Tensor] = OrderedDict()  # (2, C) per support set and label
+        self._frame_choices: OrderedDict[bytes, int] = OrderedDict()  # support set -> its chosen 2D frame side
         self._grids: dict[int, int] = {}  # frame side -> the encoder's feature grid side (h = w), as seen
         # 2D supports' frame side: the one given (or the embedding's), or None: from the supports (`plane_frame_size`)
         self.plane_frame = frame_size if given_frame or features != "stages" else None
@@ -259,11 +270,75 @@ class FeatureMatchingPredictor(InContextPredictor):
         return F.pixel_unshuffle(fine[:, None], 2).to(torch.uint8).numpy()
 
     def _prepare(self, images: Sequence[np.ndarray], labels: Sequence[np.ndarray], volumes: bool) -> PreparedSupport:
-        """As `InContextPredictor._prepare`, with the frame side of 2D supports set first (`plane_frame_size`,
-        unless one was given): their queries are framed at the same side."""
-        if not volumes:
-            self.input_size = self.plane_frame or plane_frame_size(images)
+        """As `InContextPredictor._prepare`, with the frame side of 2D supports set first (their queries are
+        framed at the same side): the one given, else for the probe `PLANE_FRAME_SIDES`'s smaller side or
+        `plane_frame_size`, whichever predicts held-out supports better (`_held_out_frame`)."""
+        if volumes:
+            return super()._prepare(images, labels, volumes)
+        if self.plane_frame is not None:
+            self.input_size = self.plane_frame
+            return super()._prepare(images, labels, volumes)
+        self.input_size = plane_frame_size(images)
+        key = content_key(
+            [*images, *labels], f"frame {self.method},{self.probe_steps},{self.prototype_share},{self.support_scales}"
+        )
+        chosen = _recall(self._frame_choices, key) if key is not None else None
+        if chosen is not None:  # decided before (for these contents, checked then)
+            self.input_size = chosen
+            return super()._prepare(images, labels, volumes)
+        prepared = super()._prepare(images, labels, volumes)  # checked (and framed) at the supports' side
+        chosen = self._held_out_frame(images, prepared.labels, prepared.values)
+        if key is not None:
+            _remember(self._frame_choices, key, chosen, FRAME_CHOICES)
+        if chosen == self.input_size:
+            self._prepared = prepared if prepared.key is not None else None  # the held-out sets took its place
+            return prepared
+        self.input_size = chosen
         return super()._prepare(images, labels, volumes)
+
+    def _held_out_frame(self, images: Sequence[np.ndarray], labels: list[np.ndarray], values: list[int]) -> int:
+        """The frame side for these 2D supports: `plane_frame_size` (``self.input_size`` on entry) or the smallest
+        of `PLANE_FRAME_SIDES`, whichever gives the higher mean Dice over labels on the last `FRAME_CHECKS`
+        supports, each segmented from the others (no post-processing). Large objects can fare better on the
+        coarser grid, thin ones on the finer. One support (nothing to hold out), or another method than the
+        probe: the supports' side."""
+        large, small = self.input_size, PLANE_FRAME_SIDES[0]
+        if large == small or len(images) < 2 or self.method != "probe":
+            return large
+        scores = {size: self._held_out_dice(images, labels, values, size) for size in (small, large)}
+        return large if scores[large] > scores[small] else small
+
+    def _held_out_dice(
+        self, images: Sequence[np.ndarray], labels: list[np.ndarray], values: list[int], size: int
+    ) -> float:
+        """Mean Dice of the last `FRAME_CHECKS` supports segmented from the others at frame side ``size`` (per
+        label, over the held-out supports that show it)."""
+        scores = []
+        self.plane_frame = size  # pinned while the held-out supports are predicted
+        try:
+            for held in range(max(0, len(images) - FRAME_CHECKS), len(images)):
+                others = [i for i in range(len(images)) if i != held]
+                try:
+                    result = self.predict(images[held], [images[i] for i in others], [labels[i] for i in others],
+                                          largest_component=False)  # fmt: skip
+                except MedsegError:
+                    continue  # the others show no foreground: this support decides nothing
+                truth = labels[held]
+                scores += [dice(result.labels == v, truth == v) for v in values if (truth == v).any()]
+        finally:
+            self.plane_frame = None
+        return float(np.mean(scores)) if scores else 0.0
+
+    @contextmanager
+    def frame_pinned(self) -> Iterator[None]:
+        """Within it, 2D support sets are framed at the current side (no choice made again for each subset of
+        a support set, as `medseg.inference.draft_refinement` holds supports out); a given side stays."""
+        given = self.plane_frame
+        self.plane_frame = given or self.input_size
+        try:
+            yield
+        finally:
+            self.plane_frame = given
 
     @torch.no_grad()
     def _run(
@@ -333,7 +408,8 @@ class FeatureMatchingPredictor(InContextPredictor):
         channels, height, width = frames.shape[1] - 12, frames.shape[2], frames.shape[3]
         probe = _recall(self._probes, key)
         if probe is None:
-            features = frames[subset, :channels].float().permute(0, 2, 3, 1).reshape(-1, channels)
+            # in the frames' dtype (float16 stages: half a float32 copy); batches are fitted in float32
+            features = frames[subset, :channels].permute(0, 2, 3, 1).reshape(-1, channels)
             targets = F.avg_pool2d(masks[:, None], 2).flatten()  # foreground fraction of each location
             fitted = fit_support_probe(features, targets, steps=self.probe_steps, seed=seed)
             probe = _remember(self._probes, key, fitted.to(self._probe_dtype), PROBE_CACHE_SIZE)

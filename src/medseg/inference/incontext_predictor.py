@@ -21,7 +21,8 @@ by one position-aware fit per label); 2D support images serve every query slice.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -210,7 +211,7 @@ class InContextPredictor:
     def _prepare(self, images: Sequence[np.ndarray], labels: Sequence[np.ndarray], volumes: bool) -> PreparedSupport:
         """The support set checked, its label values found and (2D) framed: once per support set, reused while
         the same contents come again (a folder of queries shares one support set)."""
-        key = content_key([*images, *labels], f"{volumes},{self.support_scales}")
+        key = content_key([*images, *labels], f"{volumes},{self.support_scales},{self.input_size}")
         if key is not None and self._prepared is not None and self._prepared.key == key:
             return self._prepared
         checked = [label_array(label, f"support label map {i}") for i, label in enumerate(labels)]
@@ -303,6 +304,12 @@ class InContextPredictor:
                 images.append(self.frame(volume[z]))
                 masks.append(self.label_masks(label[z], values))
         return np.stack(images), np.stack(masks)
+
+    @contextmanager
+    def frame_pinned(self) -> Iterator[None]:
+        """Within it, support sets are framed at the current side (a subset of a support set whose side was
+        chosen keeps it: no choice made again per subset). The frame side is fixed here: nothing to pin."""
+        yield
 
     def frame(self, image: np.ndarray) -> np.ndarray:
         """One 2D image ``(H, W[, C])`` as the network takes it (subclasses: their own frame)."""
