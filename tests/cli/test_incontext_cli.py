@@ -234,6 +234,7 @@ def test_default_engine_matches_lite_medsam_features(tmp_path: Path) -> None:
         extra = ("--engine", engine) if engine != "probe" else ()
         result = _run("incontext", "--support", support, "--query", query, "-o", out, *extra)
         assert result.exit_code == 0, result.output
+        assert ("images framed at 128 x 128" in result.output) == (engine == "probe")  # small images: no larger side
         label = load(out / "case_000.png")
         assert label.shape == (32, 40) and set(np.unique(label.array)) <= {0, 1, 2}
     larger = _run("incontext", "--support", support, "--query", query, "-o", tmp_path / "256", "--frame-size", "256")

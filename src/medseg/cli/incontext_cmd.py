@@ -171,9 +171,18 @@ def incontext(
     per = (time.perf_counter() - started) / len(cases)
     out.print(
         f"{len(cases)} label map(s) in {output} from {len(supports.images)} supports ({per:.2f} s per query, "
-        f"the supports' one-off work included){_decoder_note(segmenter, options, supports)}",
+        f"the supports' one-off work included){_frame_note(predictor, frame_size, supports)}"
+        f"{_decoder_note(segmenter, options, supports)}",
         soft_wrap=True,
     )
+
+
+def _frame_note(predictor: Any, frame_size: int | None, supports: Any) -> str:
+    """The probe's frame side for 2D supports when medseg chose it (`plane_frame_size`, held-out supports), for
+    the summary."""
+    if frame_size is not None or supports.volumes or getattr(predictor, "method", None) != "probe":
+        return ""
+    return f"; images framed at {predictor.input_size} x {predictor.input_size}"
 
 
 def _decoder_note(segmenter: Any, options: dict[str, Any], supports: Any) -> str:
