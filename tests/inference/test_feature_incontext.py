@@ -21,6 +21,7 @@ from medseg.inference.feature_incontext import (
     support_prototypes,
     unpack_masks,
 )
+from medseg.inference.incontext_predictor import content_digest
 from medseg.metrics.surface import dice
 from medseg.models.incontext.matching_head import MatchingHead
 from medseg.models.incontext.support_probe import fit_support_probe
@@ -315,6 +316,25 @@ def test_prototype_share_mixes_the_prototype_rule_into_the_probe() -> None:
     for bad in (-0.1, 1.5, True, "half"):
         with pytest.raises(MedsegError, match="prototype_share"):
             FeatureMatchingPredictor(PooledIntensity(), prototype_share=bad)  # type: ignore[arg-type]
+
+
+def test_frame_cache_is_bounded_in_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The default frame cache keeps as many frames as fit in CACHE_BYTES (at least 16, the oldest dropped first),
+    counting each frame's own size: frames at 256 weigh four times those at 128."""
+    import medseg.inference.feature_incontext as module
+
+    predictor = FeatureMatchingPredictor(PooledIntensity())
+    one = predictor.frame(_scene(0)[0], 128, cache=False).nbytes
+    monkeypatch.setattr(module, "CACHE_BYTES", 20 * one)
+    images = [_scene(i)[0] for i in range(24)]
+    for image in images[:8]:
+        predictor.frame(image, 256)  # 4 x one each: 32 x one in all, past the budget
+    assert len(predictor._cache) == 8  # at least 16 kept: nothing dropped yet
+    for image in images[8:]:
+        predictor.frame(image, 128)
+    assert len(predictor._cache) >= 16
+    assert sum(f.nbytes for f in predictor._cache.values()) <= 20 * one or len(predictor._cache) == 16
+    assert content_digest([np.ascontiguousarray(images[-1])], "128") in predictor._cache  # the newest stays
 
 
 def test_encoder_frame_is_three_channels_in_unit_range() -> None:

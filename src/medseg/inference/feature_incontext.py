@@ -175,7 +175,8 @@ class FeatureMatchingPredictor(InContextPredictor):
             self.model = copy.deepcopy(self.model).to(torch.bfloat16)
         self._probe_dtype = torch.bfloat16 if self.bfloat16 else torch.float32  # fitted in float32, applied in this
         self.head = head.eval() if head is not None else None
-        # frames kept: cache_size, or None: as many as fit in CACHE_BYTES (stage frames: 5 MB at 128, 20 MB at 256)
+        # frames kept: cache_size, or None: as many as fit in CACHE_BYTES, at least 16 (stage frames: 5 MB at 128,
+        # 20 MB at 256)
         self.cache_size, self.probe_steps = cache_size, probe_steps
         self._cache: OrderedDict[bytes, np.ndarray] = OrderedDict()
         self._probes: OrderedDict[bytes, SupportProbe] = OrderedDict()
@@ -247,8 +248,13 @@ class FeatureMatchingPredictor(InContextPredictor):
         self._grids[size] = grid  # `label_masks`'s grid for frames of this side
         if not cache:
             return result.numpy()
-        limit = self.cache_size if self.cache_size is not None else max(16, CACHE_BYTES // result.nbytes)
-        return _remember(self._cache, key, result.numpy(), limit)
+        if self.cache_size is not None:
+            return _remember(self._cache, key, result.numpy(), self.cache_size)
+        self._cache[key] = result.numpy()  # by bytes: frames of two sides (a choice of side) differ four times
+        total = sum(frame.nbytes for frame in self._cache.values())
+        while total > CACHE_BYTES and len(self._cache) > 16:
+            total -= self._cache.popitem(last=False)[1].nbytes
+        return self._cache[key]
 
     def _encode(self, pixels: torch.Tensor) -> torch.Tensor:
         """``(1, 3, S, S)`` -> float32 ``(1, C, h, w)`` of unit length at every location: the L2-normalised
