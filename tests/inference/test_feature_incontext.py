@@ -16,8 +16,10 @@ from medseg.errors import MedsegError
 from medseg.inference.feature_incontext import (
     FeatureMatchingPredictor,
     encoder_frame,
+    held_out_cases,
     load_head,
     plane_frame_size,
+    resampled,
     support_prototypes,
     unpack_masks,
 )
@@ -215,9 +217,11 @@ def test_features_and_frame_size(method: str, features: str | None, size: int, g
     assert dice(result.labels == 1, truth == 1) > 0.8
 
 
-def test_probe_frame_side_follows_the_supports() -> None:
-    """Without a frame size, the probe frames one 2D support and its queries at the support's larger side (128 to
-    256); a given size or the embedding's stays. Switching support sets with cached frames keeps each set's grid."""
+def test_probe_frame_side_follows_the_supports(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without a frame size, the probe frames 2D supports and their queries at 128 or at their larger side (up to
+    256; here the larger side wins its check); a given size or the embedding's stays. Switching support sets with
+    cached frames keeps each set's grid."""
+    monkeypatch.setattr(FeatureMatchingPredictor, "_held_out_dice", lambda self, *args: args[-1] / 256)
     small = [_scene(i, 96) for i in range(2)]
     large = [
         (np.kron(image, np.ones((3, 3), np.float32)), np.kron(label, np.ones((3, 3), np.uint8)))
@@ -229,7 +233,7 @@ def test_probe_frame_side_follows_the_supports() -> None:
     predictor = FeatureMatchingPredictor(PooledIntensity())
     query, truth = _scene(10, 96)
     big_query = np.kron(query, np.ones((3, 3), np.float32))
-    one_large, one_label = [large[0][0]], [large[0][1]]  # one support: nothing to hold out, its side
+    one_large, one_label = [large[0][0]], [large[0][1]]
     first = predictor.predict(big_query, one_large, one_label)
     assert predictor.input_size == 256 and first.probabilities.shape == (2, 288, 288)
     predictor.predict(query, [s[0] for s in small], [s[1] for s in small])
@@ -279,8 +283,27 @@ def test_probe_frame_side_is_chosen_on_held_out_supports(monkeypatch: pytest.Mon
     assert fixed.input_size == 256 and asked == [128, 256]
 
 
-def test_held_out_frame_choice_on_thin_lines() -> None:
-    """Unpatched: lines two pixels wide in 288-pixel images are resolved on the finer grid, which wins."""
+def test_held_out_cases_hold_out_the_last_supports_or_resample_a_single_one() -> None:
+    images = [np.full((40, 60), i, np.float32) for i in range(5)]
+    labels = [np.full((40, 60), i % 2, np.uint8) for i in range(5)]
+    cases = list(held_out_cases(images, labels))
+    assert [c[2] for c in cases] == [[0, 1, 3, 4], [0, 1, 2, 4], [0, 1, 2, 3]]
+    assert all(c[0] is images[i] and c[1] is labels[i] for c, i in zip(cases, (2, 3, 4), strict=True))
+    rgb = np.random.default_rng(0).integers(0, 255, (40, 60, 3)).astype(np.uint8)
+    label = np.zeros((40, 60), np.uint16)
+    label[10:20, 30:50] = 300
+    single = list(held_out_cases([rgb], [label]))
+    assert [c[2] for c in single] == [[0], [0]]
+    assert [c[0].shape for c in single] == [(28, 42, 3), (56, 84, 3)] and single[0][0].dtype == np.float32
+    assert [c[1].shape for c in single] == [(28, 42), (56, 84)] and single[1][1].dtype == np.uint16
+    assert set(np.unique(single[1][1])) == {0, 300}  # nearest: no new label values
+    assert resampled(rgb, label, 0.01)[1].shape == (1, 1)
+
+
+@pytest.mark.parametrize("count", [1, 4])
+def test_held_out_frame_choice_on_thin_lines(count: int) -> None:
+    """Unpatched: lines two pixels wide in 288-pixel images are resolved on the finer grid, which wins (held-out
+    supports, or a single support resampled)."""
     rng = np.random.default_rng(0)
     pairs = []
     for _ in range(4):
@@ -290,7 +313,7 @@ def test_held_out_frame_choice_on_thin_lines() -> None:
         image = rng.normal(0.1, 0.02, label.shape).astype(np.float32) + 0.8 * label
         pairs.append((image, label))
     predictor = FeatureMatchingPredictor(PooledIntensity())
-    predictor.predict(pairs[0][0], [p[0] for p in pairs], [p[1] for p in pairs])
+    predictor.predict(pairs[0][0], [p[0] for p in pairs[:count]], [p[1] for p in pairs[:count]])
     assert predictor.input_size == 256
 
 

@@ -88,6 +88,7 @@ FRAME_SIZES = {"stages": 128, "embedding": 256}  # encoder input side per featur
 PLANE_FRAME_SIDES = (128, 256)  # the stages' frame side range for 2D supports (`plane_frame_size`)
 FRAME_CHECKS = 3  # held-out supports (the last ones) that choose the 2D frame side (`_held_out_frame`)
 FRAME_CHOICES = 64  # support sets whose frame side choice is kept
+SINGLE_SUPPORT_ZOOMS = (0.7, 1.4)  # a single support, resized by these, is segmented from itself to choose a side
 FRAME_DTYPES = {"stages": torch.float16, "embedding": torch.float32}
 STAGES = 3  # TinyViT stages whose outputs make the "stages" features
 CACHE_BYTES = 2 << 30  # the default frame cache's budget
@@ -306,10 +307,11 @@ class FeatureMatchingPredictor(InContextPredictor):
         """The frame side for these 2D supports: `plane_frame_size` (``self.input_size`` on entry) or the smallest
         of `PLANE_FRAME_SIDES`, whichever gives the higher mean Dice over labels on the last `FRAME_CHECKS`
         supports, each segmented from the others (no post-processing). Large objects can fare better on the
-        coarser grid, thin ones on the finer. One support (nothing to hold out), or another method than the
-        probe: the supports' side."""
+        coarser grid, thin ones on the finer. A single support cannot be held out: it is segmented from itself,
+        resampled to each of `SINGLE_SUPPORT_ZOOMS` times its size (how well each side's grid and probe hold its
+        labels). Another method than the probe: the supports' side."""
         large, small = self.input_size, PLANE_FRAME_SIDES[0]
-        if large == small or len(images) < 2 or self.method != "probe":
+        if large == small or self.method != "probe":
             return large
         scores = {size: self._held_out_dice(images, labels, values, size) for size in (small, large)}
         return large if scores[large] > scores[small] else small
@@ -317,19 +319,17 @@ class FeatureMatchingPredictor(InContextPredictor):
     def _held_out_dice(
         self, images: Sequence[np.ndarray], labels: list[np.ndarray], values: list[int], size: int
     ) -> float:
-        """Mean Dice of the last `FRAME_CHECKS` supports segmented from the others at frame side ``size`` (per
-        label, over the held-out supports that show it)."""
+        """Mean Dice of the `held_out_cases` segmented at frame side ``size`` (per label, over the cases that
+        show it)."""
         scores = []
         self.plane_frame = size  # pinned while the held-out supports are predicted
         try:
-            for held in range(max(0, len(images) - FRAME_CHECKS), len(images)):
-                others = [i for i in range(len(images)) if i != held]
+            for query, truth, others in held_out_cases(images, labels):
                 try:
-                    result = self.predict(images[held], [images[i] for i in others], [labels[i] for i in others],
+                    result = self.predict(query, [images[i] for i in others], [labels[i] for i in others],
                                           largest_component=False)  # fmt: skip
                 except MedsegError:
                     continue  # the others show no foreground: this support decides nothing
-                truth = labels[held]
                 scores += [dice(result.labels == v, truth == v) for v in values if (truth == v).any()]
         finally:
             self.plane_frame = None
@@ -500,6 +500,32 @@ class FeatureMatchingPredictor(InContextPredictor):
             return self.head(maps, F.pixel_shuffle(query[:, -12:], 2))[:, 0]
         logit = maps[:, 0] if self.method == "knn" else maps[:, 1]
         return logit + self.colour_weight * maps[:, 2] if self.colour_weight > 0 else logit
+
+
+def held_out_cases(
+    images: Sequence[np.ndarray], labels: Sequence[np.ndarray]
+) -> Iterator[tuple[np.ndarray, np.ndarray, list[int]]]:
+    """(query, its truth, the indices of the supports that segment it) for `_held_out_frame`: each of the last
+    `FRAME_CHECKS` supports from the others, or a single support resampled by `SINGLE_SUPPORT_ZOOMS` from itself."""
+    if len(images) == 1:
+        for zoom in SINGLE_SUPPORT_ZOOMS:
+            yield (*resampled(images[0], labels[0], zoom), [0])
+        return
+    for held in range(max(0, len(images) - FRAME_CHECKS), len(images)):
+        yield images[held], labels[held], [i for i in range(len(images)) if i != held]
+
+
+def resampled(image: np.ndarray, label: np.ndarray, zoom: float) -> tuple[np.ndarray, np.ndarray]:
+    """A 2D image ``(H, W[, C])`` (as float32, bilinear) and its label map (nearest) resized to ``zoom`` times
+    each side (at least 1 pixel)."""
+    shape = tuple(max(1, round(side * zoom)) for side in label.shape)
+    pixels = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))
+    channels_first = pixels[None, None] if image.ndim == 2 else pixels.permute(2, 0, 1)[None]
+    resized = F.interpolate(channels_first, shape, mode="bilinear", align_corners=False)[0]
+    out = resized[0] if image.ndim == 2 else resized.permute(1, 2, 0)
+    codes = torch.from_numpy(label.astype(np.float64))[None, None]  # label values exact in float64
+    labels = F.interpolate(codes, shape, mode="nearest")[0, 0].numpy().astype(label.dtype)
+    return np.ascontiguousarray(out.numpy()), labels
 
 
 def support_prototypes(features: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
