@@ -41,8 +41,9 @@ follows the slices unless ``frame_size`` is given), or one per query slice to th
 relative depth ("matched", `InContextPredictor`'s way).
 
 Frame side ``S``: ``frame_size`` where given; else 256 for the embedding, and for the stages one that follows
-the supports (2D: `plane_frame_size`, their larger side from 128 to 256, so thin structures in large images
-keep a fine enough grid; volumes: `volume_frame_size`), the queries framed at the supports' side.
+the supports (2D: 128 or `plane_frame_size`, their larger side up to 256, whichever segments held-out supports
+better, `FeatureMatchingPredictor._held_out_frame`: thin structures in large images need the finer grid, large
+objects can fare better on the coarser; volumes: `volume_frame_size`), the queries framed at the supports' side.
 
 Frame: the image stretched to ``S x S``, clipped to its 0.5-99.5 percentiles and
 scaled to [0, 1] (grey repeated to 3 channels, RGB kept). The feature grid is ``h = S / 2`` (stages) or
