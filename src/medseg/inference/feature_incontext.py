@@ -323,8 +323,7 @@ class FeatureMatchingPredictor(InContextPredictor):
         """Mean Dice of the `held_out_cases` segmented at frame side ``size`` (per label, over the cases that
         show it)."""
         scores = []
-        self.plane_frame = size  # pinned while the held-out supports are predicted
-        try:
+        with self._framed_at(size):  # pinned while the held-out cases are predicted
             for query, truth, others in held_out_cases(images, labels):
                 try:
                     result = self.predict(query, [images[i] for i in others], [labels[i] for i in others],
@@ -332,16 +331,19 @@ class FeatureMatchingPredictor(InContextPredictor):
                 except MedsegError:
                     continue  # the others show no foreground: this support decides nothing
                 scores += [dice(result.labels == v, truth == v) for v in values if (truth == v).any()]
-        finally:
-            self.plane_frame = None
         return float(np.mean(scores)) if scores else 0.0
 
     @contextmanager
     def frame_pinned(self) -> Iterator[None]:
         """Within it, 2D support sets are framed at the current side (no choice made again for each subset of
         a support set, as `medseg.inference.draft_refinement` holds supports out); a given side stays."""
-        given = self.plane_frame
-        self.plane_frame = given or self.input_size
+        with self._framed_at(self.plane_frame or self.input_size):
+            yield
+
+    @contextmanager
+    def _framed_at(self, side: int) -> Iterator[None]:
+        """Within it, 2D support sets are framed at ``side``; the given side (or None) comes back after."""
+        given, self.plane_frame = self.plane_frame, side
         try:
             yield
         finally:
@@ -529,14 +531,19 @@ def resampled(image: np.ndarray, label: np.ndarray, zoom: float) -> tuple[np.nda
     return np.ascontiguousarray(out.numpy()), labels
 
 
+def foreground_locations(masks: torch.Tensor) -> torch.Tensor:
+    """``(N, h, w)`` bool: the feature locations whose 2 x 2 pixels of ``masks`` ``(N, 2h, 2w)`` are at least half
+    foreground; none such (a structure thinner than a location): the locations it touches."""
+    fine = masks[:, None].float()
+    foreground = F.avg_pool2d(fine, 2)[:, 0] >= 0.5
+    return foreground if foreground.any() else F.max_pool2d(fine, 2)[:, 0] > 0
+
+
 def support_prototypes(features: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     """``(2, C)`` unit-length foreground and background prototypes: the mean of the support ``features``
-    ``(N, C, h, w)`` (any float dtype) over the locations whose 2 x 2 pixels of ``masks`` ``(N, 2h, 2w)`` are at
-    least half foreground (a structure thinner than a location: those it touches), and over the rest (none:
-    the foreground's opposite). Masked average pooling (PANet, Wang et al. 2019)."""
-    foreground = F.avg_pool2d(masks[:, None].float(), 2)[:, 0] >= 0.5  # (N, h, w)
-    if not foreground.any():
-        foreground = F.max_pool2d(masks[:, None].float(), 2)[:, 0] > 0
+    ``(N, C, h, w)`` (any float dtype) over the `foreground_locations` of ``masks`` ``(N, 2h, 2w)``, and over the
+    rest (none: the foreground's opposite). Masked average pooling (PANet, Wang et al. 2019)."""
+    foreground = foreground_locations(masks)
     sums = torch.zeros(2, features.shape[1])
     for one, inside in zip(features, foreground, strict=True):  # one support at a time: no float32 copy of all
         flat, where = one.float().flatten(1), inside.flatten()
@@ -616,9 +623,7 @@ def matching_maps(
     channels, height, width = support.shape[1] - 12, support.shape[2], support.shape[3]
     features = F.normalize(support[:, :channels], dim=1).permute(0, 2, 3, 1).reshape(-1, channels)
     queries = F.normalize(query[:, :channels], dim=1).flatten(2).transpose(1, 2)  # (Q, hw, C)
-    foreground = F.avg_pool2d(masks[:, None], 2).flatten() >= 0.5  # (N hw,)
-    if not foreground.any():  # a structure thinner than a feature location: take the locations it touches
-        foreground = F.max_pool2d(masks[:, None], 2).flatten() > 0
+    foreground = foreground_locations(masks).flatten()  # (N hw,)
     fg = features[_sample(foreground, max_locations, rng)]
     bg = features[_sample(~foreground, max_locations, rng)]
     s_fg = _top_mean(queries @ fg.T, k)
