@@ -104,7 +104,19 @@ def test_errors() -> None:
 
 @pytest.mark.parametrize(
     "shape",
-    [(224, 224), (215, 256), (512, 512), (512, 600), (50, 37), (300, 199), (37, 50, 3), (600, 512, 3), (2, 300)],
+    [
+        (224, 224),
+        (215, 256),
+        (512, 512),
+        (512, 600),
+        (50, 37),
+        (300, 199),
+        (37, 50, 3),
+        (600, 512, 3),
+        (2, 300),
+        (256, 256),
+        (256, 100, 3),
+    ],
 )
 def test_area_resize_equals_opencv_inter_area(shape: tuple[int, ...]) -> None:
     cv2 = pytest.importorskip("cv2")

@@ -139,6 +139,8 @@ def area_resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     a = np.asarray(image)
     if a.ndim not in (2, 3):
         raise MedsegError(f"expected a (y, x) or (y, x, C) image, got shape {a.shape}")
+    if tuple(size) == a.shape[:2] and min(size) >= 1:
+        return a.astype(np.float64)  # OpenCV copies an image resized to its own size
     shrink = size[0] <= a.shape[0] and size[1] <= a.shape[1]
     rows = _area_weights(a.shape[0], size[0], shrink)
     cols = _area_weights(a.shape[1], size[1], shrink)

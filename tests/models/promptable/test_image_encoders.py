@@ -13,10 +13,12 @@ import torch
 from medseg.models.promptable.image_encoders import (
     ImageEncoderViT,
     TinyViT,
+    _common,
     build_tinyvit_lite_medsam,
     build_vit_b,
     for_inference,
 )
+from medseg.models.promptable.image_encoders._common import conv_gelu, linear_gelu
 from medseg.models.promptable.image_encoders.tiny_vit import TinyViTAttention
 
 SHARED_DATA = Path(__file__).resolve().parents[3].parent / "shared" / "data"
@@ -323,3 +325,63 @@ def test_inference_copy_of_vit_b_gives_the_same_embedding(small_vit_b: ImageEnco
         expected = small_vit_b(x)
         actual = for_inference(small_vit_b)(x.contiguous(memory_format=torch.channels_last))
     torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
+
+
+# -------------------------------------------------------------------------------------------------
+# conv_gelu / linear_gelu (oneDNN's fused element-wise op in inference copies)
+
+needs_fused_ops = pytest.mark.skipif(_common._FUSED_CONV is None, reason="this torch build lacks oneDNN's fused ops")
+
+
+@pytest.mark.parametrize(("stride", "padding", "groups"), [(1, 0, 1), (2, 1, 8), (1, 1, 8)])
+def test_conv_gelu_equals_gelu_of_the_convolution_frozen_or_not(stride: int, padding: int, groups: int) -> None:
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(8, 16, 3 if padding else 1, stride, padding, groups=groups)
+    x = torch.randn(2, 8, 19, 23).contiguous(memory_format=torch.channels_last)
+    expected = torch.nn.functional.gelu(conv(x))
+    trained = conv_gelu(conv, x)  # weights that need gradients: the unfused path, gradients flow
+    trained.sum().backward()
+    assert conv.weight.grad is not None and conv.weight.grad.abs().sum() > 0
+    conv.requires_grad_(False)
+    with torch.inference_mode():
+        frozen = conv_gelu(conv, x)
+    torch.testing.assert_close(trained, expected, rtol=0, atol=0)
+    torch.testing.assert_close(frozen, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_linear_gelu_equals_gelu_of_the_linear_layer_frozen_or_not() -> None:
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(24, 40)
+    x = torch.randn(2, 5, 7, 24)
+    expected = torch.nn.functional.gelu(linear(x))
+    trained = linear_gelu(linear, x)
+    trained.sum().backward()
+    assert linear.weight.grad is not None
+    linear.requires_grad_(False)
+    with torch.inference_mode():
+        frozen = linear_gelu(linear, x)
+    torch.testing.assert_close(trained, expected, rtol=0, atol=0)
+    torch.testing.assert_close(frozen, expected, rtol=1e-5, atol=1e-5)
+
+
+@needs_fused_ops
+def test_inference_copy_of_tinyvit_runs_the_fused_ops(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = {"conv": 0, "linear": 0}
+
+    def counted(op: object, kind: str) -> object:
+        def call(*args: object) -> torch.Tensor:
+            calls[kind] += 1
+            return op(*args)  # type: ignore[operator]
+
+        return call
+
+    monkeypatch.setattr(_common, "_FUSED_CONV", counted(_common._FUSED_CONV, "conv"))
+    monkeypatch.setattr(_common, "_FUSED_LINEAR", counted(_common._FUSED_LINEAR, "linear"))
+    encoder = TinyViT(img_size=64, embed_dims=(16, 32, 40, 80), depths=(1, 1, 2, 1), num_heads=(1, 2, 2, 4)).eval()
+    x = torch.rand(1, 3, 64, 64)
+    with torch.inference_mode():
+        encoder(x)
+        assert calls == {"conv": 0, "linear": 0}  # ConvBN and trainable layers: never fused
+        for_inference(encoder)(x)
+    # patch embedding 1, MBConv 2, patch mergings 2 x 3; one MLP per attention block (1 + 2 + 1)
+    assert calls == {"conv": 9, "linear": 4}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +49,54 @@ class ConvBN(nn.Sequential):
         self.bn = nn.BatchNorm2d(out_channels)
         nn.init.constant_(self.bn.weight, bn_weight_init)
         nn.init.zeros_(self.bn.bias)
+
+
+def conv_gelu(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``GELU(conv(x))`` (exact, erf-based), in one oneDNN call where ``conv`` is a plain ``Conv2d`` with
+    frozen weights and ``x`` a float32 CPU tensor (as in `for_inference` copies).
+
+    The fused call saves a pass over the convolution's output, which dominates at high resolution
+    (TinyViT's first stage); it computes the same values up to float32 rounding. Anything else (a
+    `ConvBN` in training, autograd, another device or dtype) takes the unfused path.
+    """
+    if (
+        isinstance(conv, nn.Conv2d)
+        and _fusable(conv, x)
+        and isinstance(conv.padding, tuple)
+        and conv.padding_mode == "zeros"
+    ):
+        return _FUSED_CONV(  # type: ignore[misc]
+            x, conv.weight, conv.bias, conv.padding, conv.stride, conv.dilation, conv.groups, "gelu", [], "none"
+        )
+    return F.gelu(conv(x))
+
+
+def linear_gelu(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """``GELU(linear(x))`` (exact), fused in one oneDNN call under the conditions of `conv_gelu`."""
+    if _fusable(linear, x) and _FUSED_LINEAR is not None:
+        return _FUSED_LINEAR(x, linear.weight, linear.bias, "gelu", [], "none")
+    return F.gelu(linear(x))
+
+
+def _fusable(layer: nn.Module, x: torch.Tensor) -> bool:
+    return (
+        _FUSED_CONV is not None
+        and x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and not (x.requires_grad or any(p.requires_grad for p in layer.parameters(recurse=False)))
+    )
+
+
+def _fused_op(name: str) -> Callable[..., torch.Tensor] | None:
+    """oneDNN's convolution / linear with a fused element-wise op (the ops TorchInductor emits on CPU), where
+    this build has them."""
+    if not torch.backends.mkldnn.is_available():
+        return None
+    return getattr(torch.ops.mkldnn, name, None)
+
+
+_FUSED_CONV = _fused_op("_convolution_pointwise")
+_FUSED_LINEAR = _fused_op("_linear_pointwise")
 
 
 def window_partition(x: torch.Tensor, window: int) -> tuple[torch.Tensor, tuple[int, int]]:

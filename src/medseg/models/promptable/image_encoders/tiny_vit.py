@@ -21,7 +21,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medseg.models.promptable.image_encoders._common import ConvBN, neck, window_merge, window_partition
+from medseg.models.promptable.image_encoders._common import (
+    ConvBN,
+    conv_gelu,
+    linear_gelu,
+    neck,
+    window_merge,
+    window_partition,
+)
 
 
 class PatchEmbed(nn.Module):
@@ -34,7 +41,7 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, C_in, H, W) -> (B, embed_dim, H, W)``."""
-        return self.seq(x)
+        return self.seq[2](conv_gelu(self.seq[0], x))
 
 
 class MBConv(nn.Module):
@@ -52,8 +59,7 @@ class MBConv(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, C, H, W) -> (B, C, H, W)``."""
-        y = F.gelu(self.conv1(x))
-        y = F.gelu(self.conv2(y))
+        y = conv_gelu(self.conv2, conv_gelu(self.conv1, x))
         return F.gelu(self.conv3(y) + x)
 
 
@@ -71,9 +77,7 @@ class PatchMerging(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, C_in, H, W) -> (B, C_out, H', W')``."""
-        x = F.gelu(self.conv1(x))
-        x = F.gelu(self.conv2(x))
-        return self.conv3(x)
+        return self.conv3(conv_gelu(self.conv2, conv_gelu(self.conv1, x)))
 
 
 class TinyViTAttention(nn.Module):
@@ -110,7 +114,8 @@ class TinyViTAttention(nn.Module):
         qkv = self.qkv(self.norm(x)).view(b, n, self.num_heads, 3, self.head_dim)
         q, k, v = qkv.permute(3, 0, 2, 1, 4).unbind(0)  # each (B', heads, N, head_dim)
         bias = self.attention_biases[:, self.attention_bias_idxs]  # (heads, N, N)
-        attn = torch.softmax((q @ k.transpose(-2, -1)) * self.scale + bias, dim=-1)
+        logits = (q * self.scale) @ k.transpose(-2, -1)  # scaling q: 1 / window**2 of the work of scaling q k^T
+        attn = torch.softmax(logits.add_(bias) if not logits.requires_grad else logits + bias, dim=-1)
         return self.proj((attn @ v).transpose(1, 2).reshape(b, n, c))
 
 
@@ -125,7 +130,7 @@ class TinyViTMlp(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(..., C) -> (..., C)``."""
-        return self.fc2(F.gelu(self.fc1(self.norm(x))))
+        return self.fc2(linear_gelu(self.fc1, self.norm(x)))
 
 
 class TinyViTBlock(nn.Module):
