@@ -59,6 +59,25 @@ def test_the_encoder_sees_each_patch_min_max_scaled_in_three_channels() -> None:
     assert any(p.grad is not None for p in fine_tuned.image_encoder.parameters())
 
 
+def test_a_frozen_encoder_runs_as_an_inference_copy_that_follows_loaded_weights() -> None:
+    torch.manual_seed(0)
+    network = LiteMedSAMUNet(1, 2).train()
+    x = torch.randn(2, 1, 32, 48)
+    fast = network(x)  # frozen, input without gradient: the for_inference copy
+    copy = network.__dict__["_inference_copy"][1]
+    assert "_inference_copy" not in network.state_dict() and not any(
+        "_inference_copy" in n for n, _ in network.named_modules()
+    )
+    plain = network(x.requires_grad_())  # an input that needs a gradient: the encoder itself, with its graph
+    torch.testing.assert_close(fast, plain, rtol=1e-4, atol=1e-4)
+    state = {k: v + 0.01 if v.is_floating_point() else v for k, v in network.image_encoder.state_dict().items()}
+    network.image_encoder.load_state_dict(state)  # new weights (a checkpoint load): a new copy
+    moved = network(x.detach())
+    assert network.__dict__["_inference_copy"][1] is not copy
+    torch.testing.assert_close(moved, network(x), rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(moved, fast, atol=1e-3)
+
+
 def test_3d_and_other_channel_counts_are_refused() -> None:
     with pytest.raises(MedsegError, match="2D U-Net"):
         build_network(_config(spatial_dims=3, strides=[[2, 2, 2]], kernel_sizes=[[3, 3, 3]] * 2))

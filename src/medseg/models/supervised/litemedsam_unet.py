@@ -8,16 +8,19 @@ starts at 1/2 after its first stage).
 
 The encoder saw images min-max scaled to [0, 1] with three channels: the network does the same to each
 input patch (grey: one channel repeated), whatever normalisation the plan applied before (min-max undoes
-any affine one). ``freeze_encoder`` keeps its weights (and runs it without gradients).
+any affine one). ``freeze_encoder`` keeps its weights (and runs it without gradients, through a
+`for_inference` copy: BatchNorm folded, channels-last, GELU fused; the same maps up to float32 rounding).
 """
 
 from __future__ import annotations
+
+from typing import cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medseg.models.promptable.image_encoders import build_tinyvit_lite_medsam
+from medseg.models.promptable.image_encoders import TinyViT, build_tinyvit_lite_medsam, for_inference
 
 ENCODER_PREFIX = "image_encoder."
 
@@ -75,15 +78,32 @@ class LiteMedSAMUNet(nn.Module):
         size = x.shape[-2:]
         if size[0] % 4 or size[1] % 4:
             raise ValueError(f"patch sides must be multiples of 4, got {tuple(size)}")
-        # a frozen encoder builds no graph, unless its input needs a gradient (GenSeg's generated images)
-        with torch.set_grad_enabled(torch.is_grad_enabled() and (not self.freeze_encoder or x.requires_grad)):
+        needs_graph = torch.is_grad_enabled() and (not self.freeze_encoder or x.requires_grad)
+        if needs_graph:  # a trained encoder, or a frozen one whose input needs a gradient (GenSeg's images)
             stages = self.image_encoder.stage_outputs(self.encoder_input(x), 4)
             embedding = self.image_encoder.neck(stages[-1])
+        else:
+            with torch.no_grad():
+                encoder = self._inference_encoder()
+                scaled = self.encoder_input(x).contiguous(memory_format=torch.channels_last)
+                stages = [s.contiguous() for s in encoder.stage_outputs(scaled, 4)]
+                embedding = encoder.neck(stages[-1]).contiguous()
         quarter = self.fuse(torch.cat([embedding, stages[3], stages[1]], 1))
         half = F.interpolate(quarter, scale_factor=2.0, mode="bilinear", align_corners=False)
         half = self.up2(torch.cat([half, stages[0]], 1))
         full = F.interpolate(half, size=size, mode="bilinear", align_corners=False)
         return self.head(self.up1(torch.cat([full, self.shallow(x)], 1)))
+
+    def _inference_encoder(self) -> TinyViT:
+        """A `for_inference` copy of the encoder, made again when its weights, device or dtype have changed
+        since (a checkpoint loaded, ``.to``): tensors count their in-place changes in ``_version``."""
+        tensors = [*self.image_encoder.parameters(), *self.image_encoder.buffers()]
+        state = (tensors[0].device, tensors[0].dtype, tuple(t._version for t in tensors), [id(t) for t in tensors])
+        cached = self.__dict__.get("_inference_copy")  # not a submodule: no state-dict entries, no parameters
+        if cached is None or cached[0] != state:
+            cached = (state, cast(TinyViT, for_inference(self.image_encoder)))
+            self.__dict__["_inference_copy"] = cached
+        return cached[1]
 
 
 def load_pretrained_encoder(network: LiteMedSAMUNet) -> None:
