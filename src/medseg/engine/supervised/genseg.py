@@ -45,6 +45,10 @@ ARCH_LR, ARCH_BETAS, ARCH_DECAY = 3e-4, (0.5, 0.999), 1e-3  # DARTS's architectu
 # The architecture (a few mixture weights) is updated every ARCH_EVERY-th step: the double back-propagation
 # costs about three plain steps on a CPU, and the other steps train the networks on the same kind of pairs.
 ARCH_EVERY = 4
+# Double back-propagation through a pretrained encoder (LiteMedSAM's TinyViT: 256 channels at half resolution)
+# keeps about 2.7 GB per 256 x 256 image: its architecture steps take one real and one synthetic image, not the
+# batch (16 images there exhausted 24 GB). The hypergradient stays exact, on fewer images.
+ARCH_IMAGES_PRETRAINED = 1
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -161,6 +165,8 @@ class GenSeg:
         validation: the architecture's validation cases (GenSeg's split), sampled as patches.
         mode: ``end-to-end`` or ``separate`` (`MODES`).
         ngf: the generator's first-level channels.
+        arch_images: real images (and as many synthetic ones) in an architecture step, None for the whole batch
+            (`ARCH_IMAGES_PRETRAINED` for a pretrained encoder); that step's network update uses them too.
     """
 
     def __init__(
@@ -173,6 +179,7 @@ class GenSeg:
         mode: str = "end-to-end",
         ngf: int = 16,
         device: torch.device | None = None,
+        arch_images: int | None = None,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}")
@@ -190,6 +197,7 @@ class GenSeg:
         )
         self.validation = PatchSampler(validation, plan)
         self.steps = 0  # steps with generated pairs (every ARCH_EVERY-th also updates the architecture)
+        self.arch_images = arch_images
 
     # ---- one training step ---------------------------------------------------------------------------------
     def step(self, images: torch.Tensor, labels: torch.Tensor, rng: np.random.Generator, progress: float) -> float:
@@ -206,6 +214,8 @@ class GenSeg:
             with torch.no_grad():
                 synthetic = self.generator(onehot(masks, self.classes))
             return self._network_step(torch.cat([images, synthetic]), torch.cat([labels, masks]))
+        if self.arch_images is not None:
+            images, labels, masks = images[: self.arch_images], labels[: self.arch_images], masks[: self.arch_images]
         val_images, val_labels = self.validation.batch(images.shape[0], rng)
         step = float(self.optimizer.param_groups[0]["lr"])
         arch = self.generator.architecture_parameters()

@@ -34,8 +34,8 @@ from medseg.data.check import require_valid
 from medseg.data.dataset import Case, Dataset
 from medseg.engine.run_files import atomic_write, plot_curve, write_json
 from medseg.engine.supervised.data import PatchSampler, PreparedCase, prepare_case
+from medseg.engine.supervised.genseg import ARCH_IMAGES_PRETRAINED, GenSeg, validation_share
 from medseg.engine.supervised.genseg import MODES as GENSEG_MODES
-from medseg.engine.supervised.genseg import GenSeg, validation_share
 from medseg.engine.supervised.split import make_split
 from medseg.errors import MedsegError
 from medseg.inference.sliding_window import predict_probabilities
@@ -263,6 +263,7 @@ def _train(
             options.genseg,
             options.genseg_ngf,
             ctx.device,
+            arch_images=ARCH_IMAGES_PRETRAINED if plan.network.backbone == "litemedsam" else None,
         )
         if saved is not None and "genseg" in saved:
             genseg.load_state_dict(saved["genseg"])
