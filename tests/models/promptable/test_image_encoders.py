@@ -385,3 +385,25 @@ def test_inference_copy_of_tinyvit_runs_the_fused_ops(monkeypatch: pytest.Monkey
         for_inference(encoder)(x)
     # patch embedding 1, MBConv 2, patch mergings 2 x 3; one MLP per attention block (1 + 2 + 1)
     assert calls == {"conv": 9, "linear": 4}
+
+
+@needs_fused_ops
+def test_layers_with_hooks_or_of_other_types_run_as_modules() -> None:
+    seen: list[int] = []
+
+    class Scaled(torch.nn.Linear):  # a wrapper-like subclass whose forward is not the plain layer's
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return super().forward(x) * 2.0
+
+    linear = torch.nn.Linear(4, 3).requires_grad_(False)
+    linear.register_forward_hook(lambda *_: seen.append(1))
+    scaled = Scaled(4, 3).requires_grad_(False)
+    conv = torch.nn.Conv2d(2, 2, 1).requires_grad_(False)
+    conv.register_forward_hook(lambda *_: seen.append(2))
+    with torch.inference_mode():
+        linear_gelu(linear, torch.rand(5, 4))
+        out = linear_gelu(scaled, torch.rand(5, 4))
+        conv_gelu(conv, torch.rand(1, 2, 3, 3))
+        x = torch.rand(5, 4)
+        torch.testing.assert_close(linear_gelu(scaled, x), torch.nn.functional.gelu(scaled(x)))
+    assert seen == [1, 2] and out.shape == (5, 3)

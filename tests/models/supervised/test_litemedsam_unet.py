@@ -78,6 +78,18 @@ def test_a_frozen_encoder_runs_as_an_inference_copy_that_follows_loaded_weights(
     assert not torch.allclose(moved, fast, atol=1e-3)
 
 
+def test_the_inference_copy_serves_only_a_frozen_encoder_with_counted_changes() -> None:
+    with torch.inference_mode():  # built in inference mode: its tensors keep no version count, no copy
+        built = LiteMedSAMUNet(1, 2).eval()
+        assert built(torch.rand(1, 1, 32, 32)).shape == (1, 2, 32, 32)
+    assert "_inference_copy" not in built.__dict__
+    fine_tuned = LiteMedSAMUNet(1, 2, freeze_encoder=False).train()
+    tracked = [m.num_batches_tracked for m in fine_tuned.image_encoder.modules() if hasattr(m, "num_batches_tracked")]
+    with torch.no_grad():  # a train-mode forward keeps batch statistics (BatchNorm re-estimation)
+        fine_tuned(torch.rand(2, 1, 32, 32))
+    assert all(int(t) == 1 for t in tracked) and "_inference_copy" not in fine_tuned.__dict__
+
+
 def test_3d_and_other_channel_counts_are_refused() -> None:
     with pytest.raises(MedsegError, match="2D U-Net"):
         build_network(_config(spatial_dims=3, strides=[[2, 2, 2]], kernel_sizes=[[3, 3, 3]] * 2))

@@ -79,12 +79,13 @@ class LiteMedSAMUNet(nn.Module):
         if size[0] % 4 or size[1] % 4:
             raise ValueError(f"patch sides must be multiples of 4, got {tuple(size)}")
         needs_graph = torch.is_grad_enabled() and (not self.freeze_encoder or x.requires_grad)
-        if needs_graph:  # a trained encoder, or a frozen one whose input needs a gradient (GenSeg's images)
-            stages = self.image_encoder.stage_outputs(self.encoder_input(x), 4)
-            embedding = self.image_encoder.neck(stages[-1])
+        encoder = self._inference_encoder() if self.freeze_encoder and not needs_graph else None
+        if encoder is None:  # a fine-tuned encoder, or a frozen one whose input needs a gradient (GenSeg's images)
+            with torch.set_grad_enabled(needs_graph):
+                stages = self.image_encoder.stage_outputs(self.encoder_input(x), 4)
+                embedding = self.image_encoder.neck(stages[-1])
         else:
             with torch.no_grad():
-                encoder = self._inference_encoder()
                 scaled = self.encoder_input(x).contiguous(memory_format=torch.channels_last)
                 stages = [s.contiguous() for s in encoder.stage_outputs(scaled, 4)]
                 embedding = encoder.neck(stages[-1]).contiguous()
@@ -94,10 +95,14 @@ class LiteMedSAMUNet(nn.Module):
         full = F.interpolate(half, size=size, mode="bilinear", align_corners=False)
         return self.head(self.up1(torch.cat([full, self.shallow(x)], 1)))
 
-    def _inference_encoder(self) -> TinyViT:
-        """A `for_inference` copy of the encoder, made again when its weights, device or dtype have changed
-        since (a checkpoint loaded, ``.to``): tensors count their in-place changes in ``_version``."""
+    def _inference_encoder(self) -> TinyViT | None:
+        """A `for_inference` copy of the frozen encoder, made again when its weights, device or dtype have
+        changed since (a checkpoint loaded, ``.to``): tensors count their in-place changes in ``_version``
+        (changes through ``.data``, NumPy views or fused optimisers are not counted: a frozen encoder has no
+        reason for them). None while it holds inference-mode tensors, which keep no such count."""
         tensors = [*self.image_encoder.parameters(), *self.image_encoder.buffers()]
+        if any(t.is_inference() for t in tensors):
+            return None
         state = (tensors[0].device, tensors[0].dtype, tuple(t._version for t in tensors), [id(t) for t in tensors])
         cached = self.__dict__.get("_inference_copy")  # not a submodule: no state-dict entries, no parameters
         if cached is None or cached[0] != state:

@@ -60,7 +60,7 @@ def conv_gelu(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
     `ConvBN` in training, autograd, another device or dtype) takes the unfused path.
     """
     if (
-        isinstance(conv, nn.Conv2d)
+        type(conv) is nn.Conv2d
         and _fusable(conv, x)
         and isinstance(conv.padding, tuple)
         and conv.padding_mode == "zeros"
@@ -73,17 +73,20 @@ def conv_gelu(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def linear_gelu(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """``GELU(linear(x))`` (exact), fused in one oneDNN call under the conditions of `conv_gelu`."""
-    if _fusable(linear, x) and _FUSED_LINEAR is not None:
+    if type(linear) is nn.Linear and _fusable(linear, x) and _FUSED_LINEAR is not None:
         return _FUSED_LINEAR(x, linear.weight, linear.bias, "gelu", [], "none")
     return F.gelu(linear(x))
 
 
 def _fusable(layer: nn.Module, x: torch.Tensor) -> bool:
+    # plain layers only: a subclass or wrapper, a hook or autocast must see the layer run as a module
     return (
         _FUSED_CONV is not None
         and x.device.type == "cpu"
         and x.dtype == torch.float32
         and not (x.requires_grad or any(p.requires_grad for p in layer.parameters(recurse=False)))
+        and not (layer._forward_hooks or layer._forward_pre_hooks)
+        and not torch.is_autocast_enabled("cpu")
     )
 
 
