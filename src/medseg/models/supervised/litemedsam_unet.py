@@ -79,16 +79,18 @@ class LiteMedSAMUNet(nn.Module):
         if size[0] % 4 or size[1] % 4:
             raise ValueError(f"patch sides must be multiples of 4, got {tuple(size)}")
         needs_graph = torch.is_grad_enabled() and (not self.freeze_encoder or x.requires_grad)
-        encoder = self._inference_encoder() if self.freeze_encoder and not needs_graph else None
-        if encoder is None:  # a fine-tuned encoder, or a frozen one whose input needs a gradient (GenSeg's images)
-            with torch.set_grad_enabled(needs_graph):
-                stages = self.image_encoder.stage_outputs(self.encoder_input(x), 4)
-                embedding = self.image_encoder.neck(stages[-1])
-        else:
-            with torch.no_grad():
-                scaled = self.encoder_input(x).contiguous(memory_format=torch.channels_last)
-                stages = [s.contiguous() for s in encoder.stage_outputs(scaled, 4)]
-                embedding = encoder.neck(stages[-1]).contiguous()
+        copy = self._inference_encoder() if self.freeze_encoder and not needs_graph else None
+        scaled = self.encoder_input(x)
+        # the copy for a frozen encoder without a graph; the encoder itself when fine-tuned or when the input
+        # needs a gradient (GenSeg's generated images)
+        with torch.set_grad_enabled(needs_graph):
+            encoder = self.image_encoder if copy is None else copy
+            stages = encoder.stage_outputs(
+                scaled if copy is None else scaled.contiguous(memory_format=torch.channels_last), 4
+            )
+            embedding = encoder.neck(stages[-1])
+        if copy is not None:  # back from channels-last, the layout the decoder was measured in
+            stages, embedding = [s.contiguous() for s in stages], embedding.contiguous()
         quarter = self.fuse(torch.cat([embedding, stages[3], stages[1]], 1))
         half = F.interpolate(quarter, scale_factor=2.0, mode="bilinear", align_corners=False)
         half = self.up2(torch.cat([half, stages[0]], 1))

@@ -61,11 +61,12 @@ def conv_gelu(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """
     if (
         type(conv) is nn.Conv2d
+        and _FUSED_CONV is not None
         and _fusable(conv, x)
         and isinstance(conv.padding, tuple)
         and conv.padding_mode == "zeros"
     ):
-        return _FUSED_CONV(  # type: ignore[misc]
+        return _FUSED_CONV(
             x, conv.weight, conv.bias, conv.padding, conv.stride, conv.dilation, conv.groups, "gelu", [], "none"
         )
     return F.gelu(conv(x))
@@ -73,7 +74,7 @@ def conv_gelu(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def linear_gelu(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """``GELU(linear(x))`` (exact), fused in one oneDNN call under the conditions of `conv_gelu`."""
-    if type(linear) is nn.Linear and _fusable(linear, x) and _FUSED_LINEAR is not None:
+    if type(linear) is nn.Linear and _FUSED_LINEAR is not None and _fusable(linear, x):
         return _FUSED_LINEAR(x, linear.weight, linear.bias, "gelu", [], "none")
     return F.gelu(linear(x))
 
@@ -81,8 +82,7 @@ def linear_gelu(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
 def _fusable(layer: nn.Module, x: torch.Tensor) -> bool:
     # plain layers only: a subclass or wrapper, a hook or autocast must see the layer run as a module
     return (
-        _FUSED_CONV is not None
-        and x.device.type == "cpu"
+        x.device.type == "cpu"
         and x.dtype == torch.float32
         and not (x.requires_grad or any(p.requires_grad for p in layer.parameters(recurse=False)))
         and not (layer._forward_hooks or layer._forward_pre_hooks)
