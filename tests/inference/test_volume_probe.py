@@ -6,7 +6,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 import medseg.inference.volume_probe as module
 from medseg.errors import MedsegError
@@ -20,7 +19,7 @@ from medseg.inference.volume_probe import (
     volume_frame_size,
 )
 from medseg.metrics.surface import dice
-from medseg.models.incontext.support_probe import FEATURE_SCALE, fit_support_probe
+from medseg.models.incontext.support_probe import FEATURE_SCALE, SupportProbe, fit_support_probes
 from stand_in_encoders import PooledIntensity
 
 
@@ -66,17 +65,17 @@ def test_location_targets_match_the_predictors_masks() -> None:
 def test_beyond_the_row_limit_each_slice_keeps_an_equal_share_half_foreground(monkeypatch: pytest.MonkeyPatch) -> None:
     fitted: list[torch.Tensor] = []
 
-    def recording_fit(rows: torch.Tensor, targets: torch.Tensor, **options: object) -> nn.Module:
-        fitted.append(targets)
-        return fit_support_probe(rows, targets, steps=2)
+    def recording_fit(rows: torch.Tensor, targets: torch.Tensor, **options: object) -> list[SupportProbe]:
+        fitted.extend(targets.T)
+        return fit_support_probes(rows, targets, steps=2)
 
-    monkeypatch.setattr(module, "fit_support_probe", recording_fit)
+    monkeypatch.setattr(module, "fit_support_probes", recording_fit)
     monkeypatch.setattr(module, "MAX_SUPPORT_ROWS", 300)
     volume, labels = _look_alike_volume(0)  # 8 slices of 16 x 16 locations below: 37 rows each
     values = [1, 2]
 
-    def encode(image: np.ndarray) -> torch.Tensor:
-        return torch.nn.functional.normalize(torch.rand(5, 16, 16), dim=0)
+    def encode(images: list[np.ndarray]) -> torch.Tensor:
+        return torch.nn.functional.normalize(torch.rand(len(images), 5, 16, 16), dim=1)
 
     probes = fit_volume_probes(encode, [volume], [labels], values, [np.arange(1)])
     assert len(probes) == 1 and all(p is not None for p in probes[0])
@@ -103,11 +102,11 @@ def test_the_position_tells_apart_labels_that_look_alike() -> None:
 def test_volume_probes_are_fitted_once_per_support_set_with_progress(monkeypatch: pytest.MonkeyPatch) -> None:
     fits: list[int] = []
 
-    def counting_fit(rows: torch.Tensor, targets: torch.Tensor, **options: int) -> nn.Module:
-        fits.append(len(rows))
-        return fit_support_probe(rows, targets, **options)
+    def counting_fit(rows: torch.Tensor, targets: torch.Tensor, **options: int) -> list[SupportProbe]:
+        fits.extend([len(rows)] * targets.shape[1])  # one probe per label (fitted together)
+        return fit_support_probes(rows, targets, **options)
 
-    monkeypatch.setattr(module, "fit_support_probe", counting_fit)
+    monkeypatch.setattr(module, "fit_support_probes", counting_fit)
     predictor = FeatureMatchingPredictor(PooledIntensity(), probe_steps=20)
     support = [_look_alike_volume(seed) for seed in range(2)]
     images, labels = [v for v, _ in support], [lab for _, lab in support]

@@ -258,6 +258,18 @@ class FeatureMatchingPredictor(InContextPredictor):
             total -= self._cache.popitem(last=False)[1].nbytes
         return self._cache[key]
 
+    def encode_slices(self, images: Sequence[np.ndarray], size: int) -> torch.Tensor:
+        """The features of `frame` (its first ``C`` channels, in its dtype) of 2D images of one shape framed
+        at ``size``, ``(N, C, g, g)``, encoded as one batch (fewer, larger calls than one per image) and not
+        cached: the slices of a volume."""
+        frames = torch.from_numpy(np.stack([encoder_frame(np.ascontiguousarray(image), size) for image in images]))
+        dtype = torch.bfloat16 if self.bfloat16 else torch.float32
+        pixels = frames.to(self.device, dtype).contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode():
+            features = self._encode(pixels).cpu()
+        self._grids[size] = features.shape[-1]
+        return features.to(FRAME_DTYPES[self.features])
+
     def _encode(self, pixels: torch.Tensor) -> torch.Tensor:
         """``(1, 3, S, S)`` -> float32 ``(1, C, h, w)`` of unit length at every location: the L2-normalised
         embedding, or the first `STAGES` stage outputs, each bilinearly resized to the first one's grid and
@@ -484,9 +496,8 @@ class FeatureMatchingPredictor(InContextPredictor):
             if on_slice is not None:
                 on_slice(next(done), work)
 
-        def encode(image: np.ndarray) -> torch.Tensor:
-            frame = torch.from_numpy(self.frame(image, size, cache=False))
-            return frame[: frame.shape[0] - 12]
+        def encode(images: Sequence[np.ndarray]) -> torch.Tensor:
+            return self.encode_slices(images, size)
 
         if probes is None:
             steps = VOLUME_STEP_FACTOR * self.probe_steps

@@ -14,13 +14,13 @@ to a multiple of 16, from 64 to 128, so a small slice is not blown up four times
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from medseg.models.incontext.support_probe import FEATURE_SCALE, SupportProbe, fit_support_probe
+from medseg.models.incontext.support_probe import FEATURE_SCALE, SupportProbe, fit_support_probes
 from medseg.preprocessing.frames import frame_side, label_masks
 
 DEPTH_FREQUENCIES = (1, 2, 3)  # multiples of pi for the relative depth
@@ -31,8 +31,9 @@ VOLUME_PROBE_STEPS = 400  # Adam steps per label (twice a 2D probe's default: fa
 MAX_SUPPORT_ROWS = 1 << 18  # feature locations kept for the fit (float16: about 0.33 GB at 608 channels)
 FRAME_SIDES = (64, 128)  # `volume_frame_size`'s range
 
-# encode: one 2D slice -> its unit-length features (C, g, g); progress: called once per slice encoded
-Encoder = Callable[[np.ndarray], torch.Tensor]
+ENCODE_BATCH = 8  # slices per call of the encoder
+# encode: 2D slices of one shape -> their unit-length features (N, C, g, g); progress: called once per slice encoded
+Encoder = Callable[[Sequence[np.ndarray]], torch.Tensor]
 Progress = Callable[[], None]
 
 
@@ -82,7 +83,8 @@ def fit_volume_probes(
     support volumes (features, then `position_rows`); None where the subset shows no example of the label.
 
     Args:
-        encode: a slice ``(H, W[, C])`` -> unit-length features ``(C, g, g)`` (the same ``g`` for every slice).
+        encode: slices ``(H, W[, C])`` of one shape -> unit-length features ``(N, C, g, g)`` (the same ``g`` for
+            every slice), called with up to `ENCODE_BATCH` slices.
         volumes: support volumes ``(Z_i, H_i, W_i[, C])``; labels: their integer label maps ``(Z_i, H_i, W_i)``.
         subsets: indices into ``volumes``, one fit per subset and label.
 
@@ -96,8 +98,7 @@ def fit_volume_probes(
     rows: torch.Tensor | None = None  # allocated at the first slice, when the channels and grid are known
     filled, target_list, owner_list = 0, [], []
     for index, (volume, label) in enumerate(zip(volumes, labels, strict=True)):
-        for z in range(volume.shape[0]):
-            features = encode(volume[z])
+        for z, features in _encoded(encode, volume):
             channels, grid = features.shape[0], features.shape[-1]
             target = location_targets(label[z], values, grid)
             keep = _kept_locations(target, per_slice, rng)
@@ -120,17 +121,27 @@ def fit_volume_probes(
         else:
             chosen = torch.isin(owners, torch.from_numpy(np.asarray(subset)))
             subset_rows, subset_targets = all_rows[chosen], targets[chosen]
-        fitted: list[SupportProbe | None] = []
-        for k in range(len(values)):
+        fitted: list[SupportProbe | None] = [None] * len(values)  # None: no example of the label, no vote for it
+        shown = [k for k in range(len(values)) if bool((subset_targets[:, k] > 0).any())]
+        columns = []
+        for k in shown:
             target = subset_targets[:, k]
-            if not bool((target > 0).any()):
-                fitted.append(None)  # this subset shows no example of the label: no vote for it
-                continue
             if not bool((target > 0.5).any()):  # thinner than a location everywhere: the locations it touches
                 target = (target > 0).float()
-            fitted.append(fit_support_probe(subset_rows, target, steps=steps, seed=seed, normalised=True))
+            columns.append(target)
+        if shown:  # the labels together: each probe as its own fit would give
+            together = fit_support_probes(subset_rows, torch.stack(columns, 1), steps=steps, seed=seed, normalised=True)
+            for k, probe in zip(shown, together, strict=True):
+                fitted[k] = probe
         probes.append(fitted)
     return probes
+
+
+def _encoded(encode: Encoder, volume: np.ndarray) -> Iterator[tuple[int, torch.Tensor]]:
+    """``(z, features (C, g, g))`` for each slice of ``volume``, encoded `ENCODE_BATCH` slices at a time."""
+    for start in range(0, volume.shape[0], ENCODE_BATCH):
+        batch = encode(list(volume[start : start + ENCODE_BATCH]))
+        yield from enumerate(batch, start)
 
 
 def _kept_locations(target: torch.Tensor, budget: int, rng: np.random.Generator) -> torch.Tensor:
@@ -157,8 +168,7 @@ def volume_probabilities(
     computed on the ``g x g`` grid (locations in ``dtype``, the probes' own) and upsampled bilinearly."""
     depth, count = query.shape[0], len(probes[0])
     slices = []
-    for z in range(depth):
-        features = encode(query[z])
+    for z, features in _encoded(encode, query):
         channels, grid = features.shape[0], features.shape[-1]
         located = torch.cat([features.reshape(channels, -1).T.float(), position_rows(z, depth, grid)], 1).to(dtype)
         total = torch.zeros(count, 2 * grid, 2 * grid)

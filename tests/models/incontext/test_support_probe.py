@@ -1,12 +1,16 @@
-"""fit_support_probe: learns a separable task, is reproducible, leaves the global RNG alone, and works
-when the caller is in inference mode."""
+"""fit_support_probe(s): learns a separable task, is reproducible, leaves the global RNG alone, works when
+the caller is in inference mode; the labels fitted together equal their own fits; the optimiser is Adam's."""
 
 from __future__ import annotations
+
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from medseg.models.incontext.support_probe import SupportProbe, fit_support_probe
+import medseg.models.incontext.support_probe as module
+from medseg.models.incontext.support_probe import SupportProbe, _Adam, fit_support_probe, fit_support_probes
 
 
 def _task(count: int = 3000, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
@@ -55,6 +59,10 @@ def test_mismatched_inputs_are_refused() -> None:
         fit_support_probe(torch.zeros(10, 4), torch.zeros(9))
     with pytest.raises(ValueError, match="features"):
         fit_support_probe(torch.zeros(0, 4), torch.zeros(0))
+    with pytest.raises(ValueError, match="targets"):
+        fit_support_probes(torch.zeros(10, 4), torch.zeros(10))
+    with pytest.raises(ValueError, match="targets"):
+        fit_support_probes(torch.zeros(10, 4), torch.zeros(10, 0))
 
 
 def test_classify_is_forward_for_unit_features() -> None:
@@ -62,3 +70,57 @@ def test_classify_is_forward_for_unit_features() -> None:
     probe = fit_support_probe(features, targets, steps=5)
     unit = torch.nn.functional.normalize(features, dim=-1)
     torch.testing.assert_close(probe.classify(unit), probe(features))
+
+
+def test_labels_fitted_together_equal_their_own_fits() -> None:
+    features, first = _task(2000)
+    second = (features[:, 1] > 0.8).float()
+    options = {"steps": 30, "batch_size": 512, "seed": 3}
+    together = fit_support_probes(features.half(), torch.stack([first, second], 1), **options)
+    for probe, targets in zip(together, (first, second), strict=True):
+        alone = fit_support_probe(features.half(), targets, **options)
+        assert isinstance(probe, SupportProbe) and not probe.training
+        torch.testing.assert_close(probe(features), alone(features), atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(together[0](features), together[1](features))
+
+
+def test_rows_converted_once_or_per_batch_give_the_same_probe(monkeypatch: pytest.MonkeyPatch) -> None:
+    features, targets = _task(2000)
+    rows = torch.nn.functional.normalize(features, dim=-1).half()
+    options = {"steps": 20, "batch_size": 512, "normalised": True}
+    once = fit_support_probe(rows, targets, **options)
+    monkeypatch.setattr(module, "FLOAT32_COPY_BYTES", 0)  # every batch converted from float16
+    per_batch = fit_support_probe(rows, targets, **options)
+    unit = rows.float()
+    torch.testing.assert_close(once.classify(unit), per_batch.classify(unit))
+
+
+def test_the_optimiser_follows_torch_adam() -> None:
+    generator = torch.Generator().manual_seed(0)
+    ours = [
+        torch.randn(5, 3, generator=generator).requires_grad_(),
+        torch.randn(3, generator=generator).requires_grad_(),
+    ]
+    theirs = [p.detach().clone().requires_grad_() for p in ours]
+    optimiser, reference = _Adam(ours, 0.01), torch.optim.Adam(theirs, lr=0.01)
+    for _ in range(25):
+        gradients = [torch.randn(p.shape, generator=generator) for p in ours]
+        for p, q, g in zip(ours, theirs, gradients, strict=True):
+            p.grad, q.grad = g.clone(), g.clone()
+        optimiser.step()
+        reference.step()
+    for p, q in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(p, q, atol=1e-7, rtol=1e-6)
+        assert p.grad is None  # cleared for the next step
+
+
+def test_fitting_does_not_import_the_compiler() -> None:
+    """torch.optim's first use imports torch._dynamo (over a second of a command that only fits a probe)."""
+    script = (
+        "import sys, torch\n"
+        "from medseg.models.incontext.support_probe import fit_support_probe\n"
+        "fit_support_probe(torch.randn(64, 8), (torch.rand(64) > 0.5).float(), steps=2)\n"
+        "print('torch._dynamo' in sys.modules)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"
