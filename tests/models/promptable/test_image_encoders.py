@@ -213,6 +213,19 @@ def test_tinyvit_stage_outputs_are_the_forward_pass_before_the_neck() -> None:
         encoder.stage_outputs(x, 0)
 
 
+@pytest.mark.parametrize("shape", [(1, 3, 48, 256), (2, 3, 32, 256), (1, 3, 256, 48)])
+def test_tinyvit_takes_patches_one_window_high_or_wide(shape: tuple[int, ...]) -> None:
+    """A stage one window high or wide (a 48 x 256 patch: 6 x 32 tokens at 1/8) once made a window
+    partition whose strides a view could not take."""
+    encoder, _ = _random_tinyvit(seed=4)
+    x = torch.rand(shape)
+    with torch.inference_mode():
+        stages = encoder.stage_outputs(x, 4)
+        copied = for_inference(encoder).stage_outputs(x.contiguous(memory_format=torch.channels_last), 4)
+    assert stages[0].shape[-2:] == (shape[2] // 2, shape[3] // 2)
+    torch.testing.assert_close(copied[-1], stages[-1], rtol=1e-4, atol=1e-4)
+
+
 def test_tinyvit_rejects_wrong_channels() -> None:
     with pytest.raises(ValueError, match="expected a"):
         TinyViT(img_size=32)(torch.rand(1, 1, 32, 32))

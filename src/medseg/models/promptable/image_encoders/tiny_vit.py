@@ -151,7 +151,7 @@ class TinyViTBlock(nn.Module):
         """``(B, H, W, C) -> (B, H, W, C)``."""
         _, h, w, c = x.shape
         windows, padded = window_partition(x, self.window)
-        attended = self.attn(windows.view(-1, self.window * self.window, c))
+        attended = self.attn(windows.reshape(-1, self.window * self.window, c))
         x = x + window_merge(attended.view(-1, self.window, self.window, c), self.window, padded, (h, w))
         x = self.local_conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         return x + self.mlp(x)
