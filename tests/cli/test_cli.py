@@ -227,6 +227,23 @@ def test_prompt_never_writes_into_its_input_series(tmp_path: Path) -> None:
     assert sorted(p.name for p in series.folder.iterdir()) == before
 
 
+def test_prompt_refuses_a_volume_to_a_2d_raster_before_any_work(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from medseg.inference.prompt_predictor import PromptPredictor
+
+    def no_model(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the model was loaded before the output was checked")
+
+    monkeypatch.setattr(PromptPredictor, "from_checkpoint", no_model)
+    volume = tmp_path / "ct.nii.gz"
+    save(Image(np.zeros((4, 16, 16), np.int16)), volume)
+    for name, fragment in (("out.png", "cannot write a 3D image as PNG"), ("out.jpg", "lossy")):
+        result = _run("prompt", volume, "--box3d", "2,2,0,10,10,3", "-o", tmp_path / name)
+        _one_error_line(result, fragment)
+        assert name in result.output and not (tmp_path / name).exists()
+
+
 _INFO_PEAK = """
 import contextlib, io, json, sys
 import nibabel, numpy, SimpleITK, rich.table

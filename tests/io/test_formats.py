@@ -9,7 +9,7 @@ import pytest
 import fixtures as fx
 from medseg.errors import MedsegError
 from medseg.io import SUPPORTED_EXTENSIONS, format_of, label_path_for, split_extension
-from medseg.io.formats import is_image_file
+from medseg.io.formats import check_label_target, is_image_file
 
 
 @pytest.mark.parametrize(
@@ -138,3 +138,18 @@ def test_label_path_for_unknown_extension_raises(tmp_path):
 def test_label_path_for_an_existing_dicom_file(tmp_path):
     series = fx.write_dicom_series(tmp_path / "ct", suffix=".dcm")
     assert label_path_for(series.files[0], tmp_path / "o") == tmp_path / "o" / f"{series.files[0].stem}.nii.gz"
+
+
+@pytest.mark.parametrize(
+    ("name", "ndim", "fragment"),
+    [("a.png", 3, "cannot write a 3D"), ("a.jpg", 2, "lossy"), ("a.mrc", 2, "MRC"), ("a.gif", 2, "lossy")],
+)
+def test_check_label_target_refuses_what_save_would(tmp_path, name, ndim, fragment):
+    with pytest.raises(MedsegError, match=fragment) as caught:
+        check_label_target(tmp_path / name, ndim)
+    assert caught.value.path == tmp_path / name
+
+
+@pytest.mark.parametrize(("name", "ndim"), [("a.png", 2), ("a.tif", 3), ("a.nii.gz", 3), ("a.dcm", 3), ("a.nrrd", 2)])
+def test_check_label_target_takes_what_save_writes(tmp_path, name, ndim):
+    check_label_target(tmp_path / name, ndim)

@@ -79,7 +79,7 @@ def prompt(
     from medseg.inference.propagation import embedded_slices
     from medseg.io import case_of, format_of, label_path_for, load, save, save_dicom_seg
     from medseg.io.dicom_source import check_grid, read_source
-    from medseg.io.formats import check_output_format
+    from medseg.io.formats import check_label_target, check_output_format
     from medseg.io.paths import check_output
     from medseg.models.promptable.registry import has_interactive_head
     from medseg.preprocessing import check_preset_fits
@@ -126,6 +126,7 @@ def prompt(
         raise MedsegError("refusing to write into the input DICOM series folder: choose another output", target)
     dicom_seg = format_of(target) == "dicom"  # an unknown output extension fails before any work
     image = load(input_path, series=series, frame=frame)
+    check_label_target(target, image.ndim)  # a volume's labels as .png: refused now, not after the work
     prompts, notes = clip_to_image(image, prompts)
     for note in notes:  # a box dragged past the edge means the part inside
         stderr.print(f"medseg: note: {note}", soft_wrap=True)

@@ -11,7 +11,7 @@ import numpy as np
 
 from medseg.errors import MedsegError
 from medseg.io import dicom_seg, dicom_source, numpy_io, raster, sitk_io
-from medseg.io.formats import LOSSLESS_LABEL_FORMATS, RASTER_FORMATS, format_of, split_extension
+from medseg.io.formats import RASTER_FORMATS, check_label_target, format_of, split_extension
 from medseg.io.image import Image
 from medseg.io.paths import check_exists
 
@@ -129,10 +129,10 @@ def save(image: Image, path: str | Path, *, key: str | None = None, protect: tup
                 target,
             )
         return dicom_seg.save_dicom_seg(image, target, source, protect=tuple(protect))
-    if fmt == "mrc":
+    if image.is_label_map():
+        check_label_target(target, image.ndim)
+    elif fmt == "mrc":
         raise MedsegError("writing MRC is not supported; write .nii.gz", target)
-    if image.is_label_map() and fmt not in LOSSLESS_LABEL_FORMATS:
-        raise MedsegError(f"{fmt.upper()} is lossy and would corrupt a label map; use .png or .nii.gz", target)
     # Write under the final name in a hidden folder next to the target, then move into place: .mhd and
     # .nhdr headers name their data file, which must be moved too (first, so the header never dangles).
     stem = split_extension(target)[0]
