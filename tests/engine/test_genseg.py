@@ -183,6 +183,15 @@ def test_genseg_refuses_too_few_labels_and_labels_that_are_all_empty(dataset: Pa
     assert not any((tmp_path / name).exists() for name in "abcd")  # nothing written
 
 
+def test_genseg_with_a_fine_tuned_litemedsam_encoder_is_refused_beyond_the_budget(tmp_path: Path) -> None:
+    """Its architecture step (double back-propagation through TinyViT) would need about 16 GB at 256 x 256."""
+    dataset = make_nnunet_2d_shapes(tmp_path / "Big", cases=6, shape=(256, 256))
+    options = dict(num_labelled=6, genseg="end-to-end", backbone="litemedsam", memory_gb=12.0)
+    with pytest.raises(MedsegError, match="architecture step with the fine-tuned LiteMedSAM encoder needs about"):
+        train(TrainOptions(dataset, tmp_path / "run", fine_tune_encoder=True, **options))  # type: ignore[arg-type]
+    assert not (tmp_path / "run").exists()
+
+
 def test_genseg_trains_on_volumes(tmp_path: Path) -> None:
     dataset = make_nnunet_3d(tmp_path / "Vol", cases=5, shape=(8, 16, 16))
     plan = _plan(dataset, iterations=4)

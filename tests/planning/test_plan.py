@@ -11,7 +11,17 @@ import pytest
 from dataset_builders import make_nnunet_2d_shapes, make_nnunet_3d
 from medseg.data import open_dataset
 from medseg.errors import MedsegError
-from medseg.planning import Fingerprint, check_plan_fits, fingerprint_dataset, make_plan, read_plan, write_plan
+from medseg.planning import (
+    Fingerprint,
+    check_plan_fits,
+    fingerprint_dataset,
+    fit_batch_to_budget,
+    litemedsam_step_gb,
+    make_plan,
+    read_plan,
+    write_plan,
+)
+from medseg.planning.plan import estimate_training_memory_gb
 
 
 def _fingerprint(spacings: list[list[float]], shapes: list[list[int]], **kw: object) -> Fingerprint:
@@ -98,6 +108,42 @@ def test_a_plan_that_does_not_fit_memory_is_refused(tmp_path: Path) -> None:
     plan.training.batch_size = 100_000
     with pytest.raises(MedsegError, match="memory budget"):
         check_plan_fits(plan)
+
+
+def test_a_litemedsam_unet_is_estimated_from_its_measured_step(tmp_path: Path) -> None:
+    fingerprint = fingerprint_dataset(open_dataset(make_nnunet_2d_shapes(tmp_path / "d")))
+    plan = make_plan(fingerprint, memory_gb=4, profile="cpu")
+    plan.network.backbone, plan.patch_size = "litemedsam", [256, 256]
+    frozen = litemedsam_step_gb(plan.network, [256, 256], 4)
+    assert estimate_training_memory_gb(plan.network, [256, 256], 4) == frozen
+    assert litemedsam_step_gb(plan.network, [128, 128], 4) < frozen < litemedsam_step_gb(plan.network, [256, 256], 8)
+    plan.network.freeze_encoder = False
+    tuned = litemedsam_step_gb(plan.network, [256, 256], 4)
+    assert tuned > 2 * frozen
+    assert litemedsam_step_gb(plan.network, [256, 256], 2, architecture=True) > litemedsam_step_gb(
+        plan.network, [256, 256], 2
+    )
+
+
+def test_the_batch_is_lowered_to_fit_the_budget_and_a_batch_of_one_refused(tmp_path: Path) -> None:
+    fingerprint = fingerprint_dataset(open_dataset(make_nnunet_2d_shapes(tmp_path / "d")))
+    plan = make_plan(fingerprint, memory_gb=4, profile="cpu")
+    plan.network.backbone, plan.network.freeze_encoder, plan.patch_size = "litemedsam", False, [256, 256]
+    plan.training.batch_size = 8
+    assert fit_batch_to_budget(plan, 12.0) == 8
+    lowered = plan.training.batch_size
+    assert 1 < lowered < 8
+    assert estimate_training_memory_gb(plan.network, [256, 256], lowered) <= 12.0
+    assert estimate_training_memory_gb(plan.network, [256, 256], lowered + 1) > 12.0
+    check_plan_fits(plan, 12.0)
+    fit_batch_to_budget(plan, 12.0, images_per_sample=2)  # GenSeg: as many generated images again
+    assert plan.training.batch_size == lowered // 2
+    fit_batch_to_budget(plan, 1.0)
+    assert plan.training.batch_size == 1
+    with pytest.raises(MedsegError, match=r"memory budget is 1\.00 GB"):
+        check_plan_fits(plan, 1.0)
+    with pytest.raises(MedsegError, match="and 1 generated images"):
+        check_plan_fits(plan, 1.0, images_per_sample=2)
 
 
 def test_transunet_refuses_3d_data(tmp_path: Path) -> None:

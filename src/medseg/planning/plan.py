@@ -48,6 +48,11 @@ _LATERAL = re.compile(r"(^|[^a-z])(left|right|l|r)([^a-z]|$)", re.IGNORECASE)  #
 # workspace), from the peak RSS of AdamW steps on 224x224 patches, batch 8, float32, CPU (torch 2.13).
 _BYTES_PER_FEATURE_VOXEL = {"unet": 80.0, "vnet": 130.0, "transunet": 75.0}
 _PROCESS_GB = 0.45  # python, torch and MONAI imported
+# A LiteMedSAM U-Net's training step at 256 x 256 (benchmarks/litemedsam_memory.py): (fixed, per image) GB
+# beyond the process, by whether the encoder is frozen; GenSeg's architecture step differentiates through one
+# unrolled step (double back-propagation through the encoder). Scaled by the patch's pixels.
+_LITEMEDSAM_STEP_GB = {True: (0.19, 0.28), False: (0.50, 2.63)}
+_LITEMEDSAM_ARCHITECTURE_GB = {True: (0.14, 2.71), False: (0.26, 7.57)}
 
 
 @dataclass
@@ -241,7 +246,10 @@ def make_plan(
 
 def estimate_training_memory_gb(network: NetworkConfig, patch: list[int], batch: int) -> float:
     """Rough peak memory of one training step in GB: activations kept for the backward pass (feature-map
-    voxels summed over stages, both paths) plus parameters with gradients and two Adam moments."""
+    voxels summed over stages, both paths) plus parameters with gradients and two Adam moments; for a
+    LiteMedSAM encoder (``network.backbone``), `litemedsam_step_gb`."""
+    if network.backbone == "litemedsam":
+        return litemedsam_step_gb(network, patch, batch)
     size = np.array(patch, dtype=float)
     feature_voxels = 0.0
     for stage, width in enumerate(network.features()):
@@ -255,15 +263,39 @@ def estimate_training_memory_gb(network: NetworkConfig, patch: list[int], batch:
     return (activations + 16 * params) / 1e9 + _PROCESS_GB
 
 
-def check_plan_fits(plan: Plan, budget_gb: float | None = None) -> None:
-    """Raise MedsegError when the plan's training step is estimated to exceed the memory budget."""
+def litemedsam_step_gb(network: NetworkConfig, patch: list[int], images: int, architecture: bool = False) -> float:
+    """Peak memory in GB of a LiteMedSAM U-Net's training step on ``images`` patches (``architecture``: GenSeg's
+    architecture step, ``images`` real and generated ones): the measured figures at 256 x 256
+    (`benchmarks/litemedsam_memory.py`, frozen or fine-tuned encoder) scaled by the patch's pixels."""
+    fixed, per_image = (_LITEMEDSAM_ARCHITECTURE_GB if architecture else _LITEMEDSAM_STEP_GB)[network.freeze_encoder]
+    return _PROCESS_GB + fixed + images * per_image * float(np.prod(patch)) / 256**2
+
+
+def check_plan_fits(plan: Plan, budget_gb: float | None = None, images_per_sample: int = 1) -> None:
+    """Raise MedsegError when the plan's training step is estimated to exceed the memory budget
+    (``images_per_sample``: images a step trains on per batch entry, 2 when GenSeg adds generated ones)."""
     budget = plan.memory_budget_gb if budget_gb is None else budget_gb
-    need = estimate_training_memory_gb(plan.network, plan.patch_size, plan.training.batch_size)
+    batch = plan.training.batch_size
+    need = estimate_training_memory_gb(plan.network, plan.patch_size, batch * images_per_sample)
     if need > budget:
         raise MedsegError(
-            f"plan needs about {need:.2f} GB to train (patch {plan.patch_size}, batch {plan.training.batch_size}) "
+            f"plan needs about {need:.2f} GB to train (patch {plan.patch_size}, batch {batch}"
+            f"{'' if images_per_sample == 1 else f' and {batch * (images_per_sample - 1)} generated images'}) "
             f"but the memory budget is {budget:.2f} GB: lower training.batch_size or patch_size, or raise --memory-gb"
         )
+
+
+def fit_batch_to_budget(plan: Plan, budget_gb: float | None = None, images_per_sample: int = 1) -> int:
+    """Lower ``plan.training.batch_size`` (down to 1) until its step is estimated to fit the memory budget, as
+    planning chooses a batch (for a network the plan was not made for: a pretrained encoder, GenSeg's doubled
+    steps); returns the batch size it had. `check_plan_fits` then refuses a batch of 1 that does not fit."""
+    budget = plan.memory_budget_gb if budget_gb is None else budget_gb
+    before = plan.training.batch_size
+    while plan.training.batch_size > 1 and budget < estimate_training_memory_gb(
+        plan.network, plan.patch_size, plan.training.batch_size * images_per_sample
+    ):
+        plan.training.batch_size -= 1
+    return before
 
 
 def write_plan(plan: Plan, path: Path) -> Path:

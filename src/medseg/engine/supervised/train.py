@@ -43,7 +43,16 @@ from medseg.io.paths import check_exists, check_output
 from medseg.metrics.surface import dice
 from medseg.models.supervised import MODEL_NAMES, build_network
 from medseg.models.supervised.factory import BACKBONES, check_config
-from medseg.planning import Plan, check_plan_fits, fingerprint_dataset, make_plan, read_plan, write_plan
+from medseg.planning import (
+    Plan,
+    check_plan_fits,
+    fingerprint_dataset,
+    fit_batch_to_budget,
+    litemedsam_step_gb,
+    make_plan,
+    read_plan,
+    write_plan,
+)
 
 CHECKPOINT = "checkpoint.pt"
 WEIGHTS = "model.pt"
@@ -177,7 +186,12 @@ def _train(
             check_config(plan.network)  # 2D, grey or RGB
             if any(p % 4 for p in plan.patch_size):
                 raise MedsegError(f"patch {plan.patch_size}: LiteMedSAM's encoder needs sides that are multiples of 4")
-        check_plan_fits(plan, options.memory_gb)
+        images_per_sample = 2 if options.genseg is not None else 1  # GenSeg's steps add as many generated images
+        if options.plan is None:  # planned here for a plain network: the batch fitted again (a given plan is kept)
+            fit_batch_to_budget(plan, options.memory_gb, images_per_sample)
+        check_plan_fits(plan, options.memory_gb, images_per_sample)
+        if options.genseg is not None and plan.network.backbone == "litemedsam":
+            _check_architecture_step_fits(plan, options.memory_gb)
         names = [c.name for c in dataset.cases if c.label is not None]
         try:
             split = make_split(
@@ -407,6 +421,20 @@ def _budget_spent(seconds: float, last_epoch_s: float, budget_s: float, ctx: _Co
     if ctx.world == 1:
         return seconds >= budget_s
     return seconds + last_epoch_s > budget_s
+
+
+def _check_architecture_step_fits(plan: Plan, budget_gb: float | None) -> None:
+    """Refuse GenSeg with a LiteMedSAM encoder when its architecture step (`ARCH_IMAGES_PRETRAINED` real and as
+    many generated images, differentiated through an unrolled step) is estimated to exceed the memory budget."""
+    budget = plan.memory_budget_gb if budget_gb is None else budget_gb
+    need = litemedsam_step_gb(plan.network, plan.patch_size, 2 * ARCH_IMAGES_PRETRAINED, architecture=True)
+    if need > budget:
+        encoder = "frozen" if plan.network.freeze_encoder else "fine-tuned"
+        raise MedsegError(
+            f"GenSeg's architecture step with the {encoder} LiteMedSAM encoder needs about {need:.1f} GB at patch "
+            f"{plan.patch_size} but the memory budget is {budget:.2f} GB: raise --memory-gb"
+            + ("" if plan.network.freeze_encoder else " or leave out --fine-tune-encoder")
+        )
 
 
 def _check_output(out: Path, dataset: Path) -> None:
