@@ -172,3 +172,16 @@ def test_slices_without_data_read_as_background() -> None:
         query, [v for v, _ in support], [lab for _, lab in support], query_is_volume=True, support_are_volumes=True
     )
     assert not result.labels[2].any() and not result.labels[5].any()
+
+
+def test_slices_encoded_in_batches_equal_their_frames(monkeypatch: pytest.MonkeyPatch) -> None:
+    import medseg.inference.feature_incontext as feature_module
+
+    volume = _look_alike_volume(3)[0]
+    predictor = FeatureMatchingPredictor(PooledIntensity(), bfloat16=False)
+    batched = predictor.encode_slices(list(volume), 64)
+    channels = batched.shape[1]
+    for z in range(len(volume)):
+        torch.testing.assert_close(batched[z], torch.from_numpy(predictor.frame(volume[z], 64, cache=False)[:channels]))
+    monkeypatch.setattr(feature_module, "ENCODE_PIXELS", 3 * 64 * 64)  # calls of 3, 3 and 2 slices
+    torch.testing.assert_close(predictor.encode_slices(list(volume), 64), batched)

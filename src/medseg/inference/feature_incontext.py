@@ -93,6 +93,9 @@ SINGLE_SUPPORT_ZOOMS = (0.7, 1.4)  # a single support, resized by these, is segm
 FRAME_DTYPES = {"stages": torch.float16, "embedding": torch.float32}
 STAGES = 3  # TinyViT stages whose outputs make the "stages" features
 CACHE_BYTES = 2 << 30  # the default frame cache's budget
+# frame pixels per encoder call in `encode_slices`: 8 frames of 64 x 64, 2 of 128 x 128 (a call's float32
+# stage maps and their copies take about 0.5 GB at 8 x 128 x 128)
+ENCODE_PIXELS = 8 * 64 * 64
 PROBE_CACHE_SIZE = 1024  # fitted probes kept (about 80 kB each for the stages)
 SHIPPED_HEAD = Path(__file__).resolve().parents[1] / "models" / "incontext" / "weights" / "matching_head.pt"
 _ENCODER_SIZE = 256
@@ -260,15 +263,19 @@ class FeatureMatchingPredictor(InContextPredictor):
 
     def encode_slices(self, images: Sequence[np.ndarray], size: int) -> torch.Tensor:
         """The features of `frame` (its first ``C`` channels, in its dtype) of 2D images of one shape framed
-        at ``size``, ``(N, C, g, g)``, encoded as one batch (fewer, larger calls than one per image) and not
-        cached: the slices of a volume."""
+        at ``size``, ``(N, C, g, g)``, not cached: the slices of a volume. Encoded in batches of up to
+        `ENCODE_PIXELS` frame pixels (fewer, larger calls than one per image, their working memory bounded)."""
         frames = torch.from_numpy(np.stack([encoder_frame(np.ascontiguousarray(image), size) for image in images]))
         dtype = torch.bfloat16 if self.bfloat16 else torch.float32
         pixels = frames.to(self.device, dtype).contiguous(memory_format=torch.channels_last)
+        chunk = max(1, ENCODE_PIXELS // size**2)
         with torch.inference_mode():
-            features = self._encode(pixels).cpu()
-        self._grids[size] = features.shape[-1]
-        return features.to(FRAME_DTYPES[self.features])
+            parts = [
+                self._encode(pixels[i : i + chunk]).cpu().to(FRAME_DTYPES[self.features])
+                for i in range(0, len(pixels), chunk)
+            ]
+        self._grids[size] = parts[0].shape[-1]
+        return torch.cat(parts)
 
     def _encode(self, pixels: torch.Tensor) -> torch.Tensor:
         """``(1, 3, S, S)`` -> float32 ``(1, C, h, w)`` of unit length at every location: the L2-normalised
