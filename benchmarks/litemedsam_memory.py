@@ -1,11 +1,12 @@
-"""Peak memory of a ``--backbone litemedsam`` training step (issue 19): the figures `medseg.planning` uses to
-fit the batch of a LiteMedSAM U-Net to the memory budget.
+"""Peak memory of a LiteMedSAM U-Net's training step, frozen or fine-tuned encoder, plain or GenSeg's.
 
-Each row is a fresh process (its own ``VmHWM``): two steps of the U-Net on random 256 x 256 RGB patches, the
-encoder frozen (the default) or fine-tuned (``--fine-tune-encoder``); ``ordinary`` is a plain step (forward,
-backward, Adam) on ``batch`` images, ``architecture`` is GenSeg's architecture step (`hypergradient`: one
-unrolled step differentiated through, on ``batch`` images that depend on an architecture weight, then the
-validation loss on as many real ones). The per-image figure is the slope between the two batch sizes, the
+These are the figures `medseg.planning` (`litemedsam_step_gb`) uses to fit the batch of a ``--backbone
+litemedsam`` run to the memory budget. Each row is a fresh process (its own ``VmHWM``): two steps of the U-Net on
+random RGB patches, the encoder frozen (the default) or fine-tuned (``--fine-tune-encoder``); ``ordinary`` is a
+plain step (forward, backward, Adam) on a batch of images, ``architecture`` is GenSeg's architecture step
+(`hypergradient`: one unrolled step differentiated through, on images that depend on an architecture weight,
+then the validation loss on as many real ones). The per-image figure is the slope between batch 1 and the
+larger batch (4 for ordinary steps, 2 for architecture steps: a fine-tuned one at 3 would need over 20 GB), the
 fixed part what is left at batch 1 beyond the process itself (imports and weights).
 
     python benchmarks/litemedsam_memory.py [--side 256]
@@ -58,17 +59,18 @@ def measure(encoder: str, kind: str, batch: int, side: int) -> tuple[float, floa
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--side", type=int, default=256)
+    parser.add_argument("--side", type=int, default=256, help="patch side in pixels (default 256)")
     args = parser.parse_args()
     table = Table(title=f"LiteMedSAM U-Net training step, {args.side} x {args.side} patches: peak GB")
-    for column in ("encoder", "step", "process", "batch 1", "batch 2", "GB per image", "fixed GB"):
+    for column in ("encoder", "step", "process", "batch 1", "larger batch", "GB per image", "fixed GB"):
         table.add_column(column)
     for encoder in ("frozen", "fine-tuned"):
-        for kind in ("ordinary", "architecture"):
+        for kind, larger in (("ordinary", 4), ("architecture", 2)):
             base, one = measure(encoder, kind, 1, args.side)
-            _, two = measure(encoder, kind, 2, args.side)
-            per_image = two - one
-            row = [f"{base:.2f}", f"{one:.2f}", f"{two:.2f}", f"{per_image:.2f}", f"{one - base - per_image:.2f}"]
+            _, more = measure(encoder, kind, larger, args.side)
+            per_image = (more - one) / (larger - 1)
+            fixed = one - base - per_image
+            row = [f"{base:.2f}", f"{one:.2f}", f"{more:.2f} ({larger})", f"{per_image:.2f}", f"{fixed:.2f}"]
             table.add_row(encoder, kind, *row)
     Console().print(table)
 

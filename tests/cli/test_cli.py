@@ -238,7 +238,7 @@ def test_prompt_refuses_a_volume_to_a_2d_raster_before_any_work(
     monkeypatch.setattr(PromptPredictor, "from_checkpoint", no_model)
     volume = tmp_path / "ct.nii.gz"
     save(Image(np.zeros((4, 16, 16), np.int16)), volume)
-    for name, fragment in (("out.png", "cannot write a 3D image as PNG"), ("out.jpg", "lossy")):
+    for name, fragment in (("out.png", "cannot write a 3D image as PNG"), ("out.jpg", "as JPEG (use .nii.gz)")):
         result = _run("prompt", volume, "--box3d", "2,2,0,10,10,3", "-o", tmp_path / name)
         _one_error_line(result, fragment)
         assert name in result.output and not (tmp_path / name).exists()

@@ -142,7 +142,13 @@ def test_label_path_for_an_existing_dicom_file(tmp_path):
 
 @pytest.mark.parametrize(
     ("name", "ndim", "fragment"),
-    [("a.png", 3, "cannot write a 3D"), ("a.jpg", 2, "lossy"), ("a.mrc", 2, "MRC"), ("a.gif", 2, "lossy")],
+    [
+        ("a.png", 3, "cannot write a 3D"),
+        ("a.jpg", 3, "as JPEG"),  # not "use .png": no way out for a volume
+        ("a.jpg", 2, "lossy"),
+        ("a.mrc", 2, "MRC"),
+        ("a.gif", 2, "lossy"),
+    ],
 )
 def test_check_label_target_refuses_what_save_would(tmp_path, name, ndim, fragment):
     with pytest.raises(MedsegError, match=fragment) as caught:

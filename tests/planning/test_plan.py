@@ -135,6 +135,7 @@ def test_the_batch_is_lowered_to_fit_the_budget_and_a_batch_of_one_refused(tmp_p
     assert 1 < lowered < 8
     assert estimate_training_memory_gb(plan.network, [256, 256], lowered) <= 12.0
     assert estimate_training_memory_gb(plan.network, [256, 256], lowered + 1) > 12.0
+    assert plan.estimated_memory_gb == round(estimate_training_memory_gb(plan.network, [256, 256], lowered), 3)
     check_plan_fits(plan, 12.0)
     fit_batch_to_budget(plan, 12.0, images_per_sample=2)  # GenSeg: as many generated images again
     assert plan.training.batch_size == lowered // 2

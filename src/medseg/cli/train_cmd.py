@@ -101,7 +101,7 @@ def train(
         result = run_training(options, on_iteration=display.iteration, on_epoch=display.epoch)
     if display.main:
         out.print(
-            f"trained {result.epochs} epochs in {result.training_seconds / 60:.1f} min "
+            f"trained {result.epochs} epochs (batch {result.batch_size}) in {result.training_seconds / 60:.1f} min "
             f"({result.images_per_second:.1f} patches/s); validation Dice {result.val_dice}",
             soft_wrap=True,
         )

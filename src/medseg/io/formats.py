@@ -126,7 +126,7 @@ def check_output_format(
 
 def check_label_target(target: str | Path, ndim: int) -> None:
     """Raise what `medseg.io.save` would for a label map with ``ndim`` spatial dimensions written to
-    ``target``, before the work that makes it: MRC (not written), a lossy format, a 3D map as a 2D raster.
+    ``target``, before the work that makes it: MRC (not written), a 3D map as a 2D raster, a lossy format.
 
     Raises:
         MedsegError: as above, naming the target.
@@ -134,10 +134,10 @@ def check_label_target(target: str | Path, ndim: int) -> None:
     fmt = format_of(target)
     if fmt == "mrc":
         raise MedsegError("writing MRC is not supported; write .nii.gz", target)
+    if ndim != 2 and fmt in RASTER_FORMATS and fmt != "tiff":  # first: .png is no way out for a volume
+        raise MedsegError(f"cannot write a {ndim}D image as {fmt.upper()} (use .nii.gz)", target)
     if fmt != "dicom" and fmt not in LOSSLESS_LABEL_FORMATS:
         raise MedsegError(f"{fmt.upper()} is lossy and would corrupt a label map; use .png or .nii.gz", target)
-    if ndim != 2 and fmt in RASTER_FORMATS and fmt != "tiff":
-        raise MedsegError(f"cannot write a {ndim}D image as {fmt.upper()} (use .nii.gz)", target)
 
 
 _CHANNEL_SUFFIX = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")

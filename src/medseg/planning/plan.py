@@ -51,8 +51,8 @@ _PROCESS_GB = 0.45  # python, torch and MONAI imported
 # A LiteMedSAM U-Net's training step at 256 x 256 (benchmarks/litemedsam_memory.py): (fixed, per image) GB
 # beyond the process, by whether the encoder is frozen; GenSeg's architecture step differentiates through one
 # unrolled step (double back-propagation through the encoder). Scaled by the patch's pixels.
-_LITEMEDSAM_STEP_GB = {True: (0.19, 0.28), False: (0.50, 2.63)}
-_LITEMEDSAM_ARCHITECTURE_GB = {True: (0.14, 2.71), False: (0.26, 7.57)}
+_LITEMEDSAM_STEP_GB = {True: (0.28, 0.18), False: (0.50, 2.57)}
+_LITEMEDSAM_ARCHITECTURE_GB = {True: (0.30, 2.63), False: (0.28, 7.61)}
 
 
 @dataclass
@@ -295,6 +295,9 @@ def fit_batch_to_budget(plan: Plan, budget_gb: float | None = None, images_per_s
         plan.network, plan.patch_size, plan.training.batch_size * images_per_sample
     ):
         plan.training.batch_size -= 1
+    plan.estimated_memory_gb = round(
+        estimate_training_memory_gb(plan.network, plan.patch_size, plan.training.batch_size), 3
+    )
     return before
 
 

@@ -93,6 +93,7 @@ class TrainResult:
     images_per_second: float
     val_dice: dict[str, float]
     history: list[dict[str, Any]] = field(default_factory=list)
+    batch_size: int = 0  # the plan's (lowered from the planned batch when a pretrained encoder or GenSeg needs it)
 
 
 @dataclass
@@ -366,6 +367,7 @@ def _train(
         state["images"] / max(state["train_seconds"], 1e-9),
         last.get("val_dice") or {},
         state["history"],
+        plan.training.batch_size,
     )
     if ctx.main:
         write_json(
