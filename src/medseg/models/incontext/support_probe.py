@@ -9,7 +9,7 @@ every support set fits its own probe (a few hundred Adam steps, one to a few sec
 
 from __future__ import annotations
 
-from typing import cast
+import copy
 
 import torch
 import torch.nn.functional as F
@@ -33,10 +33,6 @@ class SupportProbe(nn.Module):
     def classify(self, unit_features: torch.Tensor) -> torch.Tensor:
         """`forward` for features ``(M, C)`` already of unit length (skips a pass over a large array)."""
         return self.layers(unit_features * FEATURE_SCALE)[:, 0]
-
-    def linear_layers(self) -> tuple[nn.Linear, nn.Linear]:
-        """The hidden and the output layer."""
-        return cast(nn.Linear, self.layers[0]), cast(nn.Linear, self.layers[2])
 
 
 class _Adam:
@@ -105,9 +101,9 @@ def fit_support_probes(
     seed: int = 0,
     normalised: bool = False,
 ) -> list[SupportProbe]:
-    """Fit one `SupportProbe` per label to the same feature locations, together: each probe ends as it would
-    from its own fit with this ``seed`` (the same initial weights and batches; only float rounding differs),
-    while the batches are gathered once and the labels' first layers run as one matrix product.
+    """Fit one `SupportProbe` per label to the same feature locations, together: each probe is exactly the
+    one its own fit with this ``seed`` gives (the same initial weights, batches and arithmetic), while the
+    rows are converted and each batch gathered once for all labels, and one backward pass serves them all.
 
     Args:
         features: ``(M, C)`` float features, one row per support location (any scale: rows are normalised),
@@ -134,48 +130,38 @@ def fit_support_probes(
     # callers may be in inference mode (no autograd): fit on ordinary copies with autograd on
     with torch.inference_mode(False), torch.enable_grad(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        x, y = features.detach(), targets.detach().float().clone()
+        x = features.detach()
         scaled = len(x) <= batch_size or x.numel() * 4 <= FLOAT32_COPY_BYTES
         if scaled:  # one float32 copy as the first layer takes it, not one per batch (an ordinary tensor, too)
             x = (x.float() if normalised else F.normalize(x.float(), dim=-1)) * FEATURE_SCALE
-        labels = y.shape[1]
         template = SupportProbe(x.shape[1], hidden)  # every label starts here, as its own fit with this seed would
-        first, last = template.linear_layers()
-        weights1 = first.weight.detach().repeat(labels, 1).requires_grad_()  # (K H, C): the labels' hidden units
-        biases1 = first.bias.detach().repeat(labels).requires_grad_()
-        weights2 = last.weight.detach().repeat(labels, 1).requires_grad_()  # (K, H)
-        biases2 = last.bias.detach().repeat(labels).requires_grad_()
-
-        def logits(rows: torch.Tensor) -> torch.Tensor:  # (B, K), SupportProbe's arithmetic for every label
-            if not scaled:
-                rows = (rows if normalised else F.normalize(rows, dim=-1)) * FEATURE_SCALE
-            hidden_units = F.gelu(F.linear(rows, weights1, biases1)).view(len(rows), labels, hidden)
-            return torch.einsum("bkh,kh->bk", hidden_units, weights2) + biases2
-
-        positive = (y > 0.5).float().mean(0).clamp(1e-3, 1 - 1e-3)
-        balance = torch.where(y > 0.5, 0.5 / positive, 0.5 / (1 - positive))
-        optimiser = _Adam([weights1, biases1, weights2, biases2], learning_rate)
+        probes = [copy.deepcopy(template) for _ in range(targets.shape[1])]
+        # each label's targets and class weights computed as its own fit computes them (a column of its own:
+        # a reduction over a strided column may round differently, and 400 Adam steps amplify any difference)
+        columns = [targets[:, k].detach().float().contiguous() for k in range(targets.shape[1])]
+        balances = []
+        for y in columns:
+            positive = (y > 0.5).float().mean().clamp(1e-3, 1 - 1e-3)
+            balances.append(torch.where(y > 0.5, 0.5 / positive, 0.5 / (1 - positive)))
+        optimiser = _Adam([p for probe in probes for p in probe.parameters()], learning_rate)
+        matrices = [[p for name, p in probe.named_parameters() if name.endswith("weight")] for probe in probes]
         generator = torch.Generator().manual_seed(seed)
         for _ in range(steps):
             if len(x) > batch_size:
                 index = torch.randint(len(x), (batch_size,), generator=generator)
                 # index_select: several times faster than advanced indexing for a row gather
-                xb, yb, wb = x.index_select(0, index).float(), y.index_select(0, index), balance.index_select(0, index)
+                xb = x.index_select(0, index).float()
+                picked = [
+                    (y.index_select(0, index), w.index_select(0, index)) for y, w in zip(columns, balances, strict=True)
+                ]
             else:
-                xb, yb, wb = x, y, balance
-            loss = (F.binary_cross_entropy_with_logits(logits(xb), yb, reduction="none") * wb).mean(0).sum()
-            loss = loss + weight_decay * ((weights1**2).sum() + (weights2**2).sum())
-            loss.backward()
+                xb, picked = x, list(zip(columns, balances, strict=True))
+            if not scaled:
+                xb = (xb if normalised else F.normalize(xb, dim=-1)) * FEATURE_SCALE
+            total = torch.zeros(())
+            for probe, (yb, wb), weights in zip(probes, picked, matrices, strict=True):
+                loss = (F.binary_cross_entropy_with_logits(probe.layers(xb)[:, 0], yb, reduction="none") * wb).mean()
+                total = total + (loss + weight_decay * sum((m**2).sum() for m in weights))
+            total.backward()  # each probe's gradient is its own loss's: the sum passes 1 to every term
             optimiser.step()
-        probes = []
-        for k in range(labels):  # inside fork_rng: a new module's initialisation draws from the global RNG
-            probe = SupportProbe(x.shape[1], hidden)
-            first, last = probe.linear_layers()
-            with torch.no_grad():
-                units = slice(k * hidden, (k + 1) * hidden)
-                first.weight.copy_(weights1[units])
-                first.bias.copy_(biases1[units])
-                last.weight.copy_(weights2[k : k + 1])
-                last.bias.copy_(biases2[k : k + 1])
-            probes.append(probe.eval().requires_grad_(False))
-    return probes
+    return [probe.eval().requires_grad_(False) for probe in probes]
