@@ -192,6 +192,16 @@ def test_genseg_with_a_fine_tuned_litemedsam_encoder_is_refused_beyond_the_budge
     assert not (tmp_path / "run").exists()
 
 
+def test_a_memory_budget_that_is_not_a_positive_number_is_refused_with_a_plan_too(
+    dataset: Path, tmp_path: Path
+) -> None:
+    for budget in (float("nan"), -1.0, 0.0):
+        options = dict(genseg="end-to-end", backbone="litemedsam", memory_gb=budget, num_labelled=6)
+        with pytest.raises(MedsegError, match="--memory-gb must be a positive number"):
+            train(TrainOptions(dataset, tmp_path / "run", plan=_plan(dataset), **options))  # type: ignore[arg-type]
+    assert not (tmp_path / "run").exists()
+
+
 def test_genseg_trains_on_volumes(tmp_path: Path) -> None:
     dataset = make_nnunet_3d(tmp_path / "Vol", cases=5, shape=(8, 16, 16))
     plan = _plan(dataset, iterations=4)

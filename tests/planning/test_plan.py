@@ -141,7 +141,7 @@ def test_the_batch_is_lowered_to_fit_the_budget_and_a_batch_of_one_refused(tmp_p
     assert plan.training.batch_size == lowered // 2
     fit_batch_to_budget(plan, 1.0)
     assert plan.training.batch_size == 1
-    with pytest.raises(MedsegError, match=r"memory budget is 1\.00 GB"):
+    with pytest.raises(MedsegError, match=r"memory budget is 1\.00 GB: lower patch_size, or raise --memory-gb"):
         check_plan_fits(plan, 1.0)
     with pytest.raises(MedsegError, match="and 1 generated images"):
         check_plan_fits(plan, 1.0, images_per_sample=2)

@@ -281,7 +281,9 @@ def check_plan_fits(plan: Plan, budget_gb: float | None = None, images_per_sampl
         raise MedsegError(
             f"plan needs about {need:.2f} GB to train (patch {plan.patch_size}, batch {batch}"
             f"{'' if images_per_sample == 1 else f' and {batch * (images_per_sample - 1)} generated images'}) "
-            f"but the memory budget is {budget:.2f} GB: lower training.batch_size or patch_size, or raise --memory-gb"
+            f"but the memory budget is {budget:.2f} GB: "
+            + ("lower training.batch_size or patch_size" if batch > 1 else "lower patch_size")
+            + ", or raise --memory-gb"
         )
 
 

@@ -146,6 +146,8 @@ def _train(
         raise MedsegError(f"--minutes must be positive, got {options.minutes}")
     if options.seed < 0:
         raise MedsegError(f"--seed must be a non-negative integer, got {options.seed}")
+    if options.memory_gb is not None and not (math.isfinite(options.memory_gb) and options.memory_gb > 0):
+        raise MedsegError(f"--memory-gb must be a positive number, got {options.memory_gb}")  # a given plan too
     if options.genseg is not None and options.genseg not in GENSEG_MODES:
         raise MedsegError(f"unknown GenSeg mode {options.genseg!r} (known: {', '.join(GENSEG_MODES)})")
     if options.backbone not in BACKBONES:
