@@ -129,7 +129,7 @@ def fit_volume_probes(
             if not bool((target > 0.5).any()):  # thinner than a location everywhere: the locations it touches
                 target = (target > 0).float()
             columns.append(target)
-        if shown:  # the labels together: each probe as its own fit would give
+        if shown:  # the labels together: each probe exactly as its own fit gives it
             together = fit_support_probes(subset_rows, torch.stack(columns, 1), steps=steps, seed=seed, normalised=True)
             for k, probe in zip(shown, together, strict=True):
                 fitted[k] = probe

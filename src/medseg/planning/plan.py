@@ -290,16 +290,16 @@ def check_plan_fits(plan: Plan, budget_gb: float | None = None, images_per_sampl
 def fit_batch_to_budget(plan: Plan, budget_gb: float | None = None, images_per_sample: int = 1) -> int:
     """Lower ``plan.training.batch_size`` (down to 1) until its step is estimated to fit the memory budget, as
     planning chooses a batch (for a network the plan was not made for: a pretrained encoder, GenSeg's doubled
-    steps); returns the batch size it had. `check_plan_fits` then refuses a batch of 1 that does not fit."""
+    steps; ``plan.estimated_memory_gb`` follows); returns the batch size it had. `check_plan_fits` then refuses
+    a batch of 1 that does not fit."""
     budget = plan.memory_budget_gb if budget_gb is None else budget_gb
     before = plan.training.batch_size
     while plan.training.batch_size > 1 and budget < estimate_training_memory_gb(
         plan.network, plan.patch_size, plan.training.batch_size * images_per_sample
     ):
         plan.training.batch_size -= 1
-    plan.estimated_memory_gb = round(
-        estimate_training_memory_gb(plan.network, plan.patch_size, plan.training.batch_size), 3
-    )
+    images = plan.training.batch_size * images_per_sample
+    plan.estimated_memory_gb = round(estimate_training_memory_gb(plan.network, plan.patch_size, images), 3)
     return before
 
 
