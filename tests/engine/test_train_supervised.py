@@ -60,6 +60,9 @@ def test_resume_continues_the_same_run(dataset: Path, tmp_path: Path) -> None:
     assert history[:2] == first
     with pytest.raises(MedsegError, match="already trained 3 epochs"):
         train(TrainOptions(dataset, out, epochs=3, resume=True))  # nothing left to do: no epoch at learning rate 0
+    with pytest.raises(MedsegError, match=r"memory budget is 0\.01 GB"):  # the run's batch is kept: checked, refused
+        train(TrainOptions(dataset, out, epochs=4, resume=True, memory_gb=0.01))
+    assert json.loads((out / "train.json").read_text())["history"] == history
 
 
 def test_a_time_budget_ends_the_epoch_it_runs_out_in_and_a_spent_budget_trains_no_more(

@@ -411,6 +411,10 @@ def _check_resume_options(
     if options.num_labelled is not None and options.num_labelled != labelled:
         message = f"the run trains on {labelled} labelled cases (split.json); resume without --num-labelled"
         raise MedsegError(message, out)
+    if options.memory_gb is not None:  # the run keeps its plan (and batch): a budget given now is checked, not applied
+        check_plan_fits(plan, options.memory_gb, 2 if options.genseg is not None else 1)
+        if options.genseg is not None and plan.network.backbone == "litemedsam":
+            _check_architecture_step_fits(plan, options.memory_gb)
 
 
 def _schedule_progress(epoch: float, epochs: int, seconds: float, budget_s: float) -> float:
