@@ -241,16 +241,11 @@ class FeatureMatchingPredictor(InContextPredictor):
         if cached is not None:
             return cached
         frame = torch.from_numpy(encoder_frame(array, size))[None]
-        # channels-last: the layout `for_inference` encoders run fastest in (any encoder accepts it)
-        dtype = torch.bfloat16 if self.bfloat16 else torch.float32
-        pixels = frame.to(self.device, dtype).contiguous(memory_format=torch.channels_last)
-        with torch.inference_mode():
-            features = self._encode(pixels).cpu()[0]
+        features = self._features(frame)[0]
         channels, grid = features.shape[0], features.shape[-1]
         colour = F.interpolate(frame, (2 * grid, 2 * grid), mode="area")  # (1, 3, 2h, 2w), packed below
         result = torch.empty(channels + 12, grid, grid, dtype=FRAME_DTYPES[self.features])
         result[:channels], result[channels:] = features, F.pixel_unshuffle(colour, 2)[0]
-        self._grids[size] = grid  # `label_masks`'s grid for frames of this side
         if not cache:
             return result.numpy()
         if self.cache_size is not None:
@@ -266,16 +261,20 @@ class FeatureMatchingPredictor(InContextPredictor):
         at ``size``, ``(N, C, g, g)``, not cached: the slices of a volume. Encoded in batches of up to
         `ENCODE_PIXELS` frame pixels (fewer, larger calls than one per image, their working memory bounded)."""
         frames = torch.from_numpy(np.stack([encoder_frame(np.ascontiguousarray(image), size) for image in images]))
+        return self._features(frames).to(FRAME_DTYPES[self.features])
+
+    def _features(self, frames: torch.Tensor) -> torch.Tensor:
+        """`_encode` of encoder frames ``(N, 3, S, S)`` in [0, 1]: float32 ``(N, C, g, g)`` on the CPU, at most
+        `ENCODE_PIXELS` frame pixels a call; notes ``g`` as the grid of side ``S`` (`label_masks`'s)."""
+        # channels-last: the layout `for_inference` encoders run fastest in (any encoder accepts it)
         dtype = torch.bfloat16 if self.bfloat16 else torch.float32
         pixels = frames.to(self.device, dtype).contiguous(memory_format=torch.channels_last)
+        size = frames.shape[-1]
         chunk = max(1, ENCODE_PIXELS // size**2)
         with torch.inference_mode():
-            parts = [
-                self._encode(pixels[i : i + chunk]).cpu().to(FRAME_DTYPES[self.features])
-                for i in range(0, len(pixels), chunk)
-            ]
+            parts = [self._encode(pixels[i : i + chunk]).cpu() for i in range(0, len(pixels), chunk)]
         self._grids[size] = parts[0].shape[-1]
-        return torch.cat(parts)
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def _encode(self, pixels: torch.Tensor) -> torch.Tensor:
         """``(1, 3, S, S)`` -> float32 ``(1, C, h, w)`` of unit length at every location: the L2-normalised

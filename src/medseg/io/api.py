@@ -11,7 +11,7 @@ import numpy as np
 
 from medseg.errors import MedsegError
 from medseg.io import dicom_seg, dicom_source, numpy_io, raster, sitk_io
-from medseg.io.formats import RASTER_FORMATS, check_label_target, format_of, split_extension
+from medseg.io.formats import MRC_NOT_WRITTEN, RASTER_FORMATS, check_label_target, format_of, split_extension
 from medseg.io.image import Image
 from medseg.io.paths import check_exists
 
@@ -132,7 +132,7 @@ def save(image: Image, path: str | Path, *, key: str | None = None, protect: tup
     if image.is_label_map():
         check_label_target(target, image.ndim)
     elif fmt == "mrc":
-        raise MedsegError("writing MRC is not supported; write .nii.gz", target)
+        raise MedsegError(MRC_NOT_WRITTEN, target)
     # Write under the final name in a hidden folder next to the target, then move into place: .mhd and
     # .nhdr headers name their data file, which must be moved too (first, so the header never dangles).
     stem = split_extension(target)[0]

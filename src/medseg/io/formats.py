@@ -124,6 +124,9 @@ def check_output_format(
         raise MedsegError(_NOT_DICOM, input_path)
 
 
+MRC_NOT_WRITTEN = "writing MRC is not supported; write .nii.gz"
+
+
 def check_label_target(target: str | Path, ndim: int) -> None:
     """Raise what `medseg.io.save` would for a label map with ``ndim`` spatial dimensions written to
     ``target``, before the work that makes it: MRC (not written), a 3D map as a 2D raster, a lossy format.
@@ -133,7 +136,7 @@ def check_label_target(target: str | Path, ndim: int) -> None:
     """
     fmt = format_of(target)
     if fmt == "mrc":
-        raise MedsegError("writing MRC is not supported; write .nii.gz", target)
+        raise MedsegError(MRC_NOT_WRITTEN, target)
     if ndim != 2 and fmt in RASTER_FORMATS and fmt != "tiff":  # first: .png is no way out for a volume
         raise MedsegError(f"cannot write a {ndim}D image as {fmt.upper()} (use .nii.gz)", target)
     if fmt != "dicom" and fmt not in LOSSLESS_LABEL_FORMATS:

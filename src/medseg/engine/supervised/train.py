@@ -189,12 +189,9 @@ def _train(
             check_config(plan.network)  # 2D, grey or RGB
             if any(p % 4 for p in plan.patch_size):
                 raise MedsegError(f"patch {plan.patch_size}: LiteMedSAM's encoder needs sides that are multiples of 4")
-        images_per_sample = 2 if options.genseg is not None else 1  # GenSeg's steps add as many generated images
         if options.plan is None:  # planned here for a plain network: the batch fitted again (a given plan is kept)
-            fit_batch_to_budget(plan, options.memory_gb, images_per_sample)
-        check_plan_fits(plan, options.memory_gb, images_per_sample)
-        if options.genseg is not None and plan.network.backbone == "litemedsam":
-            _check_architecture_step_fits(plan, options.memory_gb)
+            fit_batch_to_budget(plan, options.memory_gb, _images_per_sample(options))
+        _check_memory(plan, options)
         names = [c.name for c in dataset.cases if c.label is not None]
         try:
             split = make_split(
@@ -412,9 +409,7 @@ def _check_resume_options(
         message = f"the run trains on {labelled} labelled cases (split.json); resume without --num-labelled"
         raise MedsegError(message, out)
     if options.memory_gb is not None:  # the run keeps its plan (and batch): a budget given now is checked, not applied
-        check_plan_fits(plan, options.memory_gb, 2 if options.genseg is not None else 1)
-        if options.genseg is not None and plan.network.backbone == "litemedsam":
-            _check_architecture_step_fits(plan, options.memory_gb)
+        _check_memory(plan, options)
 
 
 def _schedule_progress(epoch: float, epochs: int, seconds: float, budget_s: float) -> float:
@@ -429,6 +424,19 @@ def _budget_spent(seconds: float, last_epoch_s: float, budget_s: float, ctx: _Co
     if ctx.world == 1:
         return seconds >= budget_s
     return seconds + last_epoch_s > budget_s
+
+
+def _images_per_sample(options: TrainOptions) -> int:
+    """Images a training step holds per batch entry: GenSeg's steps add as many generated ones."""
+    return 2 if options.genseg is not None else 1
+
+
+def _check_memory(plan: Plan, options: TrainOptions) -> None:
+    """Refuse a plan whose training step, or (GenSeg with a LiteMedSAM encoder) whose architecture step, is
+    estimated to exceed the memory budget (``options.memory_gb``, else the plan's)."""
+    check_plan_fits(plan, options.memory_gb, _images_per_sample(options))
+    if options.genseg is not None and plan.network.backbone == "litemedsam":
+        _check_architecture_step_fits(plan, options.memory_gb)
 
 
 def _check_architecture_step_fits(plan: Plan, budget_gb: float | None) -> None:
