@@ -26,7 +26,7 @@ from medseg.inference.feature_incontext import (
 from medseg.inference.incontext_predictor import content_digest
 from medseg.metrics.surface import dice
 from medseg.models.incontext.matching_head import MatchingHead
-from medseg.models.incontext.support_probe import fit_support_probe
+from medseg.models.incontext.support_probe import SupportProbe, fit_support_probe, fit_support_probes
 from stand_in_encoders import PooledIntensity
 
 
@@ -73,20 +73,39 @@ def test_each_image_is_embedded_once() -> None:
 def test_a_probe_is_fitted_once_per_support_set_and_label(monkeypatch: pytest.MonkeyPatch) -> None:
     import medseg.inference.feature_incontext as module
 
-    fits: list[int] = []
+    fits: list[tuple[int, int]] = []
 
-    def counting_fit(features: torch.Tensor, targets: torch.Tensor, **options: int) -> nn.Module:
-        fits.append(len(features))
-        return fit_support_probe(features, targets, **options)
+    def counting_fit(features: torch.Tensor, targets: torch.Tensor, **options: int) -> list[SupportProbe]:
+        fits.append(tuple(targets.shape))
+        return fit_support_probes(features, targets, **options)
 
-    monkeypatch.setattr(module, "fit_support_probe", counting_fit)
+    monkeypatch.setattr(module, "fit_support_probes", counting_fit)
     predictor = FeatureMatchingPredictor(PooledIntensity(), "probe")
     supports = [_scene(i) for i in range(3)]
-    for seed in (10, 11):  # a folder of queries: one fit per label
+    for seed in (10, 11):  # a folder of queries: the labels' probes fitted once, together
         predictor.predict(_scene(seed)[0], [s[0] for s in supports], [s[1] for s in supports])
-    assert fits == [3 * 64 * 64] * 2  # the stages' 64 x 64 grid of a 128 x 128 frame
+    assert fits == [(3 * 64 * 64, 2)]  # the stages' 64 x 64 grid of a 128 x 128 frame, both labels
     predictor.predict(_scene(10)[0], [s[0] for s in supports[:2]], [s[1] for s in supports[:2]])
-    assert len(fits) == 4  # another support set: fitted again
+    assert len(fits) == 2  # another support set: fitted again
+
+
+def test_the_labels_probes_fitted_together_are_each_labels_own_fit() -> None:
+    # the frame side given: no held-out fits, only the support set's two probes
+    predictor = FeatureMatchingPredictor(PooledIntensity(), "probe", frame_size=128, bfloat16=False)
+    supports = [_scene(i) for i in range(3)]
+    predictor.predict(_scene(10)[0], [s[0] for s in supports], [s[1] for s in supports])
+    fitted = list(predictor._probes.values())
+    prepared = predictor._prepare([s[0] for s in supports], [s[1] for s in supports], volumes=False)
+    assert prepared.frames is not None and prepared.masks is not None
+    frames, fine = torch.from_numpy(prepared.frames), unpack_masks(prepared.masks)
+    channels = frames.shape[1] - 12
+    features = frames[:, :channels].permute(0, 2, 3, 1).reshape(-1, channels)
+    assert len(fitted) == 2
+    for label, probe in enumerate(fitted):
+        targets = torch.nn.functional.avg_pool2d(fine[:, label, None], 2).flatten()
+        alone = fit_support_probe(features, targets, steps=predictor.probe_steps, seed=0)
+        for mine, own in zip(probe.state_dict().values(), alone.state_dict().values(), strict=True):
+            assert torch.equal(mine, own)
 
 
 def test_a_support_set_is_prepared_once_and_again_when_its_contents_change(monkeypatch: pytest.MonkeyPatch) -> None:

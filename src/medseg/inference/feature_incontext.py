@@ -76,7 +76,7 @@ from medseg.inference.incontext_predictor import (
 )
 from medseg.inference.volume_probe import fit_volume_probes, volume_frame_size, volume_probabilities
 from medseg.metrics.surface import dice
-from medseg.models.incontext.support_probe import SupportProbe, fit_support_probe
+from medseg.models.incontext.support_probe import SupportProbe, fit_support_probes
 from medseg.models.promptable.image_encoders import for_inference
 from medseg.preprocessing.frames import frame_side, label_masks, unit_range
 
@@ -396,11 +396,13 @@ class FeatureMatchingPredictor(InContextPredictor):
         else:
             query = query.float()
         for subset in subsets:
-            for label in range(k):
-                if not (fine_masks[subset, label] >= 0.5).any():
-                    continue  # this subset shows no example of the label: no vote for it
+            shown = [label for label in range(k) if (fine_masks[subset, label] >= 0.5).any()]
+            if self.method == "probe":
+                keys = {label: support_key + subset.tobytes() + label.to_bytes(4, "little") for label in shown}
+                self._fit_probes(frames, torch.from_numpy(subset), fine_masks[subset], keys, seed)
+            for label in shown:  # a label this subset shows no example of gets no vote
                 if self.method == "probe":
-                    key = support_key + subset.tobytes() + label.to_bytes(4, "little")
+                    key = keys[label]
                     mask = fine_masks[subset, label]
                     index = torch.from_numpy(subset)
                     probability = torch.sigmoid(
@@ -418,6 +420,25 @@ class FeatureMatchingPredictor(InContextPredictor):
                     total[:, label] += torch.sigmoid(self._logit(maps, query))
         return (total / len(subsets)).numpy()
 
+    def _fit_probes(
+        self, frames: torch.Tensor, subset: torch.Tensor, masks: torch.Tensor, keys: dict[int, bytes], seed: int
+    ) -> None:
+        """Fit the `SupportProbe` of each label in ``keys`` not fitted yet (label -> its cache key) to the
+        support frames ``frames[subset]`` (``(N, C + 12, h, w)``) and its masks ``masks[:, label]`` (``masks``
+        ``(N, K, 2h, 2w)``): together (`fit_support_probes`: each exactly its own fit, the frames gathered once),
+        once per key (a folder of queries reuses them)."""
+        missing = [label for label, key in keys.items() if _recall(self._probes, key) is None]
+        if not missing:
+            return
+        channels = frames.shape[1] - 12
+        # in the frames' dtype (float16 stages: half a float32 copy); batches are fitted in float32
+        features = frames[subset, :channels].permute(0, 2, 3, 1).reshape(-1, channels)
+        # each label's foreground fraction of each location
+        targets = torch.stack([F.avg_pool2d(masks[:, label, None], 2).flatten() for label in missing], 1)
+        fitted = fit_support_probes(features, targets, steps=self.probe_steps, seed=seed)
+        for label, probe in zip(missing, fitted, strict=True):
+            _remember(self._probes, keys[label], probe.to(self._probe_dtype), PROBE_CACHE_SIZE)
+
     def _probe_logit(
         self,
         locations: torch.Tensor,
@@ -429,17 +450,12 @@ class FeatureMatchingPredictor(InContextPredictor):
         seed: int,
     ) -> torch.Tensor:
         """Foreground logit ``(Q, 2h, 2w)`` at the query ``locations`` ``(Q h w, C)`` (query frames of ``shape``
-        ``(Q, C + 12, h, w)``) of the `SupportProbe` fitted to the support frames ``frames[subset]``
-        (``(N, C + 12, h, w)``) and one label's ``masks`` ``(N, 2h, 2w)``, fitted once per ``key`` (a folder
-        of queries reuses it, and the frames are only gathered for a fit)."""
-        channels, height, width = frames.shape[1] - 12, frames.shape[2], frames.shape[3]
+        ``(Q, C + 12, h, w)``) of the `SupportProbe` of ``key``, fitted (if `_fit_probes` has not) to the
+        support frames ``frames[subset]`` (``(N, C + 12, h, w)``) and one label's ``masks`` ``(N, 2h, 2w)``."""
+        height, width = frames.shape[2], frames.shape[3]
+        self._fit_probes(frames, subset, masks[:, None], {0: key}, seed)
         probe = _recall(self._probes, key)
-        if probe is None:
-            # in the frames' dtype (float16 stages: half a float32 copy); batches are fitted in float32
-            features = frames[subset, :channels].permute(0, 2, 3, 1).reshape(-1, channels)
-            targets = F.avg_pool2d(masks[:, None], 2).flatten()  # foreground fraction of each location
-            fitted = fit_support_probe(features, targets, steps=self.probe_steps, seed=seed)
-            probe = _remember(self._probes, key, fitted.to(self._probe_dtype), PROBE_CACHE_SIZE)
+        assert probe is not None
         coarse = probe.classify(locations).float().reshape(shape[0], 1, height, width)  # frames are unit length
         return F.interpolate(coarse, scale_factor=2, mode="bilinear", align_corners=False)[:, 0]
 
