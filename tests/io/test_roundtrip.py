@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 import fixtures as fx
+from medseg.errors import MedsegNotice
 from medseg.io import Geometry, Image, label_path_for, load, save
 
 OBLIQUE = Geometry(fx.NIFTI_SPACING, fx.NIFTI_ORIGIN, fx.oblique_direction())
@@ -133,6 +135,25 @@ def test_tiff_stack_round_trip(tmp_path):
     back = load(save(Image(array), tmp_path / "stack.tif"))
     assert back.shape == array.shape
     np.testing.assert_array_equal(back.array, array)
+
+
+@pytest.mark.parametrize("ext", [".tif", ".png", ".npy"])
+def test_formats_without_geometry_say_they_drop_it(tmp_path, ext):
+    array = volume(np.uint8) if ext != ".png" else labels_2d(np.uint8, 3)
+    placed = Image(array, OBLIQUE if array.ndim == 3 else GEOMETRY_2D)
+    with pytest.warns(MedsegNotice, match=f"{ext[1:].upper().replace('TIF', 'TIFF')} files keep no spacing"):
+        back = load(save(placed, tmp_path / f"placed{ext}"))
+    np.testing.assert_array_equal(back.array, array)  # the values are written; the geometry is not
+    assert back.geometry == Geometry.identity(array.ndim)
+
+
+@pytest.mark.parametrize("ext", [".tif", ".png", ".npy", ".npz", ".nii.gz"])
+def test_no_note_where_nothing_is_lost(tmp_path, ext):
+    array = volume(np.uint8) if ext != ".png" else labels_2d(np.uint8, 3)
+    geometry = OBLIQUE if ext in (".npz", ".nii.gz") else Geometry.identity(array.ndim)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", MedsegNotice)
+        save(Image(array, geometry), tmp_path / f"kept{ext}")
 
 
 @pytest.mark.parametrize("ext", [".npy", ".npz"])

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import numpy as np
 
-from medseg.errors import MedsegError
+from medseg.errors import MedsegError, notice
 from medseg.io import dicom_seg, dicom_source, numpy_io, raster, sitk_io
 from medseg.io.formats import MRC_NOT_WRITTEN, RASTER_FORMATS, check_label_target, format_of, split_extension
-from medseg.io.image import Image
+from medseg.io.image import Geometry, Image
 from medseg.io.paths import check_exists
 
 
@@ -107,6 +107,9 @@ def save(image: Image, path: str | Path, *, key: str | None = None, protect: tup
         key: npz array name; default ``segs`` for label maps and ``imgs`` for images (MedSAM convention).
         protect: paths that must not be overwritten (the inputs); ``image.meta["path"]`` always is.
 
+    Raster formats and ``.npy`` keep no geometry: an image whose spacing, origin or direction is not the
+    identity is written without them, with a `medseg.errors.MedsegNotice` saying so.
+
     Raises:
         MedsegError: the target is an input, the format cannot hold the data (a 3D PNG, a label map as
             JPEG, DICOM output other than a label map made on a DICOM series), or writing fails.
@@ -152,6 +155,12 @@ def save(image: Image, path: str | Path, *, key: str | None = None, protect: tup
         raise MedsegError(f"cannot write ({str(err).strip().splitlines()[-1][:160]})", target) from None
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
+    if (fmt in RASTER_FORMATS or fmt == "npy") and not image.geometry.matches(Geometry.identity(image.geometry.ndim)):
+        # the same words for every file: one note per format in a run, not one per case of a batch
+        notice(
+            f"{fmt.upper()} files keep no spacing, origin or direction: written without the image's (.nii.gz keeps"
+            " them)"
+        )
     return target
 
 
