@@ -411,12 +411,16 @@ def _latency(name: str, engine: str, args: argparse.Namespace) -> dict[str, floa
 
 
 def _unseen(image: np.ndarray, index: int) -> np.ndarray:
-    """``image`` with one value nudged (flat ``index``): content never seen before, in the same dtype and range
-    (an 8-bit RGB image stays 8-bit, as the intensity rules require)."""
+    """``image`` with one value nudged (flat ``index``) towards the other end of its range: content never seen
+    before, in the same dtype and range (an 8-bit RGB image stays 8-bit, as the intensity rules require)."""
     fresh = image.copy()
     flat = fresh.reshape(-1)
     at = index % flat.size
-    flat[at] = flat[at] ^ 1 if fresh.dtype.kind in "ui" else flat[at] * 0.999
+    other_end = flat.min() if flat[at] > flat.min() else flat.max()
+    if fresh.dtype.kind in "ui":
+        flat[at] = flat[at] + 1 if other_end > flat[at] else flat[at] - 1  # in the dtype: no step past its range
+    else:
+        flat[at] = np.nextafter(flat[at], other_end)
     return fresh
 
 

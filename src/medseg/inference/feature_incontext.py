@@ -397,20 +397,17 @@ class FeatureMatchingPredictor(InContextPredictor):
             query = query.float()
         for subset in subsets:
             shown = [label for label in range(k) if (fine_masks[subset, label] >= 0.5).any()]
+            index = torch.from_numpy(subset)
             if self.method == "probe":
                 keys = {label: support_key + subset.tobytes() + label.to_bytes(4, "little") for label in shown}
-                self._fit_probes(frames, torch.from_numpy(subset), fine_masks[subset], keys, seed)
+                probes = self._support_probes(frames, index, fine_masks[subset], keys, seed)
             for label in shown:  # a label this subset shows no example of gets no vote
                 if self.method == "probe":
-                    key = keys[label]
-                    mask = fine_masks[subset, label]
-                    index = torch.from_numpy(subset)
-                    probability = torch.sigmoid(
-                        self._probe_logit(locations, query.shape, frames, index, mask, key, seed)
-                    )
+                    probability = torch.sigmoid(self._probe_logit(locations, query.shape, probes[label]))
                     if self.prototype_share > 0:  # the smoother prototype's say: holds where supports drift
+                        mask = fine_masks[subset, label]
                         prototype = torch.sigmoid(
-                            self._prototype_logit(locations, query.shape, frames, index, mask, key)
+                            self._prototype_logit(locations, query.shape, frames, index, mask, keys[label])
                         )
                         probability = (1 - self.prototype_share) * probability + self.prototype_share * prototype
                     total[:, label] += probability
@@ -420,43 +417,30 @@ class FeatureMatchingPredictor(InContextPredictor):
                     total[:, label] += torch.sigmoid(self._logit(maps, query))
         return (total / len(subsets)).numpy()
 
-    def _fit_probes(
+    def _support_probes(
         self, frames: torch.Tensor, subset: torch.Tensor, masks: torch.Tensor, keys: dict[int, bytes], seed: int
-    ) -> None:
-        """Fit the `SupportProbe` of each label in ``keys`` not fitted yet (label -> its cache key) to the
-        support frames ``frames[subset]`` (``(N, C + 12, h, w)``) and its masks ``masks[:, label]`` (``masks``
-        ``(N, K, 2h, 2w)``): together (`fit_support_probes`: each exactly its own fit, the frames gathered once),
-        once per key (a folder of queries reuses them)."""
-        missing = [label for label, key in keys.items() if _recall(self._probes, key) is None]
-        if not missing:
-            return
-        channels = frames.shape[1] - 12
-        # in the frames' dtype (float16 stages: half a float32 copy); batches are fitted in float32
-        features = frames[subset, :channels].permute(0, 2, 3, 1).reshape(-1, channels)
-        # each label's foreground fraction of each location
-        targets = torch.stack([F.avg_pool2d(masks[:, label, None], 2).flatten() for label in missing], 1)
-        fitted = fit_support_probes(features, targets, steps=self.probe_steps, seed=seed)
-        for label, probe in zip(missing, fitted, strict=True):
-            _remember(self._probes, keys[label], probe.to(self._probe_dtype), PROBE_CACHE_SIZE)
+    ) -> dict[int, SupportProbe]:
+        """The `SupportProbe` of each label in ``keys`` (label -> its cache key), fitted to the support frames
+        ``frames[subset]`` (``(N, C + 12, h, w)``) and its masks ``masks[:, label]`` (``masks`` ``(N, K, 2h, 2w)``)
+        once per key (a folder of queries reuses them); the labels not cached yet fitted together
+        (`fit_support_probes`: each exactly its own fit, the frames gathered once)."""
+        probes = {label: _recall(self._probes, key) for label, key in keys.items()}
+        missing = [label for label, probe in probes.items() if probe is None]
+        if missing:
+            channels = frames.shape[1] - 12
+            # in the frames' dtype (float16 stages: half a float32 copy); batches are fitted in float32
+            features = frames[subset, :channels].permute(0, 2, 3, 1).reshape(-1, channels)
+            # each label's foreground fraction of each location
+            targets = torch.stack([F.avg_pool2d(masks[:, label, None], 2).flatten() for label in missing], 1)
+            fitted = fit_support_probes(features, targets, steps=self.probe_steps, seed=seed)
+            for label, probe in zip(missing, fitted, strict=True):
+                probes[label] = _remember(self._probes, keys[label], probe.to(self._probe_dtype), PROBE_CACHE_SIZE)
+        return cast(dict[int, SupportProbe], probes)
 
-    def _probe_logit(
-        self,
-        locations: torch.Tensor,
-        shape: torch.Size,
-        frames: torch.Tensor,
-        subset: torch.Tensor,
-        masks: torch.Tensor,
-        key: bytes,
-        seed: int,
-    ) -> torch.Tensor:
-        """Foreground logit ``(Q, 2h, 2w)`` at the query ``locations`` ``(Q h w, C)`` (query frames of ``shape``
-        ``(Q, C + 12, h, w)``) of the `SupportProbe` of ``key``, fitted (if `_fit_probes` has not) to the
-        support frames ``frames[subset]`` (``(N, C + 12, h, w)``) and one label's ``masks`` ``(N, 2h, 2w)``."""
-        height, width = frames.shape[2], frames.shape[3]
-        self._fit_probes(frames, subset, masks[:, None], {0: key}, seed)
-        probe = _recall(self._probes, key)
-        assert probe is not None
-        coarse = probe.classify(locations).float().reshape(shape[0], 1, height, width)  # frames are unit length
+    def _probe_logit(self, locations: torch.Tensor, shape: torch.Size, probe: SupportProbe) -> torch.Tensor:
+        """``probe``'s foreground logit ``(Q, 2h, 2w)`` at the query ``locations`` ``(Q h w, C)`` (query frames
+        of ``shape`` ``(Q, C + 12, h, w)``)."""
+        coarse = probe.classify(locations).float().reshape(shape[0], 1, shape[2], shape[3])  # frames are unit length
         return F.interpolate(coarse, scale_factor=2, mode="bilinear", align_corners=False)[:, 0]
 
     def _prototype_logit(
@@ -468,9 +452,10 @@ class FeatureMatchingPredictor(InContextPredictor):
         masks: torch.Tensor,
         key: bytes,
     ) -> torch.Tensor:
-        """The prototype rule's foreground logit ``(Q, 2h, 2w)`` on the probe's features (arguments as
-        `_probe_logit`'s): ``20 (cos_fg - cos_bg)`` against the mean foreground and background features of
-        ``frames[subset]`` (PANet's masked average pooling over every location), cached per ``key``."""
+        """The prototype rule's foreground logit ``(Q, 2h, 2w)`` on the probe's features (``locations`` and
+        ``shape`` as `_probe_logit`'s): ``20 (cos_fg - cos_bg)`` against the mean foreground and background
+        features of the support frames ``frames[subset]`` under one label's ``masks`` ``(N, 2h, 2w)`` (PANet's
+        masked average pooling over every location), cached per ``key``."""
         channels, height, width = frames.shape[1] - 12, frames.shape[2], frames.shape[3]
         vectors = _recall(self._prototypes, key)
         if vectors is None:

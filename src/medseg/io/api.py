@@ -11,7 +11,14 @@ import numpy as np
 
 from medseg.errors import MedsegError, notice
 from medseg.io import dicom_seg, dicom_source, numpy_io, raster, sitk_io
-from medseg.io.formats import MRC_NOT_WRITTEN, RASTER_FORMATS, check_label_target, format_of, split_extension
+from medseg.io.formats import (
+    MRC_NOT_WRITTEN,
+    NO_GEOMETRY_FORMATS,
+    RASTER_FORMATS,
+    check_label_target,
+    format_of,
+    split_extension,
+)
 from medseg.io.image import Geometry, Image
 from medseg.io.paths import check_exists
 
@@ -155,7 +162,7 @@ def save(image: Image, path: str | Path, *, key: str | None = None, protect: tup
         raise MedsegError(f"cannot write ({str(err).strip().splitlines()[-1][:160]})", target) from None
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
-    if (fmt in RASTER_FORMATS or fmt == "npy") and not image.geometry.matches(Geometry.identity(image.geometry.ndim)):
+    if fmt in NO_GEOMETRY_FORMATS and not image.geometry.matches(Geometry.identity(image.geometry.ndim)):
         # the same words for every file: one note per format in a run, not one per case of a batch
         notice(
             f"{fmt.upper()} files keep no spacing, origin or direction: written without the image's (.nii.gz keeps"

@@ -31,6 +31,8 @@ SITK_FORMATS = frozenset({"nifti", "nrrd", "metaimage", "dicom"})
 RASTER_FORMATS = frozenset({"png", "jpeg", "bmp", "tiff", "gif"})
 # Formats a label map can be written in without loss.
 LOSSLESS_LABEL_FORMATS = frozenset({"nifti", "nrrd", "metaimage", "png", "bmp", "tiff", "npy", "npz"})
+# Formats written without spacing, origin or direction (read back as the identity).
+NO_GEOMETRY_FORMATS = RASTER_FORMATS | {"npy"}
 SUPPORTED_EXTENSIONS = tuple(_EXTENSIONS)
 # What a command writes for each input (``--output-format``): ``auto`` the input's format when it holds a label
 # map losslessly (NIfTI for DICOM and MRC, PNG for JPEG/GIF), ``nifti`` always ``.nii.gz``, ``dicom-seg`` a
