@@ -34,10 +34,11 @@ from medseg.data.check import require_valid
 from medseg.data.dataset import Case, Dataset
 from medseg.engine.run_files import atomic_write, plot_curve, write_json
 from medseg.engine.supervised.data import PatchSampler, PreparedCase, prepare_case
+from medseg.engine.supervised.encoder_maps import EncoderMaps, MapSampler, cache_encoder_maps, map_cache_refusal
 from medseg.engine.supervised.genseg import ARCH_IMAGES_PRETRAINED, GenSeg, validation_share
 from medseg.engine.supervised.genseg import MODES as GENSEG_MODES
 from medseg.engine.supervised.split import make_split
-from medseg.errors import MedsegError
+from medseg.errors import MedsegError, notice
 from medseg.inference.sliding_window import predict_probabilities
 from medseg.io.paths import check_exists, check_output
 from medseg.metrics.surface import dice
@@ -281,6 +282,11 @@ def _train(
         )
         if saved is not None and "genseg" in saved:
             genseg.load_state_dict(saved["genseg"])
+    map_sampler, state["encoder_maps"] = _encoder_map_sampler(
+        network, shard, plan, options, ctx, budget_s - state["training_seconds"]
+    )
+    if map_sampler is not None:
+        state["training_seconds"] += map_sampler.cached.seconds  # the budget pays for the encoding
     while True:
         epoch = state["epoch"]
         if ctx.world > 1:  # every rank follows rank 0's clock, so that all use the same learning rate
@@ -301,7 +307,11 @@ def _train(
             used = state["training_seconds"] + time.perf_counter() - started
             if iteration and ctx.world == 1 and used >= budget_s:
                 break
-            images, labels = sampler.batch(training.batch_size, rng)
+            if map_sampler is not None:
+                maps, images, labels = map_sampler.batch(training.batch_size, rng)
+                maps = [m.to(ctx.device) for m in maps]
+            else:
+                images, labels = sampler.batch(training.batch_size, rng)
             images, labels = images.to(ctx.device), labels.to(ctx.device)
             if genseg is not None:  # its stages follow the schedule within the epoch too
                 now = state["training_seconds"] + time.perf_counter() - started
@@ -310,7 +320,8 @@ def _train(
                 losses.append(genseg.step(images, labels, rng, within))
             else:
                 optimizer.zero_grad(set_to_none=True)
-                loss = _total_loss(loss_fn, model(images), labels)
+                output = model(images) if map_sampler is None else network.decode(maps, images)  # type: ignore[operator]
+                loss = _total_loss(loss_fn, output, labels)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 12.0)
                 optimizer.step()
@@ -385,6 +396,7 @@ def _train(
                 "backbone": plan.network.backbone,
                 "freeze_encoder": plan.network.freeze_encoder,
                 "genseg": None if genseg is None else genseg.summary(),
+                "encoder_maps": state["encoder_maps"],
             },
         )
     return result
@@ -424,6 +436,32 @@ def _budget_spent(seconds: float, last_epoch_s: float, budget_s: float, ctx: _Co
     if ctx.world == 1:
         return seconds >= budget_s
     return seconds + last_epoch_s > budget_s
+
+
+def _encoder_map_sampler(
+    network: nn.Module,
+    shard: list[PreparedCase],
+    plan: Plan,
+    options: TrainOptions,
+    ctx: _Context,
+    budget_left_s: float,
+) -> tuple[MapSampler | None, str]:
+    """A sampler of cached encoder maps (`medseg.engine.supervised.encoder_maps`) where the run allows one,
+    and what train.json says about it: cached (cases, seconds) or why not. Cached maps say so on stderr:
+    they change the augmentation."""
+    refusal = map_cache_refusal(plan, shard, options.genseg is not None, ctx.world)
+    if refusal is None:
+        cached = cache_encoder_maps(network, shard, plan, ctx.device, budget_left_s)
+        if isinstance(cached, EncoderMaps):
+            notice(
+                f"the frozen encoder's maps of the {len(shard)} training cases were computed once "
+                f"({cached.seconds:.0f} s); the decoder trains on them with mirroring as its only augmentation"
+            )
+            return MapSampler(cached, plan), f"cached: {len(shard)} cases in {cached.seconds:.1f} s"
+        refusal = cached
+    if plan.network.backbone == "litemedsam" and plan.network.freeze_encoder:
+        return None, f"not cached: {refusal}"
+    return None, "not used"
 
 
 def _images_per_sample(options: TrainOptions) -> int:

@@ -21,6 +21,7 @@ from medseg.errors import MedsegError
 
 MODEL_NAMES = ("unet", "vnet", "transunet")
 BACKBONES = ("plain", "litemedsam")
+LITEMEDSAM_DECODERS = ("light", "full")  # `LiteMedSAMUNet`'s
 
 
 @dataclass
@@ -46,6 +47,7 @@ class NetworkConfig:
     patch_size: list[int] | None = None  # TransUNet's token grid (position embeddings) is sized from it
     backbone: str = "plain"  # "litemedsam": LiteMedSAM's TinyViT as the U-Net's encoder
     freeze_encoder: bool = True  # litemedsam: keep the pretrained encoder fixed
+    decoder: str = "light"  # litemedsam: "light" or "full" (`LiteMedSAMUNet`; plans without the key: "full")
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -60,6 +62,8 @@ class NetworkConfig:
         unknown = sorted(set(data) - allowed)
         if unknown:
             raise MedsegError(f"network section has unknown keys {unknown} (allowed: {sorted(allowed)})")
+        if data.get("backbone") == "litemedsam" and "decoder" not in data:
+            data = {**data, "decoder": "full"}  # written before the light decoder: the weights are the full one's
         try:
             return cls(**data)
         except TypeError as error:
@@ -82,7 +86,7 @@ def build_network(config: NetworkConfig) -> nn.Module:
     if config.backbone == "litemedsam":
         from medseg.models.supervised.litemedsam_unet import LiteMedSAMUNet
 
-        return LiteMedSAMUNet(config.in_channels, config.out_channels, config.freeze_encoder)
+        return LiteMedSAMUNet(config.in_channels, config.out_channels, config.freeze_encoder, decoder=config.decoder)
     if config.name == "unet":
         from monai.networks.nets import DynUNet
 
@@ -123,6 +127,8 @@ def check_config(config: NetworkConfig) -> None:
         raise MedsegError(f"unknown backbone {config.backbone!r} (known: {', '.join(BACKBONES)})")
     if config.backbone == "litemedsam" and (config.name != "unet" or config.spatial_dims != 2):
         raise MedsegError("--backbone litemedsam is a 2D U-Net's encoder (LiteMedSAM's TinyViT sees 2D images)")
+    if config.backbone == "litemedsam" and config.decoder not in LITEMEDSAM_DECODERS:
+        raise MedsegError(f"unknown decoder {config.decoder!r} (known: {', '.join(LITEMEDSAM_DECODERS)})")
     if config.backbone == "litemedsam" and config.in_channels not in (1, 3):
         raise MedsegError(f"--backbone litemedsam takes grey or RGB images, not {config.in_channels} channels")
     if config.spatial_dims not in (2, 3):

@@ -1,10 +1,16 @@
 """A 2D U-Net whose encoder is LiteMedSAM's TinyViT image encoder (``--backbone litemedsam``).
 
 The encoder is the one in `medseg.models.promptable.image_encoders.tiny_vit` with LiteMedSAM's real weights
-(MedSAM distilled into TinyViT; Ma et al., Nature Communications 2024), the decoder is new: SAM's neck
-embedding (256 channels at 1/4) and the stage maps at 1/4 and 1/2 are fused and up-sampled with skip
-connections, and a shallow full-resolution convolution on the image supplies the finest detail (the encoder
-starts at 1/2 after its first stage).
+(MedSAM distilled into TinyViT; Ma et al., Nature Communications 2024), the decoder is new. Its maps
+(`LiteMedSAMUNet.encode`): the first stage's at 1/2 (128 channels), the second and last stages' at 1/4 (160
+and 320) and SAM's neck embedding at 1/4 (256). Two decoders (``decoder``):
+
+- ``"light"`` (the default): the 1/4 maps reduced by a 1 x 1 convolution to ``2 width`` channels and
+  convolved, up-sampled and fused with the first stage's map (reduced to ``width``) at 1/2, logits at 1/2
+  up-sampled bilinearly to full size. A fraction of the full decoder's cost: what makes training on cached
+  encoder maps (`medseg.engine.supervised.encoder_maps`) fast on a CPU.
+- ``"full"`` (plans written before the light decoder): the 1/4 maps fused at ``4 width`` channels, the 1/2
+  map at ``2 width``, and a shallow full-resolution convolution on the image for the finest detail.
 
 The encoder saw images min-max scaled to [0, 1] with three channels: the network does the same to each
 input patch (grey: one channel repeated), whatever normalisation the plan applied before (min-max undoes
@@ -14,6 +20,7 @@ any affine one). ``freeze_encoder`` keeps its weights (and runs it without gradi
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import cast
 
 import torch
@@ -21,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from medseg.models.promptable.image_encoders import TinyViT, build_tinyvit_lite_medsam, for_inference
+from medseg.models.supervised.factory import LITEMEDSAM_DECODERS as DECODERS
 
 ENCODER_PREFIX = "image_encoder."
 
@@ -36,6 +44,14 @@ def _block(in_channels: int, out_channels: int) -> nn.Sequential:
     )
 
 
+def _reduce(in_channels: int, out_channels: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, 1, bias=False),
+        nn.InstanceNorm2d(out_channels, affine=True),
+        nn.LeakyReLU(0.01, inplace=True),
+    )
+
+
 class LiteMedSAMUNet(nn.Module):
     """``(B, C, H, W)`` (C 1 or 3; H, W multiples of 4) -> logits ``(B, classes, H, W)``.
 
@@ -43,21 +59,35 @@ class LiteMedSAMUNet(nn.Module):
         in_channels: 1 (grey, repeated to three) or 3.
         classes: output classes, background included.
         freeze_encoder: keep the pretrained encoder fixed (no gradients, eval mode).
-        width: decoder channels at full resolution (doubling at 1/2 and 1/4).
+        width: the decoder's channels (see the module's docstring).
+        decoder: ``"light"`` or ``"full"``.
     """
 
-    def __init__(self, in_channels: int, classes: int, freeze_encoder: bool = True, width: int = 32) -> None:
+    def __init__(
+        self, in_channels: int, classes: int, freeze_encoder: bool = True, width: int = 32, decoder: str = "light"
+    ) -> None:
         super().__init__()
         if in_channels not in (1, 3):
             raise ValueError(f"the LiteMedSAM encoder takes grey or RGB images, not {in_channels} channels")
+        if decoder not in DECODERS:
+            raise ValueError(f"unknown decoder {decoder!r} (known: {', '.join(DECODERS)})")
         self.in_channels = in_channels
         self.freeze_encoder = freeze_encoder
+        self.decoder = decoder
         self.image_encoder = build_tinyvit_lite_medsam()
-        self.fuse = _block(256 + 320 + 160, width * 4)  # neck, last stage, second stage: all at 1/4
-        self.up2 = _block(width * 4 + 128, width * 2)  # + the first stage's map at 1/2
-        self.shallow = _block(in_channels, width)
-        self.up1 = _block(width * 2 + width, width)
-        self.head = nn.Conv2d(width, classes, 1)
+        quarter = 256 + 320 + 160  # neck, last stage, second stage: all at 1/4
+        if decoder == "light":
+            self.reduce = _reduce(quarter, width * 2)
+            self.fuse = _block(width * 2, width * 2)
+            self.reduce_half = _reduce(128, width)
+            self.up2 = _block(width * 3, width)
+            self.head = nn.Conv2d(width, classes, 1)
+        else:
+            self.fuse = _block(quarter, width * 4)
+            self.up2 = _block(width * 4 + 128, width * 2)  # + the first stage's map at 1/2
+            self.shallow = _block(in_channels, width)
+            self.up1 = _block(width * 2 + width, width)
+            self.head = nn.Conv2d(width, classes, 1)
         if freeze_encoder:
             self.image_encoder.requires_grad_(False)
 
@@ -75,6 +105,16 @@ class LiteMedSAMUNet(nn.Module):
         return scaled.expand(-1, 3, -1, -1) if self.in_channels == 1 else scaled
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.encode(x), x)
+
+    def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The encoder's maps of ``x`` ``(B, C, H, W)`` (sides multiples of 4): the first stage's ``(B, 128,
+        H/2, W/2)``, the second's ``(B, 160, H/4, W/4)``, the last's ``(B, 320, H/4, W/4)`` and the neck's
+        ``(B, 256, H/4, W/4)``; without a graph where the encoder is frozen and ``x`` needs no gradient.
+
+        Raises:
+            ValueError: sides that are not multiples of 4.
+        """
         size = x.shape[-2:]
         if size[0] % 4 or size[1] % 4:
             raise ValueError(f"patch sides must be multiples of 4, got {tuple(size)}")
@@ -89,11 +129,23 @@ class LiteMedSAMUNet(nn.Module):
                 scaled if copy is None else scaled.contiguous(memory_format=torch.channels_last), 4
             )
             embedding = encoder.neck(stages[-1])
+        maps = [stages[0], stages[1], stages[3], embedding]
         if copy is not None:  # back from channels-last, the layout the decoder was measured in
-            stages, embedding = [s.contiguous() for s in stages], embedding.contiguous()
-        quarter = self.fuse(torch.cat([embedding, stages[3], stages[1]], 1))
+            maps = [m.contiguous() for m in maps]
+        return maps
+
+    def decode(self, maps: Sequence[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """Logits ``(B, classes, H, W)`` from `encode`'s maps of ``x`` (the full decoder also reads ``x``)."""
+        half_map, second, last, embedding = maps
+        size = x.shape[-2:]
+        if self.decoder == "light":
+            quarter = self.fuse(self.reduce(torch.cat([embedding, last, second], 1)))
+            half = F.interpolate(quarter, size=half_map.shape[-2:], mode="bilinear", align_corners=False)
+            half = self.up2(torch.cat([half, self.reduce_half(half_map)], 1))
+            return F.interpolate(self.head(half), size=size, mode="bilinear", align_corners=False)
+        quarter = self.fuse(torch.cat([embedding, last, second], 1))
         half = F.interpolate(quarter, scale_factor=2.0, mode="bilinear", align_corners=False)
-        half = self.up2(torch.cat([half, stages[0]], 1))
+        half = self.up2(torch.cat([half, half_map], 1))
         full = F.interpolate(half, size=size, mode="bilinear", align_corners=False)
         return self.head(self.up1(torch.cat([full, self.shallow(x)], 1)))
 
