@@ -134,3 +134,30 @@ def test_plans_with_a_non_boolean_freeze_or_a_patch_the_encoder_cannot_take_are_
     path.write_text(json.dumps(data))
     with pytest.raises(MedsegError, match="multiples of 4"):
         read_plan(path)
+
+
+@pytest.mark.parametrize("decoder", ["light", "full"])
+def test_both_decoders_read_the_encoders_maps_and_give_full_size_logits(decoder: str) -> None:
+    torch.manual_seed(0)
+    network = LiteMedSAMUNet(1, 3, decoder=decoder).eval()
+    x = torch.randn(2, 1, 32, 48)
+    maps = network.encode(x)
+    assert [tuple(m.shape[1:]) for m in maps] == [(128, 16, 24), (160, 8, 12), (320, 8, 12), (256, 8, 12)]
+    output = network.decode(maps, x)
+    assert output.shape == (2, 3, 32, 48)
+    torch.testing.assert_close(output, network(x))
+    with pytest.raises(ValueError, match="unknown decoder"):
+        LiteMedSAMUNet(1, 3, decoder="heavy")
+
+
+def test_plans_written_before_the_light_decoder_keep_the_full_one() -> None:
+    written = _config().to_dict()
+    assert written["decoder"] == "light"
+    del written["decoder"]  # a plan.json of an earlier medseg
+    old = NetworkConfig.from_dict(written)
+    assert old.decoder == "full"
+    decoder_modules = {name.split(".")[0] for name in build_network(old).state_dict() if not name.startswith("image_")}
+    assert decoder_modules == {"fuse", "up2", "shallow", "up1", "head"}  # the names its model.pt holds
+    assert NetworkConfig.from_dict({**written, "backbone": "plain"}).decoder == "light"  # unused without litemedsam
+    with pytest.raises(MedsegError, match="unknown decoder"):
+        build_network(_config(decoder="heavy"))

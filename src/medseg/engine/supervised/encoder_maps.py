@@ -76,8 +76,9 @@ def cache_encoder_maps(
     network: torch.nn.Module, cases: list[PreparedCase], plan: Plan, device: torch.device, budget_s: float
 ) -> EncoderMaps | str:
     """Every case padded to the patch and encoded by ``network.encode`` (a `LiteMedSAMUNet`), or the reason it
-    was given up: the first batch's time says the whole would take more than `TIME_SHARE` of ``budget_s``
-    (seconds of training left; ``inf`` without a budget)."""
+    was given up: the second batch's time (the first one's includes building the encoder's inference copy) says
+    the whole would take more than `TIME_SHARE` of ``budget_s`` (seconds of training left; ``inf`` without a
+    budget)."""
     started = time.perf_counter()
     patch = np.array(plan.patch_size)
     padded = [crop(c.image, c.label, np.array(c.label.shape) // 2, patch) for c in cases]
@@ -87,10 +88,13 @@ def cache_encoder_maps(
     network.eval()
     with torch.no_grad():
         for start in range(0, len(cases), ENCODE_BATCH):
+            batch_started = time.perf_counter()
             batch = network.encode(images[start : start + ENCODE_BATCH].to(device))  # type: ignore[operator]
             if not maps:
                 maps = [torch.empty((len(cases), *m.shape[1:]), dtype=torch.float16) for m in batch]
-                estimate = (time.perf_counter() - started) * len(cases) / len(batch[0])
+            if start == ENCODE_BATCH or len(cases) <= ENCODE_BATCH:  # the second batch, or the only one
+                per_case = (time.perf_counter() - batch_started) / len(batch[0])
+                estimate = time.perf_counter() - started + per_case * (len(cases) - start - len(batch[0]))
                 if estimate > TIME_SHARE * budget_s:
                     return (
                         f"encoding {len(cases)} cases would take about {estimate:.0f} s, more than "

@@ -460,6 +460,8 @@ def _encoder_map_sampler(
             return MapSampler(cached, plan), f"cached: {len(shard)} cases in {cached.seconds:.1f} s"
         refusal = cached
     if plan.network.backbone == "litemedsam" and plan.network.freeze_encoder:
+        if options.genseg is None:  # a run that could have been fast: say why it is not
+            notice(f"the frozen encoder runs at every training step (its maps are not cached: {refusal})")
         return None, f"not cached: {refusal}"
     return None, "not used"
 
