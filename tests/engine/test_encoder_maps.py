@@ -111,7 +111,7 @@ def test_runs_that_cannot_use_cached_maps_are_told_why(tmp_path: Path) -> None:
     assert "GenSeg" in str(map_cache_refusal(plan, cases[:1], True, 1))
     assert "several processes" in str(map_cache_refusal(plan, cases[:1], False, 2))
     plan.network.freeze_encoder = False
-    assert "not a frozen" in str(map_cache_refusal(plan, cases[:1], False, 1))
+    assert "fine-tuned" in str(map_cache_refusal(plan, cases[:1], False, 1))
     plan.network.freeze_encoder = True
     refused = cache_encoder_maps(LiteMedSAMUNet(1, 3), cases[:1] * 8, plan, torch.device("cpu"), 1e-6)
     assert isinstance(refused, str) and "of the 0 s of training left" in refused

@@ -55,8 +55,10 @@ def map_cache_refusal(plan: Plan, cases: list[PreparedCase], genseg: bool, proce
     GenSeg (its generated images change every step), one process, every case within one patch, and the maps
     within `HOST_MEMORY_SHARE` of the RAM."""
     network = plan.network
-    if network.backbone != "litemedsam" or not network.freeze_encoder:
-        return "the encoder is not a frozen pretrained one"
+    if network.backbone != "litemedsam":
+        return "no pretrained encoder"
+    if not network.freeze_encoder:
+        return "the encoder is fine-tuned (its maps change at every step)"
     if genseg:
         return "GenSeg's generated images need the encoder at every step"
     if processes > 1:

@@ -359,7 +359,8 @@ def _train(
             if genseg is not None:
                 atomic_write(out / GENERATOR, lambda f: torch.save(genseg.generator.state_dict(), f))
                 genseg.save_pairs_figure(shard, out / PAIRS_FIGURE, np.random.default_rng([options.seed, 7]))
-            plot_curve(state["history"], out / "curve.png", f"{plan.network.name} on {plan.dataset_name}")
+            encoder = " (LiteMedSAM encoder)" if plan.network.backbone == "litemedsam" else ""
+            plot_curve(state["history"], out / "curve.png", f"{plan.network.name}{encoder} on {plan.dataset_name}")
             if on_epoch is not None:
                 on_epoch(record)
         if ctx.world > 1:
@@ -459,11 +460,11 @@ def _encoder_map_sampler(
             )
             return MapSampler(cached, plan), f"cached: {len(shard)} cases in {cached.seconds:.1f} s"
         refusal = cached
-    if plan.network.backbone == "litemedsam" and plan.network.freeze_encoder:
-        if options.genseg is None:  # a run that could have been fast: say why it is not
-            notice(f"the frozen encoder runs at every training step (its maps are not cached: {refusal})")
-        return None, f"not cached: {refusal}"
-    return None, "not used"
+    if plan.network.backbone != "litemedsam":
+        return None, "not used"
+    if plan.network.freeze_encoder and options.genseg is None:  # a run that could have been fast: say why not
+        notice(f"the frozen encoder runs at every training step (its maps are not cached: {refusal})")
+    return None, f"not cached: {refusal}"
 
 
 def _images_per_sample(options: TrainOptions) -> int:
