@@ -108,13 +108,15 @@ def test_runs_that_cannot_use_cached_maps_are_told_why(tmp_path: Path) -> None:
     cases = [_case("a", (32, 40), 0), _case("big", (36, 40), 1)]
     assert "larger than the patch" in str(map_cache_refusal(plan, cases, False, 1))
     assert map_cache_refusal(plan, cases[:1], False, 1) is None
+    few = cache_encoder_maps(LiteMedSAMUNet(1, 3), cases[:1] * 4, plan, torch.device("cpu"), 1e-6)
+    assert isinstance(few, EncoderMaps)  # a single batch is done before any estimate: kept, not thrown away
     assert "GenSeg" in str(map_cache_refusal(plan, cases[:1], True, 1))
     assert "several processes" in str(map_cache_refusal(plan, cases[:1], False, 2))
     plan.network.freeze_encoder = False
     assert "fine-tuned" in str(map_cache_refusal(plan, cases[:1], False, 1))
     plan.network.freeze_encoder = True
-    refused = cache_encoder_maps(LiteMedSAMUNet(1, 3), cases[:1] * 8, plan, torch.device("cpu"), 1e-6)
-    assert isinstance(refused, str) and "of the 0 s of training left" in refused
+    refused = cache_encoder_maps(LiteMedSAMUNet(1, 3), cases[:1] * 12, plan, torch.device("cpu"), 1e-6)
+    assert isinstance(refused, str) and "of the 0.0 s of training left" in refused
 
 
 @needs_weights

@@ -94,6 +94,7 @@ def test_plan_round_trips_and_bad_plans_are_named(tmp_path: Path) -> None:
         "patch.json": json.dumps({**data, "patch_size": [33, 40]}),
         "loss.json": json.dumps({**data, "training": {**data["training"], "loss": "focal"}}),
         "preset.json": json.dumps({**data, "intensity": {"name": "ct:nowhere"}}),
+        "mirror.json": json.dumps({**data, "mirror_axes": [1, 1]}),
     }
     for name, text in broken.items():
         (tmp_path / name).write_text(text)

@@ -476,3 +476,5 @@ def _check_consistent(plan: Plan) -> None:
         raise MedsegError(f"patch_size {plan.patch_size}: LiteMedSAM's encoder needs sides that are multiples of 4")
     if any(a not in range(dims) for a in plan.mirror_axes):
         raise MedsegError(f"mirror_axes must be spatial axes 0..{dims - 1}")
+    if len(set(plan.mirror_axes)) != len(plan.mirror_axes):
+        raise MedsegError(f"mirror_axes {plan.mirror_axes} names an axis twice")

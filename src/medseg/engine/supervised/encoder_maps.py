@@ -4,8 +4,9 @@ With ``--backbone litemedsam`` and the encoder frozen (the default), a training 
 the encoder, whose maps of an image never change. Where every training case fits in one patch (2D), each case
 is padded to the patch (centred, zeros: what `medseg.engine.supervised.data.crop` fills) and encoded once
 (`cache_encoder_maps`, in float16 in host memory); the decoder then trains on batches of cached maps
-(`MapSampler`). The price: mirroring along the plan's axes (maps and labels flipped together) is the only
-augmentation; rotation, scaling, elastic deformation and intensity changes would need the encoder again.
+(`MapSampler`). The price: no augmentation but the cached maps flipped with their labels along the plan's
+axes, which is not the maps of a mirrored image (the encoder is not mirror-equivariant: a perturbation, not a
+mirror); rotation, scaling, elastic deformation, intensity changes and true mirroring would need the encoder again.
 The frozen-feature training of linear probes and adapters on foundation models (e.g. DINOv2's linear
 segmentation; SAM adapters that cache image embeddings).
 
@@ -94,13 +95,13 @@ def cache_encoder_maps(
             batch = network.encode(images[start : start + ENCODE_BATCH].to(device))  # type: ignore[operator]
             if not maps:
                 maps = [torch.empty((len(cases), *m.shape[1:]), dtype=torch.float16) for m in batch]
-            if start == ENCODE_BATCH or len(cases) <= ENCODE_BATCH:  # the second batch, or the only one
+            if start == ENCODE_BATCH and start + len(batch[0]) < len(cases):  # the second batch, more to come
                 per_case = (time.perf_counter() - batch_started) / len(batch[0])
                 estimate = time.perf_counter() - started + per_case * (len(cases) - start - len(batch[0]))
                 if estimate > TIME_SHARE * budget_s:
                     return (
-                        f"encoding {len(cases)} cases would take about {estimate:.0f} s, more than "
-                        f"{TIME_SHARE:.0%} of the {budget_s:.0f} s of training left"
+                        f"encoding {len(cases)} cases would take about {estimate:.1f} s, more than "
+                        f"{TIME_SHARE:.0%} of the {budget_s:.1f} s of training left"
                     )
             for store, value in zip(maps, batch, strict=True):
                 store[start : start + len(value)] = value.to("cpu", torch.float16)
@@ -108,8 +109,8 @@ def cache_encoder_maps(
 
 
 class MapSampler:
-    """Batches of cached maps, images and labels, each entry mirrored along the plan's axes with
-    probability 1/2 per axis; every draw comes from ``rng``."""
+    """Batches of cached maps, images and labels, each entry's maps, image and label flipped together along
+    the plan's axes with probability 1/2 per axis; every draw comes from ``rng``."""
 
     def __init__(self, cached: EncoderMaps, plan: Plan) -> None:
         self.cached = cached

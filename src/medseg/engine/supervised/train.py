@@ -282,11 +282,11 @@ def _train(
         )
         if saved is not None and "genseg" in saved:
             genseg.load_state_dict(saved["genseg"])
+    encoding_started = time.perf_counter()
     map_sampler, state["encoder_maps"] = _encoder_map_sampler(
         network, shard, plan, options, ctx, budget_s - state["training_seconds"]
     )
-    if map_sampler is not None:
-        state["training_seconds"] += map_sampler.cached.seconds  # the budget pays for the encoding
+    state["training_seconds"] += time.perf_counter() - encoding_started  # the budget pays for the encoding, or its try
     while True:
         epoch = state["epoch"]
         if ctx.world > 1:  # every rank follows rank 0's clock, so that all use the same learning rate
@@ -456,7 +456,8 @@ def _encoder_map_sampler(
         if isinstance(cached, EncoderMaps):
             notice(
                 f"the frozen encoder's maps of the {len(shard)} training cases were computed once "
-                f"({cached.seconds:.0f} s); the decoder trains on them with mirroring as its only augmentation"
+                f"({cached.seconds:.0f} s); the decoder trains on them, with no augmentation but the maps flipped "
+                "with their labels"
             )
             return MapSampler(cached, plan), f"cached: {len(shard)} cases in {cached.seconds:.1f} s"
         refusal = cached
