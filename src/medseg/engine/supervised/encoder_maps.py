@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from medseg.engine.supervised.data import PreparedCase, crop
+from medseg.models.supervised.litemedsam_unet import MAP_CHANNELS
 from medseg.planning import Plan
 
 HOST_MEMORY_SHARE = 0.4  # of the machine's RAM, the most the cached maps may take
@@ -46,9 +47,7 @@ class EncoderMaps:
 
 def map_bytes(plan: Plan, cases: int) -> int:
     """Host memory of ``cases`` cached LiteMedSAM maps at the plan's patch (float16)."""
-    half = int(np.prod([p // 2 for p in plan.patch_size]))
-    quarter = int(np.prod([p // 4 for p in plan.patch_size]))
-    return cases * 2 * (128 * half + (160 + 320 + 256) * quarter)
+    return cases * 2 * sum(c * int(np.prod([p // f for p in plan.patch_size])) for c, f in MAP_CHANNELS)
 
 
 def map_cache_refusal(plan: Plan, cases: list[PreparedCase], genseg: bool, processes: int) -> str | None:

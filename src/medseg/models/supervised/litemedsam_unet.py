@@ -31,6 +31,8 @@ from medseg.models.promptable.image_encoders import TinyViT, build_tinyvit_lite_
 from medseg.models.supervised.factory import LITEMEDSAM_DECODERS as DECODERS
 
 ENCODER_PREFIX = "image_encoder."
+# `LiteMedSAMUNet.encode`'s maps: (channels, down-sampling) of the first, second and last stages and the neck
+MAP_CHANNELS = ((128, 2), (160, 4), (320, 4), (256, 4))
 
 
 def _block(in_channels: int, out_channels: int) -> nn.Sequential:
@@ -75,7 +77,7 @@ class LiteMedSAMUNet(nn.Module):
         self.freeze_encoder = freeze_encoder
         self.decoder = decoder
         self.image_encoder = build_tinyvit_lite_medsam()
-        quarter = 256 + 320 + 160  # neck, last stage, second stage: all at 1/4
+        quarter = sum(c for c, factor in MAP_CHANNELS if factor == 4)  # neck, last and second stage
         if decoder == "light":
             self.reduce = _reduce(quarter, width * 2)
             self.fuse = _block(width * 2, width * 2)
