@@ -15,6 +15,7 @@ from torch import nn
 from medseg.errors import MedsegError
 from medseg.inference.feature_incontext import (
     FeatureMatchingPredictor,
+    clearly_better,
     encoder_frame,
     held_out_cases,
     load_head,
@@ -240,7 +241,7 @@ def test_probe_frame_side_follows_the_supports(monkeypatch: pytest.MonkeyPatch) 
     """Without a frame size, the probe frames 2D supports and their queries at 128 or at their larger side (up to
     256; here the larger side wins its check); a given size or the embedding's stays. Switching support sets with
     cached frames keeps each set's grid."""
-    monkeypatch.setattr(FeatureMatchingPredictor, "_held_out_dice", lambda self, *args: args[-1] / 256)
+    monkeypatch.setattr(FeatureMatchingPredictor, "_held_out_scores", lambda self, *args: {(0, 1): args[-1] / 256})
     small = [_scene(i, 96) for i in range(2)]
     large = [
         (np.kron(image, np.ones((3, 3), np.float32)), np.kron(label, np.ones((3, 3), np.uint8)))
@@ -280,13 +281,13 @@ def test_probe_frame_side_is_chosen_on_held_out_supports(monkeypatch: pytest.Mon
     images, labels = [s[0] for s in large], [s[1] for s in large]
     asked: list[int] = []
 
-    def held_out_dice(
+    def held_out_scores(
         self: FeatureMatchingPredictor, images: object, labels: object, values: object, size: int
-    ) -> float:
+    ) -> dict[tuple[int, int], float]:
         asked.append(size)
-        return 0.9 if size == better else 0.5
+        return {(case, 1): (0.9 if size == better else 0.5) + 0.01 * case for case in range(3)}
 
-    monkeypatch.setattr(FeatureMatchingPredictor, "_held_out_dice", held_out_dice)
+    monkeypatch.setattr(FeatureMatchingPredictor, "_held_out_scores", held_out_scores)
     predictor = FeatureMatchingPredictor(PooledIntensity())
     query = np.kron(_scene(10, 96)[0], np.ones((3, 3), np.float32))
     for _ in range(2):  # the second query reuses the choice
@@ -300,6 +301,20 @@ def test_probe_frame_side_is_chosen_on_held_out_supports(monkeypatch: pytest.Mon
     fixed = FeatureMatchingPredictor(PooledIntensity(), frame_size=256)
     fixed.predict(query, images, labels)
     assert fixed.input_size == 256 and asked == [128, 256]
+
+
+def test_larger_frame_needs_to_win_beyond_the_noise() -> None:
+    """The one-standard-error rule: a consistent gain wins, a mean gain within one standard error of the paired
+    differences does not (the coarser side is kept), a single pair needs a higher score, no common pair never wins."""
+    baseline = {(0, 1): 0.5, (1, 1): 0.5, (2, 1): 0.5}
+    assert clearly_better({(0, 1): 0.6, (1, 1): 0.62, (2, 1): 0.58}, baseline)
+    noisy = {(0, 1): 0.9, (1, 1): 0.2, (2, 1): 0.6}  # mean gain 0.067, standard error 0.2
+    assert not clearly_better(noisy, baseline)
+    assert clearly_better(noisy, baseline, margin=0.3)
+    assert not clearly_better(baseline, baseline)
+    assert clearly_better({(0, 1): 0.51}, {(0, 1): 0.5}) and not clearly_better({(0, 1): 0.5}, {(0, 1): 0.5})
+    assert not clearly_better({(0, 1): 0.9}, {(1, 1): 0.1})  # nothing paired
+    assert clearly_better({(0, 1): 0.7, (0, 2): 0.9, (5, 5): 0.0}, {(0, 1): 0.6, (0, 2): 0.75})  # unpaired key ignored
 
 
 def test_held_out_cases_hold_out_the_last_supports_or_resample_a_single_one() -> None:

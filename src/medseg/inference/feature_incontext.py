@@ -41,8 +41,8 @@ follows the slices unless ``frame_size`` is given), or one per query slice to th
 relative depth ("matched", `InContextPredictor`'s way).
 
 Frame side ``S``: ``frame_size`` where given; else 256 for the embedding, and for the stages one that follows
-the supports (2D: 128 or `plane_frame_size`, their larger side up to 256, whichever segments held-out supports
-better, `FeatureMatchingPredictor._held_out_frame`: thin structures in large images need the finer grid, large
+the supports (2D: 128, or `plane_frame_size`, their larger side up to 256, where that segments held-out supports
+clearly better, `FeatureMatchingPredictor._held_out_frame`: thin structures in large images need the finer grid, large
 objects can fare better on the coarser; volumes: `volume_frame_size`), the queries framed at the supports' side.
 
 Frame: the image stretched to ``S x S``, clipped to its 0.5-99.5 percentiles and
@@ -88,6 +88,7 @@ FEATURES = ("stages", "embedding")
 FRAME_SIZES = {"stages": 128, "embedding": 256}  # encoder input side per feature kind before a support set sets it
 PLANE_FRAME_SIDES = (128, 256)  # the stages' frame side range for 2D supports (`plane_frame_size`)
 FRAME_CHECKS = 3  # held-out supports (the last ones) that choose the 2D frame side (`_held_out_frame`)
+FRAME_MARGIN = 1.0  # standard errors by which the larger frame side must win its check (`clearly_better`)
 FRAME_CHOICES = 64  # support sets whose frame side choice is kept
 SINGLE_SUPPORT_ZOOMS = (0.7, 1.4)  # a single support, resized by these, is segmented from itself to choose a side
 FRAME_DTYPES = {"stages": torch.float16, "embedding": torch.float32}
@@ -298,7 +299,7 @@ class FeatureMatchingPredictor(InContextPredictor):
     def _prepare(self, images: Sequence[np.ndarray], labels: Sequence[np.ndarray], volumes: bool) -> PreparedSupport:
         """As `InContextPredictor._prepare`, with the frame side of 2D supports set first (their queries are
         framed at the same side): the one given, else for the probe `PLANE_FRAME_SIDES`'s smaller side or
-        `plane_frame_size`, whichever predicts held-out supports better (`_held_out_frame`)."""
+        `plane_frame_size` where that predicts held-out supports clearly better (`_held_out_frame`)."""
         if volumes:
             return super()._prepare(images, labels, volumes)
         if self.plane_frame is not None:
@@ -324,32 +325,35 @@ class FeatureMatchingPredictor(InContextPredictor):
 
     def _held_out_frame(self, images: Sequence[np.ndarray], labels: list[np.ndarray], values: list[int]) -> int:
         """The frame side for these 2D supports: `plane_frame_size` (``self.input_size`` on entry) or the smallest
-        of `PLANE_FRAME_SIDES`, whichever gives the higher mean Dice over labels on the last `FRAME_CHECKS`
-        supports, each segmented from the others (no post-processing). Large objects can fare better on the
+        of `PLANE_FRAME_SIDES`. Each of the last `FRAME_CHECKS` supports is segmented from the others (no
+        post-processing) at both sides; the larger side is taken only where its Dice is `clearly_better` (per
+        held-out support and label, paired): a near tie goes to the coarser frame, which costs a quarter as much
+        per query and which a rounding difference would otherwise flip. Large objects can fare better on the
         coarser grid, thin ones on the finer. A single support cannot be held out: it is segmented from itself,
         resampled to each of `SINGLE_SUPPORT_ZOOMS` times its size (how well each side's grid and probe hold its
         labels). Another method than the probe: the supports' side."""
         large, small = self.input_size, PLANE_FRAME_SIDES[0]
         if large == small or self.method != "probe":
             return large
-        scores = {size: self._held_out_dice(images, labels, values, size) for size in (small, large)}
-        return large if scores[large] > scores[small] else small
+        coarse = self._held_out_scores(images, labels, values, small)
+        fine = self._held_out_scores(images, labels, values, large)
+        return large if clearly_better(fine, coarse) else small
 
-    def _held_out_dice(
+    def _held_out_scores(
         self, images: Sequence[np.ndarray], labels: list[np.ndarray], values: list[int], size: int
-    ) -> float:
-        """Mean Dice of the `held_out_cases` segmented at frame side ``size`` (per label, over the cases that
-        show it)."""
-        scores = []
+    ) -> dict[tuple[int, int], float]:
+        """Dice of each `held_out_cases` case segmented at frame side ``size``, per label it shows:
+        ``{(case index, label value): Dice}``."""
+        scores: dict[tuple[int, int], float] = {}
         with self._framed_at(size):  # pinned while the held-out cases are predicted
-            for query, truth, others in held_out_cases(images, labels):
+            for index, (query, truth, others) in enumerate(held_out_cases(images, labels)):
                 try:
                     result = self.predict(query, [images[i] for i in others], [labels[i] for i in others],
                                           largest_component=False)  # fmt: skip
                 except MedsegError:
                     continue  # the others show no foreground: this support decides nothing
-                scores += [dice(result.labels == v, truth == v) for v in values if (truth == v).any()]
-        return float(np.mean(scores)) if scores else 0.0
+                scores |= {(index, v): dice(result.labels == v, truth == v) for v in values if (truth == v).any()}
+        return scores
 
     @contextmanager
     def frame_pinned(self) -> Iterator[None]:
@@ -521,6 +525,22 @@ class FeatureMatchingPredictor(InContextPredictor):
             return self.head(maps, F.pixel_shuffle(query[:, -12:], 2))[:, 0]
         logit = maps[:, 0] if self.method == "knn" else maps[:, 1]
         return logit + self.colour_weight * maps[:, 2] if self.colour_weight > 0 else logit
+
+
+def clearly_better(
+    candidate: dict[tuple[int, int], float], baseline: dict[tuple[int, int], float], margin: float = FRAME_MARGIN
+) -> bool:
+    """Whether ``candidate``'s scores beat ``baseline``'s by more than ``margin`` standard errors of their paired
+    differences (over the keys both hold): the one-standard-error rule of model selection (Breiman et al., 1984;
+    Hastie et al., The Elements of Statistical Learning, 7.10), the simpler choice kept unless the other is
+    better beyond the noise of a few held-out cases. With fewer than two pairs, a higher mean suffices; with
+    none, False."""
+    keys = sorted(candidate.keys() & baseline.keys())
+    if not keys:
+        return False
+    differences = np.array([candidate[key] - baseline[key] for key in keys])
+    error = differences.std(ddof=1) / np.sqrt(len(keys)) if len(keys) > 1 else 0.0
+    return bool(differences.mean() > margin * error)
 
 
 def held_out_cases(
