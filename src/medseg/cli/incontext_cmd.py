@@ -65,8 +65,8 @@ def incontext(
         None,
         "--frame-size",
         help="Feature engines: the encoder's input side, a multiple of 16 from 32 to 1024 (default: 256 for "
-        "knn, match, prototype; for probe, images: 128 or the supports' larger side up to 256, whichever "
-        "predicts held-out supports better; volumes' slices: their side from 64 to 128). A larger frame keeps "
+        "knn, match, prototype; for probe, images: 128, or the supports' larger side up to 256 where that "
+        "predicts held-out supports clearly better; volumes' slices: their side from 64 to 128). A larger frame keeps "
         "thinner structures, at about 4x the time per query from 128 to 256.",
     ),
     output_format: str = typer.Option("auto", "--output-format", help=OUTPUT_FORMAT_HELP),
