@@ -16,72 +16,38 @@ run from the repository root::
 from __future__ import annotations
 
 import argparse
-import json
-import time
-from pathlib import Path
+from typing import Any
 
 import numpy as np
-from incontext import _mean_dice, _predictor, _split
-
-DATASETS = ("BUSI", "DRIVE", "Hippocampus", "ISBI-EM", "JSRT", "Kvasir-SEG", "MoNuSeg", "WBC")
+from _rule_checks import cached_records, parse_arguments
+from incontext import _mean_dice, _predictor
 
 
 def main() -> None:
-    import torch
-
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--work", type=Path, default=Path("/tmp/frame_rule"))
-    parser.add_argument("--datasets", nargs="+", default=list(DATASETS))
-    parser.add_argument("--support-sizes", type=int, nargs="+", default=[1, 4, 16])
-    args = parser.parse_args()
-    torch.set_num_threads(2)
-    args.work.mkdir(parents=True, exist_ok=True)
-    cache = args.work / "frame_rule.json"
-    records: dict[str, dict] = json.loads(cache.read_text()) if cache.is_file() else {}
-    split_args = argparse.Namespace(protocol="sorted", queries=40, seed=0, support_sizes=args.support_sizes,
-                                    frame_size=None, support_scales=None, prototype_share=None, head=None)  # fmt: skip
-    for name in args.datasets:
-        if all(f"{name}/{n}" in records for n in args.support_sizes):
-            continue
-        pool, queries, values = _split(name, split_args)
-        for n in args.support_sizes:
-            if f"{name}/{n}" not in records and n <= len(pool):
-                started = time.perf_counter()
-                records[f"{name}/{n}"] = _record(pool[:n], queries, values, split_args)
-                cache.write_text(json.dumps(records))
-                print(f"{name} n={n}: {time.perf_counter() - started:.0f} s", flush=True)
-    _print(records, args)
+    args = parse_arguments(__doc__ or "", "/tmp/frame_rule", [1, 4, 16])
+    _print(cached_records(args, "frame_rule.json", _record), args)
 
 
-def _record(support: list, queries: list, values: list[int], split_args: argparse.Namespace) -> dict:
+def _record(support: list, queries: list, values: list[int], _names: dict[int, str], protocol: Any) -> dict:
     """{'large': side, 'held': {side: [[case, label, Dice], ...]}, 'query': {side: mean Dice}}."""
-    from medseg.errors import MedsegError
-    from medseg.inference.feature_incontext import PLANE_FRAME_SIDES, held_out_cases, plane_frame_size
-    from medseg.metrics.surface import dice
+    from medseg.inference.feature_incontext import PLANE_FRAME_SIDES, plane_frame_size
 
-    predictor = _predictor("probe", split_args)
+    predictor = _predictor("probe", protocol)
     images, maps = [s[0].array for s in support], [s[1] for s in support]
     large = plane_frame_size(images)
     record: dict = {"large": large, "held": {}, "query": {}}
     for side in sorted({PLANE_FRAME_SIDES[0], large}):
+        held = predictor._held_out_scores(images, maps, values, side)
+        record["held"][str(side)] = [[case, value, score] for (case, value), score in held.items()]
         with predictor._framed_at(side):
-            held = []
-            for index, (query, truth, others) in enumerate(held_out_cases(images, maps)):
-                try:
-                    result = predictor.predict(query, [images[i] for i in others], [maps[i] for i in others],
-                                               largest_component=False)  # fmt: skip
-                except MedsegError:
-                    continue
-                held += [[index, v, dice(result.labels == v, truth == v)] for v in values if (truth == v).any()]
-            record["held"][str(side)] = held
             labels = [predictor.predict(q.array, images, maps, largest_component=True).labels for q, _ in queries]
-            truths = [truth for _, truth in queries]
-            record["query"][str(side)] = float(np.mean([_mean_dice(labels, truths, v) for v in values]))
+        truths = [truth for _, truth in queries]
+        record["query"][str(side)] = float(np.mean([_mean_dice(labels, truths, v) for v in values]))
     return record
 
 
 def _print(records: dict[str, dict], args: argparse.Namespace) -> None:
-    from medseg.inference.feature_incontext import PLANE_FRAME_SIDES, clearly_better
+    from medseg.inference.feature_incontext import PLANE_FRAME_SIDES, clearly_better, mean_and_error
 
     print("Frame side of the 2D probe: held-out check and the queries' Dice (raw probe, sorted protocol)")
     print("| dataset | supports | larger side | held-out gain | its SE | Dice at 128 | Dice at larger | "
@@ -96,15 +62,14 @@ def _print(records: dict[str, dict], args: argparse.Namespace) -> None:
             small, large = str(PLANE_FRAME_SIDES[0]), str(record["large"])
             scores = {side: {(c, v): d for c, v, d in record["held"][side]} for side in {small, large}}
             keys = sorted(scores[small].keys() & scores[large].keys())
-            gains = np.array([scores[large][k] - scores[small][k] for k in keys]) if keys else np.zeros(1)
-            error = gains.std(ddof=1) / np.sqrt(len(gains)) if len(gains) > 1 else 0.0
-            higher = large if np.mean(gains) > 0 else small  # the previous rule: a higher mean (ties: 128)
+            gain, error = mean_and_error([scores[large][k] - scores[small][k] for k in keys])
+            higher = large if gain > 0 else small  # the previous rule: a higher mean (ties: 128)
             one_se = large if clearly_better(scores[large], scores[small]) else small
             query = record["query"]
             picked["higher mean"].append(query[higher])
             picked["one SE"].append(query[one_se])
             sides = f"{query[small]:.3f} | {query[large]:.3f} | {higher} | {one_se}"
-            print(f"| {name} | {n} | {large} | {np.mean(gains):+.3f} | {error:.3f} | {sides} | "
+            print(f"| {name} | {n} | {large} | {gain:+.3f} | {error:.3f} | {sides} | "
                   f"{query[higher]:.3f} | {query[one_se]:.3f} |")  # fmt: skip
     count = len(picked["one SE"])
     print(f"\nMean over the {count} rows: higher mean {np.mean(picked['higher mean']):.3f}, "

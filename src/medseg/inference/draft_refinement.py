@@ -142,7 +142,18 @@ class DecoderRefinedEngine:
         return Segmentation(image.with_array(labels), result.label_values, f"{self.name}+decoder", result.probabilities)
 
     def _labels_helped(self, options: dict[str, Any]) -> frozenset[int]:
-        assert self._support is not None
+        gains = self.held_out_gains(options)
+        return frozenset(v for v, gain in gains.items() if gain and float(np.mean(gain)) > 0)
+
+    def held_out_gains(self, options: dict[str, Any]) -> dict[int, list[float]]:
+        """Per label of the support set, the Dice gained by redrawing it on each of the last `DECODER_CHECKS`
+        supports that show it, each predicted from the others with ``options`` (what ``auto`` decides on).
+
+        Raises:
+            MedsegError: no support set.
+        """
+        if self._support is None:
+            raise MedsegError("set a support set first (set_support)")
         images, labels = self._support
         arrays = [as_label_array(label) if isinstance(label, Image) else np.asarray(label) for label in labels]
         values = sorted({int(v) for array in arrays for v in np.unique(array) if v != 0})
@@ -152,7 +163,7 @@ class DecoderRefinedEngine:
         self.incontext.predict(images[-1], **options)
         with self.incontext.frame_pinned():
             self._held_out_gains(images, labels, arrays, values, gains, options)
-        return frozenset(v for v, gain in gains.items() if gain and float(np.mean(gain)) > 0)
+        return gains
 
     def _held_out_gains(
         self,

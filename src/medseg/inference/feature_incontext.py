@@ -536,11 +536,18 @@ def clearly_better(
     better beyond the noise of a few held-out cases. With fewer than two pairs, a higher mean suffices; with
     none, False."""
     keys = sorted(candidate.keys() & baseline.keys())
-    if not keys:
-        return False
-    differences = np.array([candidate[key] - baseline[key] for key in keys])
-    error = differences.std(ddof=1) / np.sqrt(len(keys)) if len(keys) > 1 else 0.0
-    return bool(differences.mean() > margin * error)
+    mean, error = mean_and_error([candidate[key] - baseline[key] for key in keys])
+    return bool(keys) and mean > margin * error
+
+
+def mean_and_error(values: Sequence[float]) -> tuple[float, float]:
+    """The mean of ``values`` and its standard error (sample standard deviation / sqrt(n)); the error is 0 for
+    fewer than two values, and both are 0 for none."""
+    array = np.asarray(values, dtype=np.float64)
+    if len(array) == 0:
+        return 0.0, 0.0
+    error = float(array.std(ddof=1) / np.sqrt(len(array))) if len(array) > 1 else 0.0
+    return float(array.mean()), error
 
 
 def held_out_cases(
